@@ -1,0 +1,368 @@
+"""The simulated MQTT broker and client, reached over the simulated network like any other node.
+
+Semantics follow MQTT 3.1.1 / 5: topic filters with `+` and `#`, shared subscriptions (`$share/g/...`)
+served round robin, QoS 0/1/2 with their handshakes and retransmission after `retry_interval`, retained
+messages, persistent sessions that queue QoS 1/2 messages while the client is away, and will messages
+published when a client disappears without a DISCONNECT. Every packet is charged its encoded size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+from simpy.events import Timeout
+
+from iotbed.broker import packets
+from iotbed.broker.messages import (
+    Ack,
+    Connack,
+    Connect,
+    Disconnect,
+    InboundFlow,
+    OutboundFlow,
+    Publish,
+    Suback,
+    Subscribe,
+)
+from iotbed.broker.packets import PacketType
+from iotbed.broker.topics import matches, split_shared, validate_filter, validate_topic
+from iotbed.broker.transport import Handler
+from iotbed.sim.network import Network, Packet
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    protocol: str = packets.MQTT311
+    retry_interval_s: float = 1.0
+    max_retries: int | None = None  # None: retry until acknowledged, as MQTT requires
+    keepalive_s: float = 60.0
+    tcp_ip_overhead: bool = True
+
+
+def wire_size(message: Any, settings: MqttSettings) -> int:
+    protocol = settings.protocol
+    if isinstance(message, Publish):
+        size = packets.publish_size(message.topic, message.payload_len, message.qos, protocol)
+    elif isinstance(message, Ack):
+        size = packets.ack_size(protocol)
+    elif isinstance(message, Connect):
+        will = message.will
+        size = packets.connect_size(message.client_id, protocol=protocol,
+                                    will_topic=will.topic if will else None,
+                                    will_payload_len=will.payload_len if will else 0)  # fmt: skip
+    elif isinstance(message, Connack):
+        size = packets.connack_size(protocol)
+    elif isinstance(message, Subscribe):
+        size = packets.subscribe_size([f for f, _ in message.filters], protocol)
+    elif isinstance(message, Suback):
+        size = packets.suback_size(len(message.granted), protocol)
+    elif isinstance(message, Disconnect):
+        size = packets.disconnect_size()
+    else:
+        raise TypeError(f"not an MQTT packet: {message!r}")
+    return packets.tcp_ip_size(size) if settings.tcp_ip_overhead else size
+
+
+@dataclass(slots=True)
+class BrokerStats:
+    publishes_received: int = 0
+    messages_routed: int = 0
+    no_subscriber: int = 0
+    queued_offline: int = 0
+    dropped_offline_qos0: int = 0
+    wills_published: int = 0
+
+
+@dataclass
+class _Session:
+    client_id: str
+    endpoint: Any
+    clean: bool
+    connected: bool = False
+    subscriptions: dict[str, int] = field(default_factory=dict)
+    offline_queue: deque[Publish] = field(default_factory=deque)
+    will: Publish | None = None
+    outbound: OutboundFlow | None = None
+    inbound: InboundFlow | None = None
+    epoch: int = 0  # bumped on every (re)connect, so stale liveness timers are ignored
+
+
+UndeliveredListener = Callable[[Publish, str], None]
+
+
+class SimBroker:
+    """An MQTT broker running on a network node."""
+
+    def __init__(self, env: simpy.Environment, network: Network, node: str, settings: MqttSettings,
+                 on_retry: Callable[[Publish], None] | None = None,
+                 on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+        self.env = env
+        self._on_retry = on_retry
+        self._on_give_up = on_give_up
+        self.network = network
+        self.node = node
+        self.settings = settings
+        self.sessions: dict[str, _Session] = {}
+        self.retained: dict[str, Publish] = {}
+        self.stats = BrokerStats()
+        self.undelivered_listeners: list[UndeliveredListener] = []
+        self._match_cache: dict[str, tuple[list[tuple[_Session, int]], list[str]]] = {}
+        self._shared_members: dict[str, list[tuple[_Session, int]]] = {}
+        self._shared_next: dict[str, int] = {}
+
+    # --- packets in -------------------------------------------------------------------------------
+    def receive(self, packet: Packet) -> None:
+        message = packet.message
+        client = packet.sender
+        if isinstance(message, Connect):
+            self._on_connect(client, message)
+            return
+        session = self.sessions.get(client.client_id)
+        if session is None or not session.connected or session.endpoint is not client:
+            return  # a packet from a connection the broker no longer holds
+        if isinstance(message, Publish):
+            session.inbound.on_publish(message)  # type: ignore[union-attr]
+        elif isinstance(message, Ack):
+            if message.kind is PacketType.PUBREL:
+                session.inbound.on_pubrel(message)  # type: ignore[union-attr]
+            else:
+                session.outbound.on_ack(message)  # type: ignore[union-attr]
+        elif isinstance(message, Subscribe):
+            self._on_subscribe(session, message)
+        elif isinstance(message, Disconnect):
+            session.will = None  # a clean DISCONNECT discards the will
+            self._drop_connection(session)
+
+    def _send(self, session: _Session, message: Any, about: Publish | None) -> None:
+        account = about.account if about is not None else None
+        self.network.send(self, session.endpoint, wire_size(message, self.settings), message, account)
+
+    def _on_connect(self, client: Any, message: Connect) -> None:
+        session = self.sessions.get(message.client_id)
+        present = session is not None and not message.clean_session and not session.clean
+        if session is not None and session.connected:
+            self._drop_connection(session)  # a second connection with the same id takes over (MQTT 3.1.4)
+        if not present:
+            if session is not None:
+                self._forget_subscriptions(session)
+                session.outbound.inflight.clear()  # type: ignore[union-attr]  # the old session is gone
+            session = _Session(message.client_id, client, message.clean_session)
+            self.sessions[message.client_id] = session
+            session.outbound = OutboundFlow(self.env, lambda m, about, s=session: self._send(s, m, about),
+                                            self.settings.retry_interval_s, self.settings.max_retries,
+                                            self._on_retry, self._on_give_up)  # fmt: skip
+            session.inbound = InboundFlow(lambda m, about, s=session: self._send(s, m, about), self._route)
+        assert session is not None and session.outbound is not None
+        session.endpoint = client
+        session.connected = True
+        session.clean = message.clean_session
+        session.will = message.will
+        session.epoch += 1
+        session.outbound.paused = False
+        self._send(session, Connack(present), None)
+        if present:
+            session.outbound.resend_all()
+            while session.offline_queue:
+                session.outbound.publish(session.offline_queue.popleft())
+        self._watch_liveness(session, session.epoch)
+
+    def _watch_liveness(self, session: _Session, epoch: int) -> None:
+        # A client that vanishes is noticed after 1.5 keep-alive periods of silence (MQTT 3.1.2.10).
+        def check(_: simpy.Event) -> None:
+            if session.epoch != epoch or not session.connected:
+                return
+            if session.endpoint.alive:
+                self._watch_liveness(session, epoch)
+            else:
+                self._drop_connection(session)
+
+        Timeout(self.env, 1.5 * self.settings.keepalive_s).callbacks.append(check)
+
+    def _drop_connection(self, session: _Session) -> None:
+        session.connected = False
+        session.outbound.paused = True  # type: ignore[union-attr]
+        if session.will is not None:
+            will, session.will = session.will, None
+            self.stats.wills_published += 1
+            self._route(will)
+        if session.clean:
+            self._forget_subscriptions(session)
+            del self.sessions[session.client_id]
+
+    def _on_subscribe(self, session: _Session, message: Subscribe) -> None:
+        granted = []
+        for topic_filter, qos in message.filters:
+            session.subscriptions[topic_filter] = qos
+            granted.append(qos)
+        self._invalidate()
+        self._send(session, Suback(granted), None)
+        for topic_filter, qos in message.filters:
+            if split_shared(topic_filter)[0] is not None:
+                continue  # retained messages are not sent for shared subscriptions (MQTT 5, 4.8.2)
+            for topic, retained in sorted(self.retained.items()):
+                if matches(topic_filter, topic):
+                    self._deliver(session, retained.copy_for(min(qos, retained.qos), retain=True))
+
+    def _forget_subscriptions(self, session: _Session) -> None:
+        session.subscriptions.clear()
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._match_cache.clear()
+        self._shared_members.clear()
+
+    # --- routing ----------------------------------------------------------------------------------
+    def _subscribers(self, topic: str) -> tuple[list[tuple[_Session, int]], list[str]]:
+        cached = self._match_cache.get(topic)
+        if cached is not None:
+            return cached
+        direct: dict[str, tuple[_Session, int]] = {}
+        groups: set[str] = set()
+        for session in self.sessions.values():
+            for topic_filter, qos in session.subscriptions.items():
+                if not matches(topic_filter, topic):
+                    continue
+                group, _ = split_shared(topic_filter)
+                if group is None:
+                    best = direct.get(session.client_id)
+                    if best is None or qos > best[1]:  # overlapping filters: the highest QoS wins
+                        direct[session.client_id] = (session, qos)
+                else:
+                    key = f"{group}\x1f{topic_filter}"
+                    groups.add(key)
+                    members = self._shared_members.setdefault(key, [])
+                    if all(s is not session for s, _ in members):
+                        members.append((session, qos))
+        result = (list(direct.values()), sorted(groups))
+        self._match_cache[topic] = result
+        return result
+
+    def _route(self, message: Publish) -> None:
+        self.stats.publishes_received += 1
+        account = message.account
+        if account is not None and account.t_broker < 0:
+            account.t_broker = self.env.now
+        if message.retain:
+            if message.payload_len == 0:
+                self.retained.pop(message.topic, None)
+            else:
+                self.retained[message.topic] = message.copy_for(message.qos, retain=True)
+        direct, groups = self._subscribers(message.topic)
+        delivered = False
+        for session, qos in direct:
+            delivered |= self._deliver(session, message.copy_for(min(qos, message.qos), retain=False))
+        for key in groups:
+            members = self._shared_members[key]
+            start = self._shared_next.get(key, 0)
+            for offset in range(len(members)):  # round robin, skipping members that are offline
+                session, qos = members[(start + offset) % len(members)]
+                if session.connected:
+                    self._shared_next[key] = (start + offset + 1) % len(members)
+                    delivered |= self._deliver(session, message.copy_for(min(qos, message.qos), retain=False))
+                    break
+        if not direct and not groups:
+            self.stats.no_subscriber += 1
+            for listener in self.undelivered_listeners:
+                listener(message, "no_subscriber")
+
+    def _deliver(self, session: _Session, message: Publish) -> bool:
+        self.stats.messages_routed += 1
+        if session.connected:
+            session.outbound.publish(message)  # type: ignore[union-attr]
+            return True
+        if message.qos > 0 and not session.clean:
+            self.stats.queued_offline += 1
+            session.offline_queue.append(message)
+            return True
+        self.stats.dropped_offline_qos0 += 1
+        for listener in self.undelivered_listeners:
+            listener(message, "subscriber_offline")
+        return False
+
+
+class SimMqttClient:
+    """An MQTT client on a network node; the `Transport` node logic uses in simulation."""
+
+    def __init__(self, env: simpy.Environment, network: Network, node: str, client_id: str, broker: SimBroker,
+                 *, clean_session: bool = True, will: Publish | None = None,
+                 on_retry: Callable[[Publish], None] | None = None,
+                 on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+        self.env = env
+        self.network = network
+        self.node = node
+        self.client_id = client_id
+        self.broker = broker
+        self.settings = broker.settings
+        self.clean_session = clean_session
+        self.will = will
+        self.alive = True
+        self.connected = env.event()
+        self._handlers: list[tuple[str, Handler]] = []
+        self.received_duplicates = 0
+        self.outbound = OutboundFlow(env, self._send, self.settings.retry_interval_s, self.settings.max_retries,
+                                     on_retry=on_retry, on_give_up=on_give_up)  # fmt: skip
+        self.inbound = InboundFlow(self._send, self._dispatch)
+
+    def _send(self, message: Any, about: Publish | None) -> None:
+        if not self.alive:
+            return
+        account = about.account if about is not None else None
+        self.network.send(self, self.broker, wire_size(message, self.settings), message, account)
+
+    def connect(self) -> simpy.Event:
+        if self.connected.triggered:
+            self.connected = self.env.event()
+        self.alive = True
+        self._send(Connect(self.client_id, self.clean_session, self.will), None)
+        return self.connected
+
+    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None) -> simpy.Event:
+        done = self.env.event()
+        self.outbound.publish(Publish(topic, payload, qos, retain, account=account), done)
+        return done
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int) -> None:
+        validate_filter(topic_filter)
+        self._handlers.append((topic_filter, handler))
+        self._send(Subscribe([(topic_filter, qos)]), None)
+
+    def disconnect(self) -> None:
+        self._send(Disconnect(), None)
+        self.alive = False
+        self.outbound.paused = True
+
+    def crash(self) -> None:
+        """Vanish without a DISCONNECT: the broker notices after 1.5 keep-alives and publishes the will."""
+        self.alive = False
+        self.outbound.paused = True
+
+    def receive(self, packet: Packet) -> None:
+        if not self.alive:
+            return
+        message = packet.message
+        if isinstance(message, Publish):
+            self.inbound.on_publish(message)
+        elif isinstance(message, Ack):
+            if message.kind is PacketType.PUBREL:
+                self.inbound.on_pubrel(message)
+            else:
+                self.outbound.on_ack(message)
+        elif isinstance(message, Connack):
+            self.outbound.paused = False
+            if message.session_present:
+                self.outbound.resend_all()
+            if not self.connected.triggered:
+                self.connected.succeed(message.session_present)
+
+    def _dispatch(self, message: Publish) -> None:
+        for topic_filter, handler in self._handlers:
+            if matches(topic_filter, message.topic):
+                handler(message)
+
+
+def check_publish_topic(topic: str) -> None:
+    validate_topic(topic)

@@ -1,0 +1,175 @@
+"""Build a runnable deployment from a scenario: nodes, links, the broker, and the node logic on each node.
+
+The deployment only wires things together; behaviour lives in `iotbed.sim`, `iotbed.broker` and
+`iotbed.nodes`. Nothing here is global: two deployments in one process share no state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+import torch
+from torch import nn
+
+from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
+from iotbed.nodes.camera import Camera, CameraConfig
+from iotbed.nodes.classifier import EdgeClassifier
+from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
+from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
+from iotbed.scenario import LinkSpec, Scenario
+from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
+from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
+from iotbed.sim.network import Network
+from iotbed.sim.rng import RandomStreams
+from iotbed.sim.trace import TraceRecorder
+
+
+@dataclass(frozen=True)
+class Artefacts:
+    """What a run needs besides the scenario: the images cameras capture and the trained models."""
+
+    images: torch.Tensor  # the test split, (N, C, H, W) in [0, 1]
+    labels: np.ndarray
+    model: nn.Module
+    flops_per_image: float
+    updates: tuple[ScheduledUpdate, ...] = ()
+
+
+@dataclass
+class LinkGroup:
+    """The link directions made from one `links:` entry, one list per direction (a->b and b->a)."""
+
+    name: str
+    directions: dict[str, list[LinkDirection]] = field(default_factory=dict)
+
+
+@dataclass
+class Deployment:
+    env: simpy.Environment
+    network: Network
+    broker: SimBroker
+    recorder: TraceRecorder
+    cameras: list[Camera]
+    edges: list[EdgeServer]
+    registry: ModelRegistry | None
+    link_groups: list[LinkGroup]
+    capture_until_s: float
+
+
+def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
+    profiles = dict(BUILTIN_PROFILES)
+    for name, spec in scenario.devices.items():
+        profiles[name] = DeviceProfile(name, spec.description, spec.cores, spec.gflops_per_core, spec.efficiency,
+                                       spec.batch_overhead)  # fmt: skip
+    return profiles
+
+
+def _loss_model(spec: LinkSpec, rng: np.random.Generator) -> LossModel:
+    loss = spec.loss
+    if loss is None:
+        return NoLoss()
+    if loss.model == "bernoulli":
+        return BernoulliLoss(loss.rate, rng) if loss.rate > 0 else NoLoss()
+    return GilbertElliottLoss(loss.p, loss.r, loss.loss_good, loss.loss_bad, rng)
+
+
+def _pairs(spec: LinkSpec, counts: dict[str, int]) -> list[tuple[str, str]]:
+    """Each node of the larger group joins one node of the other group, round robin; (a-node, b-node)."""
+    a, b = spec.between
+    na, nb = counts[a], counts[b]
+    if na >= nb:
+        return [(f"{a}-{i}", f"{b}-{i % nb}") for i in range(na)]
+    return [(f"{a}-{j % na}", f"{b}-{j}") for j in range(nb)]
+
+
+def _add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> list[LinkGroup]:
+    counts = scenario.group_counts()
+    groups = []
+    for spec in scenario.links:
+        a, b = spec.between
+        group = LinkGroup(f"{a}<->{b}", {f"{a}->{b}": [], f"{b}->{a}": []})
+        pairs = _pairs(spec, counts)
+        hub_side = 1 if counts[a] >= counts[b] else 0  # the side of the smaller group
+        shared: dict[str, Transmitter] = {}
+        for a_node, b_node in pairs:
+            hub = (a_node, b_node)[hub_side]
+            for src, dst, key in ((a_node, b_node, f"{a}->{b}"), (b_node, a_node, f"{b}->{a}")):
+                if spec.shared_medium:
+                    transmitter = shared.setdefault(hub, Transmitter(spec.bandwidth, spec.queue))
+                else:
+                    transmitter = Transmitter(spec.bandwidth, spec.queue)
+                name = f"{src}->{dst}"
+                rng = streams.generator("link", name)
+                direction = LinkDirection(name, src, dst, transmitter, spec.latency, spec.jitter,
+                                          _loss_model(spec, rng), rng)  # fmt: skip
+                group.directions[key].append(direction)
+            network.add_link(group.directions[f"{a}->{b}"][-1], group.directions[f"{b}->{a}"][-1])
+        groups.append(group)
+    return groups
+
+
+def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes) -> Deployment:  # type: ignore[no-untyped-def]
+    streams = RandomStreams(scenario.seed)
+    env = simpy.Environment()
+    network = Network(env)
+    recorder = TraceRecorder()
+    network.drop_listeners.append(recorder.on_packet_dropped)
+    for group, count in scenario.group_counts().items():
+        for i in range(count):
+            network.add_node(f"{group}-{i}")
+    link_groups = _add_links(network, scenario, streams)
+
+    b = scenario.broker
+    settings = MqttSettings(b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead)
+    broker_node = scenario.resolve_node(b.node)
+    assert broker_node is not None  # checked by the scenario validator
+    broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)
+    broker.undelivered_listeners.append(recorder.on_undelivered)
+
+    def client(node: str, client_id: str) -> SimMqttClient:
+        return SimMqttClient(env, network, node, client_id, broker, on_retry=recorder.on_retry,
+                             on_give_up=recorder.on_give_up)  # fmt: skip
+
+    image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    cameras = []
+    index = 0
+    for group in scenario.nodes.cameras:
+        for i in range(group.count):
+            name = f"{group.name}-{i}"
+            topic = group.topic.replace("{name}", name)
+            config = CameraConfig(group.fps, group.arrivals, group.start, scenario.duration, topic,
+                                  scenario.qos_for(topic), b.protocol, b.tcp_ip_overhead)  # fmt: skip
+            camera = Camera(env, name, index, client(name, name), config, artefacts.labels, image_shape,  # type: ignore[arg-type]
+                            streams.generator("camera", name), recorder)  # fmt: skip
+            cameras.append(camera)
+            index += 1
+
+    profiles = device_profiles(scenario)
+    models_topic = scenario.registry.topic
+    edges = []
+    for group in scenario.nodes.edge_servers:
+        for i in range(group.count):
+            name = f"{group.name}-{i}"
+            config = EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), models_topic,
+                                scenario.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
+                                group.cores)  # fmt: skip
+            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images)
+            edges.append(EdgeServer(env, name, client(name, name), config, classifier, profiles[group.device],
+                                    recorder, load_model_bytes))  # fmt: skip
+
+    registry = None
+    if artefacts.updates:
+        node = scenario.resolve_node(scenario.registry.node or b.node)
+        assert node is not None
+        registry = ModelRegistry(env, "registry", client(node, "registry"), models_topic,
+                                 scenario.qos_for(models_topic), list(artefacts.updates), recorder)  # fmt: skip
+
+    for camera in cameras:
+        env.process(camera.run())
+    for edge in edges:
+        env.process(edge.run())
+    if registry is not None:
+        env.process(registry.run())
+    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration)

@@ -1,0 +1,56 @@
+"""What travels in MQTT messages: camera frames and model updates.
+
+In simulation a payload is an object that knows its encoded size (`nbytes`); the bytes themselves are
+built only where something must read them (a real broker, or a defense that changes pixels).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+# magic, version, codec, channels, height, width, frame id, camera index, capture time, image index, label
+FRAME_HEADER = struct.Struct("!2sBBBHHQIdIh")
+FRAME_MAGIC = b"IB"
+CODEC_RAW = 0
+
+
+@dataclass(slots=True)
+class Frame:
+    """One captured image. `pixels is None` means the dataset image `image_index`, untouched."""
+
+    frame_id: int
+    camera_index: int
+    captured_at: float
+    image_index: int
+    label: int
+    shape: tuple[int, int, int]  # C, H, W
+    nbytes: int
+    pixels: np.ndarray | None = None
+
+
+def raw_frame_bytes(shape: tuple[int, int, int]) -> int:
+    """A raw frame: the fixed header plus one byte per pixel and channel (8-bit camera output)."""
+    c, h, w = shape
+    return FRAME_HEADER.size + c * h * w
+
+
+def encode_raw_frame(frame: Frame, pixels_u8: np.ndarray) -> bytes:
+    c, h, w = frame.shape
+    header = FRAME_HEADER.pack(FRAME_MAGIC, 1, CODEC_RAW, c, h, w, frame.frame_id, frame.camera_index,
+                               frame.captured_at, frame.image_index, frame.label)  # fmt: skip
+    return header + np.ascontiguousarray(pixels_u8, dtype=np.uint8).tobytes()
+
+
+@dataclass(slots=True)
+class ModelUpdate:
+    """A versioned model: safetensors bytes, as the registry publishes them."""
+
+    version: int
+    blob: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return 4 + len(self.blob)  # a 4-byte version prefix, then the safetensors file

@@ -1,0 +1,436 @@
+"""Scenario files: the schema, YAML loading with file:line errors, `--set` overrides, JSON Schema export.
+
+A scenario names a dataset and a model, node groups (cameras, gateways, edge servers), the links between
+groups, the broker and its QoS per topic, and the model registry. Quantities are written with units
+(`10Mbps`, `5ms`, `60s`). Every mistake becomes a `ScenarioError` that names the file, the line and a fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+
+from iotbed.errors import ScenarioError
+from iotbed.units import format_bandwidth, format_duration, parse_bandwidth, parse_duration
+
+
+def _quantity(parser: Any, formatter: Any, example: str, kind: str) -> Any:
+    schema = {"anyOf": [{"type": "string", "examples": [example]}, {"type": "number"}], "description": kind}
+    return (BeforeValidator(parser), PlainSerializer(formatter, return_type=str), WithJsonSchema(schema))
+
+
+Duration = Annotated[float, *_quantity(parse_duration, format_duration, "5ms", "a duration: 250us, 5ms, 60s, 2min")]
+Bandwidth = Annotated[float, *_quantity(parse_bandwidth, format_bandwidth, "10Mbps", "a bandwidth: 500kbps, 10Mbps, 1Gbps")]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Qos = Literal[0, 1, 2]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BernoulliLossSpec(Strict):
+    model: Literal["bernoulli"] = "bernoulli"
+    rate: Probability
+
+
+class GilbertElliottLossSpec(Strict):
+    """Burst loss: Good -> Bad with probability p and Bad -> Good with r, per packet."""
+
+    model: Literal["gilbert_elliott"]
+    p: Annotated[float, Field(gt=0.0, le=1.0)]
+    r: Annotated[float, Field(gt=0.0, le=1.0)]
+    loss_good: Probability = 0.0
+    loss_bad: Probability = 1.0
+
+
+LossSpec = Annotated[Union[BernoulliLossSpec, GilbertElliottLossSpec], Field(discriminator="model")]
+
+
+def _loss_shorthand(value: Any) -> Any:
+    # `loss: 0.01` is the common case: Bernoulli with that rate.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {"model": "bernoulli", "rate": value}
+    return value
+
+
+class LinkSpec(Strict):
+    """Links between two node groups: each node of the larger group joins one node of the other, round robin."""
+
+    between: tuple[str, str]
+    bandwidth: Bandwidth
+    latency: Duration = 0.0
+    jitter: Duration = 0.0
+    loss: Annotated[LossSpec | None, BeforeValidator(_loss_shorthand)] = None
+    queue: Annotated[int, Field(ge=1, description="packets the link holds, queued plus in transmission")] = 1000
+    shared_medium: bool = Field(
+        False, description="all links of this entry that meet at one node share one half-duplex channel (Wi-Fi like)"
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> LinkSpec:
+        if self.bandwidth <= 0:
+            raise ValueError("bandwidth must be above zero, e.g. `10Mbps`")
+        if self.latency < 0 or self.jitter < 0:
+            raise ValueError("latency and jitter must not be negative")
+        if self.between[0] == self.between[1]:
+            raise ValueError("a link joins two different node groups")
+        return self
+
+
+class CodecSpec(Strict):
+    kind: Literal["raw"] = "raw"
+
+
+class CameraGroup(Strict):
+    name: str
+    count: Annotated[int, Field(ge=1)] = 1
+    fps: Annotated[float, Field(gt=0.0)] = 1.0
+    arrivals: Literal["periodic", "poisson"] = "periodic"
+    codec: CodecSpec = CodecSpec()
+    topic: str = Field("frames/{name}", description="`{name}` becomes the camera's name, e.g. cam-3")
+    start: Duration = 0.0
+
+
+class GatewayGroup(Strict):
+    name: str
+    count: Annotated[int, Field(ge=1)] = 1
+    device: str = "raspberry_pi_4"
+
+
+class BatchSpec(Strict):
+    max_size: Annotated[int, Field(ge=1)] = 32
+    max_wait: Duration = 0.02
+
+
+class EdgeServerGroup(Strict):
+    name: str
+    count: Annotated[int, Field(ge=1)] = 1
+    device: str = "edge_server_8core"
+    cores: Annotated[int | None, Field(ge=1, description="overrides the device profile's core count")] = None
+    batch: BatchSpec = BatchSpec()
+    subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
+    defenses: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
+
+
+class DeviceSpec(Strict):
+    description: str = ""
+    cores: Annotated[int, Field(ge=1)]
+    gflops_per_core: Annotated[float, Field(gt=0)]
+    efficiency: Annotated[float, Field(gt=0, le=1)] = 0.1
+    batch_overhead: Duration = 0.0
+
+
+class NodesSpec(Strict):
+    cameras: list[CameraGroup] = Field(default_factory=list)
+    gateways: list[GatewayGroup] = Field(default_factory=list)
+    edge_servers: list[EdgeServerGroup] = Field(default_factory=list)
+
+
+class BrokerSpec(Strict):
+    node: str = Field(description="the node group (its first node) or the node name, e.g. edge-0, that hosts the broker")
+    protocol: Literal["mqtt311", "mqtt5"] = "mqtt311"
+    qos: dict[str, Qos] = Field(
+        default_factory=lambda: {"frames/#": 1, "models/#": 1},
+        description="QoS per topic filter; the first filter that matches wins, else QoS 0",
+    )
+    retry_interval: Duration = 1.0
+    max_retries: Annotated[int | None, Field(ge=0)] = None
+    keepalive: Duration = 60.0
+    tcp_ip_overhead: bool = Field(True, description="count TCP/IPv4 headers (40 B per 1460-B segment)")
+
+
+class TrainSpec(Strict):
+    epochs: Annotated[int | None, Field(ge=1)] = None
+    batch_size: Annotated[int | None, Field(ge=1)] = None
+    lr: Annotated[float | None, Field(gt=0)] = None
+    optimizer: Literal["adam", "sgd"] | None = None
+    seed: int | None = Field(None, description="default: derived from the scenario seed")
+
+
+class DatasetSpec(Strict):
+    name: str = "digits"
+    path: str | None = None
+    image_size: Annotated[int | None, Field(ge=8)] = None
+
+
+class ModelSpec(Strict):
+    arch: str = "lenet5"
+    train: TrainSpec = TrainSpec()
+
+
+class ModelUpdateSpec(Strict):
+    at: Duration
+    train: TrainSpec = Field(TrainSpec(), description="how the updated model is trained (e.g. another seed)")
+
+
+class RegistrySpec(Strict):
+    node: str | None = Field(None, description="node hosting the model registry; default: the broker's node")
+    topic: str = "models/classifier"
+    updates: list[ModelUpdateSpec] = Field(default_factory=list)
+
+
+class Scenario(Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    duration: Duration
+    dataset: DatasetSpec = DatasetSpec()
+    model: ModelSpec = ModelSpec()
+    nodes: NodesSpec
+    links: list[LinkSpec] = Field(default_factory=list)
+    broker: BrokerSpec
+    registry: RegistrySpec = RegistrySpec()
+    devices: dict[str, DeviceSpec] = Field(default_factory=dict, description="device profiles besides the built-in ones")
+    attacks: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        from iotbed.broker.topics import validate_filter
+        from iotbed.sim.devices import BUILTIN_PROFILES
+
+        if self.duration <= 0:
+            raise ValueError("duration must be above zero, e.g. `60s`")
+        groups = self.group_names()
+        seen: set[str] = set()
+        for group in groups:
+            if group in seen:
+                raise ValueError(f"node group name {group!r} is used twice; give each group its own name")
+            seen.add(group)
+        for link in self.links:
+            for end in link.between:
+                if end not in groups:
+                    raise ValueError(f"link end {end!r} is not a node group{_suggest(end, groups)}")
+        for node_name in (self.broker.node, self.registry.node):
+            if node_name is not None and self.resolve_node(node_name) is None:
+                raise ValueError(f"broker/registry node {node_name!r} is not a node group or node{_suggest(node_name, groups)}")
+        profiles = set(BUILTIN_PROFILES) | set(self.devices)
+        for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
+            if group.device not in profiles:
+                raise ValueError(f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}")
+        for topic_filter in self.broker.qos:
+            validate_filter(topic_filter)
+        for edge in self.nodes.edge_servers:
+            validate_filter(edge.subscribe)
+            if edge.defenses:
+                raise ValueError(f"edge server group {edge.name!r}: defenses are not available in this version of iotbed")
+        if self.attacks:
+            raise ValueError("attacks are not available in this version of iotbed; remove the `attacks` entries")
+        if self.dataset.name not in {"digits"} and self.dataset.path is None and self.dataset.name != "digits":
+            raise ValueError(f"dataset {self.dataset.name!r} needs `path:` (the folder with its files)")
+        return self
+
+    def group_names(self) -> list[str]:
+        n = self.nodes
+        return [g.name for g in [*n.cameras, *n.gateways, *n.edge_servers]]
+
+    def group_counts(self) -> dict[str, int]:
+        n = self.nodes
+        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.edge_servers]}
+
+    def resolve_node(self, name: str) -> str | None:
+        """A group name means its first node; `group-i` names node i."""
+        counts = self.group_counts()
+        if name in counts:
+            return f"{name}-0"
+        group, _, index = name.rpartition("-")
+        if group in counts and index.isdigit() and int(index) < counts[group]:
+            return name
+        return None
+
+    def qos_for(self, topic: str) -> int:
+        from iotbed.broker.topics import matches
+
+        for topic_filter, qos in self.broker.qos.items():
+            if matches(topic_filter, topic):
+                return qos
+        return 0
+
+    def qos_for_filter(self, topic_filter: str) -> int:
+        """The QoS a subscriber asks for: that of a topic the filter stands for (`a/+/#` -> `a/_/_`)."""
+        from iotbed.broker.topics import split_shared
+
+        _, inner = split_shared(topic_filter)
+        return self.qos_for("/".join("_" if level in ("+", "#") else level for level in inner.split("/")))
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean `{close[0]}`?" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def load_scenario(path: str | Path, overrides: typing.Sequence[str] = ()) -> Scenario:
+    """Read, override (`key.path=value`) and validate a scenario file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such scenario file; the ready ones are in scenarios/") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{path}: cannot read the file ({exc})") from None
+    return parse_scenario(text, str(path), overrides)
+
+
+def parse_scenario(text: str, source: str = "<scenario>", overrides: typing.Sequence[str] = ()) -> Scenario:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(f"{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}:1: a scenario is a mapping of keys such as `name`, `duration`, `nodes`")
+    overridden: set[tuple[Any, ...]] = set()
+    for item in overrides:
+        overridden.add(_apply_override(data, item, source))
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(_format_errors(exc, root, source, overridden)) from None
+
+
+def _apply_override(data: dict[str, Any], item: str, source: str) -> tuple[Any, ...]:
+    key_path, sep, raw_value = item.partition("=")
+    if not sep or not key_path:
+        raise ScenarioError(f"--set {item!r}: write it as key.path=value, e.g. --set duration=30s")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value else ""
+    except yaml.YAMLError:
+        value = raw_value
+    keys: list[Any] = [int(k) if k.isdigit() else k for k in key_path.split(".")]
+    node: Any = data
+    for depth, key in enumerate(keys[:-1]):
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            so_far = ".".join(str(k) for k in keys[: depth + 1])
+            raise ScenarioError(f"--set {item!r}: {source} has nothing at `{so_far}`") from None
+    last = keys[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise ScenarioError(f"--set {item!r}: `{key_path}` is not an index of the list in {source}")
+        node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ScenarioError(f"--set {item!r}: `{'.'.join(map(str, keys[:-1]))}` is not a mapping in {source}")
+    return tuple(keys)
+
+
+def _format_errors(exc: ValidationError, root: yaml.Node | None, source: str, overridden: set[tuple[Any, ...]]) -> str:
+    lines = [f"{source}: the scenario is not valid:"]
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        data_loc = _data_loc(loc)
+        line = _line_of(root, data_loc)
+        where = f"{source}:{line}" if line else source
+        if any(data_loc[: len(o)] == o for o in overridden):
+            where = f"{where} (value from --set)"
+        dotted = ".".join(str(p) for p in data_loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Scenario, data_loc[:-1])
+            message = f"unknown key `{data_loc[-1]}`{_suggest(str(data_loc[-1]), allowed) if allowed else ''}"
+        elif error["type"] == "missing":
+            message = f"`{data_loc[-1]}` is required here"
+        elif error["type"] == "union_tag_invalid":
+            message = f"{message}"
+        lines.append(f"  {where}: {dotted}: {message}")
+    return "\n".join(lines)
+
+
+def _data_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # Pydantic inserts union tags and validator names into locations; keep only the data keys.
+    skip = {"bernoulli", "gilbert_elliott", "function-before[_loss_shorthand(), nullable[tagged-union[BernoulliLossSpec,GilbertElliottLossSpec]]]"}
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in skip or "[" in p)))
+
+
+def _line_of(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    node = root
+    line = root.start_mark.line + 1 if root is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if key_node.value == str(key):
+                    line = key_node.start_mark.line + 1
+                    node = value_node
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model found at `loc`, for "did you mean" suggestions."""
+    current: Any = model
+    for key in loc:
+        current = _unwrap(current, key)
+        if current is None:
+            return []
+    models = [m for m in _models_in(current)]
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        out.extend(_models_in(arg))
+    return out
+
+
+def _unwrap(annotation: Any, key: Any) -> Any:
+    if isinstance(key, int):
+        origin = typing.get_origin(annotation)
+        if origin in (list, tuple):
+            return typing.get_args(annotation)[0]
+        if origin is Annotated:
+            return _unwrap(typing.get_args(annotation)[0], key)
+        return None
+    for m in _models_in(annotation):
+        if key in m.model_fields:
+            return m.model_fields[key].annotation
+    origin = typing.get_origin(annotation)
+    if origin is dict:
+        return typing.get_args(annotation)[1]
+    if origin in (Union, types.UnionType, Annotated):
+        for arg in typing.get_args(annotation):
+            found = _unwrap(arg, key)
+            if found is not None:
+                return found
+    return None
+
+
+def resolved_yaml(scenario: Scenario) -> str:
+    """The scenario with every default filled in, in the same units users write; loads back identically."""
+    return yaml.safe_dump(scenario.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def json_schema() -> dict[str, Any]:
+    return Scenario.model_json_schema()

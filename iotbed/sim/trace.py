@@ -1,0 +1,174 @@
+"""The trace: one row per frame, written as Parquet with a fixed schema.
+
+Nodes and the network update a frame's record as it travels (bytes charged on every link, timestamps at
+each hop, retries, duplicates, the verdict at the edge). Statuses are settled once at the end, so a frame
+that was lost once and then retransmitted counts as delivered, with its retry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from iotbed.broker.messages import Publish
+from iotbed.sim.links import LinkDirection
+from iotbed.sim.network import Packet
+
+DELIVERED = "delivered"
+DROPPED = "dropped"
+IN_FLIGHT = "in_flight"
+TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full"})
+
+
+class FrameRecord:
+    __slots__ = (
+        "frame_id", "camera", "topic", "image_index", "label", "payload_bytes", "publish_bytes", "qos",
+        "t_capture", "t_first_hop", "t_broker", "t_edge", "t_infer_start", "t_done", "wire_bytes",
+        "retries", "losses", "duplicates", "drop_reason", "drop_link", "edge", "model_version",
+        "prediction", "attack",
+    )  # fmt: skip
+
+    def __init__(self, frame_id: int, camera: str, topic: str, image_index: int, label: int, payload_bytes: int,
+                 publish_bytes: int, qos: int, t_capture: float) -> None:  # fmt: skip
+        self.frame_id = frame_id
+        self.camera = camera
+        self.topic = topic
+        self.image_index = image_index
+        self.label = label
+        self.payload_bytes = payload_bytes
+        self.publish_bytes = publish_bytes
+        self.qos = qos
+        self.t_capture = t_capture
+        self.t_first_hop = -1.0
+        self.t_broker = -1.0
+        self.t_edge = -1.0
+        self.t_infer_start = -1.0
+        self.t_done = -1.0
+        self.wire_bytes = 0
+        self.retries = 0
+        self.losses = 0
+        self.duplicates = 0
+        self.drop_reason = ""
+        self.drop_link = ""
+        self.edge = ""
+        self.model_version = -1
+        self.prediction = -1
+        self.attack = ""
+
+
+TRACE_SCHEMA = pa.schema(
+    [
+        ("frame_id", pa.int64()),
+        ("camera", pa.string()),
+        ("topic", pa.string()),
+        ("image_index", pa.int32()),
+        ("label", pa.int16()),
+        ("payload_bytes", pa.int32()),
+        ("publish_bytes", pa.int32()),
+        ("qos", pa.int8()),
+        ("t_capture", pa.float64()),
+        ("t_first_hop", pa.float64()),
+        ("t_broker", pa.float64()),
+        ("t_edge", pa.float64()),
+        ("t_infer_start", pa.float64()),
+        ("t_done", pa.float64()),
+        ("latency_s", pa.float64()),
+        ("wire_bytes", pa.int64()),
+        ("retries", pa.int32()),
+        ("losses", pa.int32()),
+        ("duplicates", pa.int32()),
+        ("status", pa.string()),
+        ("drop_reason", pa.string()),
+        ("drop_link", pa.string()),
+        ("edge", pa.string()),
+        ("model_version", pa.int32()),
+        ("prediction", pa.int16()),
+        ("correct", pa.bool_()),
+        ("attack", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    time_s: float
+    node: str
+    event: str  # published | adopted
+    version: int
+    size_bytes: int
+
+
+class TraceRecorder:
+    """Collects frame records and model events for one run."""
+
+    def __init__(self) -> None:
+        self.records: list[FrameRecord] = []
+        self.model_events: list[ModelEvent] = []
+
+    def new_frame(self, camera: str, topic: str, image_index: int, label: int, payload_bytes: int,
+                  publish_bytes: int, qos: int, t_capture: float) -> FrameRecord:  # fmt: skip
+        record = FrameRecord(len(self.records), camera, topic, image_index, label, payload_bytes, publish_bytes,
+                             qos, t_capture)  # fmt: skip
+        self.records.append(record)
+        return record
+
+    # Network and broker listeners: a lost packet about a frame is noted; the status is settled at the end.
+    def on_packet_dropped(self, packet: Packet, reason: str, link: LinkDirection | None) -> None:
+        record = packet.frame
+        if isinstance(record, FrameRecord):
+            record.losses += 1
+            record.drop_reason = reason
+            record.drop_link = link.name if link is not None else ""
+
+    def on_undelivered(self, message: Publish, reason: str) -> None:
+        record = message.account
+        if isinstance(record, FrameRecord):
+            record.drop_reason = reason
+            record.drop_link = ""
+
+    def on_give_up(self, message: Publish) -> None:
+        record = message.account
+        if isinstance(record, FrameRecord):
+            record.drop_reason = "max_retries"
+
+    def on_retry(self, message: Publish) -> None:
+        record = message.account
+        if isinstance(record, FrameRecord):
+            record.retries += 1
+
+    def to_table(self) -> pa.Table:
+        records = self.records
+        columns: dict[str, Any] = {name: [getattr(r, name) for r in records] for name in FrameRecord.__slots__}
+        t_done = np.asarray(columns["t_done"], dtype=np.float64)
+        t_capture = np.asarray(columns["t_capture"], dtype=np.float64)
+        delivered = t_done >= 0
+        # A QoS 1/2 frame whose last packet was lost is still being retransmitted: in flight, not dropped.
+        has_reason = np.asarray(
+            [bool(reason) and (qos == 0 or reason not in TRANSIENT_LOSSES)
+             for reason, qos in zip(columns["drop_reason"], columns["qos"])],
+            dtype=bool,
+        )  # fmt: skip
+        status = np.where(delivered, DELIVERED, np.where(has_reason, DROPPED, IN_FLIGHT))
+        columns["status"] = status.tolist()
+        columns["drop_reason"] = np.where(delivered, "", np.asarray(columns["drop_reason"], dtype=object)).tolist()
+        columns["drop_link"] = np.where(delivered, "", np.asarray(columns["drop_link"], dtype=object)).tolist()
+        columns["latency_s"] = np.where(delivered, t_done - t_capture, np.nan)
+        prediction = np.asarray(columns["prediction"], dtype=np.int64)
+        columns["correct"] = (delivered & (prediction == np.asarray(columns["label"], dtype=np.int64))).tolist()
+        return pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in TRACE_SCHEMA},
+                        schema=TRACE_SCHEMA)  # fmt: skip
+
+    def model_events_table(self) -> pa.Table:
+        events = self.model_events
+        return pa.table(
+            {
+                "time_s": pa.array([e.time_s for e in events], pa.float64()),
+                "node": pa.array([e.node for e in events], pa.string()),
+                "event": pa.array([e.event for e in events], pa.string()),
+                "version": pa.array([e.version for e in events], pa.int32()),
+                "size_bytes": pa.array([e.size_bytes for e in events], pa.int64()),
+            }
+        )
