@@ -101,12 +101,13 @@ def simulate(deployment: Deployment, until_s: float, progress: bool, label: str)
     """Advance the clock to `until_s` in steps, with a progress bar in simulated seconds."""
     env = deployment.env
     steps = 100
-    with tqdm(total=round(until_s, 3), unit="sim-s", desc=label, disable=not progress, file=sys.stderr,
-              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}, {rate_fmt}]") as bar:  # fmt: skip
+    with tqdm(total=steps, desc=label, disable=not progress, file=sys.stderr,
+              bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
         for i in range(1, steps + 1):
-            target = until_s * i / steps
-            env.run(until=target)
-            bar.update(round(target - bar.n, 6))
+            env.run(until=until_s * i / steps)
+            bar.set_postfix_str(f"{env.now:.1f}/{until_s:.1f} sim-s, {len(deployment.recorder.records)} frames",
+                                refresh=False)  # fmt: skip
+            bar.update(1)
 
 
 def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = True, write: bool = True,

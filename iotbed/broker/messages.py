@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import simpy
-from simpy.events import Timeout
 
 from iotbed.broker.packets import PacketType
+from iotbed.sim.timers import FifoTimers
 
 
 class Payload(Protocol):
@@ -67,6 +67,7 @@ class Subscribe:
 @dataclass(slots=True)
 class Suback:
     granted: list[int]
+    filters: list[str]  # what the SUBACK answers (on the wire this is the SUBSCRIBE's packet id)
 
 
 @dataclass(slots=True)
@@ -94,12 +95,11 @@ SendFn = Callable[[Any, Publish | None], None]  # (control packet, the PUBLISH i
 class OutboundFlow:
     """Sender side of QoS 1 and 2 for one session."""
 
-    def __init__(self, env: simpy.Environment, send: SendFn, retry_interval: float, max_retries: int | None,
+    def __init__(self, timers: FifoTimers, send: SendFn, max_retries: int | None,
                  on_retry: Callable[[Publish], None] | None = None,
                  on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
-        self.env = env
+        self._timers = timers
         self._send = send
-        self.retry_interval = retry_interval
         self.max_retries = max_retries
         self._on_retry = on_retry
         self._on_give_up = on_give_up
@@ -129,10 +129,10 @@ class OutboundFlow:
         self._arm(message.packet_id, 1)
 
     def _arm(self, packet_id: int, attempt: int) -> None:
-        Timeout(self.env, self.retry_interval, (packet_id, attempt)).callbacks.append(self._timeout)
+        self._timers.start(self._timeout, (packet_id, attempt))
 
-    def _timeout(self, event: simpy.Event) -> None:
-        packet_id, attempt = event._value
+    def _timeout(self, key: tuple[int, int]) -> None:
+        packet_id, attempt = key
         entry = self.inflight.get(packet_id)
         if entry is None or entry.attempts != attempt:
             return  # acknowledged, or a newer attempt owns the timer

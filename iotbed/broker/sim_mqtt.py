@@ -32,6 +32,10 @@ from iotbed.broker.packets import PacketType
 from iotbed.broker.topics import matches, split_shared, validate_filter, validate_topic
 from iotbed.broker.transport import Handler
 from iotbed.sim.network import Network, Packet
+from iotbed.sim.timers import FifoTimers
+
+# Retransmission timers fire within this share of retry_interval after their deadline (see FifoTimers).
+RETRY_TICK_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -43,28 +47,49 @@ class MqttSettings:
     tcp_ip_overhead: bool = True
 
 
-def wire_size(message: Any, settings: MqttSettings) -> int:
-    protocol = settings.protocol
+def _mqtt_size(message: Any, protocol: str) -> int:
     if isinstance(message, Publish):
-        size = packets.publish_size(message.topic, message.payload_len, message.qos, protocol)
-    elif isinstance(message, Ack):
-        size = packets.ack_size(protocol)
-    elif isinstance(message, Connect):
+        return packets.publish_size(message.topic, message.payload_len, message.qos, protocol)
+    if isinstance(message, Ack):
+        return packets.ack_size(protocol)
+    if isinstance(message, Connect):
         will = message.will
-        size = packets.connect_size(message.client_id, protocol=protocol,
+        return packets.connect_size(message.client_id, protocol=protocol,
                                     will_topic=will.topic if will else None,
                                     will_payload_len=will.payload_len if will else 0)  # fmt: skip
-    elif isinstance(message, Connack):
-        size = packets.connack_size(protocol)
-    elif isinstance(message, Subscribe):
-        size = packets.subscribe_size([f for f, _ in message.filters], protocol)
-    elif isinstance(message, Suback):
-        size = packets.suback_size(len(message.granted), protocol)
-    elif isinstance(message, Disconnect):
-        size = packets.disconnect_size()
-    else:
-        raise TypeError(f"not an MQTT packet: {message!r}")
-    return packets.tcp_ip_size(size) if settings.tcp_ip_overhead else size
+    if isinstance(message, Connack):
+        return packets.connack_size(protocol)
+    if isinstance(message, Subscribe):
+        return packets.subscribe_size([f for f, _ in message.filters], protocol)
+    if isinstance(message, Suback):
+        return packets.suback_size(len(message.granted), protocol)
+    if isinstance(message, Disconnect):
+        return packets.disconnect_size()
+    raise TypeError(f"not an MQTT packet: {message!r}")
+
+
+class WireSizer:
+    """Bytes on the wire per control packet. Acknowledgements have one size and a camera's frames
+    another, so sizes are remembered per (topic, payload length, QoS) rather than recomputed per packet."""
+
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.ack_bytes = self._on_wire(packets.ack_size(settings.protocol))
+        self._publish: dict[tuple[str, int, int], int] = {}
+
+    def _on_wire(self, mqtt_bytes: int) -> int:
+        return packets.tcp_ip_size(mqtt_bytes) if self.settings.tcp_ip_overhead else mqtt_bytes
+
+    def size(self, message: Any) -> int:
+        if type(message) is Ack:
+            return self.ack_bytes
+        if type(message) is Publish:
+            key = (message.topic, message.payload_len, message.qos)
+            size = self._publish.get(key)
+            if size is None:
+                size = self._publish[key] = self._on_wire(_mqtt_size(message, self.settings.protocol))
+            return size
+        return self._on_wire(_mqtt_size(message, self.settings.protocol))
 
 
 @dataclass(slots=True)
@@ -103,6 +128,9 @@ class SimBroker:
         self.env = env
         self._on_retry = on_retry
         self._on_give_up = on_give_up
+        self.sizer = WireSizer(settings)
+        # One timer FIFO for every session's retransmissions; clients share it through the broker.
+        self.timers = FifoTimers(env, settings.retry_interval_s, settings.retry_interval_s * RETRY_TICK_FRACTION)
         self.network = network
         self.node = node
         self.settings = settings
@@ -139,10 +167,13 @@ class SimBroker:
 
     def _send(self, session: _Session, message: Any, about: Publish | None) -> None:
         account = about.account if about is not None else None
-        self.network.send(self, session.endpoint, wire_size(message, self.settings), message, account)
+        self.network.send(self, session.endpoint, self.sizer.size(message), message, account)
 
     def _on_connect(self, client: Any, message: Connect) -> None:
         session = self.sessions.get(message.client_id)
+        if session is not None and session.connected and session.endpoint is client:
+            self._send(session, Connack(not session.clean), None)  # our CONNACK was lost: answer again
+            return
         present = session is not None and not message.clean_session and not session.clean
         if session is not None and session.connected:
             self._drop_connection(session)  # a second connection with the same id takes over (MQTT 3.1.4)
@@ -152,9 +183,8 @@ class SimBroker:
                 session.outbound.inflight.clear()  # type: ignore[union-attr]  # the old session is gone
             session = _Session(message.client_id, client, message.clean_session)
             self.sessions[message.client_id] = session
-            session.outbound = OutboundFlow(self.env, lambda m, about, s=session: self._send(s, m, about),
-                                            self.settings.retry_interval_s, self.settings.max_retries,
-                                            self._on_retry, self._on_give_up)  # fmt: skip
+            session.outbound = OutboundFlow(self.timers, lambda m, about, s=session: self._send(s, m, about),
+                                            self.settings.max_retries, self._on_retry, self._on_give_up)  # fmt: skip
             session.inbound = InboundFlow(lambda m, about, s=session: self._send(s, m, about), self._route)
         assert session is not None and session.outbound is not None
         session.endpoint = client
@@ -199,7 +229,7 @@ class SimBroker:
             session.subscriptions[topic_filter] = qos
             granted.append(qos)
         self._invalidate()
-        self._send(session, Suback(granted), None)
+        self._send(session, Suback(granted, [f for f, _ in message.filters]), None)
         for topic_filter, qos in message.filters:
             if split_shared(topic_filter)[0] is not None:
                 continue  # retained messages are not sent for shared subscriptions (MQTT 5, 4.8.2)
@@ -302,8 +332,11 @@ class SimMqttClient:
         self.alive = True
         self.connected = env.event()
         self._handlers: list[tuple[str, Handler]] = []
+        self._handlers_for: dict[str, list[Handler]] = {}
+        self._unacked_subscriptions: set[tuple[str, int]] = set()
+        self._connect_attempt = 0
         self.received_duplicates = 0
-        self.outbound = OutboundFlow(env, self._send, self.settings.retry_interval_s, self.settings.max_retries,
+        self.outbound = OutboundFlow(broker.timers, self._send, self.settings.max_retries,
                                      on_retry=on_retry, on_give_up=on_give_up)  # fmt: skip
         self.inbound = InboundFlow(self._send, self._dispatch)
 
@@ -311,14 +344,28 @@ class SimMqttClient:
         if not self.alive:
             return
         account = about.account if about is not None else None
-        self.network.send(self, self.broker, wire_size(message, self.settings), message, account)
+        self.network.send(self, self.broker, self.broker.sizer.size(message), message, account)
 
     def connect(self) -> simpy.Event:
         if self.connected.triggered:
             self.connected = self.env.event()
         self.alive = True
-        self._send(Connect(self.client_id, self.clean_session, self.will), None)
+        self._connect_attempt += 1
+        self._send_connect(self._connect_attempt)
         return self.connected
+
+    def _send_connect(self, attempt: int) -> None:
+        # CONNECT and SUBSCRIBE can be lost like any packet; resend them until the broker answers.
+        if attempt != self._connect_attempt or self.connected.triggered or not self.alive:
+            return
+        self._send(Connect(self.client_id, self.clean_session, self.will), None)
+        self.broker.timers.start(self._send_connect, attempt)
+
+    def _send_subscribe(self, entry: tuple[str, int]) -> None:
+        if entry not in self._unacked_subscriptions or not self.alive:
+            return
+        self._send(Subscribe([entry]), None)
+        self.broker.timers.start(self._send_subscribe, entry)
 
     def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None) -> simpy.Event:
         done = self.env.event()
@@ -328,7 +375,10 @@ class SimMqttClient:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int) -> None:
         validate_filter(topic_filter)
         self._handlers.append((topic_filter, handler))
-        self._send(Subscribe([(topic_filter, qos)]), None)
+        self._handlers_for.clear()
+        entry = (topic_filter, qos)
+        self._unacked_subscriptions.add(entry)
+        self._send_subscribe(entry)
 
     def disconnect(self) -> None:
         self._send(Disconnect(), None)
@@ -351,6 +401,8 @@ class SimMqttClient:
                 self.inbound.on_pubrel(message)
             else:
                 self.outbound.on_ack(message)
+        elif isinstance(message, Suback):
+            self._unacked_subscriptions = {e for e in self._unacked_subscriptions if e[0] not in message.filters}
         elif isinstance(message, Connack):
             self.outbound.paused = False
             if message.session_present:
@@ -359,9 +411,12 @@ class SimMqttClient:
                 self.connected.succeed(message.session_present)
 
     def _dispatch(self, message: Publish) -> None:
-        for topic_filter, handler in self._handlers:
-            if matches(topic_filter, message.topic):
-                handler(message)
+        handlers = self._handlers_for.get(message.topic)
+        if handlers is None:
+            handlers = [h for f, h in self._handlers if matches(f, message.topic)]
+            self._handlers_for[message.topic] = handlers
+        for handler in handlers:
+            handler(message)
 
 
 def check_publish_topic(topic: str) -> None:

@@ -1,8 +1,8 @@
 """The classifier an edge server runs: a model version, batched inference, and a cache of what cannot change.
 
 A frame whose pixels are the untouched dataset image gives the same prediction every time for a given
-model version, so that prediction is computed once (in a batch) and reused. Frames with changed pixels
-always go through the model.
+model version, so every dataset image is classified once, in batches, when a model version is put in
+service, and reused. Frames with changed pixels always go through the model.
 """
 
 from __future__ import annotations
@@ -23,16 +23,13 @@ class EdgeClassifier:
     def swap(self, model: nn.Module, version: int) -> None:
         self.model = model.eval()
         self.version = version
-        self._cached = np.full(len(self.images), -1, dtype=np.int64)
+        self._cached = np.concatenate([self._run(chunk) for chunk in self.images.split(1024)])
 
     def predict(self, frames: list[Frame]) -> np.ndarray:
         predictions = np.empty(len(frames), dtype=np.int64)
         pristine = np.fromiter((f.pixels is None for f in frames), dtype=bool, count=len(frames))
         if pristine.any():
             indices = np.fromiter((f.image_index for f in frames), dtype=np.int64, count=len(frames))[pristine]
-            missing = np.unique(indices[self._cached[indices] < 0])
-            if missing.size:
-                self._cached[missing] = self._run(self.images[torch.from_numpy(missing)])
             predictions[pristine] = self._cached[indices]
         if not pristine.all():
             changed = [f for f in frames if f.pixels is not None]

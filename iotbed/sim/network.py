@@ -79,8 +79,8 @@ class Network:
 
     def send(self, sender: Endpoint, receiver: Endpoint, size: int, message: Any, frame: FrameAccount | None = None) -> None:
         packet = Packet(sender, receiver, size, message, frame, self.route(sender.node, receiver.node))
-        if not packet.route:  # same node: hand over through the event queue, never re-entrantly
-            Timeout(self.env, 0.0, packet).callbacks.append(self._arrive_local)
+        if not packet.route:  # same node: handed over at once, as over a loopback socket
+            receiver.receive(packet)
             return
         self._transmit(packet)
 
@@ -113,10 +113,6 @@ class Network:
             self._transmit(packet)
         else:
             packet.receiver.receive(packet)
-
-    def _arrive_local(self, event: simpy.Event) -> None:
-        packet: Packet = event._value
-        packet.receiver.receive(packet)
 
     def _drop(self, packet: Packet, reason: str, link: LinkDirection | None) -> None:
         for listener in self.drop_listeners:

@@ -1,0 +1,232 @@
+"""The `iotbed` command: a thin layer over `iotbed.load_scenario`, `iotbed.run` and the data/model APIs.
+
+User mistakes (exit 2) and other user-facing problems print one clear message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from iotbed.errors import IotbedError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _user_errors(func: F) -> F:
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except IotbedError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; files already written are complete, nothing half-written was kept")
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="iotbed")
+def main() -> None:
+    """iotbed: simulate IoT camera deployments over MQTT and measure deep-learning inference under attack."""
+
+
+def _load(scenario: str, seed: int | None, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    from iotbed.scenario import load_scenario
+
+    sets = list(overrides)
+    if seed is not None:
+        sets.append(f"seed={seed}")
+    return load_scenario(scenario, sets)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="results folder [default: runs/<name>-<timestamp>/]")
+@click.option("--seed", type=int, help="override the scenario's seed")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override one value, e.g. --set duration=30s")
+@click.option("--force", is_flag=True, help="replace results already in --out")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON instead of a table")
+@_user_errors
+def run(scenario: str, out_dir: str | None, seed: int | None, overrides: tuple[str, ...], force: bool, quiet: bool,
+        as_json: bool) -> None:  # fmt: skip
+    """Run SCENARIO in simulation; write the trace, the summary and the resolved scenario."""
+    from iotbed.runner import run as run_scenario
+
+    loaded = _load(scenario, seed, overrides)
+    result = run_scenario(loaded, out_dir, progress=not quiet, force=force,
+                          on_status=None if quiet else lambda m: err.print(m, highlight=False))  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(result.summary, indent=2))
+    else:
+        print_summary(result.summary)
+    if result.out_dir is not None:
+        err.print(f"results: {result.out_dir}/ (summary.json, trace.parquet, scenario.resolved.yaml, links.csv)",
+                  highlight=False)  # fmt: skip
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    frames, latency, accuracy = summary["frames"], summary["latency_ms"], summary["accuracy"]
+    table = Table(title=f"{summary['scenario']} (seed {summary['seed']}, {summary['sim_time_s']:g} s simulated, "
+                        f"{summary['wall_time_s']:.1f} s wall)", show_header=True)  # fmt: skip
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    dropped = ", ".join(f"{k} {v}" for k, v in frames["dropped"].items()) or "none"
+    rows = [
+        ("frames captured / delivered", f"{frames['captured']} / {frames['delivered']}"),
+        ("frames dropped", dropped),
+        ("frames in flight at the end", str(frames["in_flight"])),
+        ("retransmissions / duplicates", f"{frames['retries']} / {frames['duplicates']}"),
+        ("throughput (frames/s)", _fmt(summary["throughput"]["frames_per_s"], ".2f")),
+        ("goodput (Mbit/s)", _fmt(summary["throughput"]["goodput_mbps"], ".3f")),
+        ("latency mean / p50 (ms)", f"{_fmt(latency['mean'], '.2f')} / {_fmt(latency['p50'], '.2f')}"),
+        ("latency p95 / p99 (ms)", f"{_fmt(latency['p95'], '.2f')} / {_fmt(latency['p99'], '.2f')}"),
+        ("bytes per frame (camera publish)", _fmt(summary["bandwidth"]["bytes_per_frame_mean"], ".1f")),
+        ("bytes per frame (all links)", _fmt(summary["bandwidth"]["wire_bytes_per_frame_mean"], ".1f")),
+        ("accuracy overall / clean", f"{_fmt(accuracy['overall'], '.4f')} / {_fmt(accuracy['clean'], '.4f')}"),
+        ("accuracy attacked", _fmt(accuracy["attacked"], ".4f")),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    out.print(table)
+
+
+@main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@click.option("--resolved", is_flag=True, help="print the scenario with every default filled in")
+@_user_errors
+def validate(scenario: str, overrides: tuple[str, ...], resolved: bool) -> None:
+    """Check a scenario file; exit 2 with file:line errors if it is not valid."""
+    from iotbed.scenario import resolved_yaml
+
+    loaded = _load(scenario, None, overrides)
+    if resolved:
+        click.echo(resolved_yaml(loaded), nl=False)
+    else:
+        nodes = sum(loaded.group_counts().values())
+        err.print(f"{scenario}: valid ({nodes} nodes, {len(loaded.links)} link groups, {loaded.duration:g} s)")
+
+
+@main.command()
+@_user_errors
+def schema() -> None:
+    """Print the scenario JSON Schema (point your editor's YAML plugin at it)."""
+    from iotbed.scenario import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@main.group()
+def datasets() -> None:
+    """Datasets cameras can capture from."""
+
+
+@datasets.command("list")
+@_user_errors
+def datasets_list() -> None:
+    """The datasets iotbed reads, and the layout each expects."""
+    from iotbed.data import list_datasets
+
+    table = Table(show_header=True)
+    for column in ("name", "images", "classes", "needs path", "description / layout"):
+        table.add_column(column)
+    for info in list_datasets():
+        c, h, w = info.image_shape
+        table.add_row(info.name, f"{c}x{h}x{w}", str(info.num_classes or "from folders"),
+                      "yes" if info.needs_path else "no", f"{info.description}\n[dim]{info.layout}[/]")  # fmt: skip
+    out.print(table)
+
+
+@datasets.command("show")
+@click.argument("name")
+@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the train/test split")
+@_user_errors
+def datasets_show(name: str, path: str | None, seed: int) -> None:
+    """Load a dataset and describe its splits and classes."""
+    from iotbed.data import describe
+
+    click.echo(json.dumps(describe(name, path, seed=seed), indent=2, default=str))
+
+
+@main.group()
+def models() -> None:
+    """Train and inspect classifiers (cached as safetensors)."""
+
+
+@models.command("train")
+@click.option("--dataset", "dataset_name", default="digits", show_default=True)
+@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
+@click.option("--arch", default="lenet5", show_default=True)
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the split and the training")
+@click.option("--output", type=click.Path(dir_okay=False), help="also save the weights to this .safetensors file")
+@click.option("--quiet", is_flag=True)
+@_user_errors
+def models_train(dataset_name: str, path: str | None, arch: str, epochs: int | None, batch_size: int | None,
+                 lr: float | None, seed: int, output: str | None, quiet: bool) -> None:  # fmt: skip
+    """Train ARCH on a dataset, or fetch it from the cache when it was trained before with the same settings."""
+    import dataclasses
+
+    from iotbed.data import load_splits
+    from iotbed.models import default_train_config, get_or_train, save_model
+
+    splits = load_splits(dataset_name, path, seed=seed)
+    config = default_train_config(arch, dataset_name)
+    changes = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
+    config = dataclasses.replace(config, seed=seed, **changes)
+    trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+    state = "trained now" if trained.trained_now else "from the cache"
+    click.echo(f"{trained.arch} on {dataset_name}: test accuracy {trained.test_accuracy:.4f} ({state})")
+    click.echo(f"weights: {trained.path}")
+    if output:
+        saved = save_model(Path(output), trained.model, {"dataset": dataset_name, "cache_key": trained.key})
+        click.echo(f"saved: {saved}")
+
+
+@models.command("list")
+@_user_errors
+def models_list() -> None:
+    """Trained models in the cache."""
+    from iotbed.models import resolve_cache_dir
+
+    folder = resolve_cache_dir() / "models"
+    table = Table(show_header=True)
+    for column in ("key", "arch", "dataset", "test accuracy", "file"):
+        table.add_column(column)
+    for info_path in sorted(folder.glob("*.json")) if folder.exists() else []:
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        accuracy = info.get("test_accuracy")
+        table.add_row(info_path.stem[:12], str(info.get("arch", "?")), str(info.get("dataset", "?")),
+                      "-" if accuracy is None else f"{accuracy:.4f}", str(info_path.with_suffix(".safetensors")))  # fmt: skip
+    out.print(table)
+    err.print(f"cache: {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""MQTT semantics of the simulated broker and clients over a lossy simulated network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import simpy
+
+from iotbed.broker.messages import Publish
+from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
+from iotbed.sim.links import BernoulliLoss, LinkDirection, NoLoss, Transmitter
+from iotbed.sim.network import Network
+
+
+@dataclass
+class Net:
+    env: simpy.Environment
+    network: Network
+    broker: SimBroker
+    received: dict[str, list[Publish]] = field(default_factory=dict)
+
+    def client(self, node: str, client_id: str, **kwargs) -> SimMqttClient:  # type: ignore[no-untyped-def]
+        return SimMqttClient(self.env, self.network, node, client_id, self.broker, **kwargs)
+
+    def subscriber(self, node: str, client_id: str, topic_filter: str, qos: int, **kwargs) -> SimMqttClient:  # type: ignore[no-untyped-def]
+        sub = self.client(node, client_id, **kwargs)
+        self.received[client_id] = []
+        sub.connect()
+        sub.subscribe(topic_filter, self.received[client_id].append, qos)
+        return sub
+
+
+def build(loss: float = 0.0, seed: int = 0, retry: float = 0.2, max_retries: int | None = None,
+          keepalive: float = 5.0) -> Net:  # fmt: skip
+    """pub-node --(lossy 10 Mbit/s, 5 ms)-- router --(clean)-- broker-node, plus sub-node on the router."""
+    env = simpy.Environment()
+    network = Network(env)
+    rng = np.random.default_rng(seed)
+    for node in ("pub", "router", "broker", "sub"):
+        network.add_node(node)
+
+    def link(a: str, b: str, lossy: bool) -> None:
+        def direction(src: str, dst: str) -> LinkDirection:
+            model = BernoulliLoss(loss, rng) if lossy and loss > 0 else NoLoss()
+            return LinkDirection(f"{src}->{dst}", src, dst, Transmitter(10e6, 10_000), 0.005, 0.0, model, rng)
+
+        network.add_link(direction(a, b), direction(b, a))
+
+    link("pub", "router", lossy=True)
+    link("router", "broker", lossy=False)
+    link("sub", "router", lossy=False)
+    settings = MqttSettings(retry_interval_s=retry, max_retries=max_retries, keepalive_s=keepalive)
+    return Net(env, network, SimBroker(env, network, "broker", settings))
+
+
+def publish_stream(net: Net, pub: SimMqttClient, n: int, qos: int, topic: str = "frames/cam-0", gap: float = 0.01):  # type: ignore[no-untyped-def]
+    def proc():  # type: ignore[no-untyped-def]
+        yield pub.connect()
+        for i in range(n):
+            pub.publish(topic, i.to_bytes(4, "big") + bytes(996), qos)
+            yield net.env.timeout(gap)
+
+    net.env.process(proc())
+
+
+def payload_ids(messages: list[Publish]) -> list[int]:
+    return [int.from_bytes(m.payload[:4], "big") for m in messages]
+
+
+def test_qos1_over_a_lossy_link_delivers_every_message_with_retries() -> None:
+    net = build(loss=0.2, seed=1)
+    net.subscriber("sub", "edge", "frames/#", qos=1)
+    pub = net.client("pub", "cam")
+    publish_stream(net, pub, 300, qos=1)
+    net.env.run(until=60)
+    ids = payload_ids(net.received["edge"])
+    assert set(ids) == set(range(300))  # at least once: every message arrives
+    assert pub.outbound.stats.retransmissions > 0
+    assert len(ids) >= 300  # duplicates are allowed at QoS 1 (lost PUBACKs)
+    assert not pub.outbound.inflight
+
+
+def test_qos0_over_a_lossy_link_loses_messages_and_counts_them() -> None:
+    net = build(loss=0.2, seed=1)
+    net.subscriber("sub", "edge", "frames/#", qos=1)
+    pub = net.client("pub", "cam")
+    publish_stream(net, pub, 300, qos=0)
+    net.env.run(until=60)
+    received = payload_ids(net.received["edge"])
+    lost = net.network.directions[("pub", "router")].stats.dropped_loss
+    assert lost > 20  # about 20% of 300
+    assert len(received) == 300 - lost  # the subscriber misses exactly what the link lost
+    assert len(set(received)) == len(received)
+    assert pub.outbound.stats.retransmissions == 0
+
+
+def test_qos2_is_exactly_once_despite_loss() -> None:
+    net = build(loss=0.25, seed=3)
+    net.subscriber("sub", "edge", "frames/#", qos=2)
+    pub = net.client("pub", "cam")
+    publish_stream(net, pub, 200, qos=2)
+    net.env.run(until=120)
+    ids = payload_ids(net.received["edge"])
+    assert sorted(ids) == list(range(200))  # all of them, none twice
+    assert pub.outbound.stats.retransmissions > 0
+
+
+def test_delivered_qos_is_the_lower_of_publish_and_subscription() -> None:
+    net = build()
+    net.subscriber("sub", "low", "frames/#", qos=0)
+    pub = net.client("pub", "cam")
+    publish_stream(net, pub, 5, qos=2)
+    net.env.run(until=5)
+    assert [m.qos for m in net.received["low"]] == [0] * 5
+
+
+def test_max_retries_gives_up_on_an_unreachable_subscriber_path() -> None:
+    net = build(loss=1.0, max_retries=3)
+    gave_up: list[Publish] = []
+    pub = net.client("pub", "cam", on_give_up=gave_up.append)
+    pub.publish("frames/x", b"x", 1)  # sent without a connection: every copy is lost on the link
+    net.env.run(until=10)
+    assert len(gave_up) == 1 and pub.outbound.stats.retransmissions == 3
+
+
+def test_retained_message_reaches_a_late_subscriber() -> None:
+    net = build()
+    pub = net.client("pub", "registry")
+
+    def late() -> object:
+        yield pub.connect()
+        pub.publish("models/classifier", b"v2" * 100, 1, retain=True)
+        yield net.env.timeout(2.0)
+        net.subscriber("sub", "late", "models/#", qos=1)
+
+    net.env.process(late())
+    net.env.run(until=5)
+    assert len(net.received["late"]) == 1
+    assert net.received["late"][0].retain and net.received["late"][0].payload == b"v2" * 100
+
+
+def test_persistent_session_gets_what_was_published_while_it_was_away() -> None:
+    net = build()
+    sub = net.subscriber("sub", "edge", "frames/#", qos=1, clean_session=False)
+    pub = net.client("pub", "cam")
+
+    def scenario() -> object:
+        yield pub.connect()
+        yield net.env.timeout(0.5)
+        sub.disconnect()
+        yield net.env.timeout(0.5)
+        for i in range(5):
+            pub.publish("frames/cam", i.to_bytes(4, "big"), 1)
+        yield net.env.timeout(1.0)
+        assert net.received["edge"] == []
+        sub.connect()
+
+    net.env.process(scenario())
+    net.env.run(until=5)
+    assert payload_ids(net.received["edge"]) == [0, 1, 2, 3, 4]
+    assert net.broker.stats.queued_offline == 5
+
+
+def test_clean_session_loses_what_was_published_while_away() -> None:
+    net = build()
+    sub = net.subscriber("sub", "edge", "frames/#", qos=1, clean_session=True)
+    pub = net.client("pub", "cam")
+
+    def scenario() -> object:
+        yield pub.connect()
+        sub.disconnect()
+        yield net.env.timeout(0.5)
+        pub.publish("frames/cam", b"gone", 1)
+        yield net.env.timeout(0.5)
+        sub.connect()
+        sub.subscribe("frames/#", net.received["edge"].append, 1)
+
+    net.env.process(scenario())
+    net.env.run(until=5)
+    assert net.received["edge"] == []
+
+
+def test_will_message_is_published_when_a_client_vanishes() -> None:
+    net = build(keepalive=2.0)
+    net.subscriber("sub", "monitor", "status/#", qos=1)
+    will = Publish("status/cam", b"offline", 1)
+    cam = net.client("pub", "cam", will=will)
+
+    def scenario() -> object:
+        yield cam.connect()
+        yield net.env.timeout(1.0)
+        cam.crash()
+
+    net.env.process(scenario())
+    net.env.run(until=2.5)
+    assert net.received["monitor"] == []  # not before 1.5 keep-alives of silence
+    net.env.run(until=10)
+    assert [m.payload for m in net.received["monitor"]] == [b"offline"]
+    assert net.broker.stats.wills_published == 1
+
+
+def test_clean_disconnect_discards_the_will() -> None:
+    net = build(keepalive=1.0)
+    net.subscriber("sub", "monitor", "status/#", qos=1)
+    cam = net.client("pub", "cam", will=Publish("status/cam", b"offline", 1))
+
+    def scenario() -> object:
+        yield cam.connect()
+        cam.disconnect()
+
+    net.env.process(scenario())
+    net.env.run(until=10)
+    assert net.received["monitor"] == []
+
+
+def test_shared_subscription_splits_messages_round_robin() -> None:
+    net = build()
+    net.subscriber("sub", "edge-0", "$share/edge/frames/#", qos=1)
+    net.subscriber("broker", "edge-1", "$share/edge/frames/#", qos=1)
+    pub = net.client("pub", "cam")
+    publish_stream(net, pub, 10, qos=1)
+    net.env.run(until=5)
+    a, b = payload_ids(net.received["edge-0"]), payload_ids(net.received["edge-1"])
+    assert sorted(a + b) == list(range(10))
+    assert len(a) == 5 and len(b) == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_seed_same_deliveries(seed: int) -> None:
+    def once() -> list[tuple[float, int]]:
+        net = build(loss=0.1, seed=seed)
+        times: list[tuple[float, int]] = []
+        sub = net.client("sub", "edge")
+        sub.connect()
+        sub.subscribe("frames/#", lambda m: times.append((net.env.now, int.from_bytes(m.payload[:4], "big"))), 1)
+        publish_stream(net, net.client("pub", "cam"), 100, qos=1)
+        net.env.run(until=30)
+        return times
+
+    assert once() == once()
