@@ -27,7 +27,6 @@ from iotbed.errors import IotbedError
 from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
-from iotbed.sim.rng import RandomStreams
 
 # Frames still travelling when cameras stop get this long to arrive before the run ends.
 DRAIN_S = 5.0
@@ -45,13 +44,11 @@ class RunResult:
         return self.trace_table.to_pandas()
 
 
-def _train_config(spec: TrainSpec, arch: str, dataset_name: str, default_seed: int):  # type: ignore[no-untyped-def]
+def _train_config(spec: TrainSpec, arch: str, dataset_name: str):  # type: ignore[no-untyped-def]
     from iotbed.models import default_train_config
 
     base = default_train_config(arch, dataset_name)
-    changes = {k: v for k, v in spec.model_dump().items() if v is not None}
-    changes.setdefault("seed", default_seed)
-    return dataclasses.replace(base, **changes)
+    return dataclasses.replace(base, **{k: v for k, v in spec.model_dump().items() if v is not None})
 
 
 def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Artefacts, dict[str, Any]]:
@@ -60,18 +57,16 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     from iotbed.data import load_splits
     from iotbed.models import count_flops, get_or_train, model_to_bytes
 
-    streams = RandomStreams(scenario.seed)
     ds = scenario.dataset
-    splits = load_splits(ds.name, ds.path, seed=streams.integer_seed("dataset-split") % 2**31,
-                         image_size=ds.image_size)  # fmt: skip
+    splits = load_splits(ds.name, ds.path, seed=ds.split_seed, image_size=ds.image_size)
     arch = scenario.model.arch
-    config = _train_config(scenario.model.train, arch, ds.name, streams.integer_seed("model") % 2**31)
+    config = _train_config(scenario.model.train, arch, ds.name)
     trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=progress)
     filled_train = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                              optimizer=config.optimizer, seed=config.seed)  # fmt: skip
     updates = []
     for i, update in enumerate(scenario.registry.updates):
-        update_config = _train_config(update.train, arch, ds.name, streams.integer_seed("model-update", str(i)) % 2**31)
+        update_config = _train_config(update.train, arch, ds.name)
         updated = get_or_train(arch, splits.train, update_config, test_ds=splits.test, progress=progress)
         blob = model_to_bytes(updated.model, {"version": str(i + 2)})
         updates.append(ScheduledUpdate(update.at, ModelUpdate(i + 2, blob)))

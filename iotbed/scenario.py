@@ -160,12 +160,13 @@ class TrainSpec(Strict):
     batch_size: Annotated[int | None, Field(ge=1)] = None
     lr: Annotated[float | None, Field(gt=0)] = None
     optimizer: Literal["adam", "sgd"] | None = None
-    seed: int | None = Field(None, description="default: derived from the scenario seed")
+    seed: int = Field(0, description="training seed; the model is an input of the run, kept fixed while the scenario seed varies")
 
 
 class DatasetSpec(Strict):
     name: str = "digits"
     path: str | None = None
+    split_seed: int = Field(0, description="seed of the train/test split (kept fixed while the scenario seed varies)")
     image_size: Annotated[int | None, Field(ge=8)] = None
 
 
@@ -321,6 +322,8 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> tuple[Any, 
     node: Any = data
     for depth, key in enumerate(keys[:-1]):
         try:
+            if isinstance(node, dict) and isinstance(key, str) and key not in node:
+                node[key] = {}  # a section left to its defaults; validation still checks the key
             node = node[key]
         except (KeyError, IndexError, TypeError):
             so_far = ".".join(str(k) for k in keys[: depth + 1])

@@ -139,7 +139,8 @@ def test_bad_topic_filter_in_qos_map() -> None:
 
 def test_bad_override_is_explained() -> None:
     assert "key.path=value" in _error(BASE, ["duration"])
-    assert "nothing at `nodes.routers`" in _error(BASE, ["nodes.routers.0.count=1"])
+    assert "nothing at `nodes.cameras.5`" in _error(BASE, ["nodes.cameras.5.count=1"])
+    assert "unknown key `registy`" in _error(BASE, ["registy.topic=x"])
     assert "(value from --set)" in _error(BASE, ["duration=fast"])
 
 
