@@ -118,6 +118,13 @@ class BatchSpec(Strict):
     max_wait: Duration = 0.02
 
 
+class RouterGroup(Strict):
+    """Plain forwarding nodes (switches, a metro point of presence) that join other groups."""
+
+    name: str
+    count: Annotated[int, Field(ge=1)] = 1
+
+
 class EdgeServerGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -139,6 +146,7 @@ class DeviceSpec(Strict):
 class NodesSpec(Strict):
     cameras: list[CameraGroup] = Field(default_factory=list)
     gateways: list[GatewayGroup] = Field(default_factory=list)
+    routers: list[RouterGroup] = Field(default_factory=list)
     edge_servers: list[EdgeServerGroup] = Field(default_factory=list)
 
 
@@ -238,11 +246,11 @@ class Scenario(Strict):
 
     def group_names(self) -> list[str]:
         n = self.nodes
-        return [g.name for g in [*n.cameras, *n.gateways, *n.edge_servers]]
+        return [g.name for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers]]
 
     def group_counts(self) -> dict[str, int]:
         n = self.nodes
-        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.edge_servers]}
+        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers]}
 
     def resolve_node(self, name: str) -> str | None:
         """A group name means its first node; `group-i` names node i."""

@@ -253,6 +253,8 @@ class SimBroker:
         direct: dict[str, tuple[_Session, int]] = {}
         groups: set[str] = set()
         for session in self.sessions.values():
+            if not session.subscriptions:
+                continue
             for topic_filter, qos in session.subscriptions.items():
                 if not matches(topic_filter, topic):
                     continue
@@ -367,8 +369,9 @@ class SimMqttClient:
         self._send(Subscribe([entry]), None)
         self.broker.timers.start(self._send_subscribe, entry)
 
-    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None) -> simpy.Event:
-        done = self.env.event()
+    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
+                confirm: bool = False) -> simpy.Event | None:  # fmt: skip
+        done = self.env.event() if confirm else None  # an event per frame nobody waits for would cost time
         self.outbound.publish(Publish(topic, payload, qos, retain, account=account), done)
         return done
 

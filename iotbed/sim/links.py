@@ -78,14 +78,17 @@ class Transmitter:
 
     def admit(self, now: float, size_bytes: int) -> float | None:
         """Queue a packet; its departure time, or None if the queue is full."""
-        occupancy = self.occupancy(now)
+        departures = self.departures
+        while departures and departures[0] <= now:  # inline `occupancy`: this runs for every packet
+            departures.popleft()
+        occupancy = len(departures)
         if occupancy >= self.capacity:
             return None
         tx = size_bytes * 8.0 / self.bandwidth_bps
         start = now if now > self.busy_until else self.busy_until
         end = start + tx
         self.busy_until = end
-        self.departures.append(end)
+        departures.append(end)
         self.busy_time += tx
         if occupancy + 1 > self.max_occupancy:
             self.max_occupancy = occupancy + 1

@@ -78,7 +78,10 @@ class Network:
         return route
 
     def send(self, sender: Endpoint, receiver: Endpoint, size: int, message: Any, frame: FrameAccount | None = None) -> None:
-        packet = Packet(sender, receiver, size, message, frame, self.route(sender.node, receiver.node))
+        route = self._routes.get((sender.node, receiver.node))
+        if route is None:
+            route = self.route(sender.node, receiver.node)
+        packet = Packet(sender, receiver, size, message, frame, route)
         if not packet.route:  # same node: handed over at once, as over a loopback socket
             receiver.receive(packet)
             return
@@ -86,22 +89,25 @@ class Network:
 
     def _transmit(self, packet: Packet) -> None:
         link = packet.route[packet.hop]
-        now = self.env.now
-        link.stats.packets_sent += 1
-        departure = link.transmitter.admit(now, packet.size)
+        stats = link.stats
+        now = self.env._now
+        size = packet.size
+        stats.packets_sent += 1
+        departure = link.transmitter.admit(now, size)
         if departure is None:
-            link.stats.dropped_queue_full += 1
+            stats.dropped_queue_full += 1
             self._drop(packet, "queue_full", link)
             return
-        link.stats.bytes_sent += packet.size
-        if packet.frame is not None:
-            packet.frame.wire_bytes += packet.size
+        stats.bytes_sent += size
+        frame = packet.frame
+        if frame is not None:
+            frame.wire_bytes += size
         if link.loss.lost():
-            link.stats.dropped_loss += 1
+            stats.dropped_loss += 1
             self._drop(packet, "link_loss", link)
             return
-        arrival = departure + link.delay_after_departure()
-        Timeout(self.env, arrival - now, packet).callbacks.append(self._arrive)
+        delay = link.latency_s if link.jitter_s <= 0.0 else link.delay_after_departure()
+        Timeout(self.env, departure + delay - now, packet).callbacks.append(self._arrive)
 
     def _arrive(self, event: simpy.Event) -> None:
         packet: Packet = event._value
