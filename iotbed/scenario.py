@@ -175,12 +175,31 @@ class DatasetSpec(Strict):
     name: str = "digits"
     path: str | None = None
     split_seed: int = Field(0, description="seed of the train/test split (kept fixed while the scenario seed varies)")
+
+    @model_validator(mode="after")
+    def _known(self) -> DatasetSpec:
+        from iotbed.data import list_datasets
+
+        infos = {info.name: info for info in list_datasets()}
+        if self.name not in infos:
+            raise ValueError(f"unknown dataset {self.name!r}{_suggest(self.name, infos)}")
+        if infos[self.name].needs_path and self.path is None:
+            raise ValueError(f"dataset {self.name!r} needs `path:`, the folder with {infos[self.name].layout.removeprefix('a folder with ')}")
+        return self
     image_size: Annotated[int | None, Field(ge=8)] = None
 
 
 class ModelSpec(Strict):
     arch: str = "lenet5"
     train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelSpec:
+        from iotbed.models import ARCHITECTURES
+
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}{_suggest(self.arch, ARCHITECTURES)}")
+        return self
 
 
 class ModelUpdateSpec(Strict):
@@ -240,8 +259,6 @@ class Scenario(Strict):
                 raise ValueError(f"edge server group {edge.name!r}: defenses are not available in this version of iotbed")
         if self.attacks:
             raise ValueError("attacks are not available in this version of iotbed; remove the `attacks` entries")
-        if self.dataset.name not in {"digits"} and self.dataset.path is None and self.dataset.name != "digits":
-            raise ValueError(f"dataset {self.dataset.name!r} needs `path:` (the folder with its files)")
         return self
 
     def group_names(self) -> list[str]:
