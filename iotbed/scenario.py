@@ -110,7 +110,7 @@ class CameraGroup(Strict):
 class GatewayGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
-    device: str = "raspberry_pi_4"
+    device: str = Field("raspberry_pi_4", description="compute profile for on-gateway work (defenses); forwarding is free")
 
 
 class BatchSpec(Strict):
@@ -229,7 +229,7 @@ class Scenario(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
-        from iotbed.broker.topics import validate_filter
+        from iotbed.broker.topics import validate_filter, validate_topic
         from iotbed.sim.devices import BUILTIN_PROFILES
 
         if self.duration <= 0:
@@ -253,6 +253,9 @@ class Scenario(Strict):
                 raise ValueError(f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}")
         for topic_filter in self.broker.qos:
             validate_filter(topic_filter)
+        for camera in self.nodes.cameras:
+            validate_topic(camera.topic.replace("{name}", f"{camera.name}-0"))
+        validate_topic(self.registry.topic)
         for edge in self.nodes.edge_servers:
             validate_filter(edge.subscribe)
             if edge.defenses:

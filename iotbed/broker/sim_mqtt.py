@@ -29,7 +29,7 @@ from iotbed.broker.messages import (
     Subscribe,
 )
 from iotbed.broker.packets import PacketType
-from iotbed.broker.topics import matches, split_shared, validate_filter, validate_topic
+from iotbed.broker.topics import matches, split_shared, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.sim.network import Network, Packet
 from iotbed.sim.timers import FifoTimers
@@ -421,6 +421,3 @@ class SimMqttClient:
         for handler in handlers:
             handler(message)
 
-
-def check_publish_topic(topic: str) -> None:
-    validate_topic(topic)
