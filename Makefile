@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup system-deps demo test bench clean
 
 setup: $(STAMP)
 
@@ -19,7 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/iotbed run scenarios/quickstart.yaml
 
-test: setup
+# The report test renders HTML in Debian's Chromium; install it when missing (root, as on CI machines).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "chromium is missing: sudo apt-get install chromium (the report test is skipped without it)"; fi; }
+
+test: setup system-deps
 	$(VENV)/bin/pytest -q
 
 bench: setup

@@ -228,5 +228,49 @@ def models_list() -> None:
     err.print(f"cache: {folder}")
 
 
+@main.command()
+@click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="local worker processes")
+@click.option("--cluster", metavar="tcp://SCHEDULER:8786", help="run on a Dask distributed cluster instead")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="sweep folder [default: runs/sweep-<name>/]")
+@click.option("--quiet", is_flag=True)
+@_user_errors
+def sweep(sweep_file: str, workers: int, cluster: str | None, out_dir: str | None, quiet: bool) -> None:
+    """Run every point and replication of a sweep; rerun to resume an interrupted one."""
+    from iotbed.sweep import run_sweep
+
+    result = run_sweep(sweep_file, out_dir, workers=workers, cluster=cluster, progress=not quiet)
+    failed = int((result.records["status"] != "ok").sum())
+    ran = len(result.executed)
+    err.print(f"{len(result.records)} runs ({ran} run now, {len(result.records) - ran} already done, {failed} failed); "
+              f"results: {result.out_dir}/sweep.csv, sweep_summary.csv", highlight=False)  # fmt: skip
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="[default: FOLDER/figures/]")
+@click.option("--x", "x_param", metavar="PARAM", help="sweep parameter for the x axis (dotted path)")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]), default=("png", "svg"))
+@_user_errors
+def plot(kind: str, folder: str, out_dir: str | None, x_param: str | None, formats: tuple[str, ...]) -> None:
+    """Draw KIND (latency, throughput) from a run or sweep FOLDER."""
+    from iotbed.analysis.plots import plot as draw
+
+    for path in draw(kind, folder, out_dir, tuple(formats), x_param):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="[default: FOLDER/report.html]")
+@_user_errors
+def report(folder: str, out_file: str | None) -> None:
+    """Write one self-contained report.html for a run or sweep FOLDER."""
+    from iotbed.analysis.report import write_report
+
+    click.echo(write_report(folder, out_file))
+
+
 if __name__ == "__main__":
     main()

@@ -46,6 +46,36 @@ class LinkGroup:
 
 
 @dataclass
+class LinkMonitor:
+    """Samples every link group's queues and throughput at a fixed simulated interval (one event per sample)."""
+
+    env: simpy.Environment
+    groups: list[LinkGroup]
+    interval_s: float
+    rows: list[dict[str, float | str | int]] = field(default_factory=list)
+
+    def run(self):  # type: ignore[no-untyped-def]
+        last_bytes: dict[str, int] = {}
+        while True:
+            yield self.env.timeout(self.interval_s)
+            now = self.env.now
+            for group in self.groups:
+                for key, directions in group.directions.items():
+                    occupancy = [d.transmitter.occupancy(now) for d in directions]
+                    sent = sum(d.stats.bytes_sent for d in directions)
+                    delta = sent - last_bytes.get(key, 0)
+                    last_bytes[key] = sent
+                    self.rows.append({
+                        "time_s": now,
+                        "link_group": key,
+                        "queue_mean_packets": sum(occupancy) / len(occupancy),
+                        "queue_max_packets": max(occupancy),
+                        "throughput_mbps": delta * 8 / self.interval_s / 1e6,
+                        "throughput_per_link_mbps": delta * 8 / self.interval_s / 1e6 / len(directions),
+                    })  # fmt: skip
+
+
+@dataclass
 class Deployment:
     env: simpy.Environment
     network: Network
@@ -56,6 +86,7 @@ class Deployment:
     registry: ModelRegistry | None
     link_groups: list[LinkGroup]
     capture_until_s: float
+    monitor: LinkMonitor
 
 
 def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
@@ -172,4 +203,6 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(edge.run())
     if registry is not None:
         env.process(registry.run())
-    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration)
+    monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
+    env.process(monitor.run())
+    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor)

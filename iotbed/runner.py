@@ -158,6 +158,9 @@ def _write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: d
     _atomic_write(target / "scenario.resolved.yaml", lambda p: p.write_text(resolved_yaml(scenario), encoding="utf-8"))
     _atomic_write(target / "trace.parquet", lambda p: pq.write_table(table, p, compression="zstd"))
     _atomic_write(target / "links.csv", lambda p: pd.DataFrame(link_rows(deployment, sim_end_s)).to_csv(p, index=False))
+    _atomic_write(target / "links_timeseries.csv",
+                  lambda p: pd.DataFrame(deployment.monitor.rows).to_csv(p, index=False))  # fmt: skip
     _atomic_write(target / "model_events.csv",
                   lambda p: deployment.recorder.model_events_table().to_pandas().to_csv(p, index=False))  # fmt: skip
+    # summary.json last: its presence marks a complete run (sweeps resume on it)
     _atomic_write(target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))

@@ -226,6 +226,7 @@ class Scenario(Strict):
     registry: RegistrySpec = RegistrySpec()
     devices: dict[str, DeviceSpec] = Field(default_factory=dict, description="device profiles besides the built-in ones")
     attacks: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
+    monitor_interval: Duration = Field(1.0, description="how often link queues and throughput are sampled")
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -234,6 +235,8 @@ class Scenario(Strict):
 
         if self.duration <= 0:
             raise ValueError("duration must be above zero, e.g. `60s`")
+        if self.monitor_interval <= 0:
+            raise ValueError("monitor_interval must be above zero, e.g. `1s`")
         groups = self.group_names()
         seen: set[str] = set()
         for group in groups:

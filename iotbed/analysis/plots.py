@@ -1,0 +1,180 @@
+"""Figures from run and sweep folders, as PNG and SVG: labelled axes with units, legends, print-readable.
+
+Each kind reads what a run or a sweep wrote (`trace.parquet`, `links_timeseries.csv`, `sweep.csv`)
+and says plainly when the folder holds nothing it can draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from iotbed.analysis.stats import mean_ci  # noqa: E402
+from iotbed.errors import IotbedError  # noqa: E402
+
+STYLE = {"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+         "axes.spines.right": False, "legend.frameon": False}  # fmt: skip
+
+
+def is_sweep(folder: Path) -> bool:
+    return (folder / "sweep.csv").is_file()
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / "trace.parquet").is_file()
+
+
+def _save(fig: plt.Figure, out: Path, name: str, formats: tuple[str, ...]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = out / f"{name}.{fmt}"
+        fig.savefig(path, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _sweep_frame(folder: Path) -> pd.DataFrame:
+    frame = pd.read_csv(folder / "sweep.csv")
+    return frame[frame["status"] == "ok"]
+
+
+def _x_param(frame: pd.DataFrame, x: str | None) -> str:
+    params = [c for c in frame.columns if c.startswith("param.")]
+    if x is not None:
+        column = x if x.startswith("param.") else f"param.{x}"
+        if column not in frame.columns:
+            raise IotbedError(f"--x {x}: the sweep varies {', '.join(p.removeprefix('param.') for p in params)}")
+        return column
+    numeric = [p for p in params if pd.api.types.is_numeric_dtype(frame[p])]
+    if not numeric:
+        raise IotbedError("this sweep varies no numeric parameter to put on the x axis; pass --x PARAM")
+    return numeric[0]
+
+
+def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
+    """One curve per combination of the other parameters."""
+    others = [c for c in frame.columns if c.startswith("param.") and c != x]
+    if not others:
+        return [("", frame)]
+    return [(", ".join(f"{o.removeprefix('param.')}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))), group)
+            for key, group in frame.groupby(others, sort=True)]  # fmt: skip
+
+
+def _legend(ax: plt.Axes) -> None:
+    if any(label for label in ax.get_legend_handles_labels()[1]):
+        ax.legend(fontsize=8)
+
+
+def _errorbar_curves(ax: plt.Axes, frame: pd.DataFrame, x: str, metric: str, label_prefix: str = "") -> None:
+    for label, group in _series(frame, x):
+        xs, means, lows, highs = [], [], [], []
+        for value, at_x in group.groupby(x, sort=True):
+            mean, _, low, high = mean_ci(at_x[metric].to_numpy(dtype=float))
+            xs.append(value)
+            means.append(mean)
+            lows.append(mean - low)
+            highs.append(high - mean)
+        ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, label=f"{label_prefix}{label}".strip(", "))
+
+
+def plot_latency(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    with plt.rc_context(STYLE):
+        if is_sweep(folder):
+            frame = _sweep_frame(folder)
+            column = _x_param(frame, x)
+            fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=False)
+            for ax, pct in zip(axes, ("p50", "p95", "p99")):
+                _errorbar_curves(ax, frame, column, f"latency_ms.{pct}")
+                ax.set_xlabel(column.removeprefix("param."))
+                ax.set_ylabel(f"latency {pct} (ms)")
+                ax.set_title(f"{pct}, mean and 95% CI over replications")
+            _legend(axes[0])
+            return _save(fig, out, "latency", formats)
+        trace = _trace(folder)
+        latency = np.sort(trace.loc[trace.status == "delivered", "latency_s"].to_numpy() * 1e3)
+        if latency.size == 0:
+            raise IotbedError(f"{folder}: no frame was delivered, so there is no latency to plot")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(latency, np.arange(1, latency.size + 1) / latency.size, drawstyle="steps-post")
+        for pct in (50, 95, 99):
+            value = np.percentile(latency, pct)
+            ax.axvline(value, linestyle=":", color="grey")
+            ax.annotate(f"p{pct} {value:.1f} ms", (value, pct / 100), fontsize=8, xytext=(4, -10), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("end-to-end latency, capture to classification (ms, log scale)")
+        ax.set_ylabel("fraction of delivered frames")
+        ax.set_title("latency CDF")
+        return _save(fig, out, "latency", formats)
+
+
+def plot_throughput(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    with plt.rc_context(STYLE):
+        if is_sweep(folder):
+            frame = _sweep_frame(folder)
+            column = _x_param(frame, x)
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+            _errorbar_curves(axes[0], frame, column, "throughput.frames_per_s")
+            axes[0].set_ylabel("delivered frames per second")
+            _errorbar_curves(axes[1], frame, column, "frames.delivery_ratio")
+            axes[1].set_ylabel("delivered / captured")
+            for ax in axes:
+                ax.set_xlabel(column.removeprefix("param."))
+            _legend(axes[0])
+            return _save(fig, out, "throughput", formats)
+        series = folder / "links_timeseries.csv"
+        if not series.is_file():
+            raise IotbedError(f"{folder}: no links_timeseries.csv (written by `iotbed run`)")
+        frame = pd.read_csv(series)
+        fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        for group, rows in frame.groupby("link_group", sort=False):
+            axes[0].plot(rows.time_s, rows.throughput_per_link_mbps, label=group)
+            axes[1].plot(rows.time_s, rows.queue_mean_packets, label=f"{group} mean")
+            axes[1].plot(rows.time_s, rows.queue_max_packets, linestyle=":", label=f"{group} max")
+        axes[0].set_ylabel("throughput per link (Mbit/s)")
+        axes[1].set_ylabel("queue occupancy (packets)")
+        axes[1].set_xlabel("simulated time (s)")
+        axes[0].legend(fontsize=8, ncol=2)
+        axes[1].legend(fontsize=7, ncol=2)
+        axes[0].set_title("per link group, sampled every monitor_interval")
+        return _save(fig, out, "throughput", formats)
+
+
+def _trace(folder: Path) -> pd.DataFrame:
+    if not is_run(folder):
+        raise IotbedError(f"{folder}: neither a run folder (trace.parquet) nor a sweep folder (sweep.csv)")
+    return pd.read_parquet(folder / "trace.parquet")
+
+
+PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]] = {
+    "latency": plot_latency,
+    "throughput": plot_throughput,
+}
+
+
+def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "svg"),
+         x: str | None = None) -> list[Path]:  # fmt: skip
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IotbedError(f"{folder}: no such folder")
+    if kind not in PLOTS:
+        import difflib
+
+        close = difflib.get_close_matches(kind, list(PLOTS), n=1)
+        hint = f" did you mean `{close[0]}`?" if close else ""
+        raise IotbedError(f"unknown plot kind `{kind}`;{hint} kinds: {', '.join(PLOTS)}")
+    return PLOTS[kind](folder, Path(out) if out else folder / "figures", formats, x)
+
+
+def available(folder: Path) -> list[str]:
+    """The kinds that can be drawn from this folder (for the report)."""
+    return list(PLOTS) if is_sweep(folder) or is_run(folder) else []
