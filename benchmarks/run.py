@@ -98,16 +98,51 @@ def bench_smart_city() -> dict[str, Any]:
     }
 
 
+def bench_sweep_speedup() -> dict[str, Any]:
+    """The same 16-run sweep on 1 and on 2 local workers, each in a fresh folder."""
+    import tempfile
+
+    from iotbed.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sweep = Path(tmp) / "sweep.yaml"
+        sweep.write_text(f"""
+name: speedup
+scenario: {ROOT / 'scenarios' / 'quickstart.yaml'}
+replications: 4
+grid:
+  links.0.loss: [0.0, 0.01, 0.02, 0.05]
+set: {{duration: 60s}}
+""")
+        times = {}
+        for workers in (1, 2):
+            start = time.perf_counter()
+            result = run_sweep(sweep, Path(tmp) / f"w{workers}", workers=workers, progress=False)
+            times[workers] = time.perf_counter() - start
+            assert (result.records["status"] == "ok").all()
+    return {
+        "target": "speed-up of at least 1.7x on 2 workers",
+        "runs": 16,
+        "wall_s_1_worker": times[1],
+        "wall_s_2_workers": times[2],
+        "speedup": times[1] / times[2],
+    }
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "sim_throughput": bench_sim_throughput,
     "smart_city": bench_smart_city,
+    "sweep_speedup": bench_sweep_speedup,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", choices=[*BENCHMARKS, []], help="benchmarks to run (default: all)")
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     names = parser.parse_args().names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
     for name in names:
