@@ -19,14 +19,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/iotbed run scenarios/quickstart.yaml
 
-# The report test renders HTML in Debian's Chromium; install it when missing (root, as on CI machines).
+# The live-broker tests need Debian's Mosquitto and the report test Debian's Chromium: install them when
+# missing (as root, or with sudo).
 system-deps:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
-	  else echo "chromium is missing: sudo apt-get install chromium (the report test is skipped without it)"; fi; }
+	@missing=""; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt-get) for the tests"; \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
 
+# IOTBED_REQUIRE_MOSQUITTO turns the broker tests' skip (no mosquitto) into a failure.
 test: setup system-deps
-	$(VENV)/bin/pytest -q
+	IOTBED_REQUIRE_MOSQUITTO=1 $(VENV)/bin/pytest -q
 
 bench: setup
 	$(PY) benchmarks/run.py

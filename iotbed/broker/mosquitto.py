@@ -1,0 +1,520 @@
+"""A Mosquitto broker for live runs and tests: generated config, users, ACL from node roles, TLS.
+
+`MosquittoBroker` writes everything it needs into one run directory (config, password file, ACL file, CA
+and server certificate, persistence database, log), starts `mosquitto -c <config>` on 127.0.0.1 and a free
+port, and waits until the port accepts TCP connections. `stop()` ends it (SIGTERM, or SIGKILL with
+`kill=True`), `restart()` stops and starts it again on the same port with the same persistence database,
+which is how tests and emulations inject broker faults. Used as a context manager it always stops the broker,
+also when the body raises; a broker left running at interpreter exit is stopped by an atexit hook.
+
+`iotbed broker start|stop` use `start_detached()` / `stop_detached()`: the broker runs in its own session
+and a state file (`broker.json` in the run directory: pid, host, port, config path, ...) lets a later
+command find and stop it.
+
+The ACL model: every user has a role; a role is a list of (access, topic pattern) rules, with `{user}`
+replaced by the user name (which is also the node's client id in iotbed deployments):
+
+    camera    write frames/{user}, write status/{user}                      (reads nothing)
+    gateway   read frames/#, write frames/#, write status/{user}
+    edge      read frames/#, read $share/+/frames/#, read models/#, write status/{user}
+    registry  write models/#, write status/{user}
+    monitor   read #
+    admin     readwrite #
+
+Anything not granted is denied. Mosquitto (2.0.11, measured) drops a denied PUBLISH; an MQTT 5 client gets
+PUBACK reason 0x87 Not authorized at QoS 1 (at QoS 2 the PUBREC carries it, which paho 2.2 ignores; at QoS 0
+and with MQTT 3.1.1 nothing tells the sender). It grants every SUBSCRIBE and checks each message against
+the subscriber's read rules at delivery, with the message's topic: a shared subscription
+`$share/edge/frames/#` receives frames through the `frames/#` rule (the `$share/+/frames/#` rule is there
+for brokers that check the filter itself). Wrong credentials and anonymous clients get CONNACK 0x87 (MQTT 5)
+or return code 5 (3.1.1).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iotbed.errors import IotbedError
+
+INSTALL_HINT = "install it with `sudo apt-get install -y mosquitto mosquitto-clients` (Debian/Ubuntu)"
+STATE_FILE = "broker.json"
+DEFAULT_START_TIMEOUT_S = 10.0
+
+Rule = tuple[str, str]  # (access: read | write | readwrite, topic pattern with {user})
+
+DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
+    "camera": (("write", "frames/{user}"), ("write", "status/{user}")),
+    "gateway": (("read", "frames/#"), ("write", "frames/#"), ("write", "status/{user}")),
+    "edge": (("read", "frames/#"), ("read", "$share/+/frames/#"), ("read", "models/#"),
+             ("write", "status/{user}")),  # fmt: skip
+    "registry": (("write", "models/#"), ("write", "status/{user}")),
+    "monitor": (("read", "#"),),
+    "admin": (("readwrite", "#"),),
+}
+
+
+class BrokerError(IotbedError):
+    """Mosquitto is missing, does not start, or a detached broker cannot be found."""
+
+
+@dataclass(frozen=True)
+class BrokerUser:
+    username: str
+    password: str
+    role: str
+    extra_rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: a free port
+    persistence: bool = False
+    autosave_interval_s: int | None = None  # Mosquitto's default is 1800 s; the db is always saved on SIGTERM
+    # Save after every `autosave_interval_s` (default 1) changes instead of seconds: state survives SIGKILL
+    # except for the last few microseconds before the kill. Costs a database write per message.
+    autosave_on_changes: bool = False
+    users: tuple[BrokerUser, ...] = ()  # empty: anonymous access, no ACL
+    roles: Mapping[str, tuple[Rule, ...]] = field(default_factory=lambda: dict(DEFAULT_ROLES))
+    acl: bool = True  # with users: also generate and enforce the role ACL
+    tls: bool = False  # the listener speaks TLS with a generated CA and server certificate
+    max_queued_messages: int = 1000  # per client, QoS 1/2 messages queued while offline or beyond inflight
+    max_inflight_messages: int | None = None
+    persistent_client_expiration: str | None = None  # e.g. "1h", "2d": MQTT 3.1.1 persistent sessions expire
+    max_packet_size: int | None = None  # bytes; Mosquitto disconnects a client sending more
+    log_types: tuple[str, ...] = ("error", "warning", "notice", "information")
+    extra_lines: tuple[str, ...] = ()
+
+
+def find_binary(name: str = "mosquitto") -> str:
+    """The path of `mosquitto` (or another Mosquitto tool); `$IOTBED_MOSQUITTO` overrides the broker's."""
+    if name == "mosquitto" and os.environ.get("IOTBED_MOSQUITTO"):
+        path = os.environ["IOTBED_MOSQUITTO"]
+        if not os.access(path, os.X_OK):
+            raise BrokerError(f"$IOTBED_MOSQUITTO={path} is not an executable file")
+        return path
+    found = shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
+        None,
+    )
+    if found is None:
+        raise BrokerError(f"`{name}` was not found on PATH or in /usr/sbin; {INSTALL_HINT}")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_accepts(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+# --- passwords --------------------------------------------------------------------------------------------
+PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes for `$7$`
+
+
+def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+    """A Mosquitto 2 password-file hash: `$7$<iterations>$<base64 salt>$<base64 PBKDF2-SHA512>`."""
+    salt = secrets.token_bytes(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, dklen=64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def write_password_file(path: Path, users: Iterable[BrokerUser], tool: str | None = "auto") -> None:
+    """With `mosquitto_passwd -b` when available (tool="auto"), else by hashing in Python (tool=None)."""
+    users = list(users)
+    for user in users:
+        if not user.username or ":" in user.username or "\n" in user.username:
+            raise BrokerError(f"user name {user.username!r} cannot go in a Mosquitto password file")
+    if tool == "auto":
+        tool = shutil.which("mosquitto_passwd") or (
+            "/usr/bin/mosquitto_passwd" if os.access("/usr/bin/mosquitto_passwd", os.X_OK) else None
+        )
+    path.write_text("")
+    path.chmod(0o600)
+    if tool is None:
+        path.write_text("".join(f"{u.username}:{hash_password(u.password)}\n" for u in users))
+        return
+    for user in users:
+        result = subprocess.run([tool, "-b", str(path), user.username, user.password],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        if result.returncode != 0:
+            raise BrokerError(f"mosquitto_passwd failed for user {user.username!r}: "
+                              f"{(result.stderr or result.stdout).strip()}")  # fmt: skip
+
+
+# --- ACL ---------------------------------------------------------------------------------------------------
+def acl_text(users: Iterable[BrokerUser], roles: Mapping[str, Sequence[Rule]]) -> str:
+    lines = ["# generated by iotbed: one block per user, rules from the user's role", ""]
+    for user in users:
+        if user.role not in roles:
+            raise BrokerError(f"user {user.username!r} has role {user.role!r}; known roles: {', '.join(sorted(roles))}")
+        lines.append(f"# role {user.role}")
+        lines.append(f"user {user.username}")
+        for access, pattern in (*roles[user.role], *user.extra_rules):
+            if access not in ("read", "write", "readwrite"):
+                raise BrokerError(f"ACL access must be read, write or readwrite, not {access!r}")
+            lines.append(f"topic {access} {pattern.replace('{user}', user.username)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --- TLS ---------------------------------------------------------------------------------------------------
+def generate_tls_files(directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+                       days: int = 30) -> tuple[Path, Path, Path]:  # fmt: skip
+    """A throwaway CA and a server certificate for `hosts`; returns (ca.crt, server.crt, server.key)."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise BrokerError("TLS needs the `cryptography` package: pip install cryptography") from exc
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotbed test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False),
+                       critical=True)  # fmt: skip
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.chmod(0o600)
+    return ca_path, cert_path, key_path
+
+
+# --- the broker --------------------------------------------------------------------------------------------
+class MosquittoBroker:
+    """One Mosquitto process and its run directory.
+
+    >>> with MosquittoBroker(tmp_path, BrokerConfig(persistence=True)) as broker:
+    ...     broker.port, broker.restart(kill=True)
+    """
+
+    def __init__(self, run_dir: str | Path | None = None, config: BrokerConfig | None = None, *,
+                 binary: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+                 passwd_tool: str | None = "auto") -> None:  # fmt: skip
+        self.config = config or BrokerConfig()
+        self._own_dir = run_dir is None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="iotbed-mosquitto-")) if run_dir is None else Path(run_dir)
+        self.binary = binary or find_binary()
+        self.start_timeout_s = start_timeout_s
+        self.passwd_tool = passwd_tool
+        self.host = self.config.host
+        self.port: int = self.config.port or 0
+        self.config_path = self.run_dir / "mosquitto.conf"
+        self.log_path = self.run_dir / "mosquitto.log"
+        self.state_path = self.run_dir / STATE_FILE
+        self.ca_file: Path | None = None
+        self.starts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._prepared = False
+        self._detached = False
+
+    # --- files -------------------------------------------------------------------------------------------
+    @property
+    def users(self) -> dict[str, BrokerUser]:
+        return {u.username: u for u in self.config.users}
+
+    def credentials(self, username: str) -> tuple[str, str]:
+        user = self.users[username]
+        return user.username, user.password
+
+    @property
+    def persistence_dir(self) -> Path:
+        return self.run_dir / "persistence"
+
+    def _prepare(self) -> None:
+        if self._prepared:
+            return
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port(self.host)
+        if cfg.users:
+            write_password_file(self.run_dir / "passwords", cfg.users, self.passwd_tool)
+            if cfg.acl:
+                (self.run_dir / "acl").write_text(acl_text(cfg.users, cfg.roles))
+        if cfg.tls:
+            self.ca_file, _, _ = generate_tls_files(self.run_dir / "tls", (cfg.host, "localhost"))
+        if cfg.persistence:
+            self.persistence_dir.mkdir(exist_ok=True)
+        self._write_config()
+        self._prepared = True
+
+    def _write_config(self) -> None:
+        cfg = self.config
+        lines = [
+            "# generated by iotbed (iotbed.broker.mosquitto); edits are overwritten",
+            "per_listener_settings false",
+            f"listener {self.port} {cfg.host}",
+        ]
+        if cfg.tls:
+            tls = self.run_dir / "tls"
+            lines += [f"cafile {tls / 'ca.crt'}", f"certfile {tls / 'server.crt'}", f"keyfile {tls / 'server.key'}",
+                      "require_certificate false", "tls_version tlsv1.2"]  # fmt: skip
+        if cfg.users:
+            lines += ["allow_anonymous false", f"password_file {self.run_dir / 'passwords'}"]
+            if cfg.acl:
+                lines.append(f"acl_file {self.run_dir / 'acl'}")
+        else:
+            lines.append("allow_anonymous true")
+        if cfg.persistence:
+            lines += ["persistence true", f"persistence_location {self.persistence_dir}/",
+                      "persistence_file mosquitto.db"]  # fmt: skip
+            if cfg.autosave_on_changes:
+                lines += ["autosave_on_changes true", f"autosave_interval {cfg.autosave_interval_s or 1}"]
+            elif cfg.autosave_interval_s is not None:
+                lines.append(f"autosave_interval {cfg.autosave_interval_s}")
+        else:
+            lines.append("persistence false")
+        lines.append(f"max_queued_messages {cfg.max_queued_messages}")
+        if cfg.max_inflight_messages is not None:
+            lines.append(f"max_inflight_messages {cfg.max_inflight_messages}")
+        if cfg.persistent_client_expiration:
+            lines.append(f"persistent_client_expiration {cfg.persistent_client_expiration}")
+        if cfg.max_packet_size is not None:
+            lines.append(f"max_packet_size {cfg.max_packet_size}")
+        lines += ["log_dest stdout", *(f"log_type {t}" for t in cfg.log_types), "connection_messages true",
+                  "log_timestamp true", "log_timestamp_format %Y-%m-%dT%H:%M:%S"]  # fmt: skip
+        if os.geteuid() == 0:
+            lines.append("user root")  # else Mosquitto drops to `mosquitto`, who cannot read the run directory
+        lines += list(cfg.extra_lines)
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    # --- process -----------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.config.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def start(self, detach: bool = False) -> MosquittoBroker:
+        if self.running:
+            return self
+        self._prepare()
+        auto_port = self.config.port is None and self.starts == 0
+        for attempt in range(3 if auto_port else 1):
+            try:
+                self._spawn(detach)
+                break
+            except BrokerError as exc:
+                if attempt == 2 or not auto_port or "already in use" not in f"{exc} {self.log_tail(5)}":
+                    raise
+                self.port = free_port(self.host)  # somebody took the port between our probe and the bind
+                self._write_config()
+        self.starts += 1
+        self._detached = detach
+        self.write_state()
+        if not detach:
+            atexit.register(self._atexit)
+        return self
+
+    def _spawn(self, detach: bool) -> None:
+        if port_accepts(self.host, self.port, 0.05):
+            raise BrokerError(f"port {self.host}:{self.port} is already in use by another process")
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=detach)  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise BrokerError(f"mosquitto exited with code {code} during start-up (config {self.config_path});"
+                                  f" log tail:\n{self.log_tail()}")  # fmt: skip
+            if port_accepts(self.host, self.port):
+                return
+            time.sleep(0.02)
+        self._terminate(kill=True)
+        raise BrokerError(f"mosquitto did not accept connections on {self.host}:{self.port} within "
+                          f"{self.start_timeout_s:.0f} s; log tail:\n{self.log_tail()}")  # fmt: skip
+
+    def _terminate(self, kill: bool, timeout_s: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout_s)
+
+    def stop(self, kill: bool = False, timeout_s: float = 10.0) -> None:
+        """SIGTERM (Mosquitto saves its persistence db and exits) or, with `kill`, SIGKILL (state since the
+        last autosave is lost). Waits for the process to end."""
+        self._terminate(kill, timeout_s)
+        with contextlib.suppress(Exception):
+            atexit.unregister(self._atexit)
+        with contextlib.suppress(OSError):
+            self.state_path.unlink()
+
+    def restart(self, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop and start again on the same port, with the same config and persistence database."""
+        detach = self._detached
+        self.stop(kill=kill)
+        if down_s > 0:
+            time.sleep(down_s)
+        self.start(detach=detach)
+
+    def cleanup(self) -> None:
+        """Stop, and remove the run directory if this object created it."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def _atexit(self) -> None:
+        with contextlib.suppress(Exception):
+            self._terminate(kill=False, timeout_s=3.0)
+
+    def __enter__(self) -> MosquittoBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # --- state file for `iotbed broker start|stop` ------------------------------------------------------
+    def state(self) -> dict[str, object]:
+        return {
+            "pid": self.pid, "host": self.host, "port": self.port, "url": self.url,
+            "config": str(self.config_path), "log": str(self.log_path), "run_dir": str(self.run_dir),
+            "ca_file": str(self.ca_file) if self.ca_file else None, "binary": self.binary,
+            "started_at": time.time(),
+        }  # fmt: skip
+
+    def write_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        tmp.replace(self.state_path)
+
+
+def start_detached(run_dir: str | Path, config: BrokerConfig | None = None, **kwargs: object) -> MosquittoBroker:
+    """Start a broker that outlives this process (for `iotbed broker start`); its state file is
+    `<run_dir>/broker.json`. Refuses to start a second one in the same run directory."""
+    run_dir = Path(run_dir)
+    existing = read_state(run_dir)
+    if existing is not None and _is_our_broker(existing):
+        raise BrokerError(f"a broker started from {run_dir} is already running (pid {existing['pid']}, "
+                          f"port {existing['port']}); stop it with `iotbed broker stop`")  # fmt: skip
+    return MosquittoBroker(run_dir, config, **kwargs).start(detach=True)  # type: ignore[arg-type]
+
+
+def read_state(run_dir: str | Path) -> dict[str, object] | None:
+    path = Path(run_dir) / STATE_FILE
+    try:
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"broker state file {path} is unreadable: {exc}") from exc
+
+
+def _is_our_broker(state: Mapping[str, object]) -> bool:
+    """The pid is alive and is a mosquitto running our config (not a process that reused the pid)."""
+    pid = state.get("pid")
+    if not isinstance(pid, int):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return str(state.get("config")).encode() in cmdline
+
+
+def stop_detached(run_dir: str | Path, timeout_s: float = 10.0) -> bool:
+    """Stop the broker `start_detached` left in `run_dir`; False if none was running."""
+    state = read_state(run_dir)
+    path = Path(run_dir) / STATE_FILE
+    if state is None:
+        return False
+    if not _is_our_broker(state):
+        path.unlink(missing_ok=True)  # stale: the broker is gone
+        return False
+    pid = int(state["pid"])  # type: ignore[arg-type]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _is_our_broker(state):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        time.sleep(0.02)
+    if _is_our_broker(state):
+        os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,546 @@
+"""`MqttTransport`: the `Transport` node logic uses, over a real MQTT broker with paho-mqtt.
+
+Threads. paho runs its network loop in its own thread (`loop_start`). Its callbacks do nothing but put a
+small work item on a thread-safe queue (`RealtimeBridge.post`); a SimPy process on the environment drains
+that queue every `poll_s` (2 ms by default) and runs the work on the SimPy thread: counting, decoding,
+calling subscription handlers, triggering the `connect()` and publish-confirm events. So node logic only
+ever runs on the SimPy thread, exactly as in simulation, and the environment must be a
+`simpy.rt.RealtimeEnvironment` (use `strict=False` on a busy machine). Calls from the SimPy thread into
+paho (`publish`, `subscribe`) are thread-safe in paho.
+
+Sessions and faults. MQTT 5 (default) or 3.1.1; clean sessions, or persistent ones (`clean_session=False`:
+clean_start off and a session expiry for MQTT 5, clean_session off for 3.1.1). paho reconnects on its own
+with exponential backoff between `reconnect_min_s` and `reconnect_max_s`; on every CONNACK the transport
+subscribes again whatever the broker's session does not already hold. QoS 1/2 messages published while the
+connection is down wait in paho and go out after the reconnect; a QoS 0 message published while it is down
+is dropped and counted (`dropped_not_connected`). Messages lost inside a dying connection cannot be seen by
+the sender: count them end to end (frame ids in the trace).
+
+Refusals are counted, with their reason, in `stats` and `stats.refusal_log`: a refused CONNACK (bad
+credentials, not authorised; paho would retry forever, so by default the transport stops retrying), an
+MQTT 5 PUBACK with a failure reason (Mosquitto 2 answers an ACL-denied QoS 1 publish with 0x87 Not
+authorized) and SUBACK failures. With MQTT 3.1.1, or QoS 0, a denied publish is silently dropped by the
+broker and only non-delivery shows it. paho 2.2 ignores PUBREC reason codes, so a denied QoS 2 publish
+also looks successful to the sender.
+
+Duplicates: `stats.duplicates` counts deliveries that carry the DUP flag (the broker re-sent them after a
+reconnect); a DUP message may still be the first copy this client saw, so exact duplicate counts come from
+ids in the payload (the edge server counts repeated frame ids).
+"""
+
+from __future__ import annotations
+
+import queue
+import ssl
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+import simpy.rt
+from paho.mqtt import client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from iotbed.broker import packets
+from iotbed.broker.messages import Publish
+from iotbed.broker.topics import matches, validate_filter
+from iotbed.broker.transport import Handler
+from iotbed.broker.wire import MalformedPayload, RawCodec
+from iotbed.errors import IotbedError
+
+SESSION_EXPIRY_NEVER = 0xFFFFFFFF
+# CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps MQTT 3.1.1 return codes onto them).
+PERMANENT_CONNACK_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x9A})
+
+
+class TransportError(IotbedError):
+    """The transport cannot reach or use the broker (TLS failure, no CONNACK in time)."""
+
+
+class ConnectionRefused(TransportError):
+    """The broker answered CONNECT with a failure reason (bad credentials, not authorised, ...)."""
+
+    def __init__(self, client_id: str, reason: str, code: int) -> None:
+        super().__init__(f"broker refused the connection of {client_id!r}: {reason} (0x{code:02x})")
+        self.reason = reason
+        self.code = code
+
+
+@dataclass(slots=True)
+class Refusal:
+    time: float
+    kind: str  # connect | publish | subscribe
+    code: int
+    reason: str
+    topic: str = ""
+
+
+@dataclass(slots=True)
+class TransportStats:
+    published: int = 0  # handed to paho (after the shaper, if any)
+    publish_confirmed: int = 0  # paho reported completion with success (QoS 0: written to the socket)
+    bytes_published: int = 0  # payload bytes
+    no_matching_subscribers: int = 0  # MQTT 5 PUBACK 0x10: accepted, but nobody subscribed
+    delivered: int = 0  # messages received and decoded (handed to every matching handler)
+    bytes_delivered: int = 0
+    duplicates: int = 0  # deliveries with the DUP flag
+    malformed: int = 0  # payloads that did not decode: counted and skipped
+    malformed_reasons: dict[str, int] = field(default_factory=dict)
+    unmatched: int = 0  # decoded messages no handler's filter matched
+    dropped_not_connected: int = 0  # QoS 0 publishes while the connection was down: dropped by paho
+    queued_offline: int = 0  # QoS 1/2 publishes while down: paho sends them after the reconnect
+    connects: int = 0  # successful CONNACKs
+    reconnects: int = 0  # successful CONNACKs after the first
+    connection_losses: int = 0  # an established connection that ended without our disconnect
+    connect_failures: int = 0  # TCP/TLS connection attempts that failed (broker down, TLS error)
+    refusals: int = 0  # connect + publish + subscribe refusals
+    connect_refusals: int = 0
+    publish_refusals: int = 0
+    subscribe_refusals: int = 0
+    refusal_log: list[Refusal] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self.__slots__ if name not in ("refusal_log",)}  # type: ignore[attr-defined]
+        out["malformed_reasons"] = dict(self.malformed_reasons)
+        out["refusal_reasons"] = self.refusal_reasons()
+        return out
+
+    def refusal_reasons(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for r in self.refusal_log:
+            key = f"{r.kind}:{r.reason}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+class RealtimeBridge:
+    """Runs work posted from any thread on the SimPy thread, polled every `poll_s` of simulated (= real) time.
+
+    One bridge can serve many transports on the same environment (one poller instead of one per client)."""
+
+    def __init__(self, env: simpy.Environment, poll_s: float = 0.002) -> None:
+        if not isinstance(env, simpy.rt.RealtimeEnvironment):
+            raise TypeError("MqttTransport needs a simpy.rt.RealtimeEnvironment (use RealtimeEnvironment("
+                            "factor=1, strict=False)); in a plain Environment simulated time does not wait for "
+                            "the broker")  # fmt: skip
+        if poll_s <= 0:
+            raise ValueError("poll_s must be above zero")
+        self.env = env
+        self.poll_s = poll_s
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
+        self._users = 0
+        self._running = False
+        self.sim_thread: int | None = None
+
+    def post(self, fn: Callable[..., None], *args: Any) -> None:
+        """Any thread: run `fn(*args)` on the SimPy thread at the next poll."""
+        self._queue.put((fn, args))
+
+    def drain(self) -> int:
+        """SimPy thread: run everything posted so far."""
+        n = 0
+        get = self._queue.get_nowait
+        while True:
+            try:
+                fn, args = get()
+            except queue.Empty:
+                return n
+            fn(*args)
+            n += 1
+
+    def attach(self) -> None:
+        self._users += 1
+        if not self._running:
+            self._running = True
+            self.env.process(self._poll())
+
+    def detach(self) -> None:
+        self._users = max(0, self._users - 1)
+
+    def _poll(self) -> Any:
+        self.sim_thread = threading.get_ident()
+        try:
+            while self._users > 0:
+                self.drain()
+                yield self.env.timeout(self.poll_s)
+            self.drain()
+        finally:
+            self._running = False
+
+
+def wait_for(env: simpy.Environment, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.005,
+             what: str = "condition") -> simpy.Event:  # fmt: skip
+    """An event that succeeds once `predicate()` holds, checked every `poll_s`, or fails with TimeoutError
+    after `timeout_s`. For tests and run loops: `env.run(until=wait_for(env, lambda: n >= 10, 5.0))`."""
+
+    def watch() -> Any:
+        deadline = env.now + timeout_s
+        while not predicate():
+            if env.now >= deadline:
+                raise TimeoutError(f"{what} did not hold within {timeout_s} s")
+            yield env.timeout(poll_s)
+
+    return env.process(watch())
+
+
+class MqttTransport:
+    """A paho-mqtt client with the surface of `SimMqttClient`: `connect`, `publish`, `subscribe`."""
+
+    def __init__(self, env: simpy.Environment, client_id: str, host: str = "127.0.0.1", port: int = 1883, *,
+                 protocol: str = packets.MQTT5, clean_session: bool = True, session_expiry_s: int | None = None,
+                 keepalive_s: int = 60, username: str | None = None, password: str | None = None,
+                 tls_ca: str | None = None, tls: bool | None = None, will: Publish | None = None,
+                 reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0, max_inflight: int = 20,
+                 message_expiry_s: int | None = None, codec: Any = None, shaper: Any = None,
+                 bridge: RealtimeBridge | None = None, retry_on_refusal: bool = False,
+                 raise_on_refusal: bool = False, connect_timeout_s: float | None = None,
+                 tcp_ip_overhead: bool = False) -> None:  # fmt: skip
+        if protocol not in (packets.MQTT5, packets.MQTT311):
+            raise ValueError(f"protocol must be {packets.MQTT5!r} or {packets.MQTT311!r}, not {protocol!r}")
+        self.env = env
+        self.client_id = client_id
+        self.host, self.port = host, port
+        self.protocol = protocol
+        self.mqtt5 = protocol == packets.MQTT5
+        self.clean_session = clean_session
+        self.session_expiry_s = session_expiry_s
+        self.keepalive_s = keepalive_s
+        self.message_expiry_s = message_expiry_s
+        self.codec = codec if codec is not None else RawCodec()
+        self.shaper = shaper
+        self.bridge = bridge if bridge is not None else RealtimeBridge(env)
+        if self.bridge.env is not env:
+            raise ValueError("the bridge belongs to another environment")
+        self.retry_on_refusal = retry_on_refusal
+        self.raise_on_refusal = raise_on_refusal
+        self.connect_timeout_s = connect_timeout_s
+        self.tcp_ip_overhead = tcp_ip_overhead
+        self.stats = TransportStats()
+        self.connected: simpy.Event = env.event()
+        self.session_present: bool | None = None
+        self.is_connected = False  # SimPy-thread view: between a CONNACK and the next disconnect
+        self.last_error: BaseException | None = None
+        self._tls = bool(tls_ca) if tls is None else tls
+        self._started = False
+        self._closing = False
+        self._closed = False  # close() or crash() ran
+        self._handlers: list[tuple[str, Handler]] = []
+        self._handlers_for: dict[str, list[Handler]] = {}
+        self._confirm: dict[int, simpy.Event] = {}
+        self._publish_topic: dict[int, str] = {}
+        # Subscriptions, shared with paho's thread (on_connect resubscribes) under a lock.
+        self._sub_lock = threading.Lock()
+        self._wanted: dict[str, int] = {}
+        self._in_session: set[str] = set()
+        self._sub_mids: dict[int, list[str]] = {}
+        self._link_up_paho = False
+        self._acked: set[str] = set()  # SimPy thread: filters the broker acknowledged in the current session
+
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=paho.MQTTv5 if self.mqtt5 else paho.MQTTv311,
+                             clean_session=None if self.mqtt5 else clean_session,
+                             reconnect_on_failure=True)  # fmt: skip
+        if username is not None:
+            client.username_pw_set(username, password)
+        if self._tls:
+            client.tls_set(ca_certs=tls_ca)  # None: the system CAs, which do not know a test CA
+        if will is not None:
+            client.will_set(will.topic, self.codec.encode(will.payload), will.qos, will.retain)
+        client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]  # floats work
+        client.max_inflight_messages_set(max_inflight)
+        client.max_queued_messages_set(0)  # unbounded: QoS 1/2 messages wait for the reconnect
+        client.on_connect = self._paho_connect
+        client.on_connect_fail = self._paho_connect_fail
+        client.on_disconnect = self._paho_disconnect
+        client.on_message = self._paho_message
+        client.on_publish = self._paho_publish
+        client.on_subscribe = self._paho_subscribe
+        self._client = client
+
+    # --- the Transport surface (SimPy thread) ----------------------------------------------------------
+    def connect(self) -> simpy.Event:
+        """Start connecting (once); the event fires with `session_present` at the first CONNACK."""
+        if not self._started:
+            self._started = True
+            self.bridge.attach()
+            kwargs: dict[str, Any] = {}
+            if self.mqtt5:
+                kwargs["clean_start"] = self.clean_session
+                if not self.clean_session:
+                    props = Properties(PacketTypes.CONNECT)
+                    expiry = self.session_expiry_s
+                    props.SessionExpiryInterval = SESSION_EXPIRY_NEVER if expiry is None else int(expiry)
+                    kwargs["properties"] = props
+            self._client.connect_async(self.host, self.port, self.keepalive_s, **kwargs)
+            self._client.loop_start()
+            if self.connect_timeout_s is not None:
+                self.env.timeout(self.connect_timeout_s).callbacks.append(self._connect_timed_out)
+        return self.connected
+
+    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
+                confirm: bool = False, *, expiry_s: int | None = None) -> simpy.Event | None:  # fmt: skip
+        """Encode and send (through the shaper, if any). With `confirm`, the event fires when paho reports
+        the QoS handshake complete (at once for QoS 0, as in simulation), with the MQTT reason code as value:
+        below 0x80 accepted (0 success, 0x10 no matching subscribers; always 0 with MQTT 3.1.1), 0x80 and above
+        refused (0x87 not authorized), also counted in `stats`."""
+        if qos not in (0, 1, 2):
+            raise ValueError(f"QoS must be 0, 1 or 2, not {qos}")
+        data = self.codec.encode(payload)
+        done = self.env.event() if confirm else None
+        expiry = expiry_s if expiry_s is not None else self.message_expiry_s
+        if self.shaper is not None:
+            size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
+            if self.tcp_ip_overhead:
+                size = packets.tcp_ip_size(size)
+            self.shaper.submit(size, qos, lambda: self._send(topic, data, qos, retain, account, done, expiry, False),
+                               account)  # fmt: skip
+        else:
+            self._send(topic, data, qos, retain, account, done, expiry, True)
+        if done is not None and qos == 0:
+            done.succeed(0)
+        return done
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int) -> None:
+        """Deliver messages matching `topic_filter` to `handler(Publish)`, on the SimPy thread. Subscribing
+        again after a reconnect that lost the session is automatic."""
+        validate_filter(topic_filter)
+        self._handlers.append((topic_filter, handler))
+        self._handlers_for.clear()
+        with self._sub_lock:
+            self._wanted[topic_filter] = max(qos, self._wanted.get(topic_filter, 0))
+            self._in_session.discard(topic_filter)
+            if self._link_up_paho:
+                self._subscribe_locked([topic_filter])
+
+    def subscribed(self, topic_filter: str | None = None) -> bool:
+        """Whether the broker has acknowledged `topic_filter` (default: every subscription) in this session."""
+        if topic_filter is not None:
+            return topic_filter in self._acked
+        return all(f in self._acked for f, _ in self._handlers)
+
+    def disconnect(self) -> None:
+        """A clean DISCONNECT (the broker discards the will); stops the network thread."""
+        self.close()
+
+    def close(self) -> None:
+        """Disconnect cleanly and stop paho's thread; what paho reported before is processed at once."""
+        self._closing = True
+        if self._started and not self._closed:
+            self._closed = True
+            self._client.disconnect()
+            self._client.loop_stop()  # returns at once if a permanent refusal already ended the thread
+            self.bridge.detach()
+            self.bridge.drain()
+        self.is_connected = False
+
+    def crash(self) -> None:
+        """Vanish without a DISCONNECT (the TCP connection is torn down): the broker publishes the will."""
+        self._closing = True
+        if not self._started or self._closed:
+            return
+        self._closed = True
+        client = self._client
+        if hasattr(client, "_reconnect_on_failure"):
+            client._reconnect_on_failure = False  # paho has no public switch; stop it reconnecting
+        sock = client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(2)  # SHUT_RDWR: FIN to the broker, no DISCONNECT packet
+            except OSError:
+                pass
+        client.loop_stop()
+        self.bridge.detach()
+        self.bridge.drain()
+        self.is_connected = False
+
+    # --- sending -----------------------------------------------------------------------------------------
+    def _send(self, topic: str, data: bytes, qos: int, retain: bool, account: Any, done: simpy.Event | None,
+              expiry: int | None, charge: bool) -> None:  # fmt: skip
+        stats = self.stats
+        if self._closed:
+            stats.dropped_not_connected += 1
+            return
+        props = None
+        if expiry is not None and self.mqtt5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.MessageExpiryInterval = int(expiry)
+        info = self._client.publish(topic, data, qos, retain, properties=props)
+        stats.published += 1
+        stats.bytes_published += len(data)
+        if account is not None:
+            if charge and hasattr(account, "wire_bytes"):
+                size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
+                account.wire_bytes += packets.tcp_ip_size(size) if self.tcp_ip_overhead else size
+            if getattr(account, "t_first_hop", 0.0) < 0:
+                account.t_first_hop = self.env.now
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos == 0:
+                stats.dropped_not_connected += 1
+                if account is not None and hasattr(account, "drop_reason"):
+                    account.drop_reason = "not_connected"
+                return
+            stats.queued_offline += 1
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            stats.dropped_not_connected += 1
+            return
+        if qos > 0:
+            self._publish_topic[info.mid] = topic
+            if done is not None:
+                self._confirm[info.mid] = done
+
+    # --- paho's thread: post, never touch SimPy state --------------------------------------------------
+    def _paho_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                      properties: Any) -> None:  # fmt: skip
+        if reason.is_failure:
+            if not self.retry_on_refusal and reason.value in PERMANENT_CONNACK_REFUSALS:
+                client.disconnect()  # ends loop_forever: retrying cannot fix credentials
+            self.bridge.post(self._on_refused, reason.value, str(reason))
+            return
+        present = bool(flags.session_present)
+        with self._sub_lock:
+            self._link_up_paho = True
+            if not present:
+                self._in_session.clear()
+            missing = [f for f in self._wanted if f not in self._in_session]
+            if missing:
+                self._subscribe_locked(missing)
+        self.bridge.post(self._on_connected, present)
+
+    def _subscribe_locked(self, filters: list[str]) -> None:
+        if self.mqtt5:
+            # Retain handling 1: retained messages only for a subscription the session does not hold yet.
+            topics: list[tuple[str, Any]] = [(f, SubscribeOptions(qos=self._wanted[f], retainHandling=1))
+                                             for f in filters]  # fmt: skip
+        else:
+            topics = [(f, self._wanted[f]) for f in filters]
+        rc, mid = self._client.subscribe(topics)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._in_session.update(filters)
+            self._sub_mids[mid] = filters
+
+    def _paho_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        exc = sys.exc_info()[1]  # paho calls this inside its `except OSError` block
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+            client.disconnect()  # a certificate does not get better by retrying
+        self.bridge.post(self._on_connect_failed, exc)
+
+    def _paho_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                         properties: Any) -> None:  # fmt: skip
+        with self._sub_lock:
+            self._link_up_paho = False
+        self.bridge.post(self._on_disconnected, str(reason))
+
+    def _paho_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.bridge.post(self._on_message, message)
+
+    def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
+                      properties: Any) -> None:  # fmt: skip
+        self.bridge.post(self._on_published, mid, reason.value, str(reason))
+
+    def _paho_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                        properties: Any) -> None:  # fmt: skip
+        with self._sub_lock:
+            filters = self._sub_mids.pop(mid, [])
+        self.bridge.post(self._on_subscribed, filters, [(r.value, str(r)) for r in reasons])
+
+    # --- the SimPy thread: state, counters, handlers ----------------------------------------------------
+    def _refuse(self, kind: str, code: int, reason: str, topic: str = "") -> None:
+        stats = self.stats
+        stats.refusals += 1
+        setattr(stats, f"{kind}_refusals", getattr(stats, f"{kind}_refusals") + 1)
+        stats.refusal_log.append(Refusal(self.env.now, kind, code, reason, topic))
+
+    def _on_connected(self, session_present: bool) -> None:
+        stats = self.stats
+        stats.connects += 1
+        if stats.connects > 1:
+            stats.reconnects += 1
+        self.is_connected = True
+        self.session_present = session_present
+        if not session_present:
+            self._acked.clear()
+        if not self.connected.triggered:
+            self.connected.succeed(session_present)
+
+    def _on_refused(self, code: int, reason: str) -> None:
+        self._refuse("connect", code, reason)
+        self.last_error = ConnectionRefused(self.client_id, reason, code)
+        if self.raise_on_refusal and not self.connected.triggered:
+            self.connected.fail(self.last_error)
+
+    def _on_connect_failed(self, exc: BaseException | None) -> None:
+        self.stats.connect_failures += 1
+        self.last_error = exc
+        if isinstance(exc, ssl.SSLError | ssl.CertificateError) and not self.connected.triggered:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                hint = "pass tls_ca=<the broker's CA file> (MosquittoBroker.ca_file)"
+            else:
+                hint = "check the broker's TLS settings"
+            self.connected.fail(TransportError(f"TLS connection of {self.client_id!r} to {self.host}:{self.port} "
+                                               f"failed: {exc}; {hint}"))  # fmt: skip
+
+    def _connect_timed_out(self, _: simpy.Event) -> None:
+        if not self.connected.triggered:
+            self.connected.fail(TransportError(
+                f"{self.client_id!r} got no CONNACK from {self.host}:{self.port} within {self.connect_timeout_s} s "
+                f"(last error: {self.last_error})"))  # fmt: skip
+
+    def _on_disconnected(self, reason: str) -> None:
+        if self.is_connected and not self._closing:
+            self.stats.connection_losses += 1
+        self.is_connected = False
+
+    def _on_published(self, mid: int, code: int, reason: str) -> None:
+        topic = self._publish_topic.pop(mid, "")
+        if code >= 0x80:
+            self._refuse("publish", code, reason, topic)
+        else:
+            self.stats.publish_confirmed += 1
+            if code == 0x10:
+                self.stats.no_matching_subscribers += 1
+        done = self._confirm.pop(mid, None)
+        if done is not None and not done.triggered:
+            done.succeed(code)
+
+    def _on_subscribed(self, filters: list[str], reasons: list[tuple[int, str]]) -> None:
+        for i, (code, reason) in enumerate(reasons):
+            topic = filters[i] if i < len(filters) else ""
+            if code >= 0x80:
+                self._refuse("subscribe", code, reason, topic)
+                self._acked.discard(topic)
+                with self._sub_lock:
+                    self._in_session.discard(topic)
+            else:
+                self._acked.add(topic)
+
+    def _on_message(self, message: paho.MQTTMessage) -> None:
+        stats = self.stats
+        topic = message.topic
+        data = message.payload
+        try:
+            payload = self.codec.decode(topic, data)
+        except MalformedPayload as exc:
+            stats.malformed += 1
+            stats.malformed_reasons[exc.reason] = stats.malformed_reasons.get(exc.reason, 0) + 1
+            return
+        stats.delivered += 1
+        stats.bytes_delivered += len(data)
+        dup = bool(message.dup)
+        if dup:
+            stats.duplicates += 1
+        handlers = self._handlers_for.get(topic)
+        if handlers is None:
+            handlers = [h for f, h in self._handlers if matches(f, topic)]
+            self._handlers_for[topic] = handlers
+        if not handlers:
+            stats.unmatched += 1
+            return
+        publish = Publish(topic, payload, message.qos, bool(message.retain), packet_id=message.mid, dup=dup)
+        for handler in handlers:
+            handler(publish)

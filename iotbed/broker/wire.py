@@ -1,0 +1,211 @@
+"""Payload bytes for a real broker: frames and model updates, encoded and strictly decoded.
+
+In simulation a payload is an object that only knows its size; over a real broker it must become bytes and
+come back. The formats are those `iotbed.nodes.payloads` sizes:
+
+* Frame: `FRAME_HEADER` (magic "IB", format version 1, codec 0 = raw, C, H, W, frame id, camera index,
+  capture time, image index, label), then C*H*W uint8 pixels. Decoded frames carry `pixels` as a float32
+  array in [0, 1] of shape (C, H, W), the convention the models use.
+* ModelUpdate: a 4-byte big-endian version, then a safetensors file.
+
+Anything else on a topic (a will, a status line) stays `bytes`. Received data is untrusted: an attacker can
+publish anything on a topic it may write. `decode` checks lengths, the header and the safetensors index
+before building an object, and raises `MalformedPayload` (with a short `reason`) for data that is
+truncated, oversized, of the wrong format or inconsistent; a subscriber counts it and skips the message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from iotbed.nodes.payloads import CODEC_RAW, FRAME_HEADER, FRAME_MAGIC, Frame, ModelUpdate
+
+FRAME_FORMAT_VERSION = 1
+MODEL_VERSION = struct.Struct("!I")
+SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
+
+FRAMES_ROOT = "frames"
+MODELS_ROOT = "models"
+
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024  # 16 MiB: a 3x2048x2048 raw frame is 12 MiB
+DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+MAX_FRAME_DIM = 8192
+
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+PixelsFor = Callable[[Frame], np.ndarray]
+
+
+class MalformedPayload(ValueError):
+    """Received bytes that are not a valid payload for their topic. `reason` is a short key for counters:
+    truncated, oversized, bad_magic, bad_version, bad_codec, bad_shape, bad_length, bad_model."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def _pixels_u8(frame: Frame, pixels_for: PixelsFor | None) -> np.ndarray:
+    if frame.pixels is not None:
+        # Pixels a node changed (an attack, a defense) are float in [0, 1]: back to 8 bits, as a camera sends.
+        pixels = np.asarray(frame.pixels)
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(np.rint(np.asarray(pixels, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    elif pixels_for is not None:
+        pixels = np.asarray(pixels_for(frame))
+        if pixels.dtype != np.uint8:
+            raise TypeError(f"pixels_for must return uint8 (C, H, W), got {pixels.dtype}")
+    else:
+        raise ValueError(f"frame {frame.frame_id} has no pixels; pass pixels_for to encode it")
+    if tuple(pixels.shape) != tuple(frame.shape):
+        raise ValueError(f"frame {frame.frame_id}: pixels of shape {pixels.shape}, expected {frame.shape} (C, H, W)")
+    return pixels
+
+
+def encode_frame(frame: Frame, pixels_for: PixelsFor | None = None) -> bytes:
+    c, h, w = frame.shape
+    header = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_FORMAT_VERSION, CODEC_RAW, c, h, w, frame.frame_id,
+                               frame.camera_index, frame.captured_at, frame.image_index, frame.label)  # fmt: skip
+    return header + np.ascontiguousarray(_pixels_u8(frame, pixels_for)).tobytes()
+
+
+def encode_model_update(update: ModelUpdate) -> bytes:
+    return MODEL_VERSION.pack(update.version) + bytes(update.blob)
+
+
+def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
+    """The bytes to publish for `payload` (a Frame, a ModelUpdate, bytes or str)."""
+    if isinstance(payload, Frame):
+        return encode_frame(payload, pixels_for)
+    if isinstance(payload, ModelUpdate):
+        return encode_model_update(payload)
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        return bytes(payload)
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    raise TypeError(f"cannot put a {type(payload).__name__} on the wire; expected Frame, ModelUpdate, bytes or str")
+
+
+def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+    n = len(data)
+    if n > max_bytes:
+        raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a frame")
+    if n < FRAME_HEADER.size:
+        raise MalformedPayload("truncated", f"{n} bytes is shorter than the {FRAME_HEADER.size}-byte frame header")
+    magic, version, codec, c, h, w, frame_id, camera, captured_at, image_index, label = FRAME_HEADER.unpack_from(data)
+    if magic != FRAME_MAGIC:
+        raise MalformedPayload("bad_magic", f"frame magic {magic!r}, expected {FRAME_MAGIC!r}")
+    if version != FRAME_FORMAT_VERSION:
+        raise MalformedPayload("bad_version", f"frame format version {version}, expected {FRAME_FORMAT_VERSION}")
+    if codec != CODEC_RAW:
+        raise MalformedPayload("bad_codec", f"frame codec {codec}, this decoder reads raw (0) only")
+    if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
+        raise MalformedPayload("bad_shape", f"frame shape {(c, h, w)} is out of range")
+    expected = FRAME_HEADER.size + c * h * w
+    if n != expected:
+        raise MalformedPayload("bad_length", f"{n} bytes for a {c}x{h}x{w} frame, expected {expected}")
+    if not np.isfinite(captured_at):
+        raise MalformedPayload("bad_header", f"capture time {captured_at} is not finite")
+    pixels_u8 = np.frombuffer(data, dtype=np.uint8, count=c * h * w, offset=FRAME_HEADER.size).reshape(c, h, w)
+    pixels = pixels_u8.astype(np.float32) * np.float32(1.0 / 255.0)
+    return Frame(frame_id, camera, captured_at, image_index, label, (c, h, w), n, pixels)
+
+
+def check_safetensors(blob: bytes) -> dict[str, Any]:
+    """Validate a safetensors file's index against its length without reading any tensor; returns the index."""
+    n = len(blob)
+    if n < SAFETENSORS_HEADER_LEN.size:
+        raise MalformedPayload("bad_model", "safetensors blob shorter than its 8-byte header length")
+    (header_len,) = SAFETENSORS_HEADER_LEN.unpack_from(blob)
+    if header_len > MAX_SAFETENSORS_HEADER or SAFETENSORS_HEADER_LEN.size + header_len > n:
+        raise MalformedPayload("bad_model", f"safetensors header length {header_len} does not fit {n} bytes")
+    try:
+        index = json.loads(blob[SAFETENSORS_HEADER_LEN.size : SAFETENSORS_HEADER_LEN.size + header_len])
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedPayload("bad_model", f"safetensors header is not JSON: {exc}") from None
+    if not isinstance(index, dict):
+        raise MalformedPayload("bad_model", "safetensors header is not a JSON object")
+    data_len = n - SAFETENSORS_HEADER_LEN.size - header_len
+    for name, info in index.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            count = 1
+            for dim in shape:
+                if not isinstance(dim, int) or dim < 0:
+                    raise ValueError
+                count *= dim
+            itemsize = _SAFETENSORS_DTYPE_BYTES[dtype]
+            ok = isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len
+        except (KeyError, TypeError, ValueError):
+            raise MalformedPayload("bad_model", f"safetensors entry {name!r} is malformed") from None
+        if not ok or end - start != count * itemsize:
+            raise MalformedPayload("bad_model", f"safetensors tensor {name!r} does not fit its offsets")
+    return index
+
+
+def decode_model_update(data: bytes, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> ModelUpdate:
+    n = len(data)
+    if n > max_bytes:
+        raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a model update")
+    if n < MODEL_VERSION.size + SAFETENSORS_HEADER_LEN.size:
+        raise MalformedPayload("truncated", f"{n} bytes is too short for a model update")
+    (version,) = MODEL_VERSION.unpack_from(data)
+    blob = bytes(data[MODEL_VERSION.size :])
+    check_safetensors(blob)
+    return ModelUpdate(version, blob)
+
+
+def _under(topic: str, root: str) -> bool:
+    return topic == root or topic.startswith(root + "/")
+
+
+def decode(topic: str, data: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+           max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> Any:  # fmt: skip
+    """The payload object for `data` received on `topic`: a Frame under `frames/`, a ModelUpdate under
+    `models/`, else the bytes unchanged. Raises `MalformedPayload` for data that does not decode."""
+    if _under(topic, FRAMES_ROOT):
+        return decode_frame(data, max_frame_bytes)
+    if _under(topic, MODELS_ROOT):
+        return decode_model_update(data, max_model_bytes)
+    return bytes(data)
+
+
+class WireCodec:
+    """`encode`/`decode` with fixed settings, as `MqttTransport(codec=...)` takes them."""
+
+    def __init__(self, pixels_for: PixelsFor | None = None, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:  # fmt: skip
+        self.pixels_for = pixels_for
+        self.max_frame_bytes = max_frame_bytes
+        self.max_model_bytes = max_model_bytes
+
+    def encode(self, payload: Any) -> bytes:
+        return encode(payload, self.pixels_for)
+
+    def decode(self, topic: str, data: bytes) -> Any:
+        return decode(topic, data, max_frame_bytes=self.max_frame_bytes, max_model_bytes=self.max_model_bytes)
+
+
+class RawCodec:
+    """Bytes in, bytes out (str is sent as UTF-8): the transport's default."""
+
+    def encode(self, payload: Any) -> bytes:
+        if isinstance(payload, (bytes, bytearray, memoryview)):
+            return bytes(payload)
+        if isinstance(payload, str):
+            return payload.encode("utf-8")
+        raise TypeError(f"RawCodec sends bytes or str, not {type(payload).__name__}; use WireCodec for payload objects")
+
+    def decode(self, topic: str, data: bytes) -> Any:
+        return bytes(data)
