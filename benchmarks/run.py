@@ -23,7 +23,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 from iotbed.deployment import build_deployment  # noqa: E402
-from iotbed.runner import DRAIN_S, _load_model_bytes, prepare, simulate  # noqa: E402
+from iotbed.runner import DRAIN_S, load_model_bytes, prepare, simulate  # noqa: E402
 from iotbed.scenario import load_scenario  # noqa: E402
 import iotbed  # noqa: E402
 
@@ -46,7 +46,7 @@ def simulated_frames(scenario_path: Path, overrides: list[str]) -> dict[str, Any
     """Simulation only (data and model prepared beforehand), with full tracing, against bare SimPy."""
     scenario = load_scenario(scenario_path, overrides)
     resolved, artefacts, _ = prepare(scenario, progress=False)
-    deployment = build_deployment(resolved, artefacts, _load_model_bytes)
+    deployment = build_deployment(resolved, artefacts, load_model_bytes)
     start = time.perf_counter()
     simulate(deployment, resolved.duration + DRAIN_S, False, resolved.name)
     table = deployment.recorder.to_table()  # tracing includes building the trace table

@@ -229,6 +229,106 @@ def models_list() -> None:
 
 
 @main.command()
+@click.argument("scenario", type=click.Path(dir_okay=False))
+@click.option("--broker", "broker_url", required=True, metavar="mqtt://HOST:PORT", help="the broker to run against")
+@click.option("--username", help="one user name for every client")
+@click.option("--password", help="its password")
+@click.option("--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)")
+@click.option("--tls-ca", type=click.Path(dir_okay=False), help="CA certificate of a TLS broker")
+@click.option("--duration", help="override the scenario's duration, e.g. 30s")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False))
+@click.option("--seed", type=int)
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
+@click.option("--force", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_user_errors
+def emulate(scenario: str, broker_url: str, username: str | None, password: str | None, credentials: str | None,
+            tls_ca: str | None, duration: str | None, out_dir: str | None, seed: int | None,
+            overrides: tuple[str, ...], force: bool, quiet: bool) -> None:  # fmt: skip
+    """Run SCENARIO's nodes as real MQTT clients against a broker, in wall-clock time."""
+    from iotbed.emulation.runner import emulate as run_live
+
+    sets = [*overrides, *([f"duration={duration}"] if duration else [])]
+    loaded = _load(scenario, seed, tuple(sets))
+    logins = None
+    if credentials:
+        try:
+            logins = json.loads(Path(credentials).read_text(encoding="utf-8"))["clients"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise IotbedError(f"--credentials {credentials}: not a credentials file from `iotbed broker start --auth` ({exc})") from None
+    result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
+                      out_dir=out_dir, force=force, progress=not quiet)  # fmt: skip
+    print_summary(result.summary)
+    if result.out_dir is not None:
+        err.print(f"results: {result.out_dir}/", highlight=False)
+
+
+@main.group()
+def broker() -> None:
+    """A local Mosquitto for live runs (Debian's `mosquitto` package)."""
+
+
+@broker.command("start")
+@click.option("--port", type=int, help="[default: a free port]")
+@click.option("--auth", "scenario_for_auth", type=click.Path(dir_okay=False), metavar="SCENARIO",
+              help="require passwords and an ACL by node role, with one user per node of SCENARIO")
+@click.option("--tls", is_flag=True, help="listen with TLS, with a generated CA")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False), default=".cache/broker", show_default=True)
+@_user_errors
+def broker_start(port: int | None, scenario_for_auth: str | None, tls: bool, run_dir: str) -> None:
+    """Start a broker in the background; `iotbed broker stop` stops it."""
+    import secrets
+
+    from iotbed.broker.mosquitto import BrokerConfig, BrokerUser, start_detached
+
+    users = []
+    if scenario_for_auth:
+        loaded = _load(scenario_for_auth, None, ())
+        roles = {g.name: "camera" for g in loaded.nodes.cameras} | {g.name: "edge" for g in loaded.nodes.edge_servers}
+        for group, count in loaded.group_counts().items():
+            if group in roles:
+                users += [BrokerUser(f"{group}-{i}", secrets.token_urlsafe(12), roles[group]) for i in range(count)]
+        users.append(BrokerUser("registry", secrets.token_urlsafe(12), "registry"))
+    started = start_detached(run_dir, BrokerConfig(port=port, users=tuple(users), tls=tls, persistence=True))
+    scheme = "mqtts" if tls else "mqtt"
+    click.echo(f"broker running: {scheme}://{started.host}:{started.port} (pid {started.pid}, files in {run_dir})")
+    if users:
+        path = Path(run_dir) / "credentials.json"
+        path.write_text(json.dumps({"clients": {u.username: u.password for u in users}}, indent=2))
+        path.chmod(0o600)
+        click.echo(f"credentials: {path} (pass it to `iotbed emulate --credentials`)")
+    if started.ca_file:
+        click.echo(f"CA certificate: {started.ca_file} (pass it as --tls-ca)")
+    click.echo(f"stop it with: iotbed broker stop --dir {run_dir}")
+
+
+@broker.command("stop")
+@click.option("--dir", "run_dir", type=click.Path(file_okay=False), default=".cache/broker", show_default=True)
+@_user_errors
+def broker_stop(run_dir: str) -> None:
+    """Stop the broker `iotbed broker start` left running."""
+    from iotbed.broker.mosquitto import stop_detached
+
+    click.echo("broker stopped" if stop_detached(run_dir) else f"no broker from {run_dir} was running")
+
+
+@main.command()
+@click.argument("run_a", type=click.Path(file_okay=False))
+@click.argument("run_b", type=click.Path(file_okay=False))
+@_user_errors
+def compare(run_a: str, run_b: str) -> None:
+    """Two runs of one scenario side by side (say, simulated and emulated), with the differences."""
+    from iotbed.analysis.compare import compare_runs
+
+    table = Table(show_header=True, title=f"{run_a} vs {run_b}")
+    for column in ("metric", "A", "B", "B - A", "B / A"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for row in compare_runs(run_a, run_b):
+        table.add_row(row["metric"], _fmt(row["a"]), _fmt(row["b"]), _fmt(row["diff"]), _fmt(row["ratio"], ".3f"))
+    out.print(table)
+
+
+@main.command()
 @click.argument("sweep_file", metavar="SWEEP", type=click.Path(dir_okay=False))
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="local worker processes")
 @click.option("--cluster", metavar="tcp://SCHEDULER:8786", help="run on a Dask distributed cluster instead")

@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from iotbed.analysis.summary import link_rows, summarise
+from iotbed.analysis.summary import broker_stats, link_rows, summarise
 from iotbed.deployment import Artefacts, Deployment, build_deployment
 from iotbed.errors import IotbedError
 from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
+from iotbed.sim.trace import TraceRecorder
 
 # Frames still travelling when cameras stop get this long to arrive before the run ends.
 DRAIN_S = 5.0
@@ -73,7 +74,9 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     image_shape = tuple(int(x) for x in splits.test.images.shape[1:])
     flops = count_flops(trained.model, (1, *image_shape))
-    artefacts = Artefacts(splits.test.images, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates))
+    # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
+    captured = (splits.test.images * 255.0).round() / 255.0
+    artefacts = Artefacts(captured, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates))
     model_info = {
         "arch": trained.arch,
         "cache_key": trained.key,
@@ -86,7 +89,7 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     return resolved, artefacts, model_info
 
 
-def _load_model_bytes(blob: bytes) -> torch.nn.Module:
+def load_model_bytes(blob: bytes) -> torch.nn.Module:
     from iotbed.models import model_from_bytes
 
     return model_from_bytes(blob)[0]
@@ -109,23 +112,25 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool
         force: bool = False, on_status: Callable[[str], None] | None = None) -> RunResult:  # fmt: skip
     """Run `scenario` in simulation and return its summary and trace; with `write`, also write the files."""
     wall_start = time.perf_counter()
-    target = _output_dir(scenario, out_dir, force) if write else None
+    target = output_dir(scenario, out_dir, force) if write else None
     resolved, artefacts, model_info = prepare(scenario, progress=progress)
     if on_status is not None:
         on_status(f"model {model_info['arch']}: test accuracy {model_info['test_accuracy']:.4f}")
-    deployment = build_deployment(resolved, artefacts, _load_model_bytes)
+    deployment = build_deployment(resolved, artefacts, load_model_bytes)
     sim_end = resolved.duration + DRAIN_S
     simulate(deployment, sim_end, progress, resolved.name)
     table = deployment.recorder.to_table()
-    summary = summarise(table, deployment, scenario_name=resolved.name, seed=resolved.seed,
-                        duration_s=resolved.duration, sim_end_s=sim_end,
-                        wall_time_s=time.perf_counter() - wall_start, model_info=model_info)  # fmt: skip
+    summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
+                        sim_end_s=sim_end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
+                        links=link_rows(deployment, sim_end), edges=deployment.edges,
+                        broker=broker_stats(deployment), model_events=deployment.recorder.model_events)  # fmt: skip
     if target is not None:
-        _write_outputs(target, resolved, table, summary, deployment, sim_end)
+        write_outputs(target, resolved, table, summary, link_rows(deployment, sim_end), deployment.monitor.rows,
+                      deployment.recorder)  # fmt: skip
     return RunResult(resolved, summary, table, target)
 
 
-def _output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> Path:
+def output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> Path:
     if out_dir is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         out_dir = Path("runs") / f"{scenario.name}-{stamp}"
@@ -149,18 +154,16 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def _write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: dict[str, Any],
-                   deployment: Deployment, sim_end_s: float) -> None:  # fmt: skip
+def write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: dict[str, Any],
+                  links: list[dict[str, Any]], link_series: list[dict[str, Any]], recorder: TraceRecorder) -> None:  # fmt: skip
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise IotbedError(f"--out {target}: cannot create the folder ({exc})") from None
     _atomic_write(target / "scenario.resolved.yaml", lambda p: p.write_text(resolved_yaml(scenario), encoding="utf-8"))
     _atomic_write(target / "trace.parquet", lambda p: pq.write_table(table, p, compression="zstd"))
-    _atomic_write(target / "links.csv", lambda p: pd.DataFrame(link_rows(deployment, sim_end_s)).to_csv(p, index=False))
-    _atomic_write(target / "links_timeseries.csv",
-                  lambda p: pd.DataFrame(deployment.monitor.rows).to_csv(p, index=False))  # fmt: skip
-    _atomic_write(target / "model_events.csv",
-                  lambda p: deployment.recorder.model_events_table().to_pandas().to_csv(p, index=False))  # fmt: skip
+    _atomic_write(target / "links.csv", lambda p: pd.DataFrame(links).to_csv(p, index=False))
+    _atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
+    _atomic_write(target / "model_events.csv", lambda p: recorder.model_events_table().to_pandas().to_csv(p, index=False))
     # summary.json last: its presence marks a complete run (sweeps resume on it)
     _atomic_write(target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))

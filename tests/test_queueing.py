@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from iotbed.deployment import build_deployment
-from iotbed.runner import _load_model_bytes, prepare, simulate
+from iotbed.runner import load_model_bytes, prepare, simulate
 from iotbed.scenario import parse_scenario
 
 SCENARIO = """
@@ -49,7 +49,7 @@ def test_md1_waiting_time_matches_pollaczek_khinchine(rho: float) -> None:
     duration = 60_000 * service / rho  # about 60,000 frames
     scenario = parse_scenario(SCENARIO.format(seed=3, duration=duration, fps=fps))
     scenario = scenario.model_copy(update={"model": resolved.model})
-    deployment = build_deployment(scenario, artefacts, _load_model_bytes)
+    deployment = build_deployment(scenario, artefacts, load_model_bytes)
     simulate(deployment, duration + 5, False, "md1")
     table = deployment.recorder.to_table()
     arrived = table.column("t_broker").to_numpy()

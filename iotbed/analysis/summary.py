@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from iotbed.deployment import Deployment
-from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT
+from iotbed.nodes.edge_server import EdgeServer
+from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT, ModelEvent
 
 
 def _percentiles_ms(latency_s: np.ndarray) -> dict[str, float | None]:
@@ -50,6 +51,8 @@ def link_rows(deployment: Deployment, sim_end_s: float) -> list[dict[str, Any]]:
 
 def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
+    if not rows:
+        return out
     for key in dict.fromkeys(r["group"] for r in rows):
         members = [r for r in rows if r["group"] == key]
         util = np.array([r["utilisation"] for r in members])
@@ -65,8 +68,21 @@ def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summarise(trace: pa.Table, deployment: Deployment, *, scenario_name: str, seed: int, duration_s: float,
-              sim_end_s: float, wall_time_s: float, model_info: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def broker_stats(deployment: Deployment) -> dict[str, Any]:
+    stats = deployment.broker.stats
+    return {
+        "node": deployment.broker.node,
+        "publishes_received": stats.publishes_received,
+        "messages_routed": stats.messages_routed,
+        "no_subscriber": stats.no_subscriber,
+        "queued_offline": stats.queued_offline,
+        "wills_published": stats.wills_published,
+    }
+
+
+def summarise(trace: pa.Table, *, scenario_name: str, seed: int, duration_s: float, sim_end_s: float,
+              wall_time_s: float, model_info: dict[str, Any], links: list[dict[str, Any]], edges: list[EdgeServer],
+              broker: dict[str, Any], model_events: list[ModelEvent], mode: str = "simulated") -> dict[str, Any]:  # fmt: skip
     status = trace.column("status").to_numpy(zero_copy_only=False)
     delivered = status == DELIVERED
     dropped = status == DROPPED
@@ -82,11 +98,10 @@ def summarise(trace: pa.Table, deployment: Deployment, *, scenario_name: str, se
         m = delivered & mask
         return float(correct[m].mean()) if m.any() else None
 
-    rows = link_rows(deployment, sim_end_s)
     edge_names = trace.column("edge").to_numpy(zero_copy_only=False)
-    broker = deployment.broker.stats
     return {
         "scenario": scenario_name,
+        "mode": mode,
         "seed": seed,
         "sim_time_s": duration_s,
         "sim_end_s": sim_end_s,
@@ -110,7 +125,7 @@ def summarise(trace: pa.Table, deployment: Deployment, *, scenario_name: str, se
             "payload_bytes_per_frame_mean": float(payload.mean()) if n else None,
             "bytes_per_frame_mean": float(trace.column("publish_bytes").to_numpy().mean()) if n else None,
             "wire_bytes_per_frame_mean": float(trace.column("wire_bytes").to_numpy().mean()) if n else None,
-            "links": _link_groups(rows),
+            "links": _link_groups(links),
         },
         "accuracy": {
             "overall": accuracy(np.ones(n, dtype=bool)),
@@ -125,19 +140,12 @@ def summarise(trace: pa.Table, deployment: Deployment, *, scenario_name: str, se
                 "utilisation": e.busy_s / sim_end_s,
                 "model_version": e.classifier.version,
             }
-            for e in deployment.edges
+            for e in edges
         },
-        "broker": {
-            "node": deployment.broker.node,
-            "publishes_received": broker.publishes_received,
-            "messages_routed": broker.messages_routed,
-            "no_subscriber": broker.no_subscriber,
-            "queued_offline": broker.queued_offline,
-            "wills_published": broker.wills_published,
-        },
+        "broker": broker,
         "model": model_info,
         "model_events": [
             {"time_s": e.time_s, "node": e.node, "event": e.event, "version": e.version, "size_bytes": e.size_bytes}
-            for e in deployment.recorder.model_events
+            for e in model_events
         ],
     }
