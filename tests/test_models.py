@@ -36,6 +36,7 @@ from iotbed.models import (
     train_model,
 )
 from iotbed.models import training as training_module
+from iotbed.models.training import random_shift
 
 # One epoch: enough to exercise caching and storage without spending seconds.
 TINY = TrainConfig(epochs=1, batch_size=64, lr=2e-3)
@@ -59,6 +60,16 @@ class Digits:
         return Digits(f"{self.name}[:{n}]", self.images[:n], self.labels[:n])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # These models are tiny: a second thread gains little, and on a busy 2-core box OpenMP threads
+    # spinning against other processes made training 5-10x slower. Restored after the module.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[Digits, Digits]:
     d = load_digits()
@@ -74,7 +85,8 @@ def trained_lenet(digits, tmp_path_factory):
     """LeNet-5 with the default digits config, trained once for the whole module."""
     train, test = digits
     cache = tmp_path_factory.mktemp("cache")
-    return get_or_train("lenet5", train, default_train_config("lenet5", "digits"), test_ds=test, cache_dir=cache, progress=False)
+    config = default_train_config("lenet5", "digits")
+    return get_or_train("lenet5", train, config, test_ds=test, cache_dir=cache, progress=False)
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,7 +100,9 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 @pytest.mark.parametrize(("channels", "size"), [(1, 28), (1, 32), (3, 32)])
 def test_output_shape(arch: str, channels: int, size: int) -> None:
-    model = build_model(arch, in_channels=channels, num_classes=7, image_size=size, mean=[0.5] * channels, std=[0.2] * channels)
+    model = build_model(
+        arch, in_channels=channels, num_classes=7, image_size=size, mean=[0.5] * channels, std=[0.2] * channels
+    )
     assert model(torch.rand(3, channels, size, size)).shape == (3, 7)
     # Normalisation is part of the weights so it survives save/load.
     assert torch.equal(model.state_dict()["normalize.mean"].flatten(), torch.full((channels,), 0.5))
@@ -141,6 +155,28 @@ def test_training_leaves_global_state_alone(digits) -> None:
     assert torch.are_deterministic_algorithms_enabled() == deterministic
 
 
+def test_shift_moves_each_image_at_most_two_pixels() -> None:
+    images = torch.zeros(200, 2, 9, 9)
+    images[:, :, 4, 4] = 1.0  # one bright pixel in the centre, on both channels
+    shifted = random_shift(images, torch.Generator().manual_seed(0))
+    assert torch.equal(shifted, random_shift(images, torch.Generator().manual_seed(0)))
+    assert torch.equal(shifted.sum(dim=(2, 3)), torch.ones(200, 2))  # moved, never lost or duplicated
+    rows, cols = (shifted[:, 0] == 1).nonzero()[:, 1:].T
+    assert rows.sub(4).abs().max() == 2 and cols.sub(4).abs().max() == 2
+    assert torch.equal(shifted[:, 0], shifted[:, 1])  # channels move together
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == 25  # all 5x5 offsets occur
+
+
+def test_predict_is_batched_and_keeps_the_callers_mode(trained_lenet, digits) -> None:
+    model, images = trained_lenet.model, digits[1].images
+    model.train()
+    labels, probs = predict(model, images, batch_size=50)
+    assert model.training
+    model.eval()
+    assert torch.equal(labels, predict(model, images)[0])
+    assert probs.shape == (len(images), 10) and torch.allclose(probs.sum(1), torch.ones(len(images)))
+
+
 def test_get_or_train_second_call_uses_cache(digits, tmp_path, monkeypatch) -> None:
     train, test = digits
     calls = []
@@ -161,7 +197,9 @@ def test_get_or_train_second_call_uses_cache(digits, tmp_path, monkeypatch) -> N
     assert same_weights(weights(first.model), weights(second.model))
     assert first.test_accuracy == second.test_accuracy
     info = json.loads(first.path.with_suffix(".json").read_text())
-    assert info["test"]["accuracy"] == first.test_accuracy and info["train_config"] == TINY.to_dict()
+    assert info["test_accuracies"] == {test.fingerprint(): first.test_accuracy}
+    assert info["test_accuracy"] == first.test_accuracy and info["dataset"] == "digits"
+    assert info["train_config"] == TINY.to_dict()
     # Anything that changes the weights changes the key.
     assert get_or_train("lenet5", train, dataclasses.replace(TINY, seed=1), progress=False).key != first.key
     assert len(calls) == 2
@@ -222,6 +260,9 @@ def test_file_that_does_not_fit_its_architecture(trained_lenet, tmp_path) -> Non
     metadata = {k: v for k, v in metadata.items() if k != "weights_sha256"} | {"num_classes": "43"}
     with pytest.raises(ModelError, match="shape mismatch"):
         model_from_bytes(safetensors.torch.save(tensors, metadata=metadata))
+    # A payload from the network must not make us allocate a model for 100,000-pixel images.
+    with pytest.raises(ModelError, match="out of range"):
+        model_from_bytes(safetensors.torch.save(tensors, metadata=metadata | {"image_size": "100000"}))
     with pytest.raises(ModelError, match="not a safetensors"):
         model_from_bytes(b"\x80\x04 not a pickle we would ever load")
 

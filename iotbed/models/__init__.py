@@ -15,7 +15,14 @@ from iotbed.models.architectures import (
     build_model,
     resolve_arch,
 )
-from iotbed.models.cache import ENV_CACHE_DIR, TrainedModel, cache_key, get_or_train, resolve_cache_dir, spec_for_dataset
+from iotbed.models.cache import (
+    ENV_CACHE_DIR,
+    TrainedModel,
+    cache_key,
+    get_or_train,
+    resolve_cache_dir,
+    spec_for_dataset,
+)
 from iotbed.models.defaults import default_train_config
 from iotbed.models.flops import count_flops
 from iotbed.models.store import load_model, model_from_bytes, model_to_bytes, save_model

@@ -3,8 +3,9 @@
 The key is a sha256 over everything that determines the weights: the training set's fingerprint,
 the architecture and its constructor arguments, the full TrainConfig (which holds the seed) and a
 format version. Files live in `<cache dir>/models/<key>.safetensors` with a `<key>.json` beside it
-(accuracy, wall time, config) for people and reports. Both are written by atomic rename, so
-processes racing on the same key at worst train twice; neither ever reads a half-written file.
+(test accuracy per test set, wall time, per-epoch loss, config) for people and reports. Both are
+written by atomic rename, so processes racing on the same key at worst train twice; neither ever
+reads a half-written file.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ENV_CACHE_DIR = "IOTBED_CACHE_DIR"
 # Bump when a change (to training, architectures or file layout) makes old cache entries wrong.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: gtsrb_cnn dropout 0.5 -> 0.25
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -179,6 +181,7 @@ def get_or_train(
             "key": key,
             "arch": arch,
             "model_args": asdict(spec),
+            "dataset": str(getattr(train_ds, "name", "")),
             "dataset_fingerprint": fingerprint,
             "train_config": config.to_dict(),
             "train_wall_time_s": report.wall_time_s,
@@ -193,13 +196,20 @@ def get_or_train(
     test_accuracy: float | None = None
     if test_ds is not None:
         test_fp = test_ds.fingerprint()
-        stored = info.get("test")
-        if report is None and isinstance(stored, dict) and stored.get("fingerprint") == test_fp:
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                test_accuracy = float(stored["accuracy"])
+        # Accuracy per test-set fingerprint (a model may be scored on several test sets); the
+        # top-level "test_accuracy" is the latest one, for listings such as `iotbed models list`.
+        stored = info.get("test_accuracies")
+        if not isinstance(stored, dict):
+            stored = info["test_accuracies"] = {}
+        if report is None and test_fp in stored:
+            with contextlib.suppress(TypeError, ValueError):
+                test_accuracy = float(stored[test_fp])
         if test_accuracy is None:
             test_accuracy = training.evaluate(model, test_ds)
-            info["test"] = {"fingerprint": test_fp, "accuracy": test_accuracy}
+            stored[test_fp] = test_accuracy
+            info_dirty = True
+        if info.get("test_accuracy") != test_accuracy:
+            info["test_accuracy"] = test_accuracy
             info_dirty = True
     if info_dirty:
         try:

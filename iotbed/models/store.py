@@ -45,7 +45,9 @@ def _digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _metadata_for(model: ImageClassifier, metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def _metadata_for(
+    model: ImageClassifier, metadata: Mapping[str, str] | None, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, str]:
     if not isinstance(model, ImageClassifier):
         raise ModelError(f"only models built by iotbed.models.build_model can be saved (got {type(model).__name__})")
     out = model.spec.to_metadata()
@@ -84,6 +86,7 @@ def save_model(path: str | os.PathLike[str], model: ImageClassifier, metadata: M
         safetensors.torch.save_file(tensors, tmp, metadata=md)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a model file is not a secret
         os.replace(tmp, target)
         tmp = None
     except OSError as exc:
@@ -136,7 +139,11 @@ def _build_from(
     own = model.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
-    mismatched = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(own) if k in tensors and tensors[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(own)
+        if k in tensors and tensors[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
         details = "; ".join(
             part

@@ -170,7 +170,7 @@ def check_input_shape(model: nn.Module, images: torch.Tensor) -> None:
 
 
 def init_weights(model: nn.Module, generator: torch.Generator) -> None:
-    """Re-initialise every parameter like PyTorch's defaults, but drawing from `generator`."""
+    """Re-initialise Conv2d, Linear and BatchNorm layers as PyTorch does, drawing from `generator`."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
@@ -243,8 +243,13 @@ def train_model(
         if config.optimizer == "adam":
             optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
         else:
+            # Nesterov momentum whenever there is momentum: a free, usually small, gain.
             optimizer = torch.optim.SGD(
-                params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.momentum > 0
+                params,
+                lr=config.lr,
+                momentum=config.momentum,
+                weight_decay=config.weight_decay,
+                nesterov=config.momentum > 0,
             )
         bar = tqdm(
             total=config.epochs * steps_per_epoch,
