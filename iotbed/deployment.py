@@ -18,7 +18,7 @@ from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
-from iotbed.scenario import LinkSpec, Scenario
+from iotbed.scenario import FaultSpec, LinkSpec, Scenario
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
 from iotbed.sim.network import Network
@@ -87,6 +87,20 @@ class Deployment:
     link_groups: list[LinkGroup]
     capture_until_s: float
     monitor: LinkMonitor
+
+
+def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient],
+                 persistence: bool):  # type: ignore[no-untyped-def]  # fmt: skip
+    yield env.timeout(fault.at)
+    if fault.kind == "broker_restart":
+        broker.crash(persistence)
+        yield env.timeout(fault.down)
+        broker.start()
+    else:
+        client = clients[fault.node]  # type: ignore[index]
+        client.crash()
+        yield env.timeout(fault.down)
+        client.connect()
 
 
 def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
@@ -159,9 +173,14 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)
     broker.undelivered_listeners.append(recorder.on_undelivered)
 
-    def client(node: str, client_id: str) -> SimMqttClient:
-        return SimMqttClient(env, network, node, client_id, broker, on_retry=recorder.on_retry,
-                             on_give_up=recorder.on_give_up)  # fmt: skip
+    clients: dict[str, SimMqttClient] = {}
+
+    def client(node: str, client_id: str, clean_session: bool = True) -> SimMqttClient:
+        made = SimMqttClient(env, network, node, client_id, broker, clean_session=clean_session,
+                             on_retry=recorder.on_retry, on_give_up=recorder.on_give_up,
+                             on_not_connected=recorder.on_not_connected)  # fmt: skip
+        clients[client_id] = made
+        return made
 
     image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
     cameras = []
@@ -187,8 +206,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
                                 scenario.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
                                 group.cores)  # fmt: skip
             classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images)
-            edges.append(EdgeServer(env, name, client(name, name), config, classifier, profiles[group.device],
-                                    recorder, load_model_bytes))  # fmt: skip
+            edges.append(EdgeServer(env, name, client(name, name, not group.persistent_session), config, classifier,
+                                    profiles[group.device], recorder, load_model_bytes))  # fmt: skip
 
     registry = None
     if artefacts.updates:
@@ -203,6 +222,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(edge.run())
     if registry is not None:
         env.process(registry.run())
+    for fault in scenario.faults:
+        env.process(inject_fault(env, fault, broker, clients, b.persistence))
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
     env.process(monitor.run())
     return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor)

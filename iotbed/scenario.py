@@ -132,6 +132,7 @@ class EdgeServerGroup(Strict):
     cores: Annotated[int | None, Field(ge=1, description="overrides the device profile's core count")] = None
     batch: BatchSpec = BatchSpec()
     subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
+    persistent_session: bool = Field(False, description="keep the MQTT session (and queued frames) across disconnects")
     defenses: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
 
 
@@ -141,6 +142,22 @@ class DeviceSpec(Strict):
     gflops_per_core: Annotated[float, Field(gt=0)]
     efficiency: Annotated[float, Field(gt=0, le=1)] = 0.1
     batch_overhead: Duration = 0.0
+
+
+class FaultSpec(Strict):
+    """`broker_restart`: the broker process dies at `at` and is back `down` later. `node_crash`: the node's
+    MQTT client vanishes without a DISCONNECT and reconnects `down` later."""
+
+    kind: Literal["broker_restart", "node_crash"]
+    at: Duration
+    down: Duration = 1.0
+    node: str | None = Field(None, description="the node, e.g. edge-0 (node_crash only)")
+
+    @model_validator(mode="after")
+    def _node(self) -> FaultSpec:
+        if (self.kind == "node_crash") != (self.node is not None):
+            raise ValueError("node_crash needs `node:`; broker_restart takes none")
+        return self
 
 
 class NodesSpec(Strict):
@@ -161,6 +178,7 @@ class BrokerSpec(Strict):
     max_retries: Annotated[int | None, Field(ge=0)] = None
     keepalive: Duration = 60.0
     tcp_ip_overhead: bool = Field(True, description="count TCP/IPv4 headers (40 B per 1460-B segment)")
+    persistence: bool = Field(True, description="sessions, queued messages and retained messages survive a restart")
 
 
 class TrainSpec(Strict):
@@ -227,6 +245,7 @@ class Scenario(Strict):
     devices: dict[str, DeviceSpec] = Field(default_factory=dict, description="device profiles besides the built-in ones")
     attacks: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
     monitor_interval: Duration = Field(1.0, description="how often link queues and throughput are sampled")
+    faults: list[FaultSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -254,6 +273,9 @@ class Scenario(Strict):
         for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
             if group.device not in profiles:
                 raise ValueError(f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}")
+        for fault in self.faults:
+            if fault.node is not None and self.resolve_node(fault.node) != fault.node:
+                raise ValueError(f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`")
         for topic_filter in self.broker.qos:
             validate_filter(topic_filter)
         for camera in self.nodes.cameras:

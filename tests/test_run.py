@@ -129,3 +129,31 @@ def test_cli_run_writes_results_and_prints_the_summary(tmp_path: Path) -> None:
     assert "throughput (frames/s)" in proc.stdout and "accuracy overall" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sim_time_s"] == 10.0
+
+
+def test_broker_restarted_twice_at_qos1_loses_no_frame() -> None:
+    scenario = load_scenario(QUICKSTART, ["duration=30s", "faults=[{kind: broker_restart, at: 10s, down: 2s},"
+                                          " {kind: broker_restart, at: 20s, down: 1s}]"])  # fmt: skip
+    summary = iotbed.run(scenario, write=False, progress=False).summary
+    frames = summary["frames"]
+    assert summary["broker"]["restarts"] == 2
+    assert frames["delivered"] == frames["captured"]
+    assert frames["retries"] > 50  # the frames sent into the outage were sent again
+    assert summary["latency_ms"]["max"] > 1000  # and waited for the broker
+
+
+def test_broker_restart_at_qos0_counts_the_lost_frames() -> None:
+    scenario = load_scenario(QUICKSTART, ["duration=30s", "broker.qos={frames/#: 0}", "links.0.loss=0",
+                                          "faults=[{kind: broker_restart, at: 10s, down: 2s}]"])  # fmt: skip
+    frames = iotbed.run(scenario, write=False, progress=False).summary["frames"]
+    lost = frames["dropped"].get("not_connected", 0) + frames["dropped"].get("broker_down", 0)
+    assert lost == frames["captured"] - frames["delivered"]
+    assert 80 <= lost <= 130  # 50 frames/s for 2 s plus the reconnect back-off
+
+
+def test_edge_server_that_crashes_gets_its_frames_from_its_persistent_session() -> None:
+    scenario = load_scenario(QUICKSTART, ["duration=30s", "nodes.edge_servers.0.persistent_session=true",
+                                          "faults=[{kind: node_crash, node: edge-0, at: 10s, down: 3s}]"])  # fmt: skip
+    summary = iotbed.run(scenario, write=False, progress=False).summary
+    assert summary["frames"]["delivered"] == summary["frames"]["captured"]
+    assert summary["latency_ms"]["max"] > 2500  # frames held while it was down

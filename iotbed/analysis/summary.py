@@ -77,6 +77,7 @@ def broker_stats(deployment: Deployment) -> dict[str, Any]:
         "no_subscriber": stats.no_subscriber,
         "queued_offline": stats.queued_offline,
         "wills_published": stats.wills_published,
+        "restarts": stats.restarts,
     }
 
 

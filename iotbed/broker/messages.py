@@ -125,7 +125,8 @@ class OutboundFlow:
         message.packet_id = self._allocate_id()
         awaiting = PacketType.PUBACK if message.qos == 1 else PacketType.PUBREC
         self.inflight[message.packet_id] = _InFlight(message, awaiting, done=done)
-        self._send(message, message)
+        if not self.paused:  # paused: held until the peer is back, then `resend_all`
+            self._send(message, message)
         self._arm(message.packet_id, 1)
 
     def _arm(self, packet_id: int, attempt: int) -> None:

@@ -36,6 +36,8 @@ from iotbed.sim.timers import FifoTimers
 
 # Retransmission timers fire within this share of retry_interval after their deadline (see FifoTimers).
 RETRY_TICK_FRACTION = 0.05
+# A client whose connection broke tries again after this long (paho's minimum reconnect delay).
+RECONNECT_DELAY_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class BrokerStats:
     queued_offline: int = 0
     dropped_offline_qos0: int = 0
     wills_published: int = 0
+    restarts: int = 0
 
 
 @dataclass
@@ -137,6 +140,7 @@ class SimBroker:
         self.sessions: dict[str, _Session] = {}
         self.retained: dict[str, Publish] = {}
         self.stats = BrokerStats()
+        self.down = False
         self.undelivered_listeners: list[UndeliveredListener] = []
         self._match_cache: dict[str, tuple[list[tuple[_Session, int]], list[str]]] = {}
         self._shared_members: dict[str, list[tuple[_Session, int]]] = {}
@@ -144,6 +148,9 @@ class SimBroker:
 
     # --- packets in -------------------------------------------------------------------------------
     def receive(self, packet: Packet) -> None:
+        if self.down:
+            self.network.drop(packet, "broker_down", None)
+            return
         message = packet.message
         client = packet.sender
         if isinstance(message, Connect):
@@ -172,7 +179,11 @@ class SimBroker:
     def _on_connect(self, client: Any, message: Connect) -> None:
         session = self.sessions.get(message.client_id)
         if session is not None and session.connected and session.endpoint is client:
-            self._send(session, Connack(not session.clean), None)  # our CONNACK was lost: answer again
+            # The same client again (our CONNACK was lost, or it came back before we noticed it had gone):
+            # the session carries on, and whatever it has not acknowledged is sent again.
+            session.epoch += 1
+            self._send(session, Connack(not session.clean), None)
+            session.outbound.resend_all()  # type: ignore[union-attr]
             return
         present = session is not None and not message.clean_session and not session.clean
         if session is not None and session.connected:
@@ -199,6 +210,26 @@ class SimBroker:
             while session.offline_queue:
                 session.outbound.publish(session.offline_queue.popleft())
         self._watch_liveness(session, session.epoch)
+
+    def crash(self, persistence: bool) -> None:
+        """The broker process dies: every connection breaks at once (clients see it), no will is sent.
+        With persistence, persistent sessions, their queued and in-flight messages and retained messages
+        survive the restart, as Mosquitto's database keeps them; without it, all state is gone."""
+        self.down = True
+        self.stats.restarts += 1
+        for session in list(self.sessions.values()):
+            if session.connected:
+                session.connected = False
+                session.outbound.paused = True  # type: ignore[union-attr]
+                session.endpoint.connection_lost()
+            if session.clean or not persistence:
+                self._forget_subscriptions(session)
+                del self.sessions[session.client_id]
+        if not persistence:
+            self.retained.clear()
+
+    def start(self) -> None:
+        self.down = False
 
     def _watch_liveness(self, session: _Session, epoch: int) -> None:
         # A client that vanishes is noticed after 1.5 keep-alive periods of silence (MQTT 3.1.2.10).
@@ -322,7 +353,8 @@ class SimMqttClient:
     def __init__(self, env: simpy.Environment, network: Network, node: str, client_id: str, broker: SimBroker,
                  *, clean_session: bool = True, will: Publish | None = None,
                  on_retry: Callable[[Publish], None] | None = None,
-                 on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+                 on_give_up: Callable[[Publish], None] | None = None,
+                 on_not_connected: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
         self.env = env
         self.network = network
         self.node = node
@@ -332,7 +364,11 @@ class SimMqttClient:
         self.clean_session = clean_session
         self.will = will
         self.alive = True
+        self.session_up = False  # between a CONNACK and the loss of the connection
         self.connected = env.event()
+        self.reconnects = 0
+        self._subscriptions: dict[str, int] = {}
+        self._on_not_connected = on_not_connected
         self._handlers: list[tuple[str, Handler]] = []
         self._handlers_for: dict[str, list[Handler]] = {}
         self._unacked_subscriptions: set[tuple[str, int]] = set()
@@ -372,13 +408,19 @@ class SimMqttClient:
     def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
                 confirm: bool = False) -> simpy.Event | None:  # fmt: skip
         done = self.env.event() if confirm else None  # an event per frame nobody waits for would cost time
-        self.outbound.publish(Publish(topic, payload, qos, retain, account=account), done)
+        message = Publish(topic, payload, qos, retain, account=account)
+        if not self.session_up and qos == 0:
+            if self._on_not_connected is not None:  # no connection: a QoS 0 message has nowhere to wait
+                self._on_not_connected(message)
+            return done
+        self.outbound.publish(message, done)  # QoS 1/2 wait in flight while the connection is down
         return done
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int) -> None:
         validate_filter(topic_filter)
         self._handlers.append((topic_filter, handler))
         self._handlers_for.clear()
+        self._subscriptions[topic_filter] = qos
         entry = (topic_filter, qos)
         self._unacked_subscriptions.add(entry)
         self._send_subscribe(entry)
@@ -386,12 +428,21 @@ class SimMqttClient:
     def disconnect(self) -> None:
         self._send(Disconnect(), None)
         self.alive = False
+        self.session_up = False
         self.outbound.paused = True
 
     def crash(self) -> None:
         """Vanish without a DISCONNECT: the broker notices after 1.5 keep-alives and publishes the will."""
         self.alive = False
+        self.session_up = False
         self.outbound.paused = True
+
+    def connection_lost(self) -> None:
+        """The broker went away: try again after a short back-off, until it answers (as paho does)."""
+        self.session_up = False
+        self.outbound.paused = True
+        self.reconnects += 1
+        Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(lambda _: self.connect() if self.alive else None)
 
     def receive(self, packet: Packet) -> None:
         if not self.alive:
@@ -407,9 +458,18 @@ class SimMqttClient:
         elif isinstance(message, Suback):
             self._unacked_subscriptions = {e for e in self._unacked_subscriptions if e[0] not in message.filters}
         elif isinstance(message, Connack):
+            first = not self.session_up
+            self.session_up = True
             self.outbound.paused = False
-            if message.session_present:
+            if first:
+                # A new connection: what was never acknowledged goes again (paho does the same), and
+                # subscriptions the broker's session lost are made again.
                 self.outbound.resend_all()
+                if not message.session_present:
+                    for entry in self._subscriptions.items():
+                        if entry not in self._unacked_subscriptions:
+                            self._unacked_subscriptions.add(entry)
+                            self._send_subscribe(entry)
             if not self.connected.triggered:
                 self.connected.succeed(message.session_present)
 

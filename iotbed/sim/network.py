@@ -96,7 +96,7 @@ class Network:
         departure = link.transmitter.admit(now, size)
         if departure is None:
             stats.dropped_queue_full += 1
-            self._drop(packet, "queue_full", link)
+            self.drop(packet, "queue_full", link)
             return
         stats.bytes_sent += size
         frame = packet.frame
@@ -104,7 +104,7 @@ class Network:
             frame.wire_bytes += size
         if link.loss.lost():
             stats.dropped_loss += 1
-            self._drop(packet, "link_loss", link)
+            self.drop(packet, "link_loss", link)
             return
         delay = link.latency_s if link.jitter_s <= 0.0 else link.delay_after_departure()
         Timeout(self.env, departure + delay - now, packet).callbacks.append(self._arrive)
@@ -120,6 +120,7 @@ class Network:
         else:
             packet.receiver.receive(packet)
 
-    def _drop(self, packet: Packet, reason: str, link: LinkDirection | None) -> None:
+    def drop(self, packet: Packet, reason: str, link: LinkDirection | None) -> None:
+        """A packet is gone (a full queue, a lost transmission, a receiver that is down): tell the listeners."""
         for listener in self.drop_listeners:
             listener(packet, reason, link)

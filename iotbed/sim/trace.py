@@ -20,7 +20,7 @@ from iotbed.sim.network import Packet
 DELIVERED = "delivered"
 DROPPED = "dropped"
 IN_FLIGHT = "in_flight"
-TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full"})
+TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full", "broker_down"})
 
 
 class FrameRecord:
@@ -128,6 +128,11 @@ class TraceRecorder:
         if isinstance(record, FrameRecord):
             record.drop_reason = reason
             record.drop_link = ""
+
+    def on_not_connected(self, message: Publish) -> None:
+        record = message.account
+        if isinstance(record, FrameRecord):
+            record.drop_reason = "not_connected"
 
     def on_give_up(self, message: Publish) -> None:
         record = message.account
