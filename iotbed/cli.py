@@ -230,7 +230,8 @@ def models_list() -> None:
 
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-@click.option("--broker", "broker_url", required=True, metavar="mqtt://HOST:PORT", help="the broker to run against")
+@click.option("--broker", "broker_url", required=True, metavar="mqtt://HOST:PORT",
+              help="the broker to run against, or `local` for a Mosquitto started (and restarted by faults) for this run")
 @click.option("--username", help="one user name for every client")
 @click.option("--password", help="its password")
 @click.option("--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)")
@@ -256,8 +257,17 @@ def emulate(scenario: str, broker_url: str, username: str | None, password: str 
             logins = json.loads(Path(credentials).read_text(encoding="utf-8"))["clients"]
         except (OSError, ValueError, KeyError) as exc:
             raise IotbedError(f"--credentials {credentials}: not a credentials file from `iotbed broker start --auth` ({exc})") from None
-    result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
-                      out_dir=out_dir, force=force, progress=not quiet)  # fmt: skip
+    if broker_url == "local":
+        import tempfile
+
+        from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
+
+        with tempfile.TemporaryDirectory(prefix="iotbed-broker-") as tmp, \
+                MosquittoBroker(Path(tmp), BrokerConfig(persistence=True)) as local:  # fmt: skip
+            result = run_live(loaded, local.url, out_dir=out_dir, force=force, progress=not quiet, broker_control=local)
+    else:
+        result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
+                          out_dir=out_dir, force=force, progress=not quiet)  # fmt: skip
     print_summary(result.summary)
     if result.out_dir is not None:
         err.print(f"results: {result.out_dir}/", highlight=False)

@@ -80,3 +80,21 @@ def test_cli_broker_with_auth_and_emulate_with_credentials(mosquitto_binary: str
     finally:
         stopped = _cli("broker", "stop", "--dir", str(broker_dir))
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
+
+
+def test_live_broker_restarted_twice_during_a_qos1_run_loses_no_frame(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [
+        "duration=12s", "nodes.cameras.0.count=4", "nodes.edge_servers.0.persistent_session=true",
+        "nodes.edge_servers.0.subscribe=frames/#",  # Mosquitto 2.0 does not persist shared subscriptions
+        "faults=[{kind: broker_restart, at: 3s, down: 1s}, {kind: broker_restart, at: 7s, down: 1s}]"])  # fmt: skip
+    summary = emulate(scenario, plain_broker.url, write=False, progress=False, broker_control=plain_broker).summary
+    assert plain_broker.starts == 3
+    assert summary["frames"]["delivered"] == summary["frames"]["captured"] == 4 * 5 * 12
+    assert summary["broker"]["reconnects"] >= 2 * 5  # every client came back after each restart
+    assert summary["latency_ms"]["max"] > 500  # frames waited out the outages
+
+
+def test_faults_that_need_control_of_the_broker_are_refused() -> None:
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", ["faults=[{kind: broker_restart, at: 3s}]"])
+    with pytest.raises(IotbedError, match="--broker local"):
+        emulate(scenario, "mqtt://127.0.0.1:1", write=False, progress=False)

@@ -407,7 +407,10 @@ class MqttTransport:
             self._link_up_paho = True
             if not present:
                 self._in_session.clear()
-            missing = [f for f in self._wanted if f not in self._in_session]
+            # Subscribe again to everything, even when the broker says the session is present: Mosquitto
+            # 2.0 does not restore shared subscriptions ($share/...) from its database after a restart.
+            # Retain handling 1 (MQTT 5) keeps retained messages from being sent twice.
+            missing = list(self._wanted)
             if missing:
                 self._subscribe_locked(missing)
         self.bridge.post(self._on_connected, present)

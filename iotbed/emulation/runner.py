@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from iotbed.analysis.summary import summarise
+from iotbed.broker.mosquitto import MosquittoBroker
 from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
 from iotbed.broker.wire import WireCodec
 from iotbed.deployment import _add_links, device_profiles
@@ -83,9 +84,14 @@ def path_shape(route: tuple[LinkDirection, ...]) -> PathShape:
 
 
 def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None, password: str | None = None,
-            logins: dict[str, str] | None = None, tls_ca: str | None = None, out_dir: str | Path | None = None, write: bool = True, force: bool = False,
+            logins: dict[str, str] | None = None, tls_ca: str | None = None, broker_control: MosquittoBroker | None = None, out_dir: str | Path | None = None, write: bool = True, force: bool = False,
             progress: bool = True) -> RunResult:  # fmt: skip
     address = parse_broker_url(broker_url)
+    for fault in scenario.faults:
+        if fault.kind == "node_crash":
+            raise IotbedError("node_crash faults run in simulation only in this version; remove them for `iotbed emulate`")
+        if broker_control is None:
+            raise IotbedError("broker_restart faults need a broker iotbed controls: run with `--broker local`")
     target = output_dir(scenario, out_dir, force) if write else None
     wall_start = time.perf_counter()
     resolved, artefacts, model_info = prepare(scenario, progress=progress)
@@ -108,11 +114,12 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
 
     transports: list[MqttTransport] = []
 
-    def transport(client_id: str, shaper: LinkShaper | None = None) -> MqttTransport:
+    def transport(client_id: str, shaper: LinkShaper | None = None, clean_session: bool = True) -> MqttTransport:
         # Per-client logins (one user per node, as `iotbed broker start --auth` makes them) win over a shared one.
         user, secret = (client_id, logins[client_id]) if logins and client_id in logins else (username, password)
         t = MqttTransport(env, client_id, address.host, address.port, protocol=b.protocol, keepalive_s=int(b.keepalive),
-                          username=user, password=secret, tls_ca=tls_ca, tls=address.tls or None,
+                          clean_session=clean_session, username=user, password=secret, tls_ca=tls_ca,
+                          tls=address.tls or None,
                           codec=codec, shaper=shaper, bridge=bridge, tcp_ip_overhead=b.tcp_ip_overhead)  # fmt: skip
         transports.append(t)
         return t
@@ -148,8 +155,8 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
                                 resolved.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
                                 group.cores)  # fmt: skip
             classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images)
-            edge = EdgeServer(env, name, transport(name), config, classifier, profiles[group.device], recorder,
-                              load_model_bytes)  # fmt: skip
+            edge = EdgeServer(env, name, transport(name, clean_session=not group.persistent_session), config,
+                              classifier, profiles[group.device], recorder, load_model_bytes)  # fmt: skip
             edges.append(edge)
             env.process(edge.run())
     if artefacts.updates:
@@ -157,6 +164,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
                                  list(artefacts.updates), recorder)  # fmt: skip
         env.process(registry.run())
 
+    if broker_control is not None:
+        for fault in resolved.faults:
+            env.process(restart_broker(env, broker_control, fault.at, fault.down))
     end = resolved.duration + DRAIN_S
     env.sync()  # wall-clock zero is now, after models and clients are ready
     try:
@@ -179,6 +189,14 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     if target is not None:
         write_outputs(target, resolved, table, summary, links, [], recorder)
     return RunResult(resolved, summary, table, target)
+
+
+def restart_broker(env: simpy.Environment, broker: MosquittoBroker, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
+    """Stop the broker (SIGTERM: it saves its database) at `at_s` and start it again `down_s` later."""
+    yield env.timeout(at_s)
+    broker.stop()
+    yield env.timeout(down_s)
+    broker.start()
 
 
 def same_loss(model: LossModel, rng: np.random.Generator) -> LossModel:
