@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test bench clean
+.PHONY: setup system-deps demo test bench bench-ml clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,16 @@ system-deps:
 test: setup system-deps
 	IOTBED_REQUIRE_MOSQUITTO=1 $(VENV)/bin/pytest -q
 
-bench: setup
+bench: setup system-deps
 	$(PY) benchmarks/run.py
+
+# The ML benchmarks (recovery, attacks against torchattacks, STRIP, CoDefend). torchattacks declares
+# torchvision and an unpinned torch, which would replace the CPU wheel: it goes in without its dependencies.
+bench-ml: setup
+	$(PY) -m pip install --quiet requests scikit-image
+	$(PY) -m pip install --quiet --no-deps torchattacks
+	$(PY) benchmarks/bench_recovery.py
+	$(PY) benchmarks/bench_attacks.py
 
 clean:
 	rm -rf $(VENV) .cache runs benchmarks/results
