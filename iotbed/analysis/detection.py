@@ -42,7 +42,10 @@ class DetectionError(IotbedError):
 
 
 def _scores(values: ScoreLike, what: str) -> np.ndarray:
-    arr = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=np.float64)
+    if isinstance(values, torch.Tensor):
+        arr = values.detach().cpu().double().numpy()
+    else:
+        arr = np.asarray(values, dtype=np.float64)
     arr = arr.reshape(-1) if arr.ndim == 0 else arr
     if arr.ndim != 1 or arr.size == 0:
         raise DetectionError(f"{what} must be a non-empty 1-D set of scores, got shape {arr.shape}")
@@ -71,7 +74,9 @@ def fit_threshold(benign_scores: ScoreLike, frr: float, *, method: ThresholdMeth
             raise DetectionError("a normal fit needs at least 2 benign calibration scores")
         mu, sigma = stats.norm.fit(scores)
         if sigma <= 0:
-            raise DetectionError("benign calibration scores are all equal; a normal fit is degenerate, use method='quantile'")
+            raise DetectionError(
+                "benign calibration scores are all equal; a normal fit is degenerate, use method='quantile'"
+            )
         return float(stats.norm.ppf(frr, mu, sigma))
     if method == "quantile":
         return float(np.quantile(scores, frr))
