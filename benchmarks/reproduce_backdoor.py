@@ -71,16 +71,22 @@ class Setup:
     target: int
     ratio: float
     nc_images: int  # clean images Neural Cleanse optimises on (all classes at once)
-    nc_epochs: int
+    nc: neural_cleanse.NeuralCleanseConfig
 
 
 def setups() -> dict[str, Setup]:
     return {
         # STRIP's MNIST "square" trigger / CoDefend's trigger A: a white square in the bottom-right.
-        "mnist": Setup("mnist", "lenet5", Trigger.patch((1, 28, 28), size=4, style="white"), 7, 0.1, 500, 20),
+        "mnist": Setup(
+            "mnist", "lenet5", Trigger.patch((1, 28, 28), size=4, style="white"), 7, 0.1, 500,
+            neural_cleanse.NeuralCleanseConfig(epochs=20, batch_size=64),
+        ),
         # A BadNets checkerboard in the corner of the traffic sign; target class 1 (speed limit 30).
         "gtsrb": Setup(
-            "gtsrb", "gtsrb_cnn", Trigger.patch((3, 32, 32), size=4, style="checkerboard"), 1, 0.1, 215, 10
+            "gtsrb", "gtsrb_cnn", Trigger.patch((3, 32, 32), size=4, style="checkerboard"), 1, 0.1, 224,
+            # 43 classes x 32 images per step; 10 epochs of batch 64 (40 steps) left every mask near 280 px
+            # and flagged the wrong classes, 20 epochs of batch 32 (140 steps) flag the target (index 3.4).
+            neural_cleanse.NeuralCleanseConfig(epochs=20, batch_size=32),
         ),
     }
 
@@ -226,8 +232,7 @@ def run_baselines(scene: Scene, log: Callable[[str], None] = print) -> dict[str,
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     nc_images = scene.valid.images[: s.nc_images]
-    nc_config = neural_cleanse.NeuralCleanseConfig(epochs=s.nc_epochs)
-    nc = neural_cleanse.reverse_engineer(scene.badnet.model, nc_images, scene.valid.num_classes, nc_config)
+    nc = neural_cleanse.reverse_engineer(scene.badnet.model, nc_images, scene.valid.num_classes, s.nc)
     repaired = neural_cleanse.unlearn(scene.badnet.model, scene.valid, nc)
     t1 = time.perf_counter()
     log(f"  neural cleanse: flagged {nc.flagged}, target index {float(nc.anomaly_index[s.target]):.2f}, "
@@ -358,15 +363,22 @@ def _strip_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) -> 
                 {"dataset": name, "what": f"strip_frr_{pn['frr_preset']}",
                  "source": f"published {pub['strip_table3']['label']}", "far": published / 100}
             )
-    far1 = next(p["far"] for p in nrm["points"] if p["frr_preset"] == 0.01)
-    frr1 = next(p["frr"] for p in nrm["points"] if p["frr_preset"] == 0.01)
+    at1 = next(p for p in nrm["points"] if p["frr_preset"] == 0.01)
+    q1 = next(p for p in qnt["points"] if p["frr_preset"] == 0.01)
     c3 = pub["codefend_table3"]
     lines += [
         "",
-        f"In CoDefend's (swapped) names at preset 1%: FNR {pct(frr1)}%, FPR {pct(far1)}%; published CoDefend Table 3 "
-        f"({c3['label']}): FNR {c3['fnr']}%, FPR {c3['fpr']}%. Target FAR <= 2% at FRR 1%: {_met(far1 <= 0.02)}.",
-        "",
+        f"In CoDefend's (swapped) names at preset 1%: FNR {pct(at1['frr'])}%, FPR {pct(at1['far'])}% (normal fit), "
+        f"FNR {pct(q1['frr'])}%, FPR {pct(q1['far'])}% (quantile); published CoDefend Table 3 ({c3['label']}): "
+        f"FNR {c3['fnr']}%, FPR {c3['fpr']}%. Target FAR <= 2% at FRR 1%: {_met(at1['far'] <= 0.02)} with STRIP's "
+        f"normal fit ({pct(at1['far'])}%), {_met(q1['far'] <= 0.02)} with the empirical quantile ({pct(q1['far'])}%).",
     ]
+    if at1["threshold"] < 0:
+        lines.append(
+            "The normal fit puts the boundary below zero (benign entropies are skewed: mean - 2.33 std < 0), where "
+            "no entropy can fall, so it flags nothing, however well the scores separate (AUROC above)."
+        )
+    lines.append("")
     return lines
 
 
@@ -481,7 +493,7 @@ def write(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
     with open(RESULTS / "reproduce_backdoor.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     payload = {"meta": meta, "results": results}
     (RESULTS / "reproduce_backdoor.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 

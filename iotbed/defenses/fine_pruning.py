@@ -11,7 +11,7 @@ that clean data leaves dormant (a backdoor tends to live in them), then fine-tun
   BatchNorm's weight and bias), so the model stays a plain architecture that saves as safetensors.
   During fine-tuning, gradient hooks keep those entries at zero (their gradient is masked, so no
   optimiser step moves them while weight decay is 0), and are removed afterwards.
-- Fine-tuning: SGD momentum 0.9, lr 0.005 with cosine decay, 10 epochs, batch 32, on the clean set
+- Fine-tuning: SGD momentum 0.9, lr 0.002 with cosine decay, 10 epochs, batch 32, on the clean set
   (the same budget as our CoDefend and Neural Cleanse unlearning). With SGD, momentum and no
   weight decay, a zero gradient leaves a zeroed weight at zero.
 """
@@ -118,7 +118,7 @@ def prune_by_activation(
 
 
 DEFAULT_FINE_TUNE = TrainConfig(
-    epochs=10, batch_size=32, lr=5e-3, lr_schedule="cosine", optimizer="sgd", momentum=0.9, seed=0
+    epochs=10, batch_size=32, lr=2e-3, lr_schedule="cosine", optimizer="sgd", momentum=0.9, seed=0
 )
 
 

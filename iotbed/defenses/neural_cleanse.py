@@ -24,7 +24,7 @@ change which classes are flagged, so it is fixed and stated here.)
 Mitigation (the original code's and BackdoorBench's reading of the paper): unlearning. A share
 (`stamp_fraction`, 20% as in the paper) of the clean fine-tuning set, chosen with a generator, is
 stamped with the reversed trigger of a flagged class (round-robin if several), labels unchanged, and
-the model is fine-tuned on that set (SGD momentum 0.9, lr 0.005 cosine, 10 epochs, batch 32: the same
+the model is fine-tuned on that set (SGD momentum 0.9, lr 0.002 cosine, 10 epochs, batch 32: the same
 budget as our CoDefend unlearning, so the baselines compare like for like).
 """
 
@@ -188,7 +188,7 @@ def reverse_engineer(
 
 
 DEFAULT_UNLEARN = TrainConfig(
-    epochs=10, batch_size=32, lr=5e-3, lr_schedule="cosine", optimizer="sgd", momentum=0.9, seed=0
+    epochs=10, batch_size=32, lr=2e-3, lr_schedule="cosine", optimizer="sgd", momentum=0.9, seed=0
 )
 
 

@@ -14,23 +14,24 @@ different quantity (it ranks near-one-hot trojan-like predictions ABOVE diverse 
   (values in [0, 2]; the model's own normalisation takes them as they are). "convex" is
   (1 - alpha) x + alpha o with alpha 0.5, as ART, TrojanZoo and BackdoorBench's class default do.
 - Batching: all inputs x blends go through the model in chunks of at most `max_batch` images (1024:
-  larger chunks fall out of cache and run slower on CPU); the
-  overlay indices for the whole batch are drawn first from the generator, so results do not depend
-  on the chunk size.
+  larger chunks fall out of cache and run slower on CPU), through a channels-last copy of the model;
+  the overlay indices for the whole batch are drawn first from the generator, so results do not
+  depend on the chunk size.
 - Threshold: `iotbed.analysis.detection.fit_threshold` on the benign entropies of a calibration split
   (normal fit + `norm.ppf(frr)` as the code does, or an empirical quantile). Flag if H <= boundary.
 
-Update screen (a decision CoDefend and STRIP leave open; ours): a candidate model update is judged
-on the frames the device relayed. The threshold is calibrated for the CANDIDATE model on clean
-calibration frames (entropy levels differ per model). Under the null hypothesis "no backdoor is
-triggered by these frames", each relayed frame is flagged with probability at most
-p0 = max(preset FRR, FRR observed on the calibration frames) (the max guards against a threshold
-that under-states the real benign flag rate). The screen fits its boundary as an empirical quantile
-by default, not with STRIP's normal fit: benign entropies are skewed, and on our GTSRB model the
-normal fit put the 1% boundary below zero, where it flags nothing and would pass any backdoor. The model is declared backdoored when the count of
-flagged frames k out of n is improbable under Binomial(n, p0): P(K >= k) < `significance` (default
-1e-3, so a clean model is wrongly refused about once per thousand updates). A backdoor whose
-trigger never occurs in the relayed frames cannot be seen by any STRIP-based screen.
+Update screen (a decision CoDefend and STRIP leave open; ours), `screen_update`: a candidate model
+update is judged on the frames the device relayed. The boundary is calibrated for the CANDIDATE model
+on clean calibration frames (entropy levels differ per model). Under the null hypothesis "no backdoor
+is triggered by these frames", each relayed frame is flagged with probability at most
+p0 = max(preset FRR, FRR observed on the calibration frames); the max guards against a boundary that
+under-states the real benign flag rate. The model is declared backdoored when the count k of flagged
+frames out of n is improbable under Binomial(n, p0): P(K >= k) < `significance` (default 1e-3, so a
+clean model is wrongly refused about once per thousand updates). The screen fits its boundary as an
+empirical quantile by default, not with STRIP's normal fit: benign entropies are skewed, and on our
+GTSRB model the normal fit put the 1% boundary below zero, where it flags nothing and would pass any
+backdoor. A backdoor whose trigger never occurs in the relayed frames cannot be seen by any
+STRIP-based screen.
 """
 
 from __future__ import annotations
