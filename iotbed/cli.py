@@ -102,9 +102,22 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("latency p95 / p99 (ms)", f"{_fmt(latency['p95'], '.2f')} / {_fmt(latency['p99'], '.2f')}"),
         ("bytes per frame (camera publish)", _fmt(summary["bandwidth"]["bytes_per_frame_mean"], ".1f")),
         ("bytes per frame (all links)", _fmt(summary["bandwidth"]["wire_bytes_per_frame_mean"], ".1f")),
+        ("bandwidth per camera (kbit/s)", _fmt(summary["bandwidth"].get("per_camera_kbps"), ".1f")),
         ("accuracy overall / clean", f"{_fmt(accuracy['overall'], '.4f')} / {_fmt(accuracy['clean'], '.4f')}"),
         ("accuracy attacked", _fmt(accuracy["attacked"], ".4f")),
     ]
+    for group, codec in summary.get("codecs", {}).items():
+        if codec["kind"] == "pixel_drop":
+            rows.append((f"pixel drop {group}: real / nominal rate",
+                         f"{codec['real_rate']:.4f} / {codec['nominal_rate']:g}"))  # fmt: skip
+            rows.append((f"pixel drop {group}: payload / raw bytes", f"{codec['payload_bytes']} / {codec['raw_payload_bytes']}"))
+    reference = accuracy.get("undefended_reference", {})
+    if summary.get("attacks"):
+        rows.append(("undefended reference: clean / attacked",
+                     f"{_fmt(reference.get('clean'), '.4f')} / {_fmt(reference.get('attacked'), '.4f')}"))  # fmt: skip
+    for label, entry in accuracy.get("by_attack", {}).items():
+        rows.append((f"  {label}: n, acc. (undefended)",
+                     f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})"))  # fmt: skip
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
@@ -354,6 +367,8 @@ def sweep(sweep_file: str, workers: int, cluster: str | None, out_dir: str | Non
     ran = len(result.executed)
     err.print(f"{len(result.records)} runs ({ran} run now, {len(result.records) - ran} already done, {failed} failed); "
               f"results: {result.out_dir}/sweep.csv, sweep_summary.csv", highlight=False)  # fmt: skip
+    for figure in result.figures:
+        err.print(f"figure: {figure}", highlight=False)
 
 
 @main.command()
@@ -364,7 +379,7 @@ def sweep(sweep_file: str, workers: int, cluster: str | None, out_dir: str | Non
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]), default=("png", "svg"))
 @_user_errors
 def plot(kind: str, folder: str, out_dir: str | None, x_param: str | None, formats: tuple[str, ...]) -> None:
-    """Draw KIND (latency, throughput) from a run or sweep FOLDER."""
+    """Draw KIND (latency, throughput; bandwidth_vs_robustness from a sweep) from a run or sweep FOLDER."""
     from iotbed.analysis.plots import plot as draw
 
     for path in draw(kind, folder, out_dir, tuple(formats), x_param):

@@ -13,12 +13,15 @@ import simpy
 import torch
 from torch import nn
 
+from iotbed.attacks.network import AttackWindow, ManInTheMiddle
 from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
+from iotbed.codecs.pixel_drop import PixelDropCodec
+from iotbed.defenses.pipeline import build_chain
 from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
-from iotbed.scenario import FaultSpec, LinkSpec, Scenario
+from iotbed.scenario import AttackSpec, CameraGroup, FaultSpec, LinkSpec, Scenario
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
 from iotbed.sim.network import Network
@@ -35,6 +38,10 @@ class Artefacts:
     model: nn.Module
     flops_per_image: float
     updates: tuple[ScheduledUpdate, ...] = ()
+    adversarial: dict[str, np.ndarray] = field(default_factory=dict)  # attack label -> (N, C, H, W) float32
+    # The bare model on each image as captured ("") and on each attack's oblivious version: the undefended
+    # reference the summary puts next to the defended accuracy.
+    bare_correct: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Deployment:
     link_groups: list[LinkGroup]
     capture_until_s: float
     monitor: LinkMonitor
+    attacks: list[AttackWindow] = field(default_factory=list)
 
 
 def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient],
@@ -155,6 +163,42 @@ def _add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> 
     return groups
 
 
+def camera_codec(group: CameraGroup) -> PixelDropCodec | None:
+    codec = group.codec
+    return PixelDropCodec(codec.window, codec.rate, codec.mask) if codec.kind == "pixel_drop" else None
+
+
+def attack_window(spec: AttackSpec, scenario: Scenario, artefacts: Artefacts, clean: np.ndarray,
+                  streams: RandomStreams) -> AttackWindow:  # fmt: skip
+    stop = scenario.duration if spec.stop is None else spec.stop
+    return AttackWindow(spec.label, spec.start, stop, spec.fraction, streams.generator("attack", spec.label),
+                        artefacts.adversarial[spec.label], clean)  # fmt: skip
+
+
+def attack_targets(spec: AttackSpec, scenario: Scenario) -> set[str]:
+    """The camera nodes a compromised_camera attack takes over."""
+    counts = scenario.group_counts()
+    nodes: set[str] = set()
+    for target in spec.cameras:
+        if target in counts:
+            nodes.update(f"{target}-{i}" for i in range(counts[target]))
+        else:
+            nodes.add(target)
+    return nodes
+
+
+def _install_mitm(spec: AttackSpec, window: AttackWindow, scenario: Scenario, network: Network,
+                  groups: list[LinkGroup], env: simpy.Environment) -> None:  # fmt: skip
+    src_group, dst_group = scenario.attack_link_groups(spec)
+    src_end, dst_end = spec.link  # type: ignore[misc]
+    tamper = ManInTheMiddle(window, lambda: env.now)
+    for group in groups:
+        for direction in group.directions.get(f"{src_group}->{dst_group}", []):
+            # a node name picks one link of the group; a group name takes them all
+            if src_end in (src_group, direction.src) and dst_end in (dst_group, direction.dst):
+                direction.tamper = tamper
+
+
 def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes) -> Deployment:  # type: ignore[no-untyped-def]
     streams = RandomStreams(scenario.seed)
     env = simpy.Environment()
@@ -183,16 +227,25 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         return made
 
     image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    clean = artefacts.images.numpy()
+    windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
+    for spec, window in zip(scenario.attacks, windows):
+        if spec.kind == "mitm":
+            _install_mitm(spec, window, scenario, network, link_groups, env)
+    camera_attacks = [(attack_targets(spec, scenario), window) for spec, window in zip(scenario.attacks, windows)
+                      if spec.kind == "compromised_camera"]  # fmt: skip
     cameras = []
     index = 0
     for group in scenario.nodes.cameras:
+        drop = camera_codec(group)
         for i in range(group.count):
             name = f"{group.name}-{i}"
             topic = group.topic.replace("{name}", name)
             config = CameraConfig(group.fps, group.arrivals, group.start, scenario.duration, topic,
-                                  scenario.qos_for(topic), b.protocol, b.tcp_ip_overhead)  # fmt: skip
+                                  scenario.qos_for(topic), b.protocol, b.tcp_ip_overhead, drop)  # fmt: skip
             camera = Camera(env, name, index, client(name, name), config, artefacts.labels, image_shape,  # type: ignore[arg-type]
-                            streams.generator("camera", name), recorder)  # fmt: skip
+                            streams.generator("camera", name), recorder, streams.generator("codec", name),
+                            [window for targets, window in camera_attacks if name in targets])  # fmt: skip
             cameras.append(camera)
             index += 1
 
@@ -205,7 +258,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
             config = EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), models_topic,
                                 scenario.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
                                 group.cores)  # fmt: skip
-            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images)
+            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images,
+                                        build_chain(group.defenses), streams.torch_generator("defense", name))  # fmt: skip
             edges.append(EdgeServer(env, name, client(name, name, not group.persistent_session), config, classifier,
                                     profiles[group.device], recorder, load_model_bytes))  # fmt: skip
 
@@ -226,4 +280,5 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(inject_fault(env, fault, broker, clients, b.persistence))
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
     env.process(monitor.run())
-    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor)
+    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor,
+                      windows)  # fmt: skip

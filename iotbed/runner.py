@@ -3,6 +3,7 @@ write the results (`scenario.resolved.yaml`, `trace.parquet`, `summary.json`, `l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -10,11 +11,12 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +24,10 @@ import torch
 from tqdm import tqdm
 
 from iotbed.analysis.summary import broker_stats, link_rows, summarise
+from iotbed.attacks.network import AttackWindow
 from iotbed.deployment import Artefacts, Deployment, build_deployment
+from iotbed.nodes.camera import Camera
+from iotbed.nodes.edge_server import EdgeServer
 from iotbed.errors import IotbedError
 from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
@@ -76,7 +81,9 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
     captured = (splits.test.images * 255.0).round() / 255.0
-    artefacts = Artefacts(captured, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates))
+    adversarial, bare_correct = craft_attacks(resolved, trained.model, captured, splits.test.labels, progress)
+    artefacts = Artefacts(captured, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates),
+                          adversarial, bare_correct)  # fmt: skip
     model_info = {
         "arch": trained.arch,
         "cache_key": trained.key,
@@ -89,14 +96,63 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     return resolved, artefacts, model_info
 
 
+def craft_attacks(scenario: Scenario, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                  progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    """Every attack's adversarial images (on the model the edge starts with), and the bare model's verdicts
+    on the clean images and on each attack's oblivious images."""
+    from iotbed.attacks.crafting import bare_predictions, craft
+    from iotbed.defenses.pipeline import build_chain
+
+    truth = labels.numpy()
+    bare_correct = {"": bare_predictions(model, images) == truth}
+    adversarial: dict[str, np.ndarray] = {}
+    if not scenario.attacks:
+        return adversarial, bare_correct
+    num_classes = int(labels.max()) + 1
+    edge = scenario.nodes.edge_servers[0]
+    cameras = {g.name: g for g in scenario.nodes.cameras}
+    for spec in scenario.attacks:
+        codec = cameras[scenario.camera_groups_of(spec)[0]].codec if scenario.nodes.cameras else None
+        # What an adaptive attacker crafts through: the edge's defenses, with the camera's drop if it drops.
+        dropping = codec is not None and codec.kind == "pixel_drop"
+        chain = build_chain(edge.defenses, drop_window=codec.window if dropping else None,  # type: ignore[union-attr]
+                            drop_rate=codec.rate if dropping else None)  # type: ignore[union-attr]  # fmt: skip
+        oblivious = craft(spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes,
+                          progress=progress, adaptive=False)  # fmt: skip
+        bare_correct[spec.label] = bare_predictions(model, oblivious) == truth
+        used = oblivious
+        if spec.adaptive:
+            used = craft(spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes,
+                         progress=progress)  # fmt: skip
+        adversarial[spec.label] = used.numpy().astype(np.float32)
+    return adversarial, bare_correct
+
+
 def load_model_bytes(blob: bytes) -> torch.nn.Module:
     from iotbed.models import model_from_bytes
 
     return model_from_bytes(blob)[0]
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Edge batches are small (a few frames): torch's thread hand-offs then cost more than they save, and
+    on a loaded machine far more (27 s against 0.6 s for one test run with a second process busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def simulate(deployment: Deployment, until_s: float, progress: bool, label: str) -> None:
     """Advance the clock to `until_s` in steps, with a progress bar in simulated seconds."""
+    with one_torch_thread():
+        _advance(deployment, until_s, progress, label)
+
+
+def _advance(deployment: Deployment, until_s: float, progress: bool, label: str) -> None:
     env = deployment.env
     steps = 100
     with tqdm(total=steps, desc=label, disable=not progress, file=sys.stderr,
@@ -123,11 +179,65 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool
     summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
                         sim_end_s=sim_end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
                         links=link_rows(deployment, sim_end), edges=deployment.edges,
-                        broker=broker_stats(deployment), model_events=deployment.recorder.model_events)  # fmt: skip
+                        broker=broker_stats(deployment), model_events=deployment.recorder.model_events,
+                        cameras=len(deployment.cameras), reference=reference_column(table, artefacts),
+                        setup=setup_summary(resolved, deployment.cameras, deployment.edges, deployment.attacks))  # fmt: skip
     if target is not None:
         write_outputs(target, resolved, table, summary, link_rows(deployment, sim_end), deployment.monitor.rows,
                       deployment.recorder)  # fmt: skip
     return RunResult(resolved, summary, table, target)
+
+
+def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
+    """Per frame: does the bare model classify the frame's image right (the attack's oblivious version for an
+    attacked frame)? 1.0/0.0, NaN for a frame two attackers changed (no single reference)."""
+    index = table.column("image_index").to_numpy()
+    attack = table.column("attack").to_numpy(zero_copy_only=False)
+    out = np.full(len(index), np.nan)
+    for label, correct in artefacts.bare_correct.items():
+        rows = attack == label
+        out[rows] = correct[index[rows]]
+    return out
+
+
+def setup_summary(scenario: Scenario, cameras: list[Camera], edges: list[EdgeServer],
+                  windows: list[AttackWindow]) -> dict[str, Any]:  # fmt: skip
+    """What the summary reports about codecs, defenses and attacks, next to the figures they explain."""
+    from iotbed.codecs.pixel_drop import real_drop_rate
+    from iotbed.nodes.payloads import raw_frame_bytes
+
+    shape = cameras[0].image_shape if cameras else None
+    codecs: dict[str, Any] = {}
+    for group in scenario.nodes.cameras:
+        camera = next(c for c in cameras if c.name.rpartition("-")[0] == group.name)
+        entry: dict[str, Any] = {"kind": group.codec.kind, "payload_bytes": camera.payload_bytes}
+        if shape is not None:
+            entry["raw_payload_bytes"] = raw_frame_bytes(shape)
+        if group.codec.kind == "pixel_drop" and shape is not None:
+            entry.update(window=group.codec.window, mask=group.codec.mask, nominal_rate=group.codec.rate,
+                         real_rate=real_drop_rate(shape[1], shape[2], group.codec.window, group.codec.rate))  # fmt: skip
+        codecs[group.name] = entry
+    defenses = {
+        edge.name: {
+            "stages": edge.classifier.defense.params()["stages"] if edge.classifier.defense is not None else [],
+            "defense_flops_per_image": edge.classifier.defense_flops,
+            "model_flops_per_image": edge.classifier.model_flops,
+        }
+        for edge in edges
+    }
+    attacks = {
+        spec.label: {
+            "kind": spec.kind,
+            "method": spec.method,
+            "eps": spec.eps if spec.method not in ("cw_l2", "deepfool") else None,
+            "norm": spec.norm,
+            "crafted": "adaptive (BPDA" + (f" + EOT over {spec.eot_samples} draws)" if spec.eot_samples > 1 else ")")
+            if spec.adaptive else "oblivious (bare model)",
+            "frames_attacked": window.frames_attacked,
+        }
+        for spec, window in zip(scenario.attacks, windows)
+    }
+    return {"codecs": codecs, "defenses": defenses, "attacks": attacks}
 
 
 def output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> Path:

@@ -93,8 +93,121 @@ class LinkSpec(Strict):
         return self
 
 
-class CodecSpec(Strict):
+class RawCodecSpec(Strict):
     kind: Literal["raw"] = "raw"
+
+
+class PixelDropCodecSpec(Strict):
+    """SUPER-IoT's drop on the camera: exactly round(window^2 * rate) pixels of every full window x window
+    tile are dropped (all channels) and not sent; the mask travels as a bitmap or as the seed it is drawn from."""
+
+    kind: Literal["pixel_drop"]
+    rate: Annotated[float, Field(ge=0.0, lt=1.0, description="nominal drop rate; the real one is reported")] = 0.1
+    window: Annotated[int, Field(ge=1, le=256)] = 8
+    mask: Literal["bitmap", "seed"] = Field("bitmap", description="bitmap: 1 bit per pixel; seed: 8 bytes, same generator both ends")
+
+
+CodecSpec = Annotated[Union[RawCodecSpec, PixelDropCodecSpec], Field(discriminator="kind")]
+
+
+def _kind_shorthand(value: Any) -> Any:
+    # `- superiot: {recovery: fast}` reads as `- {kind: superiot, recovery: fast}`, and `- jpeg` as `- {kind: jpeg}`.
+    if isinstance(value, str):
+        return {"kind": value}
+    if isinstance(value, dict) and len(value) == 1 and "kind" not in value:
+        (kind, params), = value.items()
+        if params is None:
+            params = {}
+        if isinstance(params, dict):
+            return {"kind": kind, **params}
+    return value
+
+
+class SuperIoTDefenseSpec(Strict):
+    """Sparse recovery of the dropped pixels, then BayesShrink wavelet denoising. Frames a pixel-drop camera
+    sent are recovered with their own mask; whole frames are dropped here first, at `rate`/`window`."""
+
+    kind: Literal["superiot"]
+    recovery: Literal["fast", "faithful"] = "fast"
+    denoise: Literal["bayes_shrink", "none"] = "bayes_shrink"
+    rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1
+    window: Annotated[int, Field(ge=1, le=256)] = 8
+
+
+class JpegDefenseSpec(Strict):
+    kind: Literal["jpeg"]
+    quality: Annotated[int, Field(ge=1, le=95)] = 75
+
+
+class FeatureSqueezingDefenseSpec(Strict):
+    kind: Literal["feature_squeezing"]
+    bit_depth: Annotated[int, Field(ge=1, le=8)] = 5
+    median_window: Annotated[int | None, Field(ge=1)] = 2
+
+
+class MedianSmoothingDefenseSpec(Strict):
+    kind: Literal["median_smoothing"]
+    window: Annotated[int, Field(ge=1)] = 3
+
+
+class PixelDeflectionDefenseSpec(Strict):
+    kind: Literal["pixel_deflection"]
+    window: Annotated[int, Field(ge=1)] = 8
+    rate: Probability = 0.05
+    denoise: Literal["bayes_shrink", "none"] = "bayes_shrink"
+
+
+DefenseSpec = Annotated[
+    Union[SuperIoTDefenseSpec, JpegDefenseSpec, FeatureSqueezingDefenseSpec, MedianSmoothingDefenseSpec,
+          PixelDeflectionDefenseSpec],
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_shorthand),
+]  # fmt: skip
+
+EVASION_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool")
+GRADIENT_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd")
+
+
+class AttackSpec(Strict):
+    """Adversarial frames in the running system. `compromised_camera`: the named cameras send adversarial
+    images. `mitm`: frames crossing `link` (from its first end to its second) have their travelling pixels
+    perturbed; for pixel-dropped frames only the kept ones. Adversarial images are crafted on the model the
+    edge starts with: against the bare model (oblivious), or through the edge's defenses with BPDA, plus
+    EOT over their randomness (adaptive)."""
+
+    kind: Literal["compromised_camera", "mitm"]
+    name: str | None = Field(None, description="label in the trace; default `<kind>-<method>`")
+    cameras: list[str] = Field(default_factory=list, description="camera groups or nodes (compromised_camera)")
+    link: tuple[str, str] | None = Field(None, description="[from, to]: node groups or nodes (mitm)")
+    method: Literal["fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool"] = "pgd"
+    eps: Annotated[float, Field(ge=0.0, description="budget (L-inf in [0, 1] pixel units, or L2 with norm: 2)")] = 0.1
+    steps: Annotated[int, Field(ge=1)] = 10
+    alpha: Annotated[float | None, Field(gt=0.0, description="step size; default eps/4 (PGD), eps/10 (BIM, MI-FGSM)")] = None
+    norm: Literal["inf", "2"] = "inf"
+    adaptive: bool = Field(False, description="craft through the edge's defenses (BPDA, EOT) instead of the bare model")
+    eot_samples: Annotated[int, Field(ge=1)] = 8
+    fraction: Annotated[float, Field(gt=0.0, le=1.0, description="share of the frames in the window that are attacked")] = 1.0
+    start: Duration = 0.0
+    stop: Duration | None = None
+    seed: int = Field(0, description="crafting seed (PGD's random start, EOT's draws); like the model, an input kept fixed while the scenario seed varies")
+
+    @model_validator(mode="after")
+    def _shape(self) -> AttackSpec:
+        if self.kind == "compromised_camera" and (not self.cameras or self.link is not None):
+            raise ValueError("compromised_camera needs `cameras:` (groups or nodes) and takes no `link:`")
+        if self.kind == "mitm" and (self.link is None or self.cameras):
+            raise ValueError("mitm needs `link: [from, to]` and takes no `cameras:`")
+        if self.adaptive and self.method not in GRADIENT_METHODS:
+            raise ValueError(f"adaptive attacks use gradients: method must be one of {', '.join(GRADIENT_METHODS)}")
+        if self.norm == "2" and self.method not in ("pgd",):
+            raise ValueError("norm: 2 is for pgd; the other methods are L-inf (or, cw_l2/deepfool, minimal L2)")
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop must come after start")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.kind}-{self.method}"
 
 
 class CameraGroup(Strict):
@@ -102,7 +215,7 @@ class CameraGroup(Strict):
     count: Annotated[int, Field(ge=1)] = 1
     fps: Annotated[float, Field(gt=0.0)] = 1.0
     arrivals: Literal["periodic", "poisson"] = "periodic"
-    codec: CodecSpec = CodecSpec()
+    codec: CodecSpec = RawCodecSpec()
     topic: str = Field("frames/{name}", description="`{name}` becomes the camera's name, e.g. cam-3")
     start: Duration = 0.0
 
@@ -133,7 +246,7 @@ class EdgeServerGroup(Strict):
     batch: BatchSpec = BatchSpec()
     subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
     persistent_session: bool = Field(False, description="keep the MQTT session (and queued frames) across disconnects")
-    defenses: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
+    defenses: list[DefenseSpec] = Field(default_factory=list, description="input defenses, applied in order before the model")
 
 
 class DeviceSpec(Strict):
@@ -243,7 +356,7 @@ class Scenario(Strict):
     broker: BrokerSpec
     registry: RegistrySpec = RegistrySpec()
     devices: dict[str, DeviceSpec] = Field(default_factory=dict, description="device profiles besides the built-in ones")
-    attacks: list[dict[str, Any]] = Field(default_factory=list, description="filled by later versions")
+    attacks: list[AttackSpec] = Field(default_factory=list)
     monitor_interval: Duration = Field(1.0, description="how often link queues and throughput are sampled")
     faults: list[FaultSpec] = Field(default_factory=list)
 
@@ -283,11 +396,54 @@ class Scenario(Strict):
         validate_topic(self.registry.topic)
         for edge in self.nodes.edge_servers:
             validate_filter(edge.subscribe)
-            if edge.defenses:
-                raise ValueError(f"edge server group {edge.name!r}: defenses are not available in this version of iotbed")
-        if self.attacks:
-            raise ValueError("attacks are not available in this version of iotbed; remove the `attacks` entries")
+            if sum(d.kind == "superiot" for d in edge.defenses) > 1:
+                raise ValueError(f"edge server group {edge.name!r}: one `superiot` defense at most")
+        self._check_attacks()
         return self
+
+    def _check_attacks(self) -> None:
+        labels: set[str] = set()
+        cameras = [g.name for g in self.nodes.cameras]
+        for attack in self.attacks:
+            if attack.label in labels:
+                raise ValueError(f"two attacks are called {attack.label!r}; give each its own `name:`")
+            if "+" in attack.label:
+                raise ValueError(f"attack name {attack.label!r}: `+` joins attack names in the trace; use another character")
+            labels.add(attack.label)
+            for target in attack.cameras:
+                node = self.resolve_node(target)
+                if node is None or node.rpartition("-")[0] not in cameras:
+                    raise ValueError(f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}")
+            if attack.link is not None:
+                self.attack_link_groups(attack)
+            if attack.stop is not None and attack.start >= self.duration:
+                raise ValueError(f"attack {attack.label!r} starts after the run ends ({format_duration(self.duration)})")
+        if self.attacks and not self.nodes.edge_servers:
+            raise ValueError("attacks need an edge server whose model they target")
+
+    def camera_groups_of(self, attack: AttackSpec) -> list[str]:
+        """The camera groups an attack's frames come from: its targets, or (mitm) every camera group."""
+        if attack.kind == "mitm":
+            return [g.name for g in self.nodes.cameras]
+        groups = []
+        for target in attack.cameras:
+            group = target if target in self.group_counts() else target.rpartition("-")[0]
+            if group not in groups:
+                groups.append(group)
+        return groups
+
+    def attack_link_groups(self, attack: AttackSpec) -> tuple[str, str]:
+        """The (from, to) node groups of a mitm attack's link, checked against the `links:` entries."""
+        assert attack.link is not None
+        ends = []
+        for end in attack.link:
+            node = self.resolve_node(end)
+            if node is None:
+                raise ValueError(f"attack {attack.label!r}: link end {end!r} is not a node group or node{_suggest(end, self.group_names())}")
+            ends.append(end if end in self.group_counts() else node.rpartition("-")[0])
+        if not any(set(link.between) == set(ends) for link in self.links):
+            raise ValueError(f"attack {attack.label!r}: there is no link between {ends[0]!r} and {ends[1]!r} in `links:`")
+        return ends[0], ends[1]
 
     def group_names(self) -> list[str]:
         n = self.nodes
@@ -354,6 +510,8 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides: typing.Sequ
         raise ScenarioError(f"{where}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}:1: a scenario is a mapping of keys such as `name`, `duration`, `nodes`")
+    if "scenario" in data and ("grid" in data or "zip" in data):
+        raise ScenarioError(f"{source}: this is a sweep file (it names a base `scenario:`); run it with `iotbed sweep {source}`")
     overridden: set[tuple[Any, ...]] = set()
     for item in overrides:
         overridden.add(_apply_override(data, item, source))

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class SweepSpec(Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted path -> values, crossed")
     zip: dict[str, list[Any]] = Field(default_factory=dict, description="dotted path -> values, varied together")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted path -> value, for every run")
+    plots: list[str] = Field(default_factory=list, description="figures drawn into the sweep folder when it ends, e.g. bandwidth_vs_robustness")
 
     @model_validator(mode="after")
     def _shapes(self) -> SweepSpec:
@@ -49,6 +50,11 @@ class SweepSpec(Strict):
             raise ValueError(f"zip lists must have one length; got {sorted(lengths)}")
         if lengths == {0}:
             raise ValueError("zip lists are empty")
+        from iotbed.analysis.plots import PLOTS
+
+        for kind in self.plots:
+            if kind not in PLOTS:
+                raise ValueError(f"plots: unknown kind {kind!r}; kinds: {', '.join(PLOTS)}")
         shared = set(self.grid) & set(self.zip) | (set(self.grid) | set(self.zip)) & set(self.set)
         if shared:
             raise ValueError(f"{', '.join(sorted(shared))} appear in more than one of grid, zip and set")
@@ -214,6 +220,7 @@ class SweepResult:
     out_dir: Path
     records: pd.DataFrame
     executed: list[str]
+    figures: list[Path] = field(default_factory=list)
 
 
 def _prepare_models(runs: list[RunSpec]) -> None:
@@ -254,7 +261,21 @@ def run_sweep(path: str | Path, out_dir: str | Path | None = None, *, workers: i
             bar.update(1)
     frame = pd.DataFrame([records[r.run_id] for r in runs])
     write_tables(frame, target)
-    return SweepResult(target, frame, [r.run_id for r in todo])
+    figures = draw_plots(spec, target)
+    return SweepResult(target, frame, [r.run_id for r in todo], figures)
+
+
+def draw_plots(spec: SweepSpec, target: Path) -> list[Path]:
+    """The sweep's `plots:`, into the sweep folder; a figure that cannot be drawn is reported, not fatal."""
+    from iotbed.analysis.plots import plot
+
+    figures: list[Path] = []
+    for kind in spec.plots:
+        try:
+            figures += plot(kind, target, target, ("png", "svg"))
+        except IotbedError as exc:
+            print(f"plot {kind}: {exc}", file=sys.stderr)
+    return figures
 
 
 def _loads(run: RunSpec) -> bool:

@@ -36,9 +36,20 @@ def test_units_parse_as_users_write_them() -> None:
 
 
 def test_shipped_scenarios_validate() -> None:
-    for path in sorted(SCENARIOS.glob("*.yaml")):
-        scenario = load_scenario(path)
-        assert scenario.duration > 0, path
+    from iotbed.sweep import load_sweep, plan
+
+    for path in sorted(SCENARIOS.rglob("*.yaml")):
+        if "scenario:" in path.read_text():  # a sweep: its base scenario and every point must load
+            spec, base = load_sweep(path)
+            for run in plan(spec, base, Path("unused")):
+                assert load_scenario(run.scenario_path, run.overrides).duration > 0, (path, run.run_id)
+        else:
+            assert load_scenario(path).duration > 0, path
+
+
+def test_a_sweep_file_given_to_run_says_to_use_sweep() -> None:
+    with pytest.raises(ScenarioError, match="this is a sweep file"):
+        load_scenario(SCENARIOS / "bandwidth_vs_robustness.yaml")
 
 
 def test_resolved_scenario_round_trips() -> None:

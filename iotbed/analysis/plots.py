@@ -149,6 +149,67 @@ def plot_throughput(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
         return _save(fig, out, "throughput", formats)
 
 
+def _is_adaptive_param(column: str) -> bool:
+    return column.endswith(".adaptive")
+
+
+def _is_codec_param(column: str) -> bool:
+    return ".codec" in column or column.endswith(".defenses")
+
+
+def _curve_label(columns: list[str], key: object) -> str:
+    values = key if isinstance(key, tuple) else (key,)
+    return ", ".join(f"{c.removeprefix('param.').split('.')[-1]}={v}" for c, v in zip(columns, values))
+
+
+def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """Accuracy on attacked frames against the bandwidth each camera uses, from a sweep over codec
+    settings and attacks: one panel per crafting (oblivious, adaptive), one curve per attack setting
+    (every swept parameter that is not the codec's or `adaptive`), mean and 95% CI over replications.
+    The dotted line of a curve's colour is the undefended reference: the bare model on the same frames'
+    images under the oblivious attack. Clean accuracy (frames no attacker touched) is drawn in grey."""
+    if not is_sweep(folder):
+        raise IotbedError(f"{folder}: bandwidth_vs_robustness draws a sweep folder (sweep.csv)")
+    frame = _sweep_frame(folder)
+    needed = ["bandwidth.per_camera_kbps", "accuracy.attacked"]
+    if frame.empty or any(c not in frame.columns for c in needed):
+        raise IotbedError(f"{folder}: no successful run with attacked frames to draw (needs {', '.join(needed)})")
+    params = [c for c in frame.columns if c.startswith("param.")]
+    adaptive = next((c for c in params if _is_adaptive_param(c)), None)
+    curve_params = [c for c in params if not _is_adaptive_param(c) and not _is_codec_param(c)]
+    x_col = "bandwidth.per_camera_kbps"
+    panels = [(False, frame)] if adaptive is None else [(bool(v), g) for v, g in frame.groupby(adaptive, sort=True)]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), sharey=True, squeeze=False)
+        for ax, (is_adaptive, panel) in zip(axes[0], panels):
+            groups = list(panel.groupby(curve_params, sort=True)) if curve_params else [("", panel)]
+            for i, (key, group) in enumerate(groups):
+                colour = colours[i % len(colours)]
+                label = _curve_label(curve_params, key) if curve_params else "attack"
+                points = group.groupby(x_col, sort=True)
+                xs = np.array([v for v, _ in points])
+                stats = [mean_ci(g["accuracy.attacked"].to_numpy(dtype=float)) for _, g in points]
+                means = np.array([s[0] for s in stats])
+                err = [means - np.array([s[2] for s in stats]), np.array([s[3] for s in stats]) - means]
+                ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, color=colour, label=label)
+                ref_col = "accuracy.undefended_reference.attacked"
+                if ref_col in group.columns and group[ref_col].notna().any():
+                    ax.axhline(float(group[ref_col].mean()), color=colour, linestyle=":", linewidth=1.2)
+            clean = panel.groupby(x_col, sort=True)["accuracy.clean"].mean() if "accuracy.clean" in panel else None
+            if clean is not None and clean.notna().any():
+                ax.plot(clean.index, clean.to_numpy(), color="0.45", marker="s", markersize=4, linewidth=1,
+                        label="clean frames")  # fmt: skip
+            ax.set_title("adaptive attack (BPDA + EOT through the defenses)" if is_adaptive
+                         else "oblivious attack (crafted on the bare model)")  # fmt: skip
+            ax.set_xlabel("bandwidth per camera (kbit/s, MQTT + TCP/IP)")
+            ax.set_ylim(-0.02, 1.02)
+            _legend(ax)
+        axes[0][0].set_ylabel("accuracy on attacked frames (dotted: undefended model)")
+        fig.suptitle(f"bandwidth vs robustness: {folder.name}", fontsize=11)
+        return _save(fig, out, "bandwidth_vs_robustness", formats)
+
+
 def _trace(folder: Path) -> pd.DataFrame:
     if not is_run(folder):
         raise IotbedError(f"{folder}: neither a run folder (trace.parquet) nor a sweep folder (sweep.csv)")
@@ -158,7 +219,9 @@ def _trace(folder: Path) -> pd.DataFrame:
 PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]] = {
     "latency": plot_latency,
     "throughput": plot_throughput,
+    "bandwidth_vs_robustness": plot_bandwidth_vs_robustness,
 }
+SWEEP_ONLY = frozenset({"bandwidth_vs_robustness"})
 
 
 def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "svg"),
@@ -177,4 +240,6 @@ def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: 
 
 def available(folder: Path) -> list[str]:
     """The kinds that can be drawn from this folder (for the report)."""
-    return list(PLOTS) if is_sweep(folder) or is_run(folder) else []
+    if is_sweep(folder):
+        return list(PLOTS)
+    return [k for k in PLOTS if k not in SWEEP_ONLY] if is_run(folder) else []

@@ -83,7 +83,12 @@ def broker_stats(deployment: Deployment) -> dict[str, Any]:
 
 def summarise(trace: pa.Table, *, scenario_name: str, seed: int, duration_s: float, sim_end_s: float,
               wall_time_s: float, model_info: dict[str, Any], links: list[dict[str, Any]], edges: list[EdgeServer],
-              broker: dict[str, Any], model_events: list[ModelEvent], mode: str = "simulated") -> dict[str, Any]:  # fmt: skip
+              broker: dict[str, Any], model_events: list[ModelEvent], mode: str = "simulated",
+              cameras: int | None = None, reference: np.ndarray | None = None,
+              setup: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The run's figures. `reference` is, per frame, whether the bare model classifies the frame's image as
+    captured (or, for an attacked frame, the attack's oblivious version) right: the undefended reference
+    (NaN where there is none). `setup` (codecs, defenses, attacks) is copied into the summary."""
     status = trace.column("status").to_numpy(zero_copy_only=False)
     delivered = status == DELIVERED
     dropped = status == DROPPED
@@ -100,6 +105,26 @@ def summarise(trace: pa.Table, *, scenario_name: str, seed: int, duration_s: flo
         return float(correct[m].mean()) if m.any() else None
 
     edge_names = trace.column("edge").to_numpy(zero_copy_only=False)
+    labels = trace.column("attack").to_numpy(zero_copy_only=False)
+    n_cameras = cameras or len(set(trace.column("camera").to_pylist())) or 1
+
+    def reference_accuracy(mask: np.ndarray) -> float | None:
+        if reference is None:
+            return None
+        values = reference[delivered & mask]
+        values = values[~np.isnan(values)]
+        return float(values.mean()) if values.size else None
+
+    by_attack = {
+        str(label): {
+            "frames": int((labels == label).sum()),
+            "delivered": int((delivered & (labels == label)).sum()),
+            "accuracy": accuracy(labels == label),
+            "undefended_reference": reference_accuracy(labels == label),
+        }
+        for label in sorted(set(labels.tolist()) - {""})
+    }
+    publish = trace.column("publish_bytes").to_numpy()
     return {
         "scenario": scenario_name,
         "mode": mode,
@@ -126,13 +151,22 @@ def summarise(trace: pa.Table, *, scenario_name: str, seed: int, duration_s: flo
             "payload_bytes_per_frame_mean": float(payload.mean()) if n else None,
             "bytes_per_frame_mean": float(trace.column("publish_bytes").to_numpy().mean()) if n else None,
             "wire_bytes_per_frame_mean": float(trace.column("wire_bytes").to_numpy().mean()) if n else None,
+            # what a camera offers its first link: MQTT PUBLISH with TCP/IP headers, first transmissions only
+            "per_camera_kbps": float(publish.sum()) * 8.0 / duration_s / n_cameras / 1e3,
             "links": _link_groups(links),
         },
         "accuracy": {
             "overall": accuracy(np.ones(n, dtype=bool)),
             "clean": accuracy(~attacked),
             "attacked": accuracy(attacked),
+            "undefended_reference": {
+                "overall": reference_accuracy(np.ones(n, dtype=bool)),
+                "clean": reference_accuracy(~attacked),
+                "attacked": reference_accuracy(attacked),
+            },
+            "by_attack": by_attack,
         },
+        **(setup or {}),
         "edge_servers": {
             e.name: {
                 "batches": e.batches,

@@ -3,9 +3,11 @@
 In simulation a payload is an object that only knows its size; over a real broker it must become bytes and
 come back. The formats are those `iotbed.nodes.payloads` sizes:
 
-* Frame: `FRAME_HEADER` (magic "IB", format version 1, codec 0 = raw, C, H, W, frame id, camera index,
-  capture time, image index, label), then C*H*W uint8 pixels. Decoded frames carry `pixels` as a float32
-  array in [0, 1] of shape (C, H, W), the convention the models use.
+* Frame: `FRAME_HEADER` (magic "IB", format version 1, codec, C, H, W, frame id, camera index,
+  capture time, image index, label), then for codec 0 (raw) C*H*W uint8 pixels, for codec 1 (pixel drop)
+  the bytes of `iotbed.codecs.pixel_drop.encode` (its header, the mask as bitmap or seed, the kept pixels).
+  Decoded frames carry `pixels` as a float32 array in [0, 1] of shape (C, H, W), the convention the
+  models use, and a pixel-dropped one its `mask` (dropped pixels read 0).
 * ModelUpdate: a 4-byte big-endian version, then a safetensors file.
 
 Anything else on a topic (a will, a status line) stays `bytes`. Received data is untrusted: an attacker can
@@ -23,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from iotbed.nodes.payloads import CODEC_RAW, FRAME_HEADER, FRAME_MAGIC, Frame, ModelUpdate
+from iotbed.codecs import pixel_drop
+from iotbed.nodes.payloads import CODEC_PIXEL_DROP, CODEC_RAW, FRAME_HEADER, FRAME_MAGIC, Frame, ModelUpdate
 
 FRAME_FORMAT_VERSION = 1
 MODEL_VERSION = struct.Struct("!I")
@@ -73,9 +76,15 @@ def _pixels_u8(frame: Frame, pixels_for: PixelsFor | None) -> np.ndarray:
 
 def encode_frame(frame: Frame, pixels_for: PixelsFor | None = None) -> bytes:
     c, h, w = frame.shape
-    header = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_FORMAT_VERSION, CODEC_RAW, c, h, w, frame.frame_id,
+    codec = CODEC_RAW if frame.drop is None else CODEC_PIXEL_DROP
+    header = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_FORMAT_VERSION, codec, c, h, w, frame.frame_id,
                                frame.camera_index, frame.captured_at, frame.image_index, frame.label)  # fmt: skip
-    return header + np.ascontiguousarray(_pixels_u8(frame, pixels_for)).tobytes()
+    pixels = _pixels_u8(frame, pixels_for)
+    if frame.drop is None:
+        return header + np.ascontiguousarray(pixels).tobytes()
+    drop = frame.drop
+    return header + pixel_drop.encode(pixels, frame.drop_mask(), ws=drop.ws, rate=drop.rate,
+                                      mask_format=drop.mask_format, seed=frame.mask_seed)  # fmt: skip
 
 
 def encode_model_update(update: ModelUpdate) -> bytes:
@@ -106,18 +115,35 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
         raise MalformedPayload("bad_magic", f"frame magic {magic!r}, expected {FRAME_MAGIC!r}")
     if version != FRAME_FORMAT_VERSION:
         raise MalformedPayload("bad_version", f"frame format version {version}, expected {FRAME_FORMAT_VERSION}")
-    if codec != CODEC_RAW:
-        raise MalformedPayload("bad_codec", f"frame codec {codec}, this decoder reads raw (0) only")
+    if codec not in (CODEC_RAW, CODEC_PIXEL_DROP):
+        raise MalformedPayload("bad_codec", f"frame codec {codec}, this decoder reads raw (0) and pixel drop (1)")
     if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
         raise MalformedPayload("bad_shape", f"frame shape {(c, h, w)} is out of range")
+    if not np.isfinite(captured_at):
+        raise MalformedPayload("bad_header", f"capture time {captured_at} is not finite")
+    if codec == CODEC_PIXEL_DROP:
+        return _decode_dropped(data, (c, h, w), frame_id, camera, captured_at, image_index, label)
     expected = FRAME_HEADER.size + c * h * w
     if n != expected:
         raise MalformedPayload("bad_length", f"{n} bytes for a {c}x{h}x{w} frame, expected {expected}")
-    if not np.isfinite(captured_at):
-        raise MalformedPayload("bad_header", f"capture time {captured_at} is not finite")
     pixels_u8 = np.frombuffer(data, dtype=np.uint8, count=c * h * w, offset=FRAME_HEADER.size).reshape(c, h, w)
     pixels = pixels_u8.astype(np.float32) * np.float32(1.0 / 255.0)
     return Frame(frame_id, camera, captured_at, image_index, label, (c, h, w), n, pixels)
+
+
+def _decode_dropped(data: bytes, shape: tuple[int, int, int], frame_id: int, camera: int, captured_at: float,
+                    image_index: int, label: int) -> Frame:  # fmt: skip
+    body = bytes(data[FRAME_HEADER.size :])
+    try:
+        pixels_u8, mask = pixel_drop.decode(body)
+        _, _, code, _, _, _, ws, rate = pixel_drop.HEADER.unpack_from(body)
+        drop = pixel_drop.PixelDropCodec(ws, rate, "seed" if code == 1 else "bitmap")
+    except ValueError as exc:  # PixelDropFormatError, or parameters the codec refuses
+        raise MalformedPayload("bad_codec", f"pixel-drop body: {exc}") from None
+    if pixels_u8.shape != shape:
+        raise MalformedPayload("bad_shape", f"pixel-drop body of shape {pixels_u8.shape}, the header says {shape}")
+    pixels = pixels_u8.astype(np.float32) * np.float32(1.0 / 255.0)
+    return Frame(frame_id, camera, captured_at, image_index, label, shape, len(data), pixels, drop=drop, mask=mask)
 
 
 def check_safetensors(blob: bytes) -> dict[str, Any]:

@@ -31,14 +31,16 @@ from iotbed.analysis.summary import summarise
 from iotbed.broker.mosquitto import MosquittoBroker
 from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
 from iotbed.broker.wire import WireCodec
-from iotbed.deployment import _add_links, device_profiles
+from iotbed.defenses.pipeline import build_chain
+from iotbed.deployment import _add_links, attack_targets, attack_window, camera_codec, device_profiles
 from iotbed.emulation.shaper import LinkShaper
 from iotbed.errors import IotbedError
 from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.registry import ModelRegistry
-from iotbed.runner import DRAIN_S, RunResult, load_model_bytes, output_dir, prepare, write_outputs
+from iotbed.runner import (DRAIN_S, RunResult, load_model_bytes, one_torch_thread, output_dir, prepare,
+                           reference_column, setup_summary, write_outputs)  # fmt: skip
 from iotbed.scenario import Scenario
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss
 from iotbed.sim.network import Network
@@ -87,6 +89,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
             logins: dict[str, str] | None = None, tls_ca: str | None = None, broker_control: MosquittoBroker | None = None, out_dir: str | Path | None = None, write: bool = True, force: bool = False,
             progress: bool = True) -> RunResult:  # fmt: skip
     address = parse_broker_url(broker_url)
+    if any(a.kind == "mitm" for a in scenario.attacks):
+        raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
+                          "only: remove the mitm entries or use `iotbed run`")  # fmt: skip
     for fault in scenario.faults:
         if fault.kind == "node_crash":
             raise IotbedError("node_crash faults run in simulation only in this version; remove them for `iotbed emulate`")
@@ -126,8 +131,12 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
 
     shapers: dict[str, LinkShaper] = {}
     image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    clean = artefacts.images.numpy()
+    windows = [attack_window(spec, resolved, artefacts, clean, streams) for spec in resolved.attacks]
     index = 0
+    cameras: list[Camera] = []
     for group in resolved.nodes.cameras:
+        drop = camera_codec(group)
         for i in range(group.count):
             name = f"{group.name}-{i}"
             shape = path_shape(topology.route(name, broker_node))
@@ -139,9 +148,12 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
             shapers[name] = shaper
             topic = group.topic.replace("{name}", name)
             config = CameraConfig(group.fps, group.arrivals, group.start, resolved.duration, topic,
-                                  resolved.qos_for(topic), b.protocol, b.tcp_ip_overhead)  # fmt: skip
+                                  resolved.qos_for(topic), b.protocol, b.tcp_ip_overhead, drop)  # fmt: skip
+            attacks = [w for spec, w in zip(resolved.attacks, windows) if name in attack_targets(spec, resolved)]
             camera = Camera(env, name, index, transport(name, shaper), config, artefacts.labels, image_shape,  # type: ignore[arg-type]
-                            streams.generator("camera", name), recorder)  # fmt: skip
+                            streams.generator("camera", name), recorder, streams.generator("codec", name),
+                            attacks)  # fmt: skip
+            cameras.append(camera)
             env.process(camera.run())
             index += 1
 
@@ -154,7 +166,8 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
             config = EdgeConfig(group.subscribe, resolved.qos_for_filter(group.subscribe), models_topic,
                                 resolved.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
                                 group.cores)  # fmt: skip
-            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images)
+            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images,
+                                        build_chain(group.defenses), streams.torch_generator("defense", name))  # fmt: skip
             edge = EdgeServer(env, name, transport(name, clean_session=not group.persistent_session), config,
                               classifier, profiles[group.device], recorder, load_model_bytes)  # fmt: skip
             edges.append(edge)
@@ -173,7 +186,8 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         with tqdm(total=100, desc=f"{resolved.name} (live)", disable=not progress, file=sys.stderr,
                   bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
             for step in range(1, 101):
-                env.run(until=end * step / 100)
+                with one_torch_thread():
+                    env.run(until=end * step / 100)
                 bar.set_postfix_str(f"{env.now:.1f}/{end:.1f} s, {len(recorder.records)} frames", refresh=False)
                 bar.update(1)
     finally:
@@ -185,7 +199,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
                         sim_end_s=end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
                         links=links, edges=edges, broker=broker_report(broker_url, transports),
-                        model_events=recorder.model_events, mode="emulated")  # fmt: skip
+                        model_events=recorder.model_events, mode="emulated", cameras=index,
+                        reference=reference_column(table, artefacts),
+                        setup=setup_summary(resolved, cameras, edges, windows))  # fmt: skip
     if target is not None:
         write_outputs(target, resolved, table, summary, links, [], recorder)
     return RunResult(resolved, summary, table, target)

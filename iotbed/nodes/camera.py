@@ -1,4 +1,9 @@
-"""A camera: captures real dataset images at its frame rate and publishes them as frames."""
+"""A camera: captures real dataset images at its frame rate and publishes them as frames.
+
+With a pixel-drop codec every frame gets a fresh mask seed (from the camera's codec stream) and its
+payload shrinks to the kept pixels plus the mask. A compromised camera (`attacks`) captures the crafted
+adversarial version of the image instead, inside the attack's window.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,9 @@ import simpy
 
 from iotbed.broker.packets import publish_size, tcp_ip_size
 from iotbed.broker.transport import Transport
-from iotbed.nodes.payloads import Frame, raw_frame_bytes
+from iotbed.attacks.network import AttackWindow
+from iotbed.codecs.pixel_drop import PixelDropCodec
+from iotbed.nodes.payloads import FRAME_HEADER, Frame, raw_frame_bytes
 from iotbed.sim.trace import TraceRecorder
 
 
@@ -24,12 +31,14 @@ class CameraConfig:
     qos: int
     protocol: str
     tcp_ip_overhead: bool
+    drop: PixelDropCodec | None = None  # None: raw frames
 
 
 class Camera:
     def __init__(self, env: simpy.Environment, name: str, index: int, transport: Transport, config: CameraConfig,
                  labels: np.ndarray, image_shape: tuple[int, int, int], rng: np.random.Generator,
-                 recorder: TraceRecorder) -> None:  # fmt: skip
+                 recorder: TraceRecorder, codec_rng: np.random.Generator | None = None,
+                 attacks: list[AttackWindow] | None = None) -> None:  # fmt: skip
         self.env = env
         self.name = name
         self.index = index
@@ -39,7 +48,15 @@ class Camera:
         self.image_shape = image_shape
         self.rng = rng
         self.recorder = recorder
-        self.payload_bytes = raw_frame_bytes(image_shape)
+        self.codec_rng = codec_rng
+        self.attacks = attacks or []
+        drop = config.drop
+        if drop is None:
+            self.payload_bytes = raw_frame_bytes(image_shape)
+        else:
+            if codec_rng is None:
+                raise ValueError("a pixel-drop camera needs a codec random stream for its mask seeds")
+            self.payload_bytes = FRAME_HEADER.size + drop.encoded_size(image_shape)
         mqtt = publish_size(config.topic, self.payload_bytes, config.qos, config.protocol)
         self.publish_bytes = tcp_ip_size(mqtt) if config.tcp_ip_overhead else mqtt
         self.frames_sent = 0
@@ -54,6 +71,14 @@ class Camera:
             gaps = self.rng.exponential(period, size=1024).tolist() if poisson else [period] * 1024
             yield from zip(images, gaps)
 
+    def _seeds(self) -> Iterator[int]:
+        """Mask seeds (63 bits) in blocks of 1024, or -1 forever for raw frames."""
+        if self.config.drop is None or self.codec_rng is None:
+            while True:
+                yield -1
+        while True:
+            yield from self.codec_rng.integers(0, 2**63 - 1, size=1024, dtype=np.int64).tolist()
+
     def run(self) -> Generator[simpy.Event, object, None]:
         env, config = self.env, self.config
         yield self.transport.connect()
@@ -63,13 +88,20 @@ class Camera:
             yield env.timeout(first - env.now)
         labels = self.labels.tolist()
         draws = self._draws(len(labels))
+        seeds = self._seeds()
         while env.now < config.stop_s:
             image_index, gap = next(draws)
             label = labels[image_index]
             record = self.recorder.new_frame(self.name, config.topic, image_index, label, self.payload_bytes,
                                              self.publish_bytes, config.qos, env.now)  # fmt: skip
             frame = Frame(record.frame_id, self.index, env.now, image_index, label, self.image_shape,
-                          self.payload_bytes)  # fmt: skip
+                          self.payload_bytes, drop=config.drop, mask_seed=next(seeds))  # fmt: skip
+            for attack in self.attacks:
+                if attack.strikes(env.now):
+                    frame.pixels = attack.adversarial[image_index]
+                    frame.attack = record.attack = attack.label
+                    attack.frames_attacked += 1
+                    break
             self.transport.publish(config.topic, frame, config.qos, account=record)
             self.frames_sent += 1
             yield env.timeout(gap)

@@ -1,8 +1,11 @@
-"""The classifier an edge server runs: a model version, batched inference, and a cache of what cannot change.
+"""The classifier an edge server runs: its input defenses, a model version, batched inference, and a cache
+of what cannot change.
 
-A frame whose pixels are the untouched dataset image gives the same prediction every time for a given
-model version, so every dataset image is classified once, in batches, when a model version is put in
-service, and reused. Frames with changed pixels always go through the model.
+A whole frame with the untouched dataset image gives the same prediction every time for a given model
+version when the defenses are deterministic (or absent), so every dataset image is classified once, in
+batches, when a model version is put in service, and reused. Everything else goes through the defenses
+and the model for real: frames with changed pixels, pixel-dropped frames (each has its own mask) and any
+frame when a defense is random.
 """
 
 from __future__ import annotations
@@ -11,31 +14,61 @@ import numpy as np
 import torch
 from torch import nn
 
+from iotbed.defenses.pipeline import DefenseChain
 from iotbed.nodes.payloads import Frame
 
 
 class EdgeClassifier:
-    def __init__(self, model: nn.Module, version: int, flops_per_image: float, images: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, version: int, flops_per_image: float, images: torch.Tensor,
+                 defense: DefenseChain | None = None, generator: torch.Generator | None = None) -> None:  # fmt: skip
         self.images = images  # the dataset the cameras capture from, (N, C, H, W) in [0, 1]
-        self.flops_per_image = flops_per_image
+        self.defense = defense if defense is not None and defense.stages else None
+        if self.defense is not None and self.defense.randomized and generator is None:
+            raise ValueError("a random defense needs a torch.Generator")
+        self.generator = generator
+        shape = tuple(int(s) for s in images.shape[1:])
+        self.model_flops = flops_per_image
+        self.defense_flops = self.defense.flops_per_image(shape) if self.defense is not None else 0.0  # type: ignore[arg-type]
+        self.flops_per_image = self.model_flops + self.defense_flops
+        self._cacheable = self.defense is None or not self.defense.randomized
         self.swap(model, version)
 
     def swap(self, model: nn.Module, version: int) -> None:
         self.model = model.eval()
         self.version = version
-        self._cached = np.concatenate([self._run(chunk) for chunk in self.images.split(1024)])
+        if self._cacheable:
+            self._cached = np.concatenate([self._run(self._defend(chunk)) for chunk in self.images.split(1024)])
+
+    def _defend(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defense(x, self.generator) if self.defense is not None else x
 
     def predict(self, frames: list[Frame]) -> np.ndarray:
-        predictions = np.empty(len(frames), dtype=np.int64)
-        pristine = np.fromiter((f.pixels is None for f in frames), dtype=bool, count=len(frames))
+        n = len(frames)
+        predictions = np.empty(n, dtype=np.int64)
+        pristine = np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool,
+                               count=n) if self._cacheable else np.zeros(n, dtype=bool)  # fmt: skip
         if pristine.any():
-            indices = np.fromiter((f.image_index for f in frames), dtype=np.int64, count=len(frames))[pristine]
+            indices = np.fromiter((f.image_index for f in frames), dtype=np.int64, count=n)[pristine]
             predictions[pristine] = self._cached[indices]
         if not pristine.all():
-            changed = [f for f in frames if f.pixels is not None]
-            batch = torch.from_numpy(np.stack([f.pixels for f in changed]))  # type: ignore[misc]
-            predictions[~pristine] = self._run(batch)
+            predictions[~pristine] = self._run_frames([f for f, p in zip(frames, pristine.tolist()) if not p])
         return predictions
+
+    def _run_frames(self, frames: list[Frame]) -> np.ndarray:
+        x = torch.from_numpy(np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy()
+                                       for f in frames])).float()  # fmt: skip
+        masks = [f.drop_mask() for f in frames]
+        dropped = torch.tensor([m is not None for m in masks])
+        mask_tensor = None
+        if bool(dropped.any()):
+            _, _, h, w = x.shape
+            blank = np.zeros((h, w), dtype=bool)
+            mask_tensor = torch.from_numpy(np.stack([m if m is not None else blank for m in masks]))
+            x = x.masked_fill(mask_tensor[:, None], 0.0)  # what arrives: dropped pixels are not sent
+        if self.defense is not None:
+            with torch.no_grad():
+                x = self.defense.forward(x, self.generator, masks=mask_tensor, dropped=dropped)
+        return self._run(x)
 
     def _run(self, images: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():

@@ -11,15 +11,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iotbed.codecs.pixel_drop import PixelDropCodec, mask_from_seed
+
 # magic, version, codec, channels, height, width, frame id, camera index, capture time, image index, label
 FRAME_HEADER = struct.Struct("!2sBBBHHQIdIh")
 FRAME_MAGIC = b"IB"
 CODEC_RAW = 0
+CODEC_PIXEL_DROP = 1  # the header, then `iotbed.codecs.pixel_drop.encode`'s bytes
 
 
 @dataclass(slots=True)
 class Frame:
-    """One captured image. `pixels is None` means the dataset image `image_index`, untouched."""
+    """One captured image. `pixels is None` means the dataset image `image_index`, untouched; otherwise
+    float32 (C, H, W) in [0, 1] on the 8-bit grid (an attacker changed them, or they came off the wire).
+
+    A pixel-dropped frame carries its codec and the seed its mask is drawn from (`mask_seed`); the mask
+    itself is made only where something needs it (`drop_mask`), or comes decoded from the wire (`mask`).
+    Dropped pixels are not in the payload: whatever `pixels` holds there is never read.
+    """
 
     frame_id: int
     camera_index: int
@@ -29,6 +38,17 @@ class Frame:
     shape: tuple[int, int, int]  # C, H, W
     nbytes: int
     pixels: np.ndarray | None = None
+    drop: PixelDropCodec | None = None
+    mask_seed: int = -1
+    mask: np.ndarray | None = None  # bool (H, W), True = dropped
+    attack: str = ""  # the attacks that changed the pixels, joined by "+"
+
+    def drop_mask(self) -> np.ndarray | None:
+        """The (H, W) drop mask of a pixel-dropped frame, or None for a whole frame."""
+        if self.mask is None and self.drop is not None:
+            _, h, w = self.shape
+            self.mask = mask_from_seed(self.mask_seed, h, w, self.drop.ws, self.drop.rate).numpy()
+        return self.mask
 
 
 def raw_frame_bytes(shape: tuple[int, int, int]) -> int:

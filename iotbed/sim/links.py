@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -117,6 +118,7 @@ class LinkDirection:
     loss: LossModel
     rng: np.random.Generator
     stats: LinkStats = field(default_factory=LinkStats)
+    tamper: Callable[[Any], None] | None = None  # an attacker on this link sees every packet it delivers
 
     def delay_after_departure(self) -> float:
         """Propagation delay plus jitter (normal, truncated so that a packet never arrives early)."""

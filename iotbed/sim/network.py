@@ -111,7 +111,10 @@ class Network:
 
     def _arrive(self, event: simpy.Event) -> None:
         packet: Packet = event._value
-        packet.route[packet.hop].stats.packets_delivered += 1
+        link = packet.route[packet.hop]
+        link.stats.packets_delivered += 1
+        if link.tamper is not None:
+            link.tamper(packet)
         packet.hop += 1
         if packet.hop == 1 and packet.frame is not None and packet.frame.t_first_hop < 0:
             packet.frame.t_first_hop = self.env.now

@@ -1,0 +1,74 @@
+"""Attackers inside the running system: compromised cameras and men in the middle on a link.
+
+Both send, for the dataset image a frame shows, the adversarial version crafted before the run
+(`iotbed.attacks.crafting`). A compromised camera captures it instead of the real image, so its codec then
+drops pixels of the adversarial image as usual. A man in the middle sees frames as they cross a link and
+adds the crafted perturbation to the pixels that travel: for a pixel-dropped frame only the kept ones
+(the dropped ones are not on the wire). Each attacker acts from `start` to `stop`, on a `fraction` of the
+frames, drawn from its own random stream. Frames it changes carry its label in the trace's `attack` column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from iotbed.broker.messages import Publish
+from iotbed.nodes.payloads import Frame
+from iotbed.sim.network import Packet
+
+
+def join_labels(existing: str, label: str) -> str:
+    return f"{existing}+{label}" if existing else label
+
+
+@dataclass
+class AttackWindow:
+    """When and how often one attacker acts, and the adversarial images it sends."""
+
+    label: str
+    start_s: float
+    stop_s: float
+    fraction: float
+    rng: np.random.Generator
+    adversarial: np.ndarray  # float32 (N, C, H, W), one per dataset image
+    clean: np.ndarray  # float32 (N, C, H, W), the images the cameras capture
+    frames_attacked: int = 0
+
+    def strikes(self, now: float) -> bool:
+        """Whether the frame at hand is attacked: inside the window, and drawn into the fraction."""
+        if not self.start_s <= now < self.stop_s:
+            return False
+        return self.fraction >= 1.0 or bool(self.rng.random() < self.fraction)
+
+
+class ManInTheMiddle:
+    """Installed as a link direction's `tamper` hook: changes frames as they arrive over that link."""
+
+    def __init__(self, window: AttackWindow, now: Callable[[], float]) -> None:
+        self.window = window
+        self._now = now
+
+    def __call__(self, packet: Packet) -> None:
+        message = packet.message
+        if not isinstance(message, Publish) or not isinstance(message.payload, Frame):
+            return
+        frame = message.payload
+        window = self.window
+        if window.label in frame.attack.split("+") or not window.strikes(self._now()):
+            return  # a retransmission of a frame already changed here is not changed twice
+        i = frame.image_index
+        base = frame.pixels if frame.pixels is not None else window.clean[i]
+        tampered = np.clip(base + (window.adversarial[i] - window.clean[i]), 0.0, 1.0).astype(np.float32)
+        mask = frame.drop_mask()
+        if mask is not None:
+            tampered[:, mask] = base[:, mask]  # dropped pixels are not on the wire
+        label = join_labels(frame.attack, window.label)
+        message.payload = dataclasses.replace(frame, pixels=tampered, attack=label)
+        window.frames_attacked += 1
+        record = packet.frame
+        if record is not None and hasattr(record, "attack"):
+            record.attack = label
