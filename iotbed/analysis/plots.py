@@ -210,6 +210,37 @@ def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ..
         return _save(fig, out, "bandwidth_vs_robustness", formats)
 
 
+def plot_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """Accuracy on attacked frames against the attack's strength (the swept `eps`, or --x), defended (solid)
+    and the undefended reference (dashed: the bare model on the oblivious images of the same frames), one
+    curve per combination of the other swept parameters; mean and 95% CI over replications."""
+    if not is_sweep(folder):
+        raise IotbedError(f"{folder}: robustness draws a sweep folder (sweep.csv)")
+    frame = _sweep_frame(folder)
+    if frame.empty or "accuracy.attacked" not in frame.columns:
+        raise IotbedError(f"{folder}: no successful run with attacked frames to draw")
+    if x is None:
+        x = next((c for c in frame.columns if c.startswith("param.") and c.endswith(".eps")), None)
+    x_col = _x_param(frame, x)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        ref = "accuracy.undefended_reference.attacked"
+        # Runs without defenses: the reference is the accuracy itself, drawn once.
+        flops = [c for c in frame.columns if c.endswith(".defense_flops_per_image")]
+        defended = bool(flops) and bool((frame[flops].fillna(0) > 0).any().any())
+        _errorbar_curves(ax, frame, x_col, "accuracy.attacked", "defended " if defended else "")
+        if defended and ref in frame.columns and frame[ref].notna().any():
+            for label, group in _series(frame, x_col):
+                curve = group.groupby(x_col, sort=True)[ref].mean()
+                ax.plot(curve.index, curve.to_numpy(), linestyle="--", marker="x", label=f"undefended {label}".strip())
+        ax.set_xlabel(f"{x_col.removeprefix('param.')} (attack budget)")
+        ax.set_ylabel("accuracy on attacked frames")
+        ax.set_ylim(-0.02, 1.02)
+        _legend(ax)
+        ax.set_title(f"robustness: {folder.name}", fontsize=11)
+        return _save(fig, out, "robustness", formats)
+
+
 def _trace(folder: Path) -> pd.DataFrame:
     if not is_run(folder):
         raise IotbedError(f"{folder}: neither a run folder (trace.parquet) nor a sweep folder (sweep.csv)")
@@ -220,8 +251,9 @@ PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]
     "latency": plot_latency,
     "throughput": plot_throughput,
     "bandwidth_vs_robustness": plot_bandwidth_vs_robustness,
+    "robustness": plot_robustness,
 }
-SWEEP_ONLY = frozenset({"bandwidth_vs_robustness"})
+SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness"})
 
 
 def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "svg"),

@@ -197,6 +197,47 @@ class LeNet5(ImageClassifier):
         return self.classifier(self.features(self.normalize(x)))
 
 
+class TutorialNet(ImageClassifier):
+    """The network of PyTorch's "Adversarial Example Generation" tutorial (its older LeNet, from the
+    pytorch/examples MNIST net of that time): conv5x5(10) -> pool -> ReLU -> conv5x5(20) -> dropout2d ->
+    pool -> ReLU -> fc 50 -> dropout -> classes. Kept to compare our FGSM curve with the tutorial's."""
+
+    arch = "tutorial_net"
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std)
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ModelError(f"tutorial_net needs images of at least 16x16 pixels (got {image_size}x{image_size})")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 10, kernel_size=5),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(10, 20, kernel_size=5),
+            nn.Dropout2d(0.5),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(20 * side * side, 50),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(50, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(self.normalize(x)))
+
+
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     # bias=False: the BatchNorm shift makes a conv bias redundant.
     return [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
@@ -304,6 +345,7 @@ class ArchInfo:
 ARCHITECTURES: Mapping[str, ArchInfo] = MappingProxyType(
     {
         "lenet5": ArchInfo(LeNet5, "LeNet-5 (ReLU, max-pool), ~62k params; grey digits, 28 or 32 px"),
+        "tutorial_net": ArchInfo(TutorialNet, "PyTorch FGSM tutorial's MNIST net: 2 conv, dropout, fc 50; ~22k params"),
         "gtsrb_cnn": ArchInfo(GtsrbCnn, "3 conv+BN blocks (16-32-64), fc 256, dropout; ~0.30M params; 32x32 signs"),
         "cifar_cnn": ArchInfo(CifarCnn, "VGG-style 3x(2 conv+BN), fc 256, dropout; ~0.82M params; 32x32 colour"),
     }
