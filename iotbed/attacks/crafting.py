@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,16 +27,6 @@ from iotbed.defenses.base import DefendedModel
 from iotbed.defenses.pipeline import DefenseChain
 
 CHUNK = 256  # images per cached piece: a progress step, and what an interrupted run keeps
-
-
-@dataclass(frozen=True)
-class AdversarialSet:
-    """The adversarial version of every test image for one attack, and what the bare model makes of the
-    oblivious version (the undefended reference the summary reports next to the defended accuracy)."""
-
-    label: str
-    images: np.ndarray  # float32 (N, C, H, W) in [0, 1], on the 8-bit grid
-    bare_correct: np.ndarray  # bool (N,): the bare model classifies the oblivious version right
 
 
 def method_call(spec: Any, num_classes: int) -> tuple[Callable[..., torch.Tensor], dict[str, Any]]:
