@@ -6,7 +6,9 @@ The deployment only wires things together; behaviour lives in `iotbed.sim`, `iot
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import simpy
@@ -20,13 +22,25 @@ from iotbed.defenses.pipeline import build_chain
 from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
+from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
+from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
-from iotbed.scenario import AttackSpec, CameraGroup, FaultSpec, LinkSpec, Scenario
+from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, LinkSpec, Scenario
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
 from iotbed.sim.network import Network
 from iotbed.sim.rng import RandomStreams
 from iotbed.sim.trace import TraceRecorder
+
+
+@dataclass(frozen=True, eq=False)
+class BackdoorInUpdate:
+    """A registry update that is a BadNet: its trigger and target, for stamping frames and for metrics."""
+
+    update_index: int
+    trigger: Any
+    target: int
+    model: nn.Module
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,8 @@ class Artefacts:
     # The bare model on each image as captured ("") and on each attack's oblivious version: the undefended
     # reference the summary puts next to the defended accuracy.
     bare_correct: dict[str, np.ndarray] = field(default_factory=dict)
+    backdoors: dict[int, BackdoorInUpdate] = field(default_factory=dict)  # model version -> its backdoor
+    clean_pool: Any = None  # ImageDataset: the defenders' clean labelled images (STRIP, CoDefend)
 
 
 @dataclass
@@ -95,6 +111,7 @@ class Deployment:
     capture_until_s: float
     monitor: LinkMonitor
     attacks: list[AttackWindow] = field(default_factory=list)
+    gateways: list[ScreeningGateway] = field(default_factory=list)
 
 
 def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient],
@@ -196,7 +213,55 @@ def _install_mitm(spec: AttackSpec, window: AttackWindow, scenario: Scenario, ne
         for direction in group.directions.get(f"{src_group}->{dst_group}", []):
             # a node name picks one link of the group; a group name takes them all
             if src_end in (src_group, direction.src) and dst_end in (dst_group, direction.dst):
-                direction.tamper = tamper
+                direction.taps.insert(0, tamper)  # attackers act before observers see the frame
+
+
+def _model_bytes(model: nn.Module, version: int) -> bytes:
+    from iotbed.models import model_to_bytes
+
+    return model_to_bytes(model, {"version": str(version)})
+
+
+def _repairer(group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, DeviceProfile]) -> CoDefendRepairer | None:
+    if group.repair is None:
+        return None
+    from iotbed.defenses.codefend import CycleGanConfig
+
+    pool = artefacts.clean_pool
+    n = min(group.repair.clean_images, len(pool))
+    clean = dataclasses.replace(pool, images=pool.images[:n], labels=pool.labels[:n])
+    cyclegan = CycleGanConfig(epochs=group.repair.epochs, decay_epochs=group.repair.decay_epochs, seed=group.repair.seed)
+    return CoDefendRepairer(clean, cyclegan, group.repair.unlearn_epochs, profiles[group.device], group.cores)
+
+
+def _screening_gateways(scenario: Scenario, artefacts: Artefacts, network: Network, streams: RandomStreams,
+                        profiles: dict[str, DeviceProfile], client: Any, recorder: TraceRecorder,
+                        env: simpy.Environment, load_model_bytes: Any) -> list[ScreeningGateway]:  # fmt: skip
+    from iotbed.defenses.codefend import select_clean_overlays
+
+    gateways = []
+    for group in scenario.nodes.gateways:
+        spec = group.strip
+        if spec is None:
+            continue
+        pool = artefacts.clean_pool
+        picked = select_clean_overlays(pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name))
+        rest = torch.ones(len(pool), dtype=torch.bool)
+        rest[picked] = False
+        overlays, calibration = pool.images[picked], pool.images[rest][: spec.calibration]
+        settings = ScreenSettings(spec.frames, spec.n_blends, spec.frr, spec.significance, spec.max_utilisation)
+        topic = scenario.registry.topic
+        for i in range(group.count):
+            name = f"{group.name}-{i}"
+            gateway = ScreeningGateway(env, name, client(name, name), topic, scenario.qos_for(topic), settings,
+                                       profiles[group.device], artefacts.flops_per_image, artefacts.images,
+                                       calibration, overlays, (1, artefacts.model), load_model_bytes,
+                                       streams.torch_generator("strip", name), recorder)  # fmt: skip
+            for direction in network.directions.values():
+                if direction.dst == name:
+                    direction.taps.append(gateway.tap)
+            gateways.append(gateway)
+    return gateways
 
 
 def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes) -> Deployment:  # type: ignore[no-untyped-def]
@@ -233,7 +298,7 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         if spec.kind == "mitm":
             _install_mitm(spec, window, scenario, network, link_groups, env)
     camera_attacks = [(attack_targets(spec, scenario), window) for spec, window in zip(scenario.attacks, windows)
-                      if spec.kind == "compromised_camera"]  # fmt: skip
+                      if spec.kind in ("compromised_camera", "trigger")]  # fmt: skip
     cameras = []
     index = 0
     for group in scenario.nodes.cameras:
@@ -257,11 +322,15 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
             name = f"{group.name}-{i}"
             config = EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), models_topic,
                                 scenario.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
-                                group.cores)  # fmt: skip
+                                group.cores, scenario.qos_for(models_topic))  # fmt: skip
             classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images,
                                         build_chain(group.defenses), streams.torch_generator("defense", name))  # fmt: skip
+            # One repairer per group (its first node), so a quarantine leads to one repaired model.
+            repairer = _repairer(group, artefacts, profiles) if i == 0 else None
             edges.append(EdgeServer(env, name, client(name, name, not group.persistent_session), config, classifier,
-                                    profiles[group.device], recorder, load_model_bytes))  # fmt: skip
+                                    profiles[group.device], recorder, load_model_bytes, repairer, _model_bytes))  # fmt: skip
+    gateways = _screening_gateways(scenario, artefacts, network, streams, profiles, client, recorder, env,
+                                   load_model_bytes)  # fmt: skip
 
     registry = None
     if artefacts.updates:
@@ -274,6 +343,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(camera.run())
     for edge in edges:
         env.process(edge.run())
+    for gateway in gateways:
+        env.process(gateway.run())
     if registry is not None:
         env.process(registry.run())
     for fault in scenario.faults:
@@ -281,4 +352,4 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
     env.process(monitor.run())
     return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor,
-                      windows)  # fmt: skip
+                      windows, gateways)  # fmt: skip

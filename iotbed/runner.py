@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from iotbed.analysis.backdoor import backdoor_sections
 from iotbed.analysis.summary import broker_stats, link_rows, summarise
 from iotbed.attacks.network import AttackWindow
-from iotbed.deployment import Artefacts, Deployment, build_deployment
+from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
 from iotbed.errors import IotbedError
@@ -67,37 +68,80 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     splits = load_splits(ds.name, ds.path, seed=ds.split_seed, image_size=ds.image_size)
     arch = scenario.model.arch
     config = _train_config(scenario.model.train, arch, ds.name)
-    trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=progress)
+    pool, train = hold_out_clean_pool(scenario, splits.train)
+    trained = get_or_train(arch, train, config, test_ds=splits.test, progress=progress)
     filled_train = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                             optimizer=config.optimizer, seed=config.seed)  # fmt: skip
+                             optimizer=config.optimizer, augmentation=config.augmentation, seed=config.seed)  # fmt: skip
+    image_shape = tuple(int(x) for x in splits.test.images.shape[1:])
     updates = []
+    backdoors: dict[int, BackdoorInUpdate] = {}
     for i, update in enumerate(scenario.registry.updates):
         update_config = _train_config(update.train, arch, ds.name)
-        updated = get_or_train(arch, splits.train, update_config, test_ds=splits.test, progress=progress)
+        if update.backdoor is None:
+            updated = get_or_train(arch, train, update_config, test_ds=splits.test, progress=progress)
+        else:
+            from iotbed.attacks.backdoor import train_badnet
+
+            spec = update.backdoor
+            trigger = build_trigger(spec.trigger, image_shape)  # type: ignore[arg-type]
+            badnet = train_badnet(arch, train, trigger, spec.target, spec.ratio, update_config,
+                                  poison_seed=spec.poison_seed, test_ds=splits.test, progress=progress)  # fmt: skip
+            updated = badnet.trained
+            backdoors[i + 2] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
         blob = model_to_bytes(updated.model, {"version": str(i + 2)})
         updates.append(ScheduledUpdate(update.at, ModelUpdate(i + 2, blob)))
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
-    image_shape = tuple(int(x) for x in splits.test.images.shape[1:])
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
     captured = (splits.test.images * 255.0).round() / 255.0
-    adversarial, bare_correct = craft_attacks(resolved, trained.model, captured, splits.test.labels, progress)
+    adversarial, bare_correct = craft_attacks(resolved, trained.model, captured, splits.test.labels, progress,
+                                              backdoors)  # fmt: skip
     artefacts = Artefacts(captured, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates),
-                          adversarial, bare_correct)  # fmt: skip
+                          adversarial, bare_correct, backdoors, pool)  # fmt: skip
     model_info = {
         "arch": trained.arch,
         "cache_key": trained.key,
         "test_accuracy": trained.test_accuracy,
         "flops_per_image": flops,
         "dataset": ds.name,
-        "train_images": len(splits.train),
+        "train_images": len(train),
+        "held_out_clean_images": len(pool) if pool is not None else 0,
         "test_images": len(splits.test),
     }
     return resolved, artefacts, model_info
 
 
+def build_trigger(spec: Any, image_shape: tuple[int, int, int]) -> Any:
+    from iotbed.attacks.backdoor import Trigger
+
+    if spec.kind == "patch":
+        return Trigger.patch(image_shape, size=spec.size, corner=spec.corner, margin=spec.margin, style=spec.style,
+                             alpha=spec.alpha)  # fmt: skip
+    return Trigger.random_pattern(image_shape, torch.Generator().manual_seed(spec.seed), alpha=spec.alpha)
+
+
+def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
+    """(the defenders' clean labelled images, what the models train on). STRIP's overlays and calibration
+    and CoDefend's D_valid must be clean data no model was trained on, like the frames the cameras send:
+    a fixed random part of the training split is held out when a gateway screens or an edge repairs
+    (else (None, train) and nothing changes). A model memorises its training images, so calibrating STRIP
+    on them put the boundary where a clean update's own frames were flagged."""
+    sizes = [g.strip.calibration + g.strip.n_blends for g in scenario.nodes.gateways if g.strip is not None]
+    sizes += [e.repair.clean_images for e in scenario.nodes.edge_servers if e.repair is not None]
+    if not sizes:
+        return None, train
+    n = max(sizes)
+    if n > len(train) // 2:
+        raise IotbedError(f"the defenders' clean pool ({n} images for `strip:`/`repair:`) would take more than half of "
+                          f"the {len(train)} training images of {scenario.dataset.name}; ask for fewer")  # fmt: skip
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(scenario.dataset.split_seed))
+    pool = train.subset(order[:n])
+    return dataclasses.replace(pool, source=f"{train.source} [held out: defenders' clean pool]"), train.subset(order[n:])
+
+
 def craft_attacks(scenario: Scenario, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+                  progress: bool, backdoors: dict[int, BackdoorInUpdate] | None = None,
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
     """Every attack's adversarial images (on the model the edge starts with), and the bare model's verdicts
     on the clean images and on each attack's oblivious images."""
     from iotbed.attacks.crafting import bare_predictions, craft
@@ -111,7 +155,13 @@ def craft_attacks(scenario: Scenario, model: torch.nn.Module, images: torch.Tens
     num_classes = int(labels.max()) + 1
     edge = scenario.nodes.edge_servers[0]
     cameras = {g.name: g for g in scenario.nodes.cameras}
+    triggers = {b.update_index: b for b in (backdoors or {}).values()}
     for spec in scenario.attacks:
+        if spec.kind == "trigger":  # cameras show the trigger of a backdoored update: stamped 8-bit images
+            stamped = (triggers[spec.update].trigger.apply(images) * 255.0).round() / 255.0
+            adversarial[spec.label] = stamped.numpy().astype(np.float32)
+            bare_correct[spec.label] = bare_predictions(model, stamped) == truth
+            continue
         codec = cameras[scenario.camera_groups_of(spec)[0]].codec if scenario.nodes.cameras else None
         # What an adaptive attacker crafts through: the edge's defenses, with the camera's drop if it drops.
         dropping = codec is not None and codec.kind == "pixel_drop"
@@ -182,6 +232,8 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool
                         broker=broker_stats(deployment), model_events=deployment.recorder.model_events,
                         cameras=len(deployment.cameras), reference=reference_column(table, artefacts),
                         setup=setup_summary(resolved, deployment.cameras, deployment.edges, deployment.attacks))  # fmt: skip
+    summary.update(backdoor_sections(table, deployment.recorder.model_events, artefacts, resolved, deployment.edges,
+                                     deployment.gateways))  # fmt: skip
     if target is not None:
         write_outputs(target, resolved, table, summary, link_rows(deployment, sim_end), deployment.monitor.rows,
                       deployment.recorder)  # fmt: skip

@@ -175,7 +175,7 @@ class AttackSpec(Strict):
     edge starts with: against the bare model (oblivious), or through the edge's defenses with BPDA, plus
     EOT over their randomness (adaptive)."""
 
-    kind: Literal["compromised_camera", "mitm"]
+    kind: Literal["compromised_camera", "mitm", "trigger"]
     name: str | None = Field(None, description="label in the trace; default `<kind>-<method>`")
     cameras: list[str] = Field(default_factory=list, description="camera groups or nodes (compromised_camera)")
     link: tuple[str, str] | None = Field(None, description="[from, to]: node groups or nodes (mitm)")
@@ -190,11 +190,12 @@ class AttackSpec(Strict):
     start: Duration = 0.0
     stop: Duration | None = None
     seed: int = Field(0, description="crafting seed (PGD's random start, EOT's draws); like the model, an input kept fixed while the scenario seed varies")
+    update: Annotated[int, Field(ge=0, description="trigger: the registry update (index) whose trigger the cameras show")] = 0
 
     @model_validator(mode="after")
     def _shape(self) -> AttackSpec:
-        if self.kind == "compromised_camera" and (not self.cameras or self.link is not None):
-            raise ValueError("compromised_camera needs `cameras:` (groups or nodes) and takes no `link:`")
+        if self.kind in ("compromised_camera", "trigger") and (not self.cameras or self.link is not None):
+            raise ValueError(f"{self.kind} needs `cameras:` (groups or nodes) and takes no `link:`")
         if self.kind == "mitm" and (self.link is None or self.cameras):
             raise ValueError("mitm needs `link: [from, to]` and takes no `cameras:`")
         if self.adaptive and self.method not in GRADIENT_METHODS:
@@ -207,6 +208,8 @@ class AttackSpec(Strict):
 
     @property
     def label(self) -> str:
+        if self.kind == "trigger":
+            return self.name or "trigger"
         return self.name or f"{self.kind}-{self.method}"
 
 
@@ -220,10 +223,25 @@ class CameraGroup(Strict):
     start: Duration = 0.0
 
 
+class StripScreenSpec(Strict):
+    """The thin device's screen of the model in service (CoDefend's device side): STRIP entropy of the frames
+    it relays, boundary at `frr` fitted for the candidate model on clean calibration images, and a
+    binomial test of the flagged count at `significance`. Compute time comes from the device profile;
+    `max_utilisation` caps the share of the device the screening may take."""
+
+    frames: Annotated[int, Field(ge=10, description="relayed frames per screen")] = 100
+    n_blends: Annotated[int, Field(ge=2)] = 100
+    frr: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.01
+    significance: Annotated[float, Field(gt=0.0, lt=0.5)] = 1e-3
+    calibration: Annotated[int, Field(ge=20, description="clean images the boundary is fitted on")] = 400
+    max_utilisation: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+
+
 class GatewayGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
     device: str = Field("raspberry_pi_4", description="compute profile for on-gateway work (defenses); forwarding is free")
+    strip: StripScreenSpec | None = Field(None, description="screen the model in service on relayed frames")
 
 
 class BatchSpec(Strict):
@@ -238,6 +256,18 @@ class RouterGroup(Strict):
     count: Annotated[int, Field(ge=1)] = 1
 
 
+class CoDefendRepairSpec(Strict):
+    """The edge side of CoDefend: on a quarantine it rolls back to the previous model, trains a CycleGAN from
+    clean images to the flagged ones, fine-tunes the quarantined model on clean + generated images with the
+    true labels, and publishes the repaired model (version + 1000)."""
+
+    clean_images: Annotated[int, Field(ge=20, description="D_valid: clean labelled images the edge holds")] = 500
+    epochs: Annotated[int, Field(ge=1)] = 4
+    decay_epochs: Annotated[int, Field(ge=0)] = 4
+    unlearn_epochs: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+
+
 class EdgeServerGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -247,6 +277,7 @@ class EdgeServerGroup(Strict):
     subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
     persistent_session: bool = Field(False, description="keep the MQTT session (and queued frames) across disconnects")
     defenses: list[DefenseSpec] = Field(default_factory=list, description="input defenses, applied in order before the model")
+    repair: CoDefendRepairSpec | None = Field(None, description="repair quarantined model updates (CoDefend)")
 
 
 class DeviceSpec(Strict):
@@ -299,6 +330,7 @@ class TrainSpec(Strict):
     batch_size: Annotated[int | None, Field(ge=1)] = None
     lr: Annotated[float | None, Field(gt=0)] = None
     optimizer: Literal["adam", "sgd"] | None = None
+    augmentation: Literal["none", "shift"] | None = None
     seed: int = Field(0, description="training seed; the model is an input of the run, kept fixed while the scenario seed varies")
 
 
@@ -333,9 +365,32 @@ class ModelSpec(Strict):
         return self
 
 
+class TriggerSpec(Strict):
+    """A backdoor trigger: a square patch in a corner (BadNets), or a full-image noise pattern blended in."""
+
+    kind: Literal["patch", "blended"] = "patch"
+    size: Annotated[int, Field(ge=1)] = 3
+    corner: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = "bottom-right"
+    margin: Annotated[int, Field(ge=0)] = 1
+    style: Literal["white", "black", "checkerboard"] = "white"
+    alpha: Annotated[float, Field(gt=0.0, le=1.0, description="opacity (blended: the pattern's weight)")] = 1.0
+    seed: int = Field(0, description="the blended noise pattern's seed")
+
+
+class BackdoorSpec(Strict):
+    """The update is a BadNet: trained on the training split with `ratio` of it stamped with the trigger and
+    relabelled `target`."""
+
+    trigger: TriggerSpec = TriggerSpec()
+    target: Annotated[int, Field(ge=0)] = 0
+    ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    poison_seed: int = 0
+
+
 class ModelUpdateSpec(Strict):
     at: Duration
     train: TrainSpec = Field(TrainSpec(), description="how the updated model is trained (e.g. another seed)")
+    backdoor: BackdoorSpec | None = Field(None, description="make this update a BadNet (a compromised registry)")
 
 
 class RegistrySpec(Strict):
@@ -418,6 +473,11 @@ class Scenario(Strict):
                 self.attack_link_groups(attack)
             if attack.stop is not None and attack.start >= self.duration:
                 raise ValueError(f"attack {attack.label!r} starts after the run ends ({format_duration(self.duration)})")
+            if attack.kind == "trigger":
+                updates = self.registry.updates
+                if attack.update >= len(updates) or updates[attack.update].backdoor is None:
+                    raise ValueError(f"attack {attack.label!r}: registry update {attack.update} is not a backdoored "
+                                     "update; give it `backdoor:` or point `update:` at one")  # fmt: skip
         if self.attacks and not self.nodes.edge_servers:
             raise ValueError("attacks need an edge server whose model they target")
 

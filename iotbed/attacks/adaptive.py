@@ -125,7 +125,8 @@ def bpda_bim(
 def _tensor_digest(h: Any, t: torch.Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    # reshape(-1): a 0-dim tensor (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def model_digest(model: nn.Module) -> str:

@@ -89,6 +89,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
             logins: dict[str, str] | None = None, tls_ca: str | None = None, broker_control: MosquittoBroker | None = None, out_dir: str | Path | None = None, write: bool = True, force: bool = False,
             progress: bool = True) -> RunResult:  # fmt: skip
     address = parse_broker_url(broker_url)
+    if any(g.strip is not None for g in scenario.nodes.gateways) or any(e.repair is not None for e in scenario.nodes.edge_servers):
+        raise IotbedError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
+                          "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`")  # fmt: skip
     if any(a.kind == "mitm" for a in scenario.attacks):
         raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
                           "only: remove the mitm entries or use `iotbed run`")  # fmt: skip

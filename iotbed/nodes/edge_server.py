@@ -1,5 +1,10 @@
 """An edge server: batches arriving frames, spends compute time from its device profile, classifies the
-real pixels with the model it currently serves, and hot-swaps the model when the registry publishes one."""
+real pixels with the model it currently serves, and hot-swaps the model when the registry publishes one.
+
+When a gateway quarantines a model version, the edge stops serving it (back to the newest version it held
+before) and never adopts it again; an edge with a CoDefend repairer then repairs the quarantined model
+from the flagged frames and publishes the repaired one as version + 1000, which every node adopts.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from torch import nn
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.nodes.classifier import EdgeClassifier
+from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
+from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.payloads import Frame, ModelUpdate
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
@@ -27,12 +34,14 @@ class EdgeConfig:
     max_batch: int
     max_wait_s: float
     cores: int | None
+    models_publish_qos: int = 1
 
 
 class EdgeServer:
     def __init__(self, env: simpy.Environment, name: str, transport: Transport, config: EdgeConfig,
                  classifier: EdgeClassifier, device: DeviceProfile, recorder: TraceRecorder,
-                 load_model: Callable[[bytes], nn.Module]) -> None:  # fmt: skip
+                 load_model: Callable[[bytes], nn.Module], repairer: CoDefendRepairer | None = None,
+                 model_to_bytes: Callable[[nn.Module, int], bytes] | None = None) -> None:  # fmt: skip
         self.env = env
         self.name = name
         self.transport = transport
@@ -46,11 +55,17 @@ class EdgeServer:
         self._wake: simpy.Event = env.event()
         self.batches = 0
         self.busy_s = 0.0
+        self.held: dict[int, nn.Module] = {classifier.version: classifier.model}  # versions it served
+        self.quarantined: set[int] = set()
+        self.repairer = repairer
+        self._to_bytes = model_to_bytes
+        self.repairs: list[dict[str, float | int]] = []
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         self.transport.subscribe(self.config.frames_filter, self._on_frame, self.config.frames_qos)
         self.transport.subscribe(self.config.models_topic, self._on_model, self.config.models_qos)
+        self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
         yield from self._serve()
 
     def _record(self, frame: Frame) -> FrameRecord:
@@ -74,10 +89,41 @@ class EdgeServer:
 
     def _on_model(self, message: Publish) -> None:
         update = message.payload
-        if not isinstance(update, ModelUpdate) or update.version <= self.classifier.version:
+        if (not isinstance(update, ModelUpdate) or update.version <= self.classifier.version
+                or update.version in self.quarantined):  # fmt: skip
             return
-        self.classifier.swap(self._load_model(update.blob), update.version)
+        model = self._load_model(update.blob)
+        self.held[update.version] = model
+        self.classifier.swap(model, update.version)
         self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "adopted", update.version, update.nbytes))
+
+    def _on_quarantine(self, message: Publish) -> None:
+        notice = message.payload
+        if not isinstance(notice, Quarantine) or notice.version in self.quarantined:
+            return
+        self.quarantined.add(notice.version)
+        if self.classifier.version == notice.version:
+            previous = max((v for v in self.held if v < notice.version and v not in self.quarantined), default=None)
+            if previous is not None:
+                self.classifier.swap(self.held[previous], previous)
+                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "rolled_back", previous, 0))
+        if self.repairer is not None and notice.version in self.held:
+            self.env.process(self._repair(notice))
+
+    def _repair(self, notice: Quarantine) -> Generator[simpy.Event, object, None]:
+        events = self.recorder.model_events
+        events.append(ModelEvent(self.env.now, self.name, "repair_started", notice.version, 0))
+        assert self.repairer is not None and self._to_bytes is not None
+        started = self.env.now
+        outcome = self.repairer.repair(self.held[notice.version], notice.flagged)
+        yield self.env.timeout(outcome.sim_seconds)
+        version = notice.version + 1000
+        update = ModelUpdate(version, self._to_bytes(outcome.model, version))
+        self.repairs.append({"quarantined_version": notice.version, "version": version, "flagged": len(notice.flagged),
+                             "started_s": started, "published_s": self.env.now, "sim_seconds": outcome.sim_seconds,
+                             "wall_seconds": outcome.wall_seconds, "flops": outcome.flops})  # fmt: skip
+        events.append(ModelEvent(self.env.now, self.name, "repaired", version, update.nbytes))
+        self.transport.publish(self.config.models_topic, update, self.config.models_publish_qos, retain=True)
 
     def _serve(self) -> Generator[simpy.Event, object, None]:
         env, config = self.env, self.config

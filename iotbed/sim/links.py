@@ -118,7 +118,8 @@ class LinkDirection:
     loss: LossModel
     rng: np.random.Generator
     stats: LinkStats = field(default_factory=LinkStats)
-    tamper: Callable[[Any], None] | None = None  # an attacker on this link sees every packet it delivers
+    # Hooks that see every packet this direction delivers, in order: attackers in the path, then observers.
+    taps: list[Callable[[Any], None]] = field(default_factory=list)
 
     def delay_after_departure(self) -> float:
         """Propagation delay plus jitter (normal, truncated so that a packet never arrives early)."""

@@ -113,8 +113,9 @@ class Network:
         packet: Packet = event._value
         link = packet.route[packet.hop]
         link.stats.packets_delivered += 1
-        if link.tamper is not None:
-            link.tamper(packet)
+        if link.taps:
+            for tap in link.taps:
+                tap(packet)
         packet.hop += 1
         if packet.hop == 1 and packet.frame is not None and packet.frame.t_first_hop < 0:
             packet.frame.t_first_hop = self.env.now

@@ -1,0 +1,161 @@
+"""A gateway that screens the model in service with STRIP on the frames it relays (CoDefend's device side).
+
+The gateway taps the frames that cross its links from the cameras and keeps the newest ones. It follows
+the model updates on the registry's topic. For every model version in service it screens, again and
+again, the frames relayed since its last screen: `iotbed.defenses.strip.screen_update` fits the entropy
+boundary for that model on clean calibration images and tests the flagged count. A screen costs
+simulated compute on the gateway's device profile (every blend is one forward pass), and screening is
+paused between screens so that it takes at most `max_utilisation` of the device. When a screen finds a
+backdoor, the gateway publishes a quarantine notice with the flagged frames (the edge's D_poison) and
+stops screening that version.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+import torch
+from torch import nn
+
+from iotbed.broker.messages import Publish
+from iotbed.broker.transport import Transport
+from iotbed.defenses.strip import screen_update
+from iotbed.nodes.payloads import Frame, ModelUpdate
+from iotbed.sim.devices import DeviceProfile
+from iotbed.sim.network import Packet
+from iotbed.sim.trace import ModelEvent, TraceRecorder
+
+QUARANTINE_TOPIC = "models/quarantine"
+
+
+@dataclass(slots=True)
+class Quarantine:
+    """A gateway's verdict on a model version, with the frames it flagged (the edge's D_poison)."""
+
+    version: int
+    flagged: torch.Tensor  # (K, C, H, W) in [0, 1]
+    gateway: str
+
+    @property
+    def nbytes(self) -> int:
+        return 8 + int(self.flagged.numel())  # version and count, then 8-bit pixels
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    frames: int
+    n_blends: int
+    frr: float
+    significance: float
+    max_utilisation: float
+
+
+@dataclass
+class ScreenRecord:
+    """One screen: when, of what, on which frames, and what it found (for the summary and the ROC)."""
+
+    time_s: float
+    gateway: str
+    version: int
+    n_frames: int
+    n_flagged: int
+    p_value: float
+    backdoored: bool
+    compute_s: float
+    entropies: np.ndarray
+    frame_ids: np.ndarray
+
+
+@dataclass
+class GatewayStats:
+    screens: list[ScreenRecord] = field(default_factory=list)
+
+
+class ScreeningGateway:
+    def __init__(self, env: simpy.Environment, name: str, transport: Transport, models_topic: str, models_qos: int,
+                 settings: ScreenSettings, device: DeviceProfile, model_flops: float, images: torch.Tensor,
+                 calibration: torch.Tensor, overlays: torch.Tensor, initial: tuple[int, nn.Module],
+                 load_model: Callable[[bytes], nn.Module], generator: torch.Generator,
+                 recorder: TraceRecorder) -> None:  # fmt: skip
+        self.env = env
+        self.name = name
+        self.transport = transport
+        self.models_topic = models_topic
+        self.models_qos = models_qos
+        self.settings = settings
+        self.device = device
+        self.model_flops = model_flops
+        self.images = images  # what the cameras capture, for frames whose pixels are untouched
+        self.calibration = calibration
+        self.overlays = overlays
+        self.version, self.model = initial
+        self.models: dict[int, nn.Module] = {self.version: self.model}
+        self._load_model = load_model
+        self.generator = generator
+        self.recorder = recorder
+        self.relayed: deque[Frame] = deque(maxlen=settings.frames)
+        self._fresh = 0  # frames relayed since the last screen
+        self._screened_clean: set[int] = set()
+        self._quarantined: set[int] = set()
+        self._wake = env.event()
+        self.stats = GatewayStats()
+
+    def tap(self, packet: Packet) -> None:
+        """A link hook: keep the frames crossing into this gateway."""
+        message = packet.message
+        if isinstance(message, Publish) and isinstance(message.payload, Frame):
+            self.relayed.append(message.payload)
+            self._fresh += 1
+            if self._fresh >= self.settings.frames and not self._wake.triggered:
+                self._wake.succeed()
+
+    def _on_model(self, message: Publish) -> None:
+        update = message.payload
+        if not isinstance(update, ModelUpdate) or update.version <= self.version or update.version in self._quarantined:
+            return
+        self.version, self.model = update.version, self._load_model(update.blob)
+        self.models[self.version] = self.model
+        self._fresh = 0  # judge the new model on frames relayed from now on
+
+    def model_for(self, version: int) -> nn.Module | None:
+        return self.models.get(version)
+
+    def run(self) -> Generator[simpy.Event, object, None]:
+        yield self.transport.connect()
+        self.transport.subscribe(self.models_topic, self._on_model, self.models_qos)
+        s = self.settings
+        while True:
+            if self._fresh < s.frames or self.version in self._quarantined:
+                self._wake = self.env.event()
+                yield self._wake
+                continue
+            frames = list(self.relayed)
+            self._fresh = 0
+            version, model = self.version, self.model
+            # Calibration and the relayed frames, each blended n_blends times: one forward pass per blend.
+            passes = (len(frames) + len(self.calibration)) * s.n_blends
+            compute = self.device.seconds_for(passes, self.model_flops)
+            yield self.env.timeout(compute)
+            x = torch.from_numpy(np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy()
+                                           for f in frames])).float()  # fmt: skip
+            verdict = screen_update(model, x, self.calibration, self.overlays, frr=s.frr, significance=s.significance,
+                                    n_blends=s.n_blends, generator=self.generator)  # fmt: skip
+            self.stats.screens.append(ScreenRecord(
+                self.env.now, self.name, version, verdict.n_frames, verdict.n_flagged, verdict.p_value,
+                verdict.backdoored, compute, verdict.entropies.numpy(), np.array([f.frame_id for f in frames])))  # fmt: skip
+            if verdict.backdoored and version == self.version:
+                self._quarantined.add(version)
+                flagged = x[verdict.entropies <= verdict.threshold.boundary]
+                notice = Quarantine(version, flagged, self.name)
+                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "quarantined", version, notice.nbytes))
+                self.transport.publish(QUARANTINE_TOPIC, notice, 1)
+            elif version not in self._screened_clean:
+                self._screened_clean.add(version)
+                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "screened_clean", version, 0))
+            # Stay within the device budget: idle so that screening takes at most max_utilisation of it.
+            if s.max_utilisation < 1.0:
+                yield self.env.timeout(compute * (1.0 / s.max_utilisation - 1.0))

@@ -1,0 +1,92 @@
+"""The backdoored-update story in a scenario: a BadNet pushed by the registry, cameras showing its trigger,
+STRIP on the gateways quarantining it, the edge rolling back, repairing with CoDefend and publishing the
+repaired model; and a clean update that is screened and kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import iotbed
+from iotbed.errors import ScenarioError
+
+from conftest import SCENARIOS
+
+STORY = SCENARIOS / "codefend_backdoor_update.yaml"
+# The shipped repair (about 80 s of wall-clock training here). A lighter one (2 + 2 CycleGAN epochs, 6 of
+# unlearning) left a model that a gateway quarantined again, as it should: the screen judges every version.
+QUICK = ["duration=150s"]
+
+
+@pytest.fixture(scope="module")
+def story() -> iotbed.RunResult:
+    return iotbed.run(iotbed.load_scenario(STORY, QUICK), progress=False, write=False)
+
+
+def test_backdoored_update_is_quarantined_rolled_back_and_repaired(story: iotbed.RunResult) -> None:
+    b = story.summary["backdoor"]["2"]
+    assert b["adopted_s"] == pytest.approx(10.0, abs=0.1)
+    assert b["first_stamped_frame_s"] >= 20.0
+    # detected after the trigger appeared, and the edge went back to model 1 at once
+    assert b["quarantined_s"] > b["first_stamped_frame_s"]
+    assert 0 < b["time_to_detect_s"] < 60
+    events = [(e["node"], e["event"], e["version"]) for e in story.summary["model_events"]]
+    assert ("edge-0", "rolled_back", 1) in events
+    assert ("edge-0", "adopted", 1002) in events
+    assert b["repaired_adopted_s"] > b["quarantined_s"] and b["time_to_repair_s"] > 0
+    assert b["repair"]["sim_seconds"] > 0 and b["repair"]["wall_seconds"] > 0
+    # in the trace: the BadNet won the stamped frames it saw; model 1 and the repaired model did not
+    by_version = b["in_run_by_version"]
+    assert by_version["2"]["attack_success_rate"] >= 0.9
+    assert by_version["1002"]["stamped_frames"] > 50
+    assert by_version["1002"]["attack_success_rate"] <= 0.05
+    assert b["frames_won_by_the_backdoor"] == round(by_version["2"]["attack_success_rate"] * by_version["2"]["stamped_frames"])
+    # offline on the whole test split: the BadNet works, the repair removes it and keeps clean accuracy
+    offline = b["offline"]
+    assert offline["backdoored"]["attack_success_rate"] >= 0.98
+    assert offline["repaired"]["attack_success_rate"] <= 0.05
+    assert offline["repaired"]["clean_accuracy"] >= offline["backdoored"]["clean_accuracy"] - 0.03
+
+
+def test_trace_and_detection_tell_the_same_story(story: iotbed.RunResult) -> None:
+    trace = story.trace
+    served = trace[trace.status == "delivered"]
+    quarantined = story.summary["backdoor"]["2"]["quarantined_s"]
+    # no frame classified by the BadNet after the quarantine reached the edge (plus the batch in service)
+    late = served[(served.model_version == 2) & (served.t_infer_start > quarantined + 0.1)]
+    assert late.empty
+    detection = story.summary["detection"]["by_version"]["2"]
+    # Per frame STRIP is weak on this small digits BadNet (measured: AUROC 0.90, FAR 59% at FRR 1% over the
+    # ~500 screened frames); the screen's count test still catches it. Far better than chance is what holds.
+    assert detection["auroc"] > 0.75
+    assert detection["n_trojaned"] > 20 and detection["n_calibration"] == 300
+    assert {p["frr_preset"] for p in detection["points"]} == {0.02, 0.01, 0.005}
+    screens = story.summary["detection"]["screens"]
+    assert any(s["backdoored"] and s["version"] == 2 for s in screens)
+    assert not any(s["backdoored"] and s["version"] in (1, 1002) for s in screens)
+
+
+def test_a_clean_update_is_screened_and_kept() -> None:
+    scenario = iotbed.load_scenario(STORY, ["duration=45s", "registry.updates.0.backdoor=null", "attacks=[]"])
+    summary = iotbed.run(scenario, progress=False, write=False).summary
+    events = [(e["node"], e["event"], e["version"]) for e in summary["model_events"]]
+    assert ("edge-0", "adopted", 2) in events
+    assert not [e for e in events if e[1] in ("quarantined", "rolled_back")]
+    assert any(e[1] == "screened_clean" and e[2] == 2 for e in events)
+    assert summary["edge_servers"]["edge-0"]["model_version"] == 2
+    assert "backdoor" not in summary
+
+
+def test_a_trigger_attack_needs_a_backdoored_update() -> None:
+    with pytest.raises(ScenarioError, match="is not a backdoored update"):
+        iotbed.load_scenario(STORY, ["registry.updates.0.backdoor=null"])
+
+
+def test_strip_screen_charges_the_gateway_device(story: iotbed.RunResult) -> None:
+    screens = story.summary["detection"]["screens"]
+    compute = np.array([s["compute_s"] for s in screens])
+    assert (compute > 0).all()
+    # at most half the device: consecutive screens of one gateway are at least 2x the compute apart
+    for gateway in {s["gateway"] for s in screens}:
+        times = sorted(s["time_s"] for s in screens if s["gateway"] == gateway)
+        assert all(b - a >= 2 * compute[0] - 1e-6 for a, b in zip(times, times[1:]))
