@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from iotbed.analysis.backdoor import backdoor_sections
+from iotbed.analysis.backdoor import backdoor_sections, screened_frames
 from iotbed.analysis.summary import broker_stats, link_rows, summarise
 from iotbed.attacks.network import AttackWindow
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
@@ -235,8 +235,9 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool
     summary.update(backdoor_sections(table, deployment.recorder.model_events, artefacts, resolved, deployment.edges,
                                      deployment.gateways))  # fmt: skip
     if target is not None:
+        extra = {"strip_screens.csv": screened_frames(table, deployment.gateways, resolved)} if deployment.gateways else {}
         write_outputs(target, resolved, table, summary, link_rows(deployment, sim_end), deployment.monitor.rows,
-                      deployment.recorder)  # fmt: skip
+                      deployment.recorder, extra)  # fmt: skip
     return RunResult(resolved, summary, table, target)
 
 
@@ -317,7 +318,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: dict[str, Any],
-                  links: list[dict[str, Any]], link_series: list[dict[str, Any]], recorder: TraceRecorder) -> None:  # fmt: skip
+                  links: list[dict[str, Any]], link_series: list[dict[str, Any]], recorder: TraceRecorder,
+                  extra_csv: dict[str, list[dict[str, Any]]] | None = None) -> None:  # fmt: skip
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -327,5 +329,7 @@ def write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: di
     _atomic_write(target / "links.csv", lambda p: pd.DataFrame(links).to_csv(p, index=False))
     _atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
     _atomic_write(target / "model_events.csv", lambda p: recorder.model_events_table().to_pandas().to_csv(p, index=False))
+    for name, rows in (extra_csv or {}).items():
+        _atomic_write(target / name, lambda p, rows=rows: pd.DataFrame(rows).to_csv(p, index=False))
     # summary.json last: its presence marks a complete run (sweeps resume on it)
     _atomic_write(target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))

@@ -19,8 +19,9 @@ QUICK = ["duration=150s"]
 
 
 @pytest.fixture(scope="module")
-def story() -> iotbed.RunResult:
-    return iotbed.run(iotbed.load_scenario(STORY, QUICK), progress=False, write=False)
+def story(tmp_path_factory: pytest.TempPathFactory) -> iotbed.RunResult:
+    out = tmp_path_factory.mktemp("codefend") / "run"
+    return iotbed.run(iotbed.load_scenario(STORY, QUICK), out, progress=False)
 
 
 def test_backdoored_update_is_quarantined_rolled_back_and_repaired(story: iotbed.RunResult) -> None:
@@ -90,3 +91,19 @@ def test_strip_screen_charges_the_gateway_device(story: iotbed.RunResult) -> Non
     for gateway in {s["gateway"] for s in screens}:
         times = sorted(s["time_s"] for s in screens if s["gateway"] == gateway)
         assert all(b - a >= 2 * compute[0] - 1e-6 for a, b in zip(times, times[1:]))
+
+
+def test_backdoor_figures_and_screen_table_from_the_run_folder(story: iotbed.RunResult) -> None:
+    import pandas as pd
+
+    from iotbed.analysis import plots
+
+    folder = story.out_dir
+    assert folder is not None
+    screens = pd.read_csv(folder / "strip_screens.csv")
+    assert len(screens) == sum(s["frames"] for s in story.summary["detection"]["screens"])
+    assert screens.loc[screens.stamped, "entropy_bits"].median() < screens.loc[~screens.stamped, "entropy_bits"].median()
+    assert {"strip_entropy", "roc", "backdoor"} <= set(plots.available(folder))
+    for kind in ("strip_entropy", "roc", "backdoor"):
+        (png,) = plots.plot(kind, folder, folder / "figures", ("png",))
+        assert png.stat().st_size > 10_000

@@ -289,3 +289,14 @@ def test_emulation_refuses_a_man_in_the_middle() -> None:
     scenario = iotbed.load_scenario(BASE, ["attacks=[{kind: mitm, link: [gw, edge]}]"])
     with pytest.raises(IotbedError, match="mitm attacks act on simulated links"):
         emulate(scenario, "mqtt://127.0.0.1:1", progress=False, write=False)
+
+
+def test_model_digest_reads_batchnorm_counters_and_sees_weight_changes() -> None:
+    from iotbed.attacks.adaptive import model_digest
+    from iotbed.models.architectures import GtsrbCnn
+
+    model = GtsrbCnn(in_channels=3, num_classes=43, image_size=32)  # has 0-dim num_batches_tracked buffers
+    before = model_digest(model)
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert model_digest(model) != before

@@ -138,3 +138,20 @@ def _detection(gateways: list[Any], version: int, attack: np.ndarray, stamp_labe
         return None
     report = detection_report(calibration, ben, tro, FRR_PRESETS, method="quantile")
     return report.as_dict()
+
+
+def screened_frames(trace: pa.Table, gateways: list[Any], scenario: Any) -> list[dict[str, Any]]:
+    """One row per frame a gateway screened (for `strip_screens.csv` and the entropy and ROC plots)."""
+    frame_ids = trace.column("frame_id").to_numpy()
+    attack = trace.column("attack").to_numpy(zero_copy_only=False)
+    position = {int(f): i for i, f in enumerate(frame_ids)}
+    stamp_labels = {a.label for a in scenario.attacks if a.kind == "trigger"}
+    rows = []
+    for g in gateways:
+        for n, s in enumerate(g.stats.screens):
+            for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
+                rows.append({"screen": n, "time_s": s.time_s, "gateway": s.gateway, "version": s.version,
+                             "frame_id": frame_id, "entropy_bits": entropy, "boundary_bits": s.boundary,
+                             "stamped": bool(set(attack[position[frame_id]].split("+")) & stamp_labels),
+                             "screen_backdoored": s.backdoored})  # fmt: skip
+    return rows

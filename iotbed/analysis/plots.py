@@ -241,6 +241,113 @@ def plot_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
         return _save(fig, out, "robustness", formats)
 
 
+def _screens(folder: Path) -> pd.DataFrame:
+    path = folder / "strip_screens.csv"
+    if not path.is_file():
+        raise IotbedError(f"{folder}: no strip_screens.csv; run a scenario whose gateways have `strip:`")
+    frame = pd.read_csv(path)
+    if frame.empty:
+        raise IotbedError(f"{folder}: the gateways screened no frames")
+    return frame
+
+
+def _backdoor_summary(folder: Path) -> dict:  # type: ignore[type-arg]
+    import json
+
+    path = folder / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not summary.get("backdoor"):
+        raise IotbedError(f"{folder}: no `backdoor` section in summary.json; run a scenario with a backdoored update")
+    return summary
+
+
+def plot_strip_entropy(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """Histograms of the STRIP entropy of the frames the gateways screened, clean against stamped with the
+    trigger, one panel per model version, with the boundary of the version's screens."""
+    frame = _screens(folder)
+    versions = sorted(frame["version"].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(versions), figsize=(4.6 * len(versions), 3.8), squeeze=False, sharey=False)
+        bins = np.linspace(0.0, max(float(frame["entropy_bits"].max()), 1e-3), 40)
+        for ax, version in zip(axes[0], versions):
+            part = frame[frame["version"] == version]
+            ax.hist(part.loc[~part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="clean frames", color="tab:blue")
+            if part["stamped"].any():
+                ax.hist(part.loc[part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="stamped with the trigger",
+                        color="tab:red")  # fmt: skip
+            ax.axvline(float(part["boundary_bits"].median()), color="k", linestyle="--", linewidth=1, label="boundary")
+            ax.set_title(f"model {version}: {len(part)} frames screened")
+            ax.set_xlabel("STRIP entropy (bits)")
+            _legend(ax)
+        axes[0][0].set_ylabel("frames")
+        return _save(fig, out, "strip_entropy", formats)
+
+
+def plot_roc(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """ROC of STRIP's entropy for telling stamped from clean frames, per model version that saw both."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    frame = _screens(folder)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        drawn = 0
+        for version, part in frame.groupby("version", sort=True):
+            if part["stamped"].nunique() < 2:
+                continue
+            y, score = part["stamped"].to_numpy(), -part["entropy_bits"].to_numpy()  # low entropy = trojaned
+            fpr, tpr, _ = roc_curve(y, score)
+            ax.plot(fpr, tpr, label=f"model {version} (AUROC {roc_auc_score(y, score):.3f}, {int(y.sum())} stamped)")
+            drawn += 1
+        if not drawn:
+            plt.close(fig)
+            raise IotbedError(f"{folder}: no model version was screened on both clean and stamped frames")
+        ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1)
+        ax.set_xlabel("clean frames flagged (false rejection rate)")
+        ax.set_ylabel("stamped frames flagged (detection rate)")
+        _legend(ax)
+        return _save(fig, out, "roc", formats)
+
+
+def plot_backdoor(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """Left: clean accuracy (CA) and attack success rate (ASR) on the test split of the clean, backdoored
+    and repaired models. Right: the run itself, in 5-second bins: the share of stamped frames classified
+    as the target and the accuracy on clean frames, with the update, the first stamped frame, the
+    quarantine and the repaired model's adoption marked."""
+    summary = _backdoor_summary(folder)
+    trace = _trace(folder)
+    version, info = next(iter(summary["backdoor"].items()))
+    offline = info["offline"]
+    with plt.rc_context(STYLE):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+        names = [k for k in ("clean_model", "backdoored", "repaired") if offline.get(k)]
+        xs = np.arange(len(names))
+        left.bar(xs - 0.2, [offline[k]["clean_accuracy"] for k in names], 0.4, label="CA")
+        left.bar(xs + 0.2, [offline[k]["attack_success_rate"] for k in names], 0.4, label="ASR")
+        left.set_xticks(xs, [n.replace("_", " ") for n in names])
+        left.set_ylim(0, 1.05)
+        left.set_ylabel("share of the test split")
+        _legend(left)
+        delivered = trace[trace["status"] == "delivered"].copy()
+        delivered["bin"] = (delivered["t_capture"] // 5.0) * 5.0
+        stamped = delivered[(delivered["attack"] != "") & (delivered["label"] != info["target"])]
+        clean = delivered[delivered["attack"] == ""]
+        asr = stamped.groupby("bin").apply(lambda g: float((g["prediction"] == info["target"]).mean()))
+        acc = clean.groupby("bin")["correct"].mean()
+        right.plot(acc.index, acc.to_numpy(), marker=".", label="accuracy on clean frames")
+        right.plot(asr.index, asr.to_numpy(), marker=".", color="tab:red", label="stamped frames sent to the target")
+        marks = [("update", info["adopted_s"]), ("first stamp", info["first_stamped_frame_s"]),
+                 ("quarantine", info["quarantined_s"]), ("repaired", info["repaired_adopted_s"])]  # fmt: skip
+        for label, t in marks:
+            if t is not None:
+                right.axvline(t, color="0.4", linestyle="--", linewidth=1)
+                right.text(t, 1.02, label, rotation=90, fontsize=8, va="bottom", ha="right")
+        right.set_xlabel("capture time (simulated s, 5-s bins)")
+        right.set_ylim(-0.02, 1.15)
+        _legend(right)
+        fig.suptitle(f"backdoored update {version}: trigger {info['trigger']}, target {info['target']}", fontsize=11)
+        return _save(fig, out, "backdoor", formats)
+
+
 def _trace(folder: Path) -> pd.DataFrame:
     if not is_run(folder):
         raise IotbedError(f"{folder}: neither a run folder (trace.parquet) nor a sweep folder (sweep.csv)")
@@ -252,8 +359,12 @@ PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]
     "throughput": plot_throughput,
     "bandwidth_vs_robustness": plot_bandwidth_vs_robustness,
     "robustness": plot_robustness,
+    "strip_entropy": plot_strip_entropy,
+    "roc": plot_roc,
+    "backdoor": plot_backdoor,
 }
 SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness"})
+BACKDOOR_ONLY = frozenset({"strip_entropy", "roc", "backdoor"})
 
 
 def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "svg"),
@@ -273,5 +384,10 @@ def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: 
 def available(folder: Path) -> list[str]:
     """The kinds that can be drawn from this folder (for the report)."""
     if is_sweep(folder):
-        return list(PLOTS)
-    return [k for k in PLOTS if k not in SWEEP_ONLY] if is_run(folder) else []
+        return [k for k in PLOTS if k not in BACKDOOR_ONLY]
+    if not is_run(folder):
+        return []
+    kinds = [k for k in PLOTS if k not in SWEEP_ONLY | BACKDOOR_ONLY]
+    if (folder / "strip_screens.csv").is_file():
+        kinds += ["strip_entropy", "roc", "backdoor"]
+    return kinds

@@ -64,6 +64,16 @@ def _run_section(folder: Path) -> str:
         for key, value in summary[section].items():
             rows.append({"metric": f"{section}.{key}", "value": json.dumps(value) if isinstance(value, dict) else value})
     parts = [f"<h2>Summary</h2>{_table(pd.DataFrame(rows))}"]
+    for version, info in (summary.get("backdoor") or {}).items():
+        keep = {k: v for k, v in info.items() if not isinstance(v, dict)}
+        rows = [{"metric": k, "value": v} for k, v in keep.items()]
+        for model, metrics in (info.get("offline") or {}).items():
+            for name, value in (metrics or {}).items():
+                rows.append({"metric": f"{model}.{name}", "value": value})
+        parts.append(f"<h2>Backdoored update {version}</h2>{_table(pd.DataFrame(rows))}")
+    screens = (summary.get("detection") or {}).get("screens")
+    if screens:
+        parts.append(f"<h2>STRIP screens on the gateways</h2>{_table(pd.DataFrame(screens))}")
     links = pd.DataFrame.from_dict(summary["bandwidth"]["links"], orient="index").reset_index(names="link group")
     parts.append(f"<h2>Links</h2>{_table(links)}")
     scenario = folder / "scenario.resolved.yaml"

@@ -68,6 +68,7 @@ class ScreenRecord:
     compute_s: float
     entropies: np.ndarray
     frame_ids: np.ndarray
+    boundary: float = float("nan")  # flag a frame when its entropy is at or below this
 
 
 @dataclass
@@ -146,7 +147,8 @@ class ScreeningGateway:
                                     n_blends=s.n_blends, generator=self.generator)  # fmt: skip
             self.stats.screens.append(ScreenRecord(
                 self.env.now, self.name, version, verdict.n_frames, verdict.n_flagged, verdict.p_value,
-                verdict.backdoored, compute, verdict.entropies.numpy(), np.array([f.frame_id for f in frames])))  # fmt: skip
+                verdict.backdoored, compute, verdict.entropies.numpy(), np.array([f.frame_id for f in frames]),
+                verdict.threshold.boundary))  # fmt: skip
             if verdict.backdoored and version == self.version:
                 self._quarantined.add(version)
                 flagged = x[verdict.entropies <= verdict.threshold.boundary]
