@@ -172,7 +172,7 @@ def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ..
         raise IotbedError(f"{folder}: bandwidth_vs_robustness draws a sweep folder (sweep.csv)")
     frame = _sweep_frame(folder)
     needed = ["bandwidth.per_camera_kbps", "accuracy.attacked"]
-    if frame.empty or any(c not in frame.columns for c in needed):
+    if frame.empty or any(c not in frame.columns or frame[c].isna().all() for c in needed):
         raise IotbedError(f"{folder}: no successful run with attacked frames to draw (needs {', '.join(needed)})")
     params = [c for c in frame.columns if c.startswith("param.")]
     adaptive = next((c for c in params if _is_adaptive_param(c)), None)
@@ -217,7 +217,7 @@ def plot_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
     if not is_sweep(folder):
         raise IotbedError(f"{folder}: robustness draws a sweep folder (sweep.csv)")
     frame = _sweep_frame(folder)
-    if frame.empty or "accuracy.attacked" not in frame.columns:
+    if frame.empty or "accuracy.attacked" not in frame.columns or frame["accuracy.attacked"].isna().all():
         raise IotbedError(f"{folder}: no successful run with attacked frames to draw")
     if x is None:
         x = next((c for c in frame.columns if c.startswith("param.") and c.endswith(".eps")), None)
