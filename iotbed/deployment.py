@@ -333,11 +333,18 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
                                    load_model_bytes)  # fmt: skip
 
     registry = None
+    publishers: list[ModelRegistry] = []
     if artefacts.updates:
         node = scenario.resolve_node(scenario.registry.node or b.node)
         assert node is not None
+        own = [u for u in artefacts.updates if u.publisher is None]
         registry = ModelRegistry(env, "registry", client(node, "registry"), models_topic,
-                                 scenario.qos_for(models_topic), list(artefacts.updates), recorder)  # fmt: skip
+                                 scenario.qos_for(models_topic), own, recorder)  # fmt: skip
+        # A rogue publisher: another client, on the node named, pushing its update on the models topic.
+        for rogue in sorted({u.publisher for u in artefacts.updates if u.publisher is not None}):
+            name = f"rogue@{rogue}"
+            publishers.append(ModelRegistry(env, name, client(rogue, name), models_topic, scenario.qos_for(models_topic),
+                                            [u for u in artefacts.updates if u.publisher == rogue], recorder))  # fmt: skip
 
     for camera in cameras:
         env.process(camera.run())
@@ -347,6 +354,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(gateway.run())
     if registry is not None:
         env.process(registry.run())
+    for publisher in publishers:
+        env.process(publisher.run())
     for fault in scenario.faults:
         env.process(inject_fault(env, fault, broker, clients, b.persistence))
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)

@@ -89,7 +89,7 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
             updated = badnet.trained
             backdoors[i + 2] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
         blob = model_to_bytes(updated.model, {"version": str(i + 2)})
-        updates.append(ScheduledUpdate(update.at, ModelUpdate(i + 2, blob)))
+        updates.append(ScheduledUpdate(update.at, ModelUpdate(i + 2, blob), update.publisher))
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.

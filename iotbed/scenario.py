@@ -391,6 +391,7 @@ class ModelUpdateSpec(Strict):
     at: Duration
     train: TrainSpec = Field(TrainSpec(), description="how the updated model is trained (e.g. another seed)")
     backdoor: BackdoorSpec | None = Field(None, description="make this update a BadNet (a compromised registry)")
+    publisher: str | None = Field(None, description="a node that pushes this update instead of the registry (a rogue publisher), e.g. cam-3")
 
 
 class RegistrySpec(Strict):
@@ -478,6 +479,9 @@ class Scenario(Strict):
                 if attack.update >= len(updates) or updates[attack.update].backdoor is None:
                     raise ValueError(f"attack {attack.label!r}: registry update {attack.update} is not a backdoored "
                                      "update; give it `backdoor:` or point `update:` at one")  # fmt: skip
+        for update in self.registry.updates:
+            if update.publisher is not None and self.resolve_node(update.publisher) != update.publisher:
+                raise ValueError(f"update publisher {update.publisher!r} is not a node; name one like `{self.group_names()[0]}-0`")
         if self.attacks and not self.nodes.edge_servers:
             raise ValueError("attacks need an edge server whose model they target")
 

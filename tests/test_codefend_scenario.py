@@ -107,3 +107,20 @@ def test_backdoor_figures_and_screen_table_from_the_run_folder(story: iotbed.Run
     for kind in ("strip_entropy", "roc", "backdoor"):
         (png,) = plots.plot(kind, folder, folder / "figures", ("png",))
         assert png.stat().st_size > 10_000
+
+
+def test_a_rogue_publisher_on_a_camera_pushes_the_backdoor_and_is_caught() -> None:
+    scenario = iotbed.load_scenario(STORY, ["duration=50s", "registry.updates.0.publisher=cam-7",
+                                            "nodes.edge_servers.0.repair=null"])  # fmt: skip
+    summary = iotbed.run(scenario, progress=False, write=False).summary
+    events = [(e["node"], e["event"], e["version"]) for e in summary["model_events"]]
+    assert ("rogue@cam-7", "published", 2) in events
+    assert not [e for e in events if e[0] == "registry"]
+    assert ("edge-0", "adopted", 2) in events and ("edge-0", "rolled_back", 1) in events
+    assert summary["backdoor"]["2"]["published_by"] == "rogue@cam-7"
+    assert summary["edge_servers"]["edge-0"]["model_version"] == 1  # no repairer: model 1 stays in service
+
+
+def test_an_update_publisher_must_be_a_node() -> None:
+    with pytest.raises(ScenarioError, match="update publisher 'cam' is not a node"):
+        iotbed.load_scenario(STORY, ["registry.updates.0.publisher=cam"])

@@ -92,6 +92,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     if any(g.strip is not None for g in scenario.nodes.gateways) or any(e.repair is not None for e in scenario.nodes.edge_servers):
         raise IotbedError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
                           "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`")  # fmt: skip
+    if any(u.publisher is not None for u in scenario.registry.updates):
+        raise IotbedError("rogue publishers (`publisher:` on an update) run in simulation only in this version; "
+                          "against a live broker, `iotbed broker start --auth` refuses them by ACL")  # fmt: skip
     if any(a.kind == "mitm" for a in scenario.attacks):
         raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
                           "only: remove the mitm entries or use `iotbed run`")  # fmt: skip

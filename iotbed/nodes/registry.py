@@ -16,6 +16,7 @@ from iotbed.sim.trace import ModelEvent, TraceRecorder
 class ScheduledUpdate:
     at_s: float
     update: ModelUpdate
+    publisher: str | None = None  # a node other than the registry's that pushes it (a rogue publisher)
 
 
 class ModelRegistry:
