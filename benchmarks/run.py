@@ -177,6 +177,7 @@ def bare_paho_pair(url: str, payload: int, rate: float, seconds: float, qos: int
     from paho.mqtt import client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from iotbed.broker.mqtt_transport import no_delay
     from iotbed.emulation.runner import parse_broker_url
 
     address = parse_broker_url(url)
@@ -186,10 +187,12 @@ def bare_paho_pair(url: str, payload: int, rate: float, seconds: float, qos: int
     subscribed = []
     sub.on_subscribe = lambda *a: subscribed.append(1)
     sub.connect(address.host, address.port)
+    no_delay(sub)  # the same socket settings as iotbed's transport: a like-for-like baseline
     sub.loop_start()
     sub.subscribe("bare/#", qos)
     pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="bare-pub", protocol=paho.MQTTv5)
     pub.connect(address.host, address.port)
+    no_delay(pub)
     pub.loop_start()
     deadline = time.perf_counter() + 5
     while not subscribed and time.perf_counter() < deadline:

@@ -233,13 +233,18 @@ def test_pixel_dropped_frames_cross_the_wire_bit_for_bit() -> None:
         wire.decode_frame(bytes(corrupt))
 
 
-def test_adversarial_images_come_from_the_cache_the_second_time() -> None:
+def test_adversarial_images_come_from_the_cache_the_second_time(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from iotbed.models.cache import resolve_cache_dir
 
-    folder = resolve_cache_dir(None) / "adversarial"
+    # An empty adversarial cache, the trained models shared (so nothing is retrained).
+    (tmp_path / "models").symlink_to(resolve_cache_dir(None) / "models", target_is_directory=True)
+    monkeypatch.setenv("IOTBED_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "adversarial"
     scenario = iotbed.load_scenario(BASE, [*SHORT, "attacks.0.method=bim", "attacks.0.steps=5", "attacks.0.seed=123"])
     _, first, _ = prepare(scenario, progress=False)
     files = sorted(p.name for p in folder.glob("*.safetensors"))
+    assert files  # crafted and stored
     _, second, _ = prepare(scenario, progress=False)
     assert sorted(p.name for p in folder.glob("*.safetensors")) == files  # nothing crafted again
     assert np.array_equal(first.adversarial["compromised_camera-bim"], second.adversarial["compromised_camera-bim"])
