@@ -99,3 +99,12 @@ def test_faults_that_need_control_of_the_broker_are_refused() -> None:
     scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", ["faults=[{kind: broker_restart, at: 3s}]"])
     with pytest.raises(IotbedError, match="--broker local"):
         emulate(scenario, "mqtt://127.0.0.1:1", write=False, progress=False)
+
+
+def test_live_edge_server_that_crashes_gets_its_frames_from_its_persistent_session(plain_broker) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [*OVERRIDES, "nodes.edge_servers.0.persistent_session=true",
+                                                    "faults=[{kind: node_crash, node: edge-0, at: 3s, down: 2s}]"])  # fmt: skip
+    summary = emulate(scenario, plain_broker.url, write=False, progress=False).summary
+    assert summary["frames"]["delivered"] == summary["frames"]["captured"]  # Mosquitto queued them for the session
+    assert summary["latency_ms"]["max"] > 1500  # frames held while the edge was down
+    assert summary["broker"]["reconnects"] >= 1

@@ -370,6 +370,21 @@ class MqttTransport:
         self.bridge.drain()
         self.is_connected = False
 
+    def rejoin(self) -> simpy.Event:
+        """After `crash`: the node comes back and connects again with the same client id, so a persistent
+        session resumes (and the broker delivers what it queued meanwhile). The event fires at the CONNACK."""
+        if not self._closed:
+            return self.connected
+        client = self._client
+        if hasattr(client, "_reconnect_on_failure"):
+            client._reconnect_on_failure = True
+        with self._sub_lock:
+            self._link_up_paho = False
+        self._closed = self._closing = self._started = False
+        if self.connected.triggered:
+            self.connected = self.env.event()
+        return self.connect()
+
     # --- sending -----------------------------------------------------------------------------------------
     def _send(self, topic: str, data: bytes, qos: int, retain: bool, account: Any, done: simpy.Event | None,
               expiry: int | None, charge: bool) -> None:  # fmt: skip

@@ -99,9 +99,7 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
                           "only: remove the mitm entries or use `iotbed run`")  # fmt: skip
     for fault in scenario.faults:
-        if fault.kind == "node_crash":
-            raise IotbedError("node_crash faults run in simulation only in this version; remove them for `iotbed emulate`")
-        if broker_control is None:
+        if fault.kind == "broker_restart" and broker_control is None:
             raise IotbedError("broker_restart faults need a broker iotbed controls: run with `--broker local`")
     target = output_dir(scenario, out_dir, force) if write else None
     wall_start = time.perf_counter()
@@ -183,8 +181,11 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
                                  list(artefacts.updates), recorder)  # fmt: skip
         env.process(registry.run())
 
-    if broker_control is not None:
-        for fault in resolved.faults:
+    by_node = {t.client_id: t for t in transports}
+    for fault in resolved.faults:
+        if fault.kind == "node_crash":
+            env.process(crash_node(env, by_node[fault.node], fault.at, fault.down))  # type: ignore[index]
+        elif broker_control is not None:
             env.process(restart_broker(env, broker_control, fault.at, fault.down))
     end = resolved.duration + DRAIN_S
     env.sync()  # wall-clock zero is now, after models and clients are ready
@@ -211,6 +212,15 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     if target is not None:
         write_outputs(target, resolved, table, summary, links, [], recorder)
     return RunResult(resolved, summary, table, target)
+
+
+def crash_node(env: simpy.Environment, transport: MqttTransport, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
+    """The node's MQTT client vanishes at `at_s` (its TCP connection torn down, no DISCONNECT) and connects
+    again `down_s` later, with the same client id."""
+    yield env.timeout(at_s)
+    transport.crash()
+    yield env.timeout(down_s)
+    transport.rejoin()
 
 
 def restart_broker(env: simpy.Environment, broker: MosquittoBroker, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
