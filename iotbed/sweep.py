@@ -183,13 +183,14 @@ def _worker_init() -> None:
 
 
 def _context() -> Any:
-    """Fork where the platform has it: workers start with iotbed, torch and the rest already imported
+    """Fork on Linux: workers start with iotbed, torch and the rest already imported
     (spawning re-imported them, 3.6 s a worker, a fifth of a 16-run sweep). Safe here as in torch's own
     DataLoader workers: each worker runs torch on one thread (`_worker_init`), so no OpenMP pool is used
     across the fork."""
     import multiprocessing
 
-    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # Linux only: macOS offers fork, but its system libraries are not fork-safe (Python's default there is spawn).
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
 def _local(runs: list[RunSpec], workers: int) -> Iterator[dict[str, Any]]:
