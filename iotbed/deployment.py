@@ -204,6 +204,40 @@ def attack_targets(spec: AttackSpec, scenario: Scenario) -> set[str]:
     return nodes
 
 
+def camera_windows(scenario: Scenario, windows: list[AttackWindow]) -> dict[str, list[AttackWindow]]:
+    """Camera node -> the windows of the attacks that act in the camera (compromised_camera, trigger)."""
+    by_camera: dict[str, list[AttackWindow]] = {}
+    for spec, window in zip(scenario.attacks, windows):
+        if spec.kind in ("compromised_camera", "trigger"):
+            for node in attack_targets(spec, scenario):
+                by_camera.setdefault(node, []).append(window)
+    return by_camera
+
+
+def build_camera(env: simpy.Environment, scenario: Scenario, group: CameraGroup, name: str, index: int, transport: Any,
+                 artefacts: Artefacts, streams: RandomStreams, recorder: TraceRecorder,
+                 attacks: list[AttackWindow]) -> Camera:  # fmt: skip
+    """One camera node, the same in simulation and in live runs (only the transport differs)."""
+    b = scenario.broker
+    topic = group.topic.replace("{name}", name)
+    config = CameraConfig(group.fps, group.arrivals, group.start, scenario.duration, topic, scenario.qos_for(topic),
+                          b.protocol, b.tcp_ip_overhead, camera_codec(group))  # fmt: skip
+    image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    return Camera(env, name, index, transport, config, artefacts.labels, image_shape,  # type: ignore[arg-type]
+                  streams.generator("camera", name), recorder, streams.generator("codec", name), attacks)
+
+
+def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
+    topic = scenario.registry.topic
+    return EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), topic, scenario.qos_for(topic),
+                      group.batch.max_size, group.batch.max_wait, group.cores, scenario.qos_for(topic))  # fmt: skip
+
+
+def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, streams: RandomStreams) -> EdgeClassifier:
+    return EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images, build_chain(group.defenses),
+                          streams.torch_generator("defense", name))  # fmt: skip
+
+
 def _install_mitm(spec: AttackSpec, window: AttackWindow, scenario: Scenario, network: Network,
                   groups: list[LinkGroup], env: simpy.Environment) -> None:  # fmt: skip
     src_group, dst_group = scenario.attack_link_groups(spec)
@@ -291,28 +325,18 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         clients[client_id] = made
         return made
 
-    image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
     clean = artefacts.images.numpy()
     windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
     for spec, window in zip(scenario.attacks, windows):
         if spec.kind == "mitm":
             _install_mitm(spec, window, scenario, network, link_groups, env)
-    camera_attacks = [(attack_targets(spec, scenario), window) for spec, window in zip(scenario.attacks, windows)
-                      if spec.kind in ("compromised_camera", "trigger")]  # fmt: skip
+    by_camera = camera_windows(scenario, windows)
     cameras = []
-    index = 0
     for group in scenario.nodes.cameras:
-        drop = camera_codec(group)
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            topic = group.topic.replace("{name}", name)
-            config = CameraConfig(group.fps, group.arrivals, group.start, scenario.duration, topic,
-                                  scenario.qos_for(topic), b.protocol, b.tcp_ip_overhead, drop)  # fmt: skip
-            camera = Camera(env, name, index, client(name, name), config, artefacts.labels, image_shape,  # type: ignore[arg-type]
-                            streams.generator("camera", name), recorder, streams.generator("codec", name),
-                            [window for targets, window in camera_attacks if name in targets])  # fmt: skip
-            cameras.append(camera)
-            index += 1
+            cameras.append(build_camera(env, scenario, group, name, len(cameras), client(name, name), artefacts, streams,
+                                        recorder, by_camera.get(name, [])))  # fmt: skip
 
     profiles = device_profiles(scenario)
     models_topic = scenario.registry.topic
@@ -320,11 +344,7 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     for group in scenario.nodes.edge_servers:
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            config = EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), models_topic,
-                                scenario.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
-                                group.cores, scenario.qos_for(models_topic))  # fmt: skip
-            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images,
-                                        build_chain(group.defenses), streams.torch_generator("defense", name))  # fmt: skip
+            config, classifier = edge_config(scenario, group), edge_classifier(group, name, artefacts, streams)
             # One repairer per group (its first node), so a quarantine leads to one repaired model.
             repairer = _repairer(group, artefacts, profiles) if i == 0 else None
             edges.append(EdgeServer(env, name, client(name, name, not group.persistent_session), config, classifier,

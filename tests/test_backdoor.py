@@ -6,7 +6,6 @@ config; both models go through the model cache, so only the first run pays for t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,23 +21,13 @@ from iotbed.attacks.backdoor import (
     triggered_inputs,
 )
 from iotbed.data import load_splits
-from iotbed.models import TrainConfig, get_or_train, predict
+from iotbed.models import get_or_train, predict
 
-# Short enough for a test, long enough for ~97% clean accuracy on digits. Shared (by value) with
-# the other backdoor test files so their BadNet comes from the same cache entry.
-FAST = TrainConfig(epochs=12, batch_size=64, lr=3e-3, lr_schedule="cosine")
-TARGET = 0
-RATIO = 0.15
+from conftest import FAST, RATIO, TARGET
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: small-batch training runs several times faster on one thread than on two
-    # contended ones. Restored afterwards so other test modules keep their setting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

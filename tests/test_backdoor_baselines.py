@@ -3,7 +3,6 @@ with tests/test_backdoor.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,20 +12,13 @@ from iotbed.attacks.backdoor import Trigger, backdoor_metrics, train_badnet
 from iotbed.data import load_splits
 from iotbed.defenses.fine_pruning import channel_activations, fine_prune
 from iotbed.defenses.neural_cleanse import MAD_CONSISTENCY, NeuralCleanseConfig, mad_outliers, reverse_engineer, unlearn
-from iotbed.models import TrainConfig, get_or_train
+from iotbed.models import get_or_train
 
-FAST = TrainConfig(epochs=12, batch_size=64, lr=3e-3, lr_schedule="cosine")
-TARGET = 0
-RATIO = 0.15
+from conftest import FAST, RATIO, TARGET
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one thread avoids oversubscription (see tests/test_backdoor.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_mad_uses_numpy_median_and_flags_only_small_outliers() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -21,13 +20,7 @@ from iotbed.defenses.baselines import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Many small tensor ops: on a shared 2-core machine a second intra-op thread mostly waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def images(n: int = 4, c: int = 3, h: int = 24, w: int = 24, seed: int = 0) -> torch.Tensor:

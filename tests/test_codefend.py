@@ -7,7 +7,6 @@ The end-to-end CycleGAN is shrunk to fit a test on two shared cores (ngf 8, 2 re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,21 +24,14 @@ from iotbed.defenses.codefend import (
     select_clean_overlays,
     train_cyclegan,
 )
-from iotbed.models import TrainConfig, predict
+from iotbed.models import predict
 
-FAST = TrainConfig(epochs=12, batch_size=64, lr=3e-3, lr_schedule="cosine")
-TARGET = 0
-RATIO = 0.15
+from conftest import FAST, RATIO, TARGET
+
 TINY_GAN = CycleGanConfig(ngf=8, n_blocks=2, ndf=16, batch_size=4, epochs=2, decay_epochs=2, lr=1e-3, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one thread avoids oversubscription (see tests/test_backdoor.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(("channels", "side"), [(1, 28), (1, 32), (3, 32)])

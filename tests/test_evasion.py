@@ -6,7 +6,7 @@ The model is trained once and cached (conftest points IOTBED_CACHE_DIR into the 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,13 +31,7 @@ from iotbed.defenses.superiot import SuperIoT
 from iotbed.models import get_or_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # LeNet on small batches: on a shared 2-core machine a second intra-op thread mostly waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

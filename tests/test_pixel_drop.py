@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,13 +24,7 @@ from iotbed.codecs import (
 from iotbed.codecs.pixel_drop import HEADER, draw_seed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Many small tensor ops: on a shared 2-core machine a second intra-op thread mostly waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FAST = settings(max_examples=40, deadline=None)

@@ -7,7 +7,6 @@ calibration half (fits the threshold, never scored) and a scored half.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,20 +24,13 @@ from iotbed.analysis.detection import (
 from iotbed.attacks.backdoor import Trigger, triggered_inputs, train_badnet
 from iotbed.data import load_splits
 from iotbed.defenses.strip import StripDetector, StripError, entropy_bits, screen_update, strip_entropy
-from iotbed.models import TrainConfig, get_or_train
+from iotbed.models import get_or_train
 
-FAST = TrainConfig(epochs=12, batch_size=64, lr=3e-3, lr_schedule="cosine")
-TARGET = 0
-RATIO = 0.15
+from conftest import FAST, RATIO, TARGET
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two shared cores: one thread avoids oversubscription (see tests/test_backdoor.py).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- the entropy formula --------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
     detection: dict[str, Any] = {}
     for version, bd in artefacts.backdoors.items():
         stamp_labels = [a.label for a in scenario.attacks if a.kind == "trigger" and a.update == bd.update_index]
-        stamped = np.isin(attack, stamp_labels) & delivered
+        shown = _stamped(attack, stamp_labels)  # frames that showed the trigger, delivered or not
+        stamped = shown & delivered
         non_target = label != bd.target
         won = stamped & non_target & (prediction == bd.target)
         repaired_version = version + REPAIR_OFFSET
@@ -68,12 +69,13 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
         quarantined = _first(events, "quarantined", version)
         repaired = _first(events, "repaired", repaired_version)
         repaired_adopted = _first(events, "adopted", repaired_version)
-        first_stamp = float(captured[np.isin(attack, stamp_labels)].min()) if np.isin(attack, stamp_labels).any() else None
-        exposed = max(t for t in (adopted, first_stamp) if t is not None) if adopted is not None and first_stamp is not None else None
+        first_stamp = float(captured[shown].min()) if shown.any() else None
+        # the backdoor is exposed once the model is in service and the trigger is shown
+        exposed = max(adopted, first_stamp) if adopted is not None and first_stamp is not None else None
         in_run = {
             str(v): {"stamped_frames": int((stamped & non_target & (version_col == v)).sum()),
                      "attack_success_rate": _share(stamped & non_target & (version_col == v), won),
-                     "clean_accuracy": _share(~np.isin(attack, stamp_labels) & delivered & (version_col == v),
+                     "clean_accuracy": _share(~shown & delivered & (version_col == v),
                                               prediction == label)}
             for v in sorted(set(version_col[delivered].tolist()))
         }  # fmt: skip
@@ -101,7 +103,7 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
                 "repaired": _offline(held.get(repaired_version), images, labels, bd.trigger, bd.target),
             },
         }
-        detection[str(version)] = _detection(gateways, version, attack, stamp_labels, trace)
+        detection[str(version)] = _detection(gateways, version, shown)
     screens = [
         {"time_s": s.time_s, "gateway": s.gateway, "version": s.version, "frames": s.n_frames, "flagged": s.n_flagged,
          "p_value": s.p_value, "backdoored": s.backdoored, "compute_s": s.compute_s}
@@ -110,21 +112,24 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
     return {"backdoor": out, "detection": {"screens": screens, "by_version": detection}}
 
 
-def _detection(gateways: list[Any], version: int, attack: np.ndarray, stamp_labels: list[str],
-               trace: pa.Table) -> dict[str, Any] | None:  # fmt: skip
+def _stamped(attack: np.ndarray, stamp_labels: list[str] | set[str]) -> np.ndarray:
+    """Which trace `attack` values include one of the trigger attacks (labels are joined by "+")."""
+    labels = set(stamp_labels)
+    return np.fromiter((bool(labels.intersection(a.split("+"))) for a in attack), dtype=bool, count=len(attack))
+
+
+def _detection(gateways: list[Any], version: int, stamped_rows: np.ndarray) -> dict[str, Any] | None:
     """FAR at preset FRRs and AUROC of STRIP on the frames the gateways screened for `version`; thresholds
     from the entropies of the gateway's clean calibration images under that model."""
     from iotbed.defenses.strip import StripDetector
 
-    frame_ids = trace.column("frame_id").to_numpy()
-    position = {int(f): i for i, f in enumerate(frame_ids)}
     benign, trojaned = [], []
     calibration = None
     for g in gateways:
         for s in g.stats.screens:
             if s.version != version:
                 continue
-            stamped = np.isin(attack[[position[int(f)] for f in s.frame_ids]], stamp_labels)
+            stamped = stamped_rows[s.frame_ids]  # a frame's id is its trace row (TraceRecorder.new_frame)
             benign.append(s.entropies[~stamped])
             trojaned.append(s.entropies[stamped])
             if calibration is None:
@@ -143,16 +148,14 @@ def _detection(gateways: list[Any], version: int, attack: np.ndarray, stamp_labe
 
 def screened_frames(trace: pa.Table, gateways: list[Any], scenario: Any) -> list[dict[str, Any]]:
     """One row per frame a gateway screened (for `strip_screens.csv` and the entropy and ROC plots)."""
-    frame_ids = trace.column("frame_id").to_numpy()
-    attack = trace.column("attack").to_numpy(zero_copy_only=False)
-    position = {int(f): i for i, f in enumerate(frame_ids)}
-    stamp_labels = {a.label for a in scenario.attacks if a.kind == "trigger"}
+    stamped = _stamped(trace.column("attack").to_numpy(zero_copy_only=False),
+                       {a.label for a in scenario.attacks if a.kind == "trigger"})
     rows = []
     for g in gateways:
         for n, s in enumerate(g.stats.screens):
             for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
                 rows.append({"screen": n, "time_s": s.time_s, "gateway": s.gateway, "version": s.version,
                              "frame_id": frame_id, "entropy_bits": entropy, "boundary_bits": s.boundary,
-                             "stamped": bool(set(attack[position[frame_id]].split("+")) & stamp_labels),
+                             "stamped": bool(stamped[frame_id]),  # a frame's id is its trace row
                              "screen_backdoored": s.backdoored})  # fmt: skip
     return rows

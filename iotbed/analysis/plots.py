@@ -75,16 +75,21 @@ def _legend(ax: plt.Axes) -> None:
         ax.legend(fontsize=8)
 
 
+def _errorbar(ax: plt.Axes, group: pd.DataFrame, x: str, metric: str, **style: object) -> None:
+    """One curve: `metric`'s mean at each value of `x`, with its 95% CI over the runs there."""
+    xs, means, lows, highs = [], [], [], []
+    for value, at_x in group.groupby(x, sort=True):
+        mean, _, low, high = mean_ci(at_x[metric].to_numpy(dtype=float))
+        xs.append(value)
+        means.append(mean)
+        lows.append(mean - low)
+        highs.append(high - mean)
+    ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, **style)  # type: ignore[arg-type]
+
+
 def _errorbar_curves(ax: plt.Axes, frame: pd.DataFrame, x: str, metric: str, label_prefix: str = "") -> None:
     for label, group in _series(frame, x):
-        xs, means, lows, highs = [], [], [], []
-        for value, at_x in group.groupby(x, sort=True):
-            mean, _, low, high = mean_ci(at_x[metric].to_numpy(dtype=float))
-            xs.append(value)
-            means.append(mean)
-            lows.append(mean - low)
-            highs.append(high - mean)
-        ax.errorbar(xs, means, yerr=[lows, highs], marker="o", capsize=3, label=f"{label_prefix}{label}".strip(", "))
+        _errorbar(ax, group, x, metric, label=f"{label_prefix}{label}".strip(", "))
 
 
 def plot_latency(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
@@ -187,12 +192,7 @@ def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ..
             for i, (key, group) in enumerate(groups):
                 colour = colours[i % len(colours)]
                 label = _curve_label(curve_params, key) if curve_params else "attack"
-                points = group.groupby(x_col, sort=True)
-                xs = np.array([v for v, _ in points])
-                stats = [mean_ci(g["accuracy.attacked"].to_numpy(dtype=float)) for _, g in points]
-                means = np.array([s[0] for s in stats])
-                err = [means - np.array([s[2] for s in stats]), np.array([s[3] for s in stats]) - means]
-                ax.errorbar(xs, means, yerr=err, marker="o", capsize=3, color=colour, label=label)
+                _errorbar(ax, group, x_col, "accuracy.attacked", color=colour, label=label)
                 ref_col = "accuracy.undefended_reference.attacked"
                 if ref_col in group.columns and group[ref_col].notna().any():
                     ax.axhline(float(group[ref_col].mean()), color=colour, linestyle=":", linewidth=1.2)

@@ -31,13 +31,12 @@ from iotbed.analysis.summary import summarise
 from iotbed.broker.mosquitto import MosquittoBroker
 from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
 from iotbed.broker.wire import WireCodec
-from iotbed.defenses.pipeline import build_chain
-from iotbed.deployment import _add_links, attack_targets, attack_window, camera_codec, device_profiles
+from iotbed.deployment import (_add_links, attack_window, build_camera, camera_windows, device_profiles, edge_classifier,
+                               edge_config)  # fmt: skip
 from iotbed.emulation.shaper import LinkShaper
 from iotbed.errors import IotbedError
-from iotbed.nodes.camera import Camera, CameraConfig
-from iotbed.nodes.classifier import EdgeClassifier
-from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
+from iotbed.nodes.camera import Camera
+from iotbed.nodes.edge_server import EdgeServer
 from iotbed.nodes.registry import ModelRegistry
 from iotbed.runner import (DRAIN_S, RunResult, load_model_bytes, one_torch_thread, output_dir, prepare,
                            reference_column, setup_summary, write_outputs)  # fmt: skip
@@ -134,13 +133,11 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         return t
 
     shapers: dict[str, LinkShaper] = {}
-    image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
     clean = artefacts.images.numpy()
     windows = [attack_window(spec, resolved, artefacts, clean, streams) for spec in resolved.attacks]
-    index = 0
+    by_camera = camera_windows(resolved, windows)
     cameras: list[Camera] = []
     for group in resolved.nodes.cameras:
-        drop = camera_codec(group)
         for i in range(group.count):
             name = f"{group.name}-{i}"
             shape = path_shape(topology.route(name, broker_node))
@@ -150,16 +147,10 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
                                 delay_s=shape.delay_s, jitter_s=shape.jitter_s, loss=loss, queue_limit=shape.queue,
                                 retry_interval_s=b.retry_interval, max_retries=b.max_retries)  # fmt: skip
             shapers[name] = shaper
-            topic = group.topic.replace("{name}", name)
-            config = CameraConfig(group.fps, group.arrivals, group.start, resolved.duration, topic,
-                                  resolved.qos_for(topic), b.protocol, b.tcp_ip_overhead, drop)  # fmt: skip
-            attacks = [w for spec, w in zip(resolved.attacks, windows) if name in attack_targets(spec, resolved)]
-            camera = Camera(env, name, index, transport(name, shaper), config, artefacts.labels, image_shape,  # type: ignore[arg-type]
-                            streams.generator("camera", name), recorder, streams.generator("codec", name),
-                            attacks)  # fmt: skip
+            camera = build_camera(env, resolved, group, name, len(cameras), transport(name, shaper), artefacts, streams,
+                                  recorder, by_camera.get(name, []))  # fmt: skip
             cameras.append(camera)
             env.process(camera.run())
-            index += 1
 
     profiles = device_profiles(resolved)
     models_topic = resolved.registry.topic
@@ -167,13 +158,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     for group in resolved.nodes.edge_servers:
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            config = EdgeConfig(group.subscribe, resolved.qos_for_filter(group.subscribe), models_topic,
-                                resolved.qos_for(models_topic), group.batch.max_size, group.batch.max_wait,
-                                group.cores)  # fmt: skip
-            classifier = EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images,
-                                        build_chain(group.defenses), streams.torch_generator("defense", name))  # fmt: skip
-            edge = EdgeServer(env, name, transport(name, clean_session=not group.persistent_session), config,
-                              classifier, profiles[group.device], recorder, load_model_bytes)  # fmt: skip
+            edge = EdgeServer(env, name, transport(name, clean_session=not group.persistent_session),
+                              edge_config(resolved, group), edge_classifier(group, name, artefacts, streams),
+                              profiles[group.device], recorder, load_model_bytes)  # fmt: skip
             edges.append(edge)
             env.process(edge.run())
     if artefacts.updates:
@@ -190,11 +177,10 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     end = resolved.duration + DRAIN_S
     env.sync()  # wall-clock zero is now, after models and clients are ready
     try:
-        with tqdm(total=100, desc=f"{resolved.name} (live)", disable=not progress, file=sys.stderr,
-                  bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
+        with one_torch_thread(), tqdm(total=100, desc=f"{resolved.name} (live)", disable=not progress, file=sys.stderr,
+                                      bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
             for step in range(1, 101):
-                with one_torch_thread():
-                    env.run(until=end * step / 100)
+                env.run(until=end * step / 100)
                 bar.set_postfix_str(f"{env.now:.1f}/{end:.1f} s, {len(recorder.records)} frames", refresh=False)
                 bar.update(1)
     finally:
@@ -206,7 +192,7 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
                         sim_end_s=end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
                         links=links, edges=edges, broker=broker_report(broker_url, transports),
-                        model_events=recorder.model_events, mode="emulated", cameras=index,
+                        model_events=recorder.model_events, mode="emulated", cameras=len(cameras),
                         reference=reference_column(table, artefacts),
                         setup=setup_summary(resolved, cameras, edges, windows))  # fmt: skip
     if target is not None:
