@@ -121,6 +121,8 @@ def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, cl
         broker.crash(persistence)
         yield env.timeout(fault.down)
         broker.start()
+    elif fault.kind == "slow_subscriber":
+        clients[fault.node].slow_down(fault.rate, fault.down)  # type: ignore[arg-type, index]
     else:
         client = clients[fault.node]  # type: ignore[index]
         client.crash()
@@ -310,7 +312,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     link_groups = _add_links(network, scenario, streams)
 
     b = scenario.broker
-    settings = MqttSettings(b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead)
+    settings = MqttSettings(b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead,
+                            b.max_inflight, b.max_queued)
     broker_node = scenario.resolve_node(b.node)
     assert broker_node is not None  # checked by the scenario validator
     broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)

@@ -290,17 +290,23 @@ class DeviceSpec(Strict):
 
 class FaultSpec(Strict):
     """`broker_restart`: the broker process dies at `at` and is back `down` later. `node_crash`: the node's
-    MQTT client vanishes without a DISCONNECT and reconnects `down` later."""
+    MQTT client vanishes without a DISCONNECT and reconnects `down` later. `slow_subscriber`: from `at`, for
+    `down`, the node reads (and acknowledges) at most `rate` messages a second; the broker's in-flight window
+    and queue for it fill, and what overflows `broker.max_queued` is dropped and counted."""
 
-    kind: Literal["broker_restart", "node_crash"]
+    kind: Literal["broker_restart", "node_crash", "slow_subscriber"]
     at: Duration
-    down: Duration = 1.0
-    node: str | None = Field(None, description="the node, e.g. edge-0 (node_crash only)")
+    down: Duration = Field(1.0, description="how long the broker or node is down, or the subscriber slow")
+    node: str | None = Field(None, description="the node, e.g. edge-0 (node_crash, slow_subscriber)")
+    rate: Annotated[float | None, Field(gt=0.0, description="messages/s a slow subscriber reads (slow_subscriber)")] = None
 
     @model_validator(mode="after")
     def _node(self) -> FaultSpec:
-        if (self.kind == "node_crash") != (self.node is not None):
-            raise ValueError("node_crash needs `node:`; broker_restart takes none")
+        if (self.kind != "broker_restart") != (self.node is not None):
+            raise ValueError(f"{self.kind} needs `node:`" if self.node is None else "broker_restart takes no `node:`")
+        if (self.kind == "slow_subscriber") != (self.rate is not None):
+            raise ValueError("slow_subscriber needs `rate:` (messages/s it reads), e.g. `rate: 5`"
+                             if self.rate is None else f"{self.kind} takes no `rate:`")  # fmt: skip
         return self
 
 
@@ -323,6 +329,11 @@ class BrokerSpec(Strict):
     keepalive: Duration = 60.0
     tcp_ip_overhead: bool = Field(True, description="count TCP/IPv4 headers (40 B per 1460-B segment)")
     persistence: bool = Field(True, description="sessions, queued messages and retained messages survive a restart")
+    max_inflight: Annotated[int, Field(ge=0, description="unacknowledged QoS 1/2 messages per sender before the rest "
+                                       "wait (Mosquitto's max_inflight_messages, paho's default); 0: no limit")] = 20
+    max_queued: Annotated[int, Field(ge=0, description="QoS 1/2 messages the broker queues per client beyond its "
+                                     "window or while it is away; more are dropped (Mosquitto's max_queued_messages); "
+                                     "0: no limit")] = 1000
 
 
 class TrainSpec(Strict):

@@ -1,13 +1,16 @@
 """MQTT control packets as the simulator passes them, and the QoS 1/2 handshakes both ends share.
 
 The sender side (`OutboundFlow`) owns packet ids, the in-flight window and retransmission on timeout
-(PUBLISH with DUP, or PUBREL); the receiver side (`InboundFlow`) acknowledges and, at QoS 2, keeps the
+(PUBLISH with DUP, or PUBREL). At most `max_inflight` QoS 1/2 messages are unacknowledged at once; later ones
+wait in order and, beyond `max_queued` waiting, are dropped (Mosquitto's `max_inflight_messages` and
+`max_queued_messages`: a slow subscriber fills its window, then the broker's queue). The receiver side (`InboundFlow`) acknowledges and, at QoS 2, keeps the
 packet ids it has seen until PUBREL so a retransmitted PUBLISH is delivered exactly once. Clients and the
 broker each hold one pair per session.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +34,9 @@ class Publish:
     packet_id: int | None = None
     dup: bool = False
     account: Any = None  # the frame's trace record, charged for every byte this message causes
+    # Sitting in the receiver's socket buffer, not yet read: TCP delivered it, so it is not sent again on
+    # timeout (only a lost packet is; a slow reader's backlog is not).
+    buffered: bool = False
 
     @property
     def payload_len(self) -> int:
@@ -79,6 +85,9 @@ class Disconnect:
 class FlowStats:
     retransmissions: int = 0
     given_up: int = 0
+    queued: int = 0  # QoS 1/2 messages that waited for a free slot in the in-flight window
+    dropped_queue_full: int = 0  # ... and those dropped because `max_queued` were already waiting
+    max_waiting: int = 0
 
 
 @dataclass(slots=True)
@@ -97,13 +106,19 @@ class OutboundFlow:
 
     def __init__(self, timers: FifoTimers, send: SendFn, max_retries: int | None,
                  on_retry: Callable[[Publish], None] | None = None,
-                 on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+                 on_give_up: Callable[[Publish], None] | None = None, *, max_inflight: int = 0,
+                 max_queued: int = 0, on_queue_full: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
         self._timers = timers
         self._send = send
         self.max_retries = max_retries
         self._on_retry = on_retry
         self._on_give_up = on_give_up
+        self.max_inflight = max_inflight  # 0: no limit
+        self.max_queued = max_queued  # 0: no limit
+        self._on_queue_full = on_queue_full
         self.inflight: dict[int, _InFlight] = {}
+        self.waiting: deque[tuple[Publish, simpy.Event | None]] = deque()  # QoS 1/2 beyond the window
+        self._releasing = False
         self._next_id = 1
         self.stats = FlowStats()
         self.paused = False  # while the peer is unreachable (disconnected session), hold retransmissions
@@ -116,12 +131,28 @@ class OutboundFlow:
                 return packet_id
         raise RuntimeError("all 65535 MQTT packet ids are in flight")
 
-    def publish(self, message: Publish, done: simpy.Event | None = None) -> None:
+    def publish(self, message: Publish, done: simpy.Event | None = None) -> bool:
+        """Send (QoS 0), put in flight, or queue behind a full window; False if the queue was full too."""
         if message.qos == 0:
             self._send(message, message)
             if done is not None:
                 done.succeed()
-            return
+            return True
+        if self.max_inflight and (len(self.inflight) >= self.max_inflight or self.waiting):
+            stats = self.stats
+            if self.max_queued and len(self.waiting) >= self.max_queued:
+                stats.dropped_queue_full += 1
+                if self._on_queue_full is not None:
+                    self._on_queue_full(message)
+                return False
+            self.waiting.append((message, done))
+            stats.queued += 1
+            stats.max_waiting = max(stats.max_waiting, len(self.waiting))
+            return True
+        self._fly(message, done)
+        return True
+
+    def _fly(self, message: Publish, done: simpy.Event | None) -> None:
         message.packet_id = self._allocate_id()
         awaiting = PacketType.PUBACK if message.qos == 1 else PacketType.PUBREC
         self.inflight[message.packet_id] = _InFlight(message, awaiting, done=done)
@@ -137,7 +168,7 @@ class OutboundFlow:
         entry = self.inflight.get(packet_id)
         if entry is None or entry.attempts != attempt:
             return  # acknowledged, or a newer attempt owns the timer
-        if self.paused:
+        if self.paused or entry.message.buffered:
             self._arm(packet_id, attempt)
             return
         if self.max_retries is not None and attempt > self.max_retries:
@@ -145,6 +176,7 @@ class OutboundFlow:
             self.stats.given_up += 1
             if self._on_give_up is not None:
                 self._on_give_up(entry.message)
+            self._release()
             return
         entry.attempts += 1
         self.stats.retransmissions += 1
@@ -185,6 +217,19 @@ class OutboundFlow:
             del self.inflight[ack.packet_id]
             if entry.done is not None:
                 entry.done.succeed()
+            self._release()
+
+    def _release(self) -> None:
+        """A slot in the window came free: the oldest waiting message takes it. A loop, not recursion: over a
+        same-node hand-over the acknowledgement comes back inside `_fly`."""
+        if self._releasing:
+            return
+        self._releasing = True
+        try:
+            while self.waiting and len(self.inflight) < self.max_inflight:
+                self._fly(*self.waiting.popleft())
+        finally:
+            self._releasing = False
 
 
 class InboundFlow:

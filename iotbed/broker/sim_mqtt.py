@@ -4,6 +4,13 @@ Semantics follow MQTT 3.1.1 / 5: topic filters with `+` and `#`, shared subscrip
 served round robin, QoS 0/1/2 with their handshakes and retransmission after `retry_interval`, retained
 messages, persistent sessions that queue QoS 1/2 messages while the client is away, and will messages
 published when a client disappears without a DISCONNECT. Every packet is charged its encoded size.
+
+Queues, as Mosquitto keeps them: every sender (client or broker session) has at most `max_inflight` QoS 1/2
+messages unacknowledged; the broker queues at most `max_queued` more per session (beyond the window, or
+while a persistent client is away) and drops the rest ("broker_queue_full"). A subscriber can be made slow
+(`SimMqttClient.slow_down`): it reads at most `rate` messages a second and acknowledges each as it reads
+it, so the broker's window and queue fill as they do in front of a real slow reader. QoS 0 messages to a
+connected client are sent at once: the simulator has no TCP buffers whose backpressure Mosquitto would see.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class MqttSettings:
     max_retries: int | None = None  # None: retry until acknowledged, as MQTT requires
     keepalive_s: float = 60.0
     tcp_ip_overhead: bool = True
+    max_inflight: int = 20  # Mosquitto's max_inflight_messages and paho's default; 0: no limit
+    max_queued: int = 1000  # Mosquitto's max_queued_messages; 0: no limit
 
 
 def _mqtt_size(message: Any, protocol: str) -> int:
@@ -101,6 +110,8 @@ class BrokerStats:
     no_subscriber: int = 0
     queued_offline: int = 0
     dropped_offline_qos0: int = 0
+    dropped_queue_full: int = 0  # QoS 1/2 messages for a subscriber whose queue held max_queued already
+    max_session_queue: int = 0  # the most messages one session had queued beyond its window or while away
     wills_published: int = 0
     restarts: int = 0
 
@@ -192,10 +203,14 @@ class SimBroker:
             if session is not None:
                 self._forget_subscriptions(session)
                 session.outbound.inflight.clear()  # type: ignore[union-attr]  # the old session is gone
+                session.outbound.waiting.clear()  # type: ignore[union-attr]
             session = _Session(message.client_id, client, message.clean_session)
             self.sessions[message.client_id] = session
             session.outbound = OutboundFlow(self.timers, lambda m, about, s=session: self._send(s, m, about),
-                                            self.settings.max_retries, self._on_retry, self._on_give_up)  # fmt: skip
+                                            self.settings.max_retries, self._on_retry, self._on_give_up,
+                                            max_inflight=self.settings.max_inflight,
+                                            max_queued=self.settings.max_queued,
+                                            on_queue_full=self._queue_full)  # fmt: skip
             session.inbound = InboundFlow(lambda m, about, s=session: self._send(s, m, about), self._route)
         assert session is not None and session.outbound is not None
         session.endpoint = client
@@ -334,17 +349,35 @@ class SimBroker:
 
     def _deliver(self, session: _Session, message: Publish) -> bool:
         self.stats.messages_routed += 1
+        stats = self.stats
         if session.connected:
-            session.outbound.publish(message)  # type: ignore[union-attr]
-            return True
+            sent = session.outbound.publish(message)  # type: ignore[union-attr]
+            waiting = len(session.outbound.waiting)  # type: ignore[union-attr]
+            if waiting > stats.max_session_queue:
+                stats.max_session_queue = waiting
+            return sent
         if message.qos > 0 and not session.clean:
-            self.stats.queued_offline += 1
+            if self.settings.max_queued and len(session.offline_queue) >= self.settings.max_queued:
+                self._queue_full(message)
+                return False
+            stats.queued_offline += 1
             session.offline_queue.append(message)
+            stats.max_session_queue = max(stats.max_session_queue, len(session.offline_queue))
             return True
-        self.stats.dropped_offline_qos0 += 1
+        stats.dropped_offline_qos0 += 1
         for listener in self.undelivered_listeners:
             listener(message, "subscriber_offline")
         return False
+
+    def _queue_full(self, message: Publish) -> None:
+        self.stats.dropped_queue_full += 1
+        for listener in self.undelivered_listeners:
+            listener(message, "broker_queue_full")
+
+    def queued(self) -> int:
+        """Messages the broker holds for its sessions beyond their in-flight windows, now."""
+        return sum(len(s.offline_queue) + len(s.outbound.waiting) for s in self.sessions.values()
+                   if s.outbound is not None)  # fmt: skip
 
 
 class SimMqttClient:
@@ -374,9 +407,16 @@ class SimMqttClient:
         self._unacked_subscriptions: set[tuple[str, int]] = set()
         self._connect_attempt = 0
         self.received_duplicates = 0
+        # paho's window (max_inflight_messages) and queue (unbounded: QoS 1/2 messages wait for a free slot)
         self.outbound = OutboundFlow(broker.timers, self._send, self.settings.max_retries,
-                                     on_retry=on_retry, on_give_up=on_give_up)  # fmt: skip
+                                     on_retry=on_retry, on_give_up=on_give_up,
+                                     max_inflight=self.settings.max_inflight)  # fmt: skip
         self.inbound = InboundFlow(self._send, self._dispatch)
+        self._read_interval = 0.0  # while slow: seconds per message read
+        self._slow_until = -1.0
+        self._unread: deque[Publish] = deque()  # received, not yet read (the socket's receive buffer)
+        self._reading = False
+        self.max_unread = 0
 
     def _send(self, message: Any, about: Publish | None) -> None:
         if not self.alive:
@@ -444,11 +484,39 @@ class SimMqttClient:
         self.reconnects += 1
         Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(lambda _: self.connect() if self.alive else None)
 
+    def slow_down(self, rate: float, duration_s: float) -> None:
+        """For `duration_s` from now, read (deliver and acknowledge) at most `rate` messages a second; what
+        arrives faster waits unread, as in a socket buffer, and is read at full speed afterwards."""
+        self._read_interval = 1.0 / rate
+        self._slow_until = self.env.now + duration_s
+
+    def _read_unread(self):  # type: ignore[no-untyped-def]
+        self._reading = True
+        while self._unread and self.alive:
+            if self.env.now < self._slow_until:
+                yield self.env.timeout(self._read_interval)
+            message = self._unread.popleft()
+            message.buffered = False
+            self.inbound.on_publish(message)
+        for message in self._unread:  # the client died with these unread: the broker sends them again
+            message.buffered = False
+        self._unread.clear()
+        self._reading = False
+
     def receive(self, packet: Packet) -> None:
         if not self.alive:
             return
         message = packet.message
         if isinstance(message, Publish):
+            if self._reading or self.env.now < self._slow_until:
+                if message.buffered:
+                    return  # already waiting unread
+                message.buffered = True
+                self._unread.append(message)
+                self.max_unread = max(self.max_unread, len(self._unread))
+                if not self._reading:
+                    self.env.process(self._read_unread())
+                return
             self.inbound.on_publish(message)
         elif isinstance(message, Ack):
             if message.kind is PacketType.PUBREL:
