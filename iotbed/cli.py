@@ -118,6 +118,12 @@ def print_summary(summary: dict[str, Any]) -> None:
     for label, entry in accuracy.get("by_attack", {}).items():
         rows.append((f"  {label}: n, acc. (undefended)",
                      f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})"))  # fmt: skip
+    broker = summary.get("broker", {})
+    if broker.get("queue_drops"):
+        rows.append(("broker: messages dropped from full queues", str(broker["queue_drops"])))
+    realtime = summary.get("realtime")
+    if realtime:
+        rows.append(("live: processes / lag p99 (ms)", f"{realtime['workers']} / {_fmt(realtime['lag_ms']['p99_ms'], '.2f')}"))
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
@@ -250,6 +256,10 @@ def models_list() -> None:
 @click.option("--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)")
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="CA certificate of a TLS broker")
 @click.option("--duration", help="override the scenario's duration, e.g. 30s")
+@click.option("--workers", default="auto", show_default=True, metavar="N|auto",
+              help="processes to spread the clients over; auto: one, or more when the load needs them")
+@click.option("--netns", is_flag=True,
+              help="shape real packets in the kernel: node groups in network namespaces, tc per node (root; --broker local)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
@@ -257,31 +267,32 @@ def models_list() -> None:
 @click.option("--quiet", is_flag=True)
 @_user_errors
 def emulate(scenario: str, broker_url: str, username: str | None, password: str | None, credentials: str | None,
-            tls_ca: str | None, duration: str | None, out_dir: str | None, seed: int | None,
+            tls_ca: str | None, duration: str | None, workers: str, netns: bool, out_dir: str | None, seed: int | None,
             overrides: tuple[str, ...], force: bool, quiet: bool) -> None:  # fmt: skip
     """Run SCENARIO's nodes as real MQTT clients against a broker, in wall-clock time."""
     from iotbed.emulation.runner import emulate as run_live
 
     sets = [*overrides, *([f"duration={duration}"] if duration else [])]
     loaded = _load(scenario, seed, tuple(sets))
+    if workers != "auto":
+        if not workers.isdigit() or int(workers) < 1:
+            raise IotbedError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
     logins = None
     if credentials:
         try:
             logins = json.loads(Path(credentials).read_text(encoding="utf-8"))["clients"]
         except (OSError, ValueError, KeyError) as exc:
             raise IotbedError(f"--credentials {credentials}: not a credentials file from `iotbed broker start --auth` ({exc})") from None
-    if broker_url == "local":
-        import tempfile
-
-        from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
-
-        with tempfile.TemporaryDirectory(prefix="iotbed-broker-") as tmp, \
-                MosquittoBroker(Path(tmp), BrokerConfig(persistence=True)) as local:  # fmt: skip
-            result = run_live(loaded, local.url, out_dir=out_dir, force=force, progress=not quiet, broker_control=local)
-    else:
-        result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
-                          out_dir=out_dir, force=force, progress=not quiet)  # fmt: skip
+    result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
+                      workers=workers if workers == "auto" else int(workers), netns=netns, out_dir=out_dir,
+                      force=force, progress=not quiet)  # fmt: skip
     print_summary(result.summary)
+    realtime = result.summary["realtime"]
+    if not realtime["kept_up"]:
+        lag = realtime["lag_ms"]
+        err.print(f"[yellow]warning:[/] the emulation fell behind the wall clock (lag p99 {lag['p99_ms']:.1f} ms, max "
+                  f"{lag['max_ms']:.0f} ms on {realtime['workers']} process(es)): frames left later than due and the "
+                  f"latencies include that; use more --workers or a lighter scenario", highlight=False)  # fmt: skip
     if result.out_dir is not None:
         err.print(f"results: {result.out_dir}/", highlight=False)
 
@@ -312,6 +323,7 @@ def broker_start(port: int | None, scenario_for_auth: str | None, tls: bool, run
             if group in roles:
                 users += [BrokerUser(f"{group}-{i}", secrets.token_urlsafe(12), roles[group]) for i in range(count)]
         users.append(BrokerUser("registry", secrets.token_urlsafe(12), "registry"))
+        users.append(BrokerUser("monitor", secrets.token_urlsafe(12), "monitor"))  # reads $SYS for the summary
     started = start_detached(run_dir, BrokerConfig(port=port, users=tuple(users), tls=tls, persistence=True))
     scheme = "mqtts" if tls else "mqtt"
     click.echo(f"broker running: {scheme}://{started.host}:{started.port} (pid {started.pid}, files in {run_dir})")

@@ -12,6 +12,7 @@ METRICS = (
     "frames.captured", "frames.delivered", "frames.delivery_ratio", "frames.retries", "frames.duplicates",
     "frames.dropped_total", "throughput.frames_per_s", "throughput.goodput_mbps", "latency_ms.mean",
     "latency_ms.p50", "latency_ms.p95", "latency_ms.p99", "bandwidth.bytes_per_frame_mean", "accuracy.overall",
+    "broker.queue_drops",
 )  # fmt: skip
 
 

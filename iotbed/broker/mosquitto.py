@@ -18,7 +18,7 @@ replaced by the user name (which is also the node's client id in iotbed deployme
     gateway   read frames/#, write frames/#, write status/{user}
     edge      read frames/#, read $share/+/frames/#, read models/#, write status/{user}
     registry  write models/#, write status/{user}
-    monitor   read #
+    monitor   read #, read $SYS/#
     admin     readwrite #
 
 Anything not granted is denied. Mosquitto (2.0.11, measured) drops a denied PUBLISH; an MQTT 5 client gets
@@ -65,7 +65,7 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
     "edge": (("read", "frames/#"), ("read", "$share/+/frames/#"), ("read", "models/#"),
              ("write", "status/{user}")),  # fmt: skip
     "registry": (("write", "models/#"), ("write", "status/{user}")),
-    "monitor": (("read", "#"),),
+    "monitor": (("read", "#"), ("read", "$SYS/#")),  # `#` does not match `$SYS` topics
     "admin": (("readwrite", "#"),),
 }
 
@@ -99,6 +99,8 @@ class BrokerConfig:
     max_inflight_messages: int | None = None
     persistent_client_expiration: str | None = None  # e.g. "1h", "2d": MQTT 3.1.1 persistent sessions expire
     max_packet_size: int | None = None  # bytes; Mosquitto disconnects a client sending more
+    sys_interval_s: int = 1  # how often $SYS counters are published (Mosquitto's default: 10 s)
+    netns: str | None = None  # run inside this network namespace (`ip netns exec`), for `iotbed emulate --netns`
     log_types: tuple[str, ...] = ("error", "warning", "notice", "information")
     extra_lines: tuple[str, ...] = ()
 
@@ -255,14 +257,16 @@ class MosquittoBroker:
 
     def __init__(self, run_dir: str | Path | None = None, config: BrokerConfig | None = None, *,
                  binary: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 passwd_tool: str | None = "auto") -> None:  # fmt: skip
+                 passwd_tool: str | None = "auto", reach_host: str | None = None) -> None:  # fmt: skip
         self.config = config or BrokerConfig()
         self._own_dir = run_dir is None
         self.run_dir = Path(tempfile.mkdtemp(prefix="iotbed-mosquitto-")) if run_dir is None else Path(run_dir)
         self.binary = binary or find_binary()
         self.start_timeout_s = start_timeout_s
         self.passwd_tool = passwd_tool
-        self.host = self.config.host
+        # Where this process reaches the broker: its listening address, unless it listens inside a network
+        # namespace (then the namespace's address as seen from here).
+        self.host = reach_host or self.config.host
         self.port: int = self.config.port or 0
         self.config_path = self.run_dir / "mosquitto.conf"
         self.log_path = self.run_dir / "mosquitto.log"
@@ -333,6 +337,7 @@ class MosquittoBroker:
                 lines.append(f"autosave_interval {cfg.autosave_interval_s}")
         else:
             lines.append("persistence false")
+        lines.append(f"sys_interval {cfg.sys_interval_s}")
         lines.append(f"max_queued_messages {cfg.max_queued_messages}")
         if cfg.max_inflight_messages is not None:
             lines.append(f"max_inflight_messages {cfg.max_inflight_messages}")
@@ -392,7 +397,10 @@ class MosquittoBroker:
         if port_accepts(self.host, self.port, 0.05):
             raise BrokerError(f"port {self.host}:{self.port} is already in use by another process")
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([self.binary, "-c", str(self.config_path)], stdout=log,
+            command = [self.binary, "-c", str(self.config_path)]
+            if self.config.netns is not None:
+                command = ["ip", "netns", "exec", self.config.netns, *command]
+            self._proc = subprocess.Popen(command, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=detach)  # fmt: skip
         deadline = time.monotonic() + self.start_timeout_s

@@ -23,6 +23,16 @@ authorized) and SUBACK failures. With MQTT 3.1.1, or QoS 0, a denied publish is 
 broker and only non-delivery shows it. paho 2.2 ignores PUBREC reason codes, so a denied QoS 2 publish
 also looks successful to the sender.
 
+Slow readers: `slow_down(rate, duration_s)` makes the client read at most `rate` messages a second: paho's
+network thread waits before handing each message over, so it neither reads its socket nor sends the
+PUBACK sooner, and the broker's in-flight window and queue for this client fill as in front of any slow
+device. Broker acknowledgements: a QoS 1/2 PUBLISH's frame gets `t_broker` when the broker's PUBACK (QoS 2:
+PUBCOMP) arrives.
+
+Clock: the environment runs in wall-clock time as long as it keeps up. The bridge's poller measures, at
+every poll, how far the environment is behind the wall clock (`RealtimeBridge.lag`): a run whose
+events fell behind is visible as such instead of passing off late sends as on-time ones.
+
 Duplicates: `stats.duplicates` counts deliveries that carry the DUP flag (the broker re-sent them after a
 reconnect); a DUP message may still be the first copy this client saw, so exact duplicate counts come from
 ids in the payload (the edge server counts repeated frame ids).
@@ -36,6 +46,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,10 +132,53 @@ class TransportStats:
         return counts
 
 
+class LagMeter:
+    """How far a realtime environment runs behind the wall clock, sampled at each poll: a histogram in
+    0.1-ms bins up to 1 s (one more bin above), so percentiles cost nothing per sample."""
+
+    BIN_S = 1e-4
+    BINS = 10_001
+
+    def __init__(self) -> None:
+        self.counts = [0] * self.BINS
+        self.samples = 0
+        self.max_s = 0.0
+
+    def add(self, lag_s: float) -> None:
+        if lag_s < 0.0:
+            lag_s = 0.0
+        self.counts[min(self.BINS - 1, int(lag_s / self.BIN_S))] += 1
+        self.samples += 1
+        if lag_s > self.max_s:
+            self.max_s = lag_s
+
+    def merge(self, other: LagMeter) -> None:
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.samples += other.samples
+        self.max_s = max(self.max_s, other.max_s)
+
+    def percentile_ms(self, q: float) -> float | None:
+        """The upper edge of the bin holding the q-th percentile (q in 0-100), in ms; None without samples."""
+        if not self.samples:
+            return None
+        rank = q / 100.0 * self.samples
+        seen = 0
+        for i, n in enumerate(self.counts):
+            seen += n
+            if seen >= rank and n:
+                return round(min((i + 1) * self.BIN_S, self.max_s) * 1e3, 4)
+        return self.max_s * 1e3
+
+    def report(self) -> dict[str, float | int | None]:
+        return {"samples": self.samples, "p50_ms": self.percentile_ms(50), "p99_ms": self.percentile_ms(99),
+                "max_ms": self.max_s * 1e3 if self.samples else None}  # fmt: skip
+
+
 class RealtimeBridge:
     """Runs work posted from any thread on the SimPy thread, polled every `poll_s` of simulated (= real) time.
 
-    One bridge can serve many transports on the same environment (one poller instead of one per client)."""
+    One bridge can serve many transports on the same environment (one poller instead of one per client).
+    Each poll also measures the environment's lag behind the wall clock (`lag`)."""
 
     def __init__(self, env: simpy.Environment, poll_s: float = 0.0005) -> None:
         if not isinstance(env, simpy.rt.RealtimeEnvironment):
@@ -139,6 +193,7 @@ class RealtimeBridge:
         self._users = 0
         self._running = False
         self.sim_thread: int | None = None
+        self.lag = LagMeter()
 
     def post(self, fn: Callable[..., None], *args: Any) -> None:
         """Any thread: run `fn(*args)` on the SimPy thread at the next poll."""
@@ -167,10 +222,14 @@ class RealtimeBridge:
 
     def _poll(self) -> Any:
         self.sim_thread = threading.get_ident()
+        env = self.env
+        lag, clock = self.lag, time.monotonic
         try:
             while self._users > 0:
+                # the wall-clock instant this event was due at, against now
+                lag.add(clock() - env.real_start - (env.now - env.env_start) * env.factor)  # type: ignore[attr-defined]
                 self.drain()
-                yield self.env.timeout(self.poll_s)
+                yield env.timeout(self.poll_s)
             self.drain()
         finally:
             self._running = False
@@ -211,7 +270,7 @@ class MqttTransport:
                  message_expiry_s: int | None = None, codec: Any = None, shaper: Any = None,
                  bridge: RealtimeBridge | None = None, retry_on_refusal: bool = False,
                  raise_on_refusal: bool = False, connect_timeout_s: float | None = None,
-                 tcp_ip_overhead: bool = False) -> None:  # fmt: skip
+                 tcp_ip_overhead: bool = False, bind_address: str = "") -> None:  # fmt: skip
         if protocol not in (packets.MQTT5, packets.MQTT311):
             raise ValueError(f"protocol must be {packets.MQTT5!r} or {packets.MQTT311!r}, not {protocol!r}")
         self.env = env
@@ -232,6 +291,7 @@ class MqttTransport:
         self.raise_on_refusal = raise_on_refusal
         self.connect_timeout_s = connect_timeout_s
         self.tcp_ip_overhead = tcp_ip_overhead
+        self.bind_address = bind_address  # the local address to connect from ("": any)
         self.stats = TransportStats()
         self.connected: simpy.Event = env.event()
         self.session_present: bool | None = None
@@ -245,6 +305,10 @@ class MqttTransport:
         self._handlers_for: dict[str, list[Handler]] = {}
         self._confirm: dict[int, simpy.Event] = {}
         self._publish_topic: dict[int, str] = {}
+        self._publish_account: dict[int, Any] = {}
+        # Slow reading (paho's thread): seconds per message and the monotonic instant it ends.
+        self._read_pace: tuple[float, float] | None = None
+        self._next_read = 0.0
         # Subscriptions, shared with paho's thread (on_connect resubscribes) under a lock.
         self._sub_lock = threading.Lock()
         self._wanted: dict[str, int] = {}
@@ -288,7 +352,8 @@ class MqttTransport:
                     expiry = self.session_expiry_s
                     props.SessionExpiryInterval = SESSION_EXPIRY_NEVER if expiry is None else int(expiry)
                     kwargs["properties"] = props
-            self._client.connect_async(self.host, self.port, self.keepalive_s, **kwargs)
+            self._client.connect_async(self.host, self.port, self.keepalive_s, bind_address=self.bind_address,
+                                       **kwargs)  # fmt: skip
             self._client.loop_start()
             if self.connect_timeout_s is not None:
                 self.env.timeout(self.connect_timeout_s).callbacks.append(self._connect_timed_out)
@@ -334,6 +399,12 @@ class MqttTransport:
         if topic_filter is not None:
             return topic_filter in self._acked
         return all(f in self._acked for f, _ in self._handlers)
+
+    def slow_down(self, rate: float, duration_s: float) -> None:
+        """For `duration_s` from now, read at most `rate` messages a second (see the module notes)."""
+        if rate <= 0 or duration_s < 0:
+            raise ValueError("a slow reader needs a rate above zero and a duration not below zero")
+        self._read_pace = (1.0 / rate, time.monotonic() + duration_s)
 
     def disconnect(self) -> None:
         """A clean DISCONNECT (the broker discards the will); stops the network thread."""
@@ -417,6 +488,8 @@ class MqttTransport:
             return
         if qos > 0:
             self._publish_topic[info.mid] = topic
+            if account is not None:
+                self._publish_account[info.mid] = account
             if done is not None:
                 self._confirm[info.mid] = done
 
@@ -466,6 +539,17 @@ class MqttTransport:
         self.bridge.post(self._on_disconnected, str(reason))
 
     def _paho_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        pace = self._read_pace
+        if pace is not None:
+            interval, until = pace
+            now = time.monotonic()
+            if now < until:
+                # Hold paho's thread: the socket is not read, and the PUBACK (sent when this returns) waits.
+                due = max(self._next_read, now)
+                time.sleep(due - now)
+                self._next_read = due + interval
+            else:
+                self._read_pace = None
         self.bridge.post(self._on_message, message)
 
     def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
@@ -528,12 +612,15 @@ class MqttTransport:
 
     def _on_published(self, mid: int, code: int, reason: str) -> None:
         topic = self._publish_topic.pop(mid, "")
+        account = self._publish_account.pop(mid, None)
         if code >= 0x80:
             self._refuse("publish", code, reason, topic)
         else:
             self.stats.publish_confirmed += 1
             if code == 0x10:
                 self.stats.no_matching_subscribers += 1
+            if account is not None and getattr(account, "t_broker", 0.0) < 0:
+                account.t_broker = self.env.now  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
         done = self._confirm.pop(mid, None)
         if done is not None and not done.triggered:
             done.succeed(code)

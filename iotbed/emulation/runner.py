@@ -1,50 +1,58 @@
 """`iotbed emulate`: the scenario's nodes as real paho-mqtt clients against a real broker, in wall-clock time.
 
 The node code is the simulator's (`Camera`, `EdgeServer`, `ModelRegistry`) under a
-`simpy.rt.RealtimeEnvironment`; only the transport differs. Frames carry real pixels on the wire.
+`simpy.rt.RealtimeEnvironment`; only the transport differs (`iotbed.emulation.live`). Frames carry real
+pixels on the wire.
 
-Links: each camera shapes what it publishes with the path the simulator would route it over, from the
-camera to the broker's node: the bottleneck bandwidth, the sum of propagation delays, the root-sum-square
-of the jitters, and the loss model of the lossiest link. The path from the broker to subscribers and
-MQTT's own acknowledgements are not shaped (they cross loopback), and gateways, which only forward, run
-no client. So the emulated latency lacks the broker-to-edge leg the simulator charges when the broker
-is not on the edge server; the summary says `mode: emulated` so the two are never mixed up.
+Links. Gateways and routers run no client: each node talks to the broker directly over the path the
+simulator would route it on, collapsed into one shaped hop (`iotbed.emulation.paths`). By default each
+camera shapes what it publishes in process (`LinkShaper`: bottleneck bandwidth by token bucket, summed delay,
+jitter, the path's loss model) and the broker-to-subscriber leg and MQTT's acknowledgements cross loopback
+unshaped. With `netns=True` (root) the kernel shapes real packets both ways instead: every node group in
+its own network namespace, the broker in another, joined by veth pairs with HTB and netem per node
+(`iotbed.emulation.netns`).
+
+Scale. One process runs every client up to `workers.PROCESS_CAPACITY_FPS`; `workers="auto"` spreads a
+larger run over worker processes, or `workers=N` asks for N (`iotbed.emulation.workers`). Each process
+measures how far it fell behind the wall clock; the summary's `realtime` section reports it, so a run that
+could not keep up says so.
+
+The broker's own counters come from `$SYS` (`iotbed.emulation.monitor`): what it dropped from full queues
+and how many messages it held. The summary says `mode: emulated`, so simulated and emulated runs are never
+mixed up; `iotbed compare` sets them side by side.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import signal
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-import simpy
-import simpy.rt
-import torch
 from tqdm import tqdm
 
 from iotbed.analysis.summary import summarise
-from iotbed.broker.mosquitto import MosquittoBroker
-from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
-from iotbed.broker.wire import WireCodec
-from iotbed.deployment import (_add_links, attack_window, build_camera, camera_windows, device_profiles, edge_classifier,
-                               edge_config)  # fmt: skip
-from iotbed.emulation.shaper import LinkShaper
+from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
+from iotbed.broker.mqtt_transport import LagMeter
+from iotbed.emulation import netns as kernel
+from iotbed.emulation.live import (Endpoint, LiveDeployment, Shaping, broker_report, build_live, mark_broker_undelivered,
+                                   offered_frames_per_s, shaper_row)  # fmt: skip
+from iotbed.emulation.monitor import BrokerMonitor
+from iotbed.emulation.paths import node_paths
+from iotbed.emulation.workers import auto_workers, merge, plan_shards, run_sharded
 from iotbed.errors import IotbedError
-from iotbed.nodes.camera import Camera
-from iotbed.nodes.edge_server import EdgeServer
-from iotbed.nodes.registry import ModelRegistry
-from iotbed.runner import (DRAIN_S, RunResult, load_model_bytes, one_torch_thread, output_dir, prepare,
-                           reference_column, setup_summary, write_outputs)  # fmt: skip
+from iotbed.runner import DRAIN_S, RunResult, one_torch_thread, output_dir, prepare, reference_column, setup_summary, write_outputs
 from iotbed.scenario import Scenario
-from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss
-from iotbed.sim.network import Network
-from iotbed.sim.rng import RandomStreams
-from iotbed.sim.trace import TraceRecorder
+
+# A process that stays within this of the wall clock at its 99th percentile kept up: its frames left when
+# they were due, to within what the network itself adds at these loads.
+KEPT_UP_P99_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -57,37 +65,14 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise IotbedError(f"--broker {url}: use mqtt://HOST:PORT (or mqtts:// for TLS)")
+        raise IotbedError(f"--broker {url}: use mqtt://HOST:PORT (or mqtts:// for TLS), or `local`")
     if not parsed.hostname:
         raise IotbedError(f"--broker {url}: no host; use mqtt://HOST:PORT")
     tls = parsed.scheme in ("mqtts", "ssl")
     return BrokerAddress(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
 
-@dataclass(frozen=True)
-class PathShape:
-    rate_bytes_s: float
-    delay_s: float
-    jitter_s: float
-    lossiest: LinkDirection | None
-    queue: int
-
-
-def path_shape(route: tuple[LinkDirection, ...]) -> PathShape:
-    lossy = [d for d in route if not isinstance(d.loss, NoLoss)]
-    return PathShape(
-        rate_bytes_s=min(d.transmitter.bandwidth_bps for d in route) / 8 if route else math.inf,
-        delay_s=sum(d.latency_s for d in route),
-        jitter_s=math.sqrt(sum(d.jitter_s**2 for d in route)),
-        lossiest=lossy[0] if lossy else None,
-        queue=min((d.transmitter.capacity for d in route), default=10_000),
-    )
-
-
-def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None, password: str | None = None,
-            logins: dict[str, str] | None = None, tls_ca: str | None = None, broker_control: MosquittoBroker | None = None, out_dir: str | Path | None = None, write: bool = True, force: bool = False,
-            progress: bool = True) -> RunResult:  # fmt: skip
-    address = parse_broker_url(broker_url)
+def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker | None, netns: bool) -> None:
     if any(g.strip is not None for g in scenario.nodes.gateways) or any(e.repair is not None for e in scenario.nodes.edge_servers):
         raise IotbedError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
                           "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`")  # fmt: skip
@@ -97,164 +82,178 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     if any(a.kind == "mitm" for a in scenario.attacks):
         raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
                           "only: remove the mitm entries or use `iotbed run`")  # fmt: skip
+    local = broker_url == "local"
+    if netns and not local:
+        raise IotbedError("--netns runs its own broker inside the emulated network: use `--broker local`")
+    if not local:
+        parse_broker_url(broker_url)
     for fault in scenario.faults:
-        if fault.kind == "broker_restart" and broker_control is None:
+        if fault.kind == "broker_restart" and broker_control is None and not local:
             raise IotbedError("broker_restart faults need a broker iotbed controls: run with `--broker local`")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """A `kill` of the run unwinds like Ctrl-C, so namespaces, workers and the broker are cleaned up."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None, password: str | None = None,
+            logins: dict[str, str] | None = None, tls_ca: str | None = None,
+            broker_control: MosquittoBroker | None = None, workers: int | str = "auto", netns: bool = False,
+            out_dir: str | Path | None = None, write: bool = True, force: bool = False,
+            progress: bool = True) -> RunResult:  # fmt: skip
+    """Run `scenario` live. `broker_url` is `mqtt[s]://HOST:PORT`, or `local` for a Mosquitto started for
+    this run (with the scenario's queue limits; restarted by `broker_restart` faults). `broker_control` is a
+    broker the caller started, for its faults. `workers`: `auto`, or how many processes to spread the
+    clients over. `netns`: shape in the kernel (root; needs `local`)."""
+    _check(scenario, broker_url, broker_control, netns)
+    if workers != "auto" and (not isinstance(workers, int) or workers < 1):
+        raise IotbedError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
     target = output_dir(scenario, out_dir, force) if write else None
     wall_start = time.perf_counter()
     resolved, artefacts, model_info = prepare(scenario, progress=progress)
-    streams = RandomStreams(resolved.seed)
-    env = simpy.rt.RealtimeEnvironment(factor=1.0, strict=False)
-    bridge = RealtimeBridge(env)
-    recorder = TraceRecorder()
-    pixels_u8 = (artefacts.images * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    codec = WireCodec(lambda frame: pixels_u8[frame.image_index])
-    b = resolved.broker
-    broker_node = resolved.resolve_node(b.node)
-    assert broker_node is not None
-
-    # The simulated topology, only to know each camera's path to the broker.
-    topology = Network(simpy.Environment())
-    for group, count in resolved.group_counts().items():
-        for i in range(count):
-            topology.add_node(f"{group}-{i}")
-    _add_links(topology, resolved, streams)
-
-    transports: list[MqttTransport] = []
-
-    def transport(client_id: str, shaper: LinkShaper | None = None, clean_session: bool = True) -> MqttTransport:
-        # Per-client logins (one user per node, as `iotbed broker start --auth` makes them) win over a shared one.
-        user, secret = (client_id, logins[client_id]) if logins and client_id in logins else (username, password)
-        t = MqttTransport(env, client_id, address.host, address.port, protocol=b.protocol, keepalive_s=int(b.keepalive),
-                          clean_session=clean_session, username=user, password=secret, tls_ca=tls_ca,
-                          tls=address.tls or None,
-                          codec=codec, shaper=shaper, bridge=bridge, tcp_ip_overhead=b.tcp_ip_overhead)  # fmt: skip
-        transports.append(t)
-        return t
-
-    shapers: dict[str, LinkShaper] = {}
-    clean = artefacts.images.numpy()
-    windows = [attack_window(spec, resolved, artefacts, clean, streams) for spec in resolved.attacks]
-    by_camera = camera_windows(resolved, windows)
-    cameras: list[Camera] = []
-    for group in resolved.nodes.cameras:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            shape = path_shape(topology.route(name, broker_node))
-            rng = streams.generator("shaper", name)
-            loss = same_loss(shape.lossiest.loss, rng) if shape.lossiest is not None else None
-            shaper = LinkShaper(env, rng, name=name, rate_bytes_s=shape.rate_bytes_s if math.isfinite(shape.rate_bytes_s) else None,
-                                delay_s=shape.delay_s, jitter_s=shape.jitter_s, loss=loss, queue_limit=shape.queue,
-                                retry_interval_s=b.retry_interval, max_retries=b.max_retries)  # fmt: skip
-            shapers[name] = shaper
-            camera = build_camera(env, resolved, group, name, len(cameras), transport(name, shaper), artefacts, streams,
-                                  recorder, by_camera.get(name, []))  # fmt: skip
-            cameras.append(camera)
-            env.process(camera.run())
-
-    profiles = device_profiles(resolved)
-    models_topic = resolved.registry.topic
-    edges = []
-    for group in resolved.nodes.edge_servers:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            edge = EdgeServer(env, name, transport(name, clean_session=not group.persistent_session),
-                              edge_config(resolved, group), edge_classifier(group, name, artefacts, streams),
-                              profiles[group.device], recorder, load_model_bytes)  # fmt: skip
-            edges.append(edge)
-            env.process(edge.run())
-    if artefacts.updates:
-        registry = ModelRegistry(env, "registry", transport("registry"), models_topic, resolved.qos_for(models_topic),
-                                 list(artefacts.updates), recorder)  # fmt: skip
-        env.process(registry.run())
-
-    by_node = {t.client_id: t for t in transports}
-    for fault in resolved.faults:
-        if fault.kind == "node_crash":
-            env.process(crash_node(env, by_node[fault.node], fault.at, fault.down))  # type: ignore[index]
-        elif broker_control is not None:
-            env.process(restart_broker(env, broker_control, fault.at, fault.down))
+    nodes = [f"{g.name}-{i}" for g in [*resolved.nodes.cameras, *resolved.nodes.edge_servers] for i in range(g.count)]
+    registry_node = resolved.resolve_node(resolved.registry.node or resolved.broker.node) if artefacts.updates else None
+    if registry_node is not None and registry_node not in nodes:
+        nodes.append(registry_node)
+    paths = node_paths(resolved, nodes)
     end = resolved.duration + DRAIN_S
-    env.sync()  # wall-clock zero is now, after models and clients are ready
-    try:
-        with one_torch_thread(), tqdm(total=100, desc=f"{resolved.name} (live)", disable=not progress, file=sys.stderr,
-                                      bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
-            for step in range(1, 101):
-                env.run(until=end * step / 100)
-                bar.set_postfix_str(f"{env.now:.1f}/{end:.1f} s, {len(recorder.records)} frames", refresh=False)
-                bar.update(1)
-    finally:
-        for t in transports:
-            t.close()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_as_interrupt())
+        lab = stack.enter_context(kernel.NetnsLab(kernel.by_group(paths, nodes))) if netns else None
+        broker = broker_control
+        url = broker_url
+        if broker_url == "local":
+            broker = stack.enter_context(_local_broker(stack, resolved, lab))
+            url = broker.url
+        address = parse_broker_url(url)
+        if lab is not None:
+            endpoint = _netns_endpoint(lab)
+        else:
+            endpoint = lambda node: Endpoint(address.host, address.port)  # noqa: E731
+        # The kernel's netem does everything; without it, what cameras publish is shaped here as well.
+        shaping = Shaping(active=lab is None or not lab.netem)
+        live = build_live(resolved, artefacts, endpoint, paths, shaping=shaping, logins=logins, username=username,
+                          password=password, tls_ca=tls_ca, tls=address.tls)  # fmt: skip
+        offered = offered_frames_per_s(resolved)
+        n_workers = auto_workers(offered) if workers == "auto" else int(workers)
+        namespaces = {c: lab.namespace_of(node).namespace for c, node in live.node_of.items()} if lab else None
+        shards = plan_shards(live, n_workers, namespaces)
+        user, secret = (("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password))
+        monitor = BrokerMonitor(address.host, address.port, username=user, password=secret, tls=address.tls,
+                                tls_ca=tls_ca)  # fmt: skip
+        lags: dict[int, LagMeter] = {}
+        try:
+            with _progress(resolved.name, end, progress) as advance:
+                if len(shards) == 1 and lab is None:
+                    monitor.start()
+                    _run_here(live, broker, end, advance)
+                    lags[0] = live.bridge.lag
+                else:
+                    def parent_side() -> None:
+                        monitor.start()
+                        live.start([], broker)  # the broker's faults run here, on the parent's clock
 
-    table = recorder.to_table()
-    links = [shaper_row(name, s, end) for name, s in shapers.items()]
+                    results = run_sharded(live, shards, end, enter=kernel.enter if lab else None,
+                                          parent_env_hook=parent_side, on_progress=advance)  # fmt: skip
+                    merge(live, results)
+                    lags = {r.index: r.lag for r in results}
+        finally:
+            monitor.stop()
+        kernel_rows = lab.class_stats() if lab is not None else []
+        shaping_report = lab.describe() if lab is not None else {
+            "mode": "in process", "bandwidth": "per camera, on what it publishes",
+            "transmission_delay_jitter_loss": "in process, on what cameras publish"}  # fmt: skip
+
+    undelivered = mark_broker_undelivered(live.recorder)
+    table = live.recorder.to_table()
+    links = [shaper_row(name, s, end) for name, s in live.shapers.items()]
+    report = broker_report(url, live.transports.values())
+    counted = monitor.report()
+    report.update(queue_drops=counted["dropped"], stored_max_increase=counted["stored_max_increase"],
+                  sys_counters=counted["available"], acknowledged_not_delivered=undelivered)  # fmt: skip
     summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
                         sim_end_s=end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
-                        links=links, edges=edges, broker=broker_report(broker_url, transports),
-                        model_events=recorder.model_events, mode="emulated", cameras=len(cameras),
-                        reference=reference_column(table, artefacts),
-                        setup=setup_summary(resolved, cameras, edges, windows))  # fmt: skip
+                        links=links, edges=live.edges, broker=report, model_events=live.recorder.model_events,
+                        mode="emulated", cameras=len(live.cameras), reference=reference_column(table, artefacts),
+                        setup=setup_summary(resolved, live.cameras, live.edges, live.windows))  # fmt: skip
+    summary["realtime"] = realtime_report(lags, offered, shards)
+    summary["shaping"] = shaping_report
+    extra = {"kernel_links.csv": kernel_rows} if kernel_rows else None
     if target is not None:
-        write_outputs(target, resolved, table, summary, links, [], recorder)
+        write_outputs(target, resolved, table, summary, links, [], live.recorder, extra)
     return RunResult(resolved, summary, table, target)
 
 
-def crash_node(env: simpy.Environment, transport: MqttTransport, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
-    """The node's MQTT client vanishes at `at_s` (its TCP connection torn down, no DISCONNECT) and connects
-    again `down_s` later, with the same client id."""
-    yield env.timeout(at_s)
-    transport.crash()
-    yield env.timeout(down_s)
-    transport.rejoin()
+def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.NetnsLab | None) -> MosquittoBroker:
+    b = scenario.broker
+    run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotbed-broker-")))
+    limits = {"max_queued_messages": b.max_queued, "max_inflight_messages": b.max_inflight, "persistence": True}
+    if lab is None:
+        return MosquittoBroker(run_dir, BrokerConfig(**limits))
+    return MosquittoBroker(run_dir, BrokerConfig(host="0.0.0.0", port=kernel.BROKER_PORT, netns=lab.broker_ns, **limits),
+                           reach_host=lab.broker_address)  # fmt: skip
 
 
-def restart_broker(env: simpy.Environment, broker: MosquittoBroker, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
-    """Stop the broker (SIGTERM: it saves its database) at `at_s` and start it again `down_s` later."""
-    yield env.timeout(at_s)
-    broker.stop()
-    yield env.timeout(down_s)
-    broker.start()
+def _netns_endpoint(lab: kernel.NetnsLab) -> Any:
+    def endpoint(node: str) -> Endpoint:
+        net = lab.namespace_of(node)
+        return Endpoint(net.hub_address, kernel.BROKER_PORT, net.addresses[node])
+
+    return endpoint
 
 
-def same_loss(model: LossModel, rng: np.random.Generator) -> LossModel:
-    """The link's loss model with the same parameters, drawing from the shaper's own stream."""
-    if isinstance(model, BernoulliLoss):
-        return BernoulliLoss(model.rate, rng)
-    if isinstance(model, GilbertElliottLoss):
-        return GilbertElliottLoss(model.p, model.r, model.loss_good, model.loss_bad, rng)
-    return NoLoss()
+@contextlib.contextmanager
+def _progress(name: str, end: float, show: bool) -> Iterator[Any]:
+    with tqdm(total=round(end, 1), desc=f"{name} (live)", unit="s", disable=not show, file=sys.stderr,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
+
+        def advance(now: float, frames: int) -> None:
+            bar.set_postfix_str(f"{frames} frames", refresh=False)
+            bar.update(round(min(now, end), 1) - bar.n)  # redraws at most every 0.1 s
+
+        yield advance
 
 
-def shaper_row(name: str, shaper: LinkShaper, duration_s: float) -> dict[str, Any]:
-    s = shaper.stats
-    rate = shaper.bucket.rate if shaper.bucket is not None else math.inf
+def _run_here(live: LiveDeployment, broker: MosquittoBroker | None, end: float, advance: Any) -> None:
+    """Every client in this process."""
+    live.start(live.transports, broker)
+    env = live.env
+    env.sync()  # wall-clock zero is now, after models and clients are ready
+    try:
+        with one_torch_thread():
+            for step in range(1, 101):
+                env.run(until=end * step / 100)
+                advance(env.now, len(live.recorder.records))
+    finally:
+        live.close()
+
+
+def realtime_report(lags: dict[int, LagMeter], offered_fps: float, shards: list[Any]) -> dict[str, Any]:
+    total = LagMeter()
+    for meter in lags.values():
+        total.merge(meter)
+    overall = total.report()
+    p99 = overall["p99_ms"]
     return {
-        "link": f"{name}->broker (shaped path)",
-        "group": "camera->broker",
-        "bandwidth_bps": rate * 8,
-        "packets_sent": s.submitted,
-        "bytes_sent": s.bytes_admitted,
-        "packets_delivered": s.sent,
-        "dropped_queue_full": s.dropped_queue_full,
-        "dropped_loss": s.losses,
-        "utilisation": s.bytes_admitted / rate / duration_s if math.isfinite(rate) else 0.0,
-        "max_queue_packets": s.max_backlog,
+        "workers": len(shards),
+        "offered_frames_per_s": offered_fps,
+        "lag_ms": overall,
+        "by_worker": {str(i): {"clients": len(shards[i].clients) if i < len(shards) else None, **m.report()}
+                      for i, m in sorted(lags.items())},  # fmt: skip
+        "kept_up": p99 is not None and p99 <= KEPT_UP_P99_MS,
+        "kept_up_p99_ms": KEPT_UP_P99_MS,
     }
-
-
-def broker_report(url: str, transports: list[MqttTransport]) -> dict[str, Any]:
-    totals: dict[str, Any] = {"url": url, "clients": len(transports)}
-    for key in ("published", "delivered", "duplicates", "malformed", "reconnects", "connection_losses",
-                "dropped_not_connected", "refusals"):  # fmt: skip
-        totals[key] = int(sum(getattr(t.stats, key) for t in transports))
-    refusals: dict[str, int] = {}
-    malformed: dict[str, int] = {}
-    for t in transports:
-        for reason, n in t.stats.refusal_reasons().items():
-            refusals[reason] = refusals.get(reason, 0) + n
-        for reason, n in t.stats.malformed_reasons.items():
-            malformed[reason] = malformed.get(reason, 0) + n
-    totals["refusal_reasons"] = refusals
-    totals["malformed_reasons"] = malformed
-    return totals

@@ -4,10 +4,12 @@ The real broker sits on loopback, which has no bandwidth limit, delay or loss wo
 outgoing messages pass through a `LinkShaper` first, which models its uplink the way `iotbed.sim.links`
 models a simulated link, and hands each message to paho when it would have arrived:
 
-1. admission: a token bucket (rate in bytes/s, bucket depth `burst_bytes`) gives the departure time. Messages
-   leave in FIFO order; one waits until the bucket holds min(size, burst) tokens, then takes `size` tokens
-   (the bucket may go negative, so a message bigger than the bucket still passes, at the mean rate). With
-   `queue_limit`, a message that finds that many messages waiting is dropped (drop-tail, "queue_full").
+1. admission: by default the link serialises, as a simulated link does: messages leave in FIFO order and each
+   occupies the link for size / rate, so a message is delayed by its own transmission time and by the ones
+   ahead of it (`Serializer`). With `burst_bytes`, a token bucket of that depth decides instead: a message
+   waits until the bucket holds min(size, burst) tokens, then takes `size` tokens (the bucket may go
+   negative, so a message bigger than the bucket still passes, at the mean rate), so bursts pass at once.
+   With `queue_limit`, a message that finds that many messages waiting is dropped (drop-tail, "queue_full").
 2. loss, drawn after admission (a lost message still used the link), from any `LossModel` of
    `iotbed.sim.links` (`BernoulliLoss`, `GilbertElliottLoss`). A lost QoS 0 message is gone ("link_loss");
    a lost QoS 1/2 message is sent again `retry_interval_s` later through the shaper, as the simulated MQTT
@@ -20,12 +22,7 @@ emulation), so the only real-time effect is that `send()` runs later. The shaper
 `numpy.random.Generator` (and the loss model's): the same seed gives the same departure times, delays and
 losses. It works on any SimPy environment, which is how it is unit-tested without waiting.
 
-Not here yet: shaping in the kernel (netns + tc). That mode would give every node its own network namespace
-joined to the broker's by a veth pair, with `tc qdisc ... tbf rate` for bandwidth and `netem delay jitter
-loss gemodel` for delay and loss, and run each node's paho client in a process inside its namespace (a
-network namespace is per thread/process, and paho's socket must be created there). It would implement the
-same `submit()` surface as a pass-through (send at once) plus a setup/teardown object owning the namespaces,
-so `MqttTransport` need not change; it needs root, and TCP would then see the loss and retransmit itself.
+Shaping real packets in the kernel instead is `iotbed.emulation.netns` (`iotbed emulate --netns`).
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ from simpy.events import Timeout
 
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LossModel, NoLoss
 
-__all__ = ["LinkShaper", "ShaperStats", "TokenBucket", "make_loss", "BernoulliLoss", "GilbertElliottLoss"]
+__all__ = ["LinkShaper", "Serializer", "ShaperStats", "TokenBucket", "make_loss", "BernoulliLoss", "GilbertElliottLoss"]
 
 
 class TokenBucket:
@@ -64,6 +61,22 @@ class TokenBucket:
         tokens = min(self.burst, tokens + (depart - start) * self.rate) - size
         self.tokens, self.t, self.last_departure = tokens, depart, depart
         return depart
+
+
+class Serializer:
+    """Departure times of a FIFO stream over a link of `rate_bytes_s`: each message's transmission starts when
+    the previous one's ends (or when it arrives) and lasts size / rate (the simulator's Lindley recursion)."""
+
+    def __init__(self, rate_bytes_s: float) -> None:
+        if rate_bytes_s <= 0:
+            raise ValueError("a link needs a rate above zero")
+        self.rate = float(rate_bytes_s)
+        self.busy_until = 0.0
+
+    def departure(self, now: float, size: int) -> float:
+        start = now if now > self.busy_until else self.busy_until
+        self.busy_until = start + size / self.rate
+        return self.busy_until
 
 
 @dataclass(slots=True)
@@ -105,12 +118,9 @@ class LinkShaper:
         self.env = env
         self.name = name
         self.rng = rng
-        # Default depth: 10 ms worth of bytes, at least one 64 KiB message, so short bursts pass at line rate.
-        self.bucket = (
-            TokenBucket(rate_bytes_s, burst_bytes if burst_bytes is not None else max(65536.0, rate_bytes_s / 100))
-            if rate_bytes_s is not None
-            else None
-        )
+        self.bucket: Serializer | TokenBucket | None = None
+        if rate_bytes_s is not None:
+            self.bucket = Serializer(rate_bytes_s) if burst_bytes is None else TokenBucket(rate_bytes_s, burst_bytes)
         self.delay_s = float(delay_s)
         self.jitter_s = float(jitter_s)
         self.loss: LossModel = loss if loss is not None else NoLoss()

@@ -101,17 +101,33 @@ class ModelEvent:
     size_bytes: int
 
 
-class TraceRecorder:
-    """Collects frame records and model events for one run."""
+# What an edge server writes into a frame's record; the camera's side writes the rest.
+EDGE_FIELDS = ("t_edge", "edge", "t_infer_start", "t_done", "prediction", "model_version", "duplicates")
 
-    def __init__(self) -> None:
+
+class ArrivalRecords(dict):  # type: ignore[type-arg]
+    """Records of frames captured in another process (a live run's camera workers), keyed by frame id: an
+    edge server's worker fills in the edge's side of a blank record, made on first use."""
+
+    def __missing__(self, frame_id: int) -> FrameRecord:
+        record = self[frame_id] = FrameRecord(frame_id, "", "", -1, -1, 0, 0, 0, -1.0)
+        return record
+
+
+class TraceRecorder:
+    """Collects frame records and model events for one run. Frame ids are `first_id + id_step * k` for the
+    k-th frame, so recorders in several processes hand out ids that never collide."""
+
+    def __init__(self, first_id: int = 0, id_step: int = 1) -> None:
         self.records: list[FrameRecord] = []
         self.model_events: list[ModelEvent] = []
+        self.first_id = first_id
+        self.id_step = id_step
 
     def new_frame(self, camera: str, topic: str, image_index: int, label: int, payload_bytes: int,
                   publish_bytes: int, qos: int, t_capture: float) -> FrameRecord:  # fmt: skip
-        record = FrameRecord(len(self.records), camera, topic, image_index, label, payload_bytes, publish_bytes,
-                             qos, t_capture)  # fmt: skip
+        record = FrameRecord(self.first_id + self.id_step * len(self.records), camera, topic, image_index, label,
+                             payload_bytes, publish_bytes, qos, t_capture)  # fmt: skip
         self.records.append(record)
         return record
 

@@ -1,0 +1,298 @@
+"""Spreading a live run's clients over worker processes, and putting their results back together.
+
+One Python process runs every paho network thread and the SimPy thread under one interpreter lock. Past a
+load (`PROCESS_CAPACITY_FPS`, measured by `benchmarks/run.py emulate_workers`) it falls behind the wall
+clock and frames wait in it, not in the network. Then the run is split into shards: the edge servers and
+the registry in one worker, the cameras dealt round robin over the others. In `--netns` runs every node
+group is a shard of its own (a worker enters its group's network namespace before it opens a socket).
+
+The parent builds the whole deployment once, forks one worker per shard (each inherits the data, the
+model and the nodes, and starts only its own), and hands them one shared start instant on the system's
+monotonic clock, so simulated time 0 is the same wall-clock instant in every worker and timestamps from
+different workers can be subtracted. Each worker sends back its share: the records of the frames it
+captured (camera workers number them `k * shards + shard`) or the edge's side of the frames it received
+(keyed by the frame id that travelled in the frame's header), its clients' counters, its edge servers'
+tallies and its lag behind the wall clock. The parent merges them into its own copies of the nodes, so
+the summary and the files are made exactly as for a one-process run.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from iotbed.broker.mqtt_transport import LagMeter, TransportStats
+from iotbed.emulation.live import LiveDeployment
+from iotbed.emulation.shaper import ShaperStats
+from iotbed.errors import IotbedError
+from iotbed.runner import one_torch_thread
+from iotbed.sim.trace import EDGE_FIELDS, ArrivalRecords, FrameRecord, ModelEvent
+
+# Frames per second one process carries through Mosquitto while keeping its lag behind the wall clock
+# small (`benchmarks/run.py emulate_workers`, 2-core machine); `--workers auto` splits runs above it.
+PROCESS_CAPACITY_FPS = 1500.0
+START_MARGIN_S = 0.3  # from "go" to simulated time 0: every worker has the start instant by then
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    clients: tuple[str, ...]
+    namespace: str | None = None  # a network namespace to enter first (--netns)
+    edges: bool = False  # holds edge servers: records arrive keyed by frame id
+
+
+def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] | None = None) -> list[Shard]:
+    """`namespaces`: client id -> the namespace its node lives in (a --netns run): one shard per namespace.
+    Otherwise `workers` shards: the edge servers and the registry in the first, cameras round robin."""
+    edges = {e.name for e in live.edges}
+    servers = [c for c in live.transports if c in edges or c == "registry"]
+    cameras = [c.name for c in live.cameras]
+    if namespaces is not None:
+        by_ns: dict[str, list[str]] = {}
+        for client in [*servers, *cameras]:
+            by_ns.setdefault(namespaces[client], []).append(client)
+        return [Shard(i, tuple(clients), ns, any(c in edges for c in clients))
+                for i, (ns, clients) in enumerate(sorted(by_ns.items()))]  # fmt: skip
+    if workers <= 1:
+        return [Shard(0, tuple([*servers, *cameras]), None, bool(edges))]
+    camera_shards = max(1, workers - 1)
+    shards = [Shard(0, tuple(servers), None, True)] if servers else []
+    for k in range(camera_shards):
+        chosen = tuple(cameras[k::camera_shards])
+        if chosen:
+            shards.append(Shard(len(shards), chosen))
+    return shards
+
+
+def auto_workers(offered_fps: float, cpus: int | None = None) -> int:
+    """One process up to `PROCESS_CAPACITY_FPS`; above it, the edge side in one worker and enough camera
+    workers for the load, at most one per CPU."""
+    cpus = cpus or os.cpu_count() or 1
+    if offered_fps <= PROCESS_CAPACITY_FPS or cpus < 2:
+        return 1
+    return int(min(cpus, 1 + math.ceil(offered_fps / PROCESS_CAPACITY_FPS)))
+
+
+@dataclass
+class ShardResult:
+    index: int
+    columns: dict[str, list[Any]]  # frame records, column by column
+    edge_side: bool
+    transport_stats: dict[str, TransportStats]
+    shaper_stats: dict[str, ShaperStats]
+    edges: dict[str, tuple[int, float, int]]  # name -> (batches, busy seconds, model version)
+    frames_sent: dict[str, int]
+    frames_attacked: list[int]
+    model_events: list[ModelEvent]
+    lag: LagMeter
+    wall_s: float = 0.0
+
+
+@dataclass
+class ShardRun:
+    shard: Shard
+    process: Any
+    conn: Connection
+    sim_now: float = 0.0
+    frames: int = 0
+    result: ShardResult | None = None
+    error: str | None = None
+    done: bool = field(default=False)
+
+
+def _columns(records: Any) -> dict[str, list[Any]]:
+    values = list(records.values()) if isinstance(records, dict) else records
+    return {name: [getattr(r, name) for r in values] for name in FrameRecord.__slots__}
+
+
+def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn: Connection,
+            enter: Callable[[str], None] | None) -> None:  # fmt: skip
+    """A forked worker: enter the namespace, start this shard's nodes, wait for the start instant, run."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        if shard.namespace is not None and enter is not None:
+            enter(shard.namespace)
+        recorder = live.recorder
+        if shard.edges:
+            recorder.records = ArrivalRecords()  # type: ignore[assignment]
+        recorder.first_id, recorder.id_step = shard.index, shards
+        live.start(shard.clients)
+        conn.send(("ready", shard.index))
+        _, start_at = conn.recv()
+        env = live.env
+        env.real_start = start_at  # simulated 0 is this monotonic instant in every worker
+        started = time.perf_counter()
+        with one_torch_thread():
+            for step in range(1, 101):
+                env.run(until=end_s * step / 100)
+                conn.send(("progress", shard.index, env.now, len(recorder.records)))
+        live.close()
+        mine = set(shard.clients)
+        conn.send(("result", ShardResult(
+            shard.index, _columns(recorder.records), shard.edges,
+            {c: t.stats for c, t in live.transports.items() if c in mine},
+            {n: s.stats for n, s in live.shapers.items() if n in mine},
+            {e.name: (e.batches, e.busy_s, e.classifier.version) for e in live.edges if e.name in mine},
+            {c.name: c.frames_sent for c in live.cameras if c.name in mine},
+            [w.frames_attacked for w in live.windows], list(recorder.model_events), live.bridge.lag,
+            time.perf_counter() - started)))  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    except BaseException:
+        try:
+            conn.send(("error", shard.index, traceback.format_exc()))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+def run_sharded(live: LiveDeployment, shards: list[Shard], end_s: float, *,
+                enter: Callable[[str], None] | None = None,
+                parent_env_hook: Callable[[], None] | None = None,
+                on_progress: Callable[[float, int], None] | None = None) -> list[ShardResult]:  # fmt: skip
+    """Fork a worker per shard, start them together, wait for their results. `parent_env_hook` starts what
+    the parent itself runs on its copy of the environment (the broker's faults) before the start instant."""
+    ctx = multiprocessing.get_context("fork")
+    runs: list[ShardRun] = []
+    try:
+        for shard in shards:
+            parent_conn, child_conn = ctx.Pipe()
+            process = ctx.Process(target=_worker, args=(live, shard, len(shards), end_s, child_conn, enter),
+                                  name=f"iotbed-shard-{shard.index}", daemon=True)  # fmt: skip
+            process.start()
+            child_conn.close()
+            runs.append(ShardRun(shard, process, parent_conn))
+        for run in runs:
+            _expect(run, "ready", timeout_s=120.0)
+        start_at = time.monotonic() + START_MARGIN_S
+        for run in runs:
+            run.conn.send(("go", start_at))
+        env = live.env
+        env.real_start = start_at
+        if parent_env_hook is not None:
+            parent_env_hook()
+        _follow(runs, env, end_s, on_progress)
+    except BaseException:
+        for run in runs:
+            if run.process.is_alive():
+                run.process.terminate()
+        raise
+    finally:
+        for run in runs:
+            run.process.join(timeout=10)
+            if run.process.is_alive():
+                run.process.kill()
+                run.process.join()
+            run.conn.close()
+    return [run.result for run in runs if run.result is not None]
+
+
+def _expect(run: ShardRun, kind: str, timeout_s: float) -> Any:
+    if not run.conn.poll(timeout_s):
+        raise IotbedError(f"worker {run.shard.index} did not report `{kind}` within {timeout_s:.0f} s")
+    message = run.conn.recv()
+    if message[0] == "error":
+        raise IotbedError(f"worker {run.shard.index} failed:\n{message[2]}")
+    return message
+
+
+def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[[float, int], None] | None) -> None:
+    """Run the parent's environment (broker faults) in step with the workers and collect what they send."""
+    pending = {run.conn: run for run in runs}
+    grace = end_s + 60.0  # simulated seconds past the end before a silent worker counts as hung
+
+    def drain(timeout: float) -> None:
+        for conn in wait(list(pending), timeout=timeout):
+            run = pending[conn]
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                del pending[conn]
+                run.process.join(timeout=5)
+                raise IotbedError(f"worker {run.shard.index} ended without a result (exit code "
+                                  f"{run.process.exitcode})") from None  # fmt: skip
+            if message[0] == "progress":
+                run.sim_now, run.frames = message[2], message[3]
+            elif message[0] == "result":
+                run.result = message[1]
+                del pending[conn]
+            elif message[0] == "error":
+                raise IotbedError(f"worker {run.shard.index} failed:\n{message[2]}")
+        if on_progress is not None:
+            on_progress(min(r.sim_now for r in runs), sum(r.frames for r in runs if not r.shard.edges))
+
+    step = 0.05
+    while env.now < end_s:
+        env.run(until=min(end_s, env.now + step))
+        drain(0)
+    deadline = time.monotonic() + grace
+    while pending:
+        if time.monotonic() > deadline:
+            raise IotbedError("workers did not finish within a minute of the run's end")
+        drain(0.2)
+
+
+def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
+    """Put the workers' shares into the parent's deployment: frame records (camera side and edge side, joined
+    on the frame id that travelled), counters, tallies and model events."""
+    captured: list[FrameRecord] = []
+    arrivals: dict[int, dict[str, Any]] = {}
+    for result in sorted(results, key=lambda r: r.index):
+        cols = result.columns
+        n = len(cols["frame_id"])
+        if result.edge_side:
+            for k in range(n):
+                fid = cols["frame_id"][k]
+                side = {name: cols[name][k] for name in EDGE_FIELDS}
+                seen = arrivals.get(fid)
+                if seen is not None:  # several edge servers got it (no shared subscription): the first counts
+                    duplicates = seen["duplicates"] + side["duplicates"]
+                    if not 0 <= side["t_edge"] < seen["t_edge"]:
+                        side = seen
+                    side["duplicates"] = duplicates
+                arrivals[fid] = side
+        else:
+            for k in range(n):
+                record = FrameRecord.__new__(FrameRecord)
+                for name in FrameRecord.__slots__:
+                    setattr(record, name, cols[name][k])
+                captured.append(record)
+        for client, stats in result.transport_stats.items():
+            live.transports[client].stats = stats
+        for name, stats in result.shaper_stats.items():
+            live.shapers[name].stats = stats
+        for edge in live.edges:
+            if edge.name in result.edges:
+                edge.batches, edge.busy_s, edge.classifier.version = result.edges[edge.name]
+        for camera in live.cameras:
+            if camera.name in result.frames_sent:
+                camera.frames_sent = result.frames_sent[camera.name]
+        if not result.edge_side:
+            for window, attacked in zip(live.windows, result.frames_attacked):
+                window.frames_attacked += attacked
+        live.recorder.model_events.extend(result.model_events)
+    index = {c.name: c.index for c in live.cameras}
+    captured.sort(key=lambda r: (r.t_capture, index.get(r.camera, 0), r.frame_id))
+    for new_id, record in enumerate(captured):
+        side = arrivals.get(record.frame_id)
+        if side is not None:
+            for name, value in side.items():
+                setattr(record, name, value)
+        record.frame_id = new_id
+    live.recorder.records = captured
+    live.recorder.model_events.sort(key=lambda e: (e.time_s, e.node))
+
+
+def merged_lag(results: list[ShardResult]) -> Iterator[tuple[int, LagMeter]]:
+    for result in sorted(results, key=lambda r: r.index):
+        yield result.index, result.lag
