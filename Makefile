@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/iotbed run scenarios/quickstart.yaml
 
-# The live-broker tests need Debian's Mosquitto and the report test Debian's Chromium: install them when
-# missing (as root, or with sudo).
+# The live-broker tests need Debian's Mosquitto, the kernel-shaping tests iproute2 (ip, tc) and the report
+# test Debian's Chromium: install them when missing (as root, or with sudo).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get) for the tests"; \
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \

@@ -262,11 +262,55 @@ def bench_emulate() -> dict[str, Any]:
     }
 
 
+def bench_emulate_workers() -> dict[str, Any]:
+    """Where one process stops keeping up with `iotbed emulate`, and what worker processes change: QoS 0 frames
+    at rising offered loads through one Mosquitto, on 1 process and on 2 (the edge server in one worker, the
+    cameras in the other), each run judged by its own lag behind the wall clock and its latency to the edge."""
+    import tempfile
+
+    import numpy as np
+
+    from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
+    from iotbed.emulation.runner import emulate
+    from iotbed.scenario import parse_scenario
+
+    seconds = 5.0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, MosquittoBroker(Path(tmp) / "broker", BrokerConfig()) as broker:
+        for rate in (500, 1000, 1500, 2000, 3000, 4000):
+            for workers in (1, 2):
+                cameras = 20
+                scenario = parse_scenario(LIVE_SCENARIO.format(duration=seconds, cameras=cameras, fps=rate / cameras, qos=0))
+                result = emulate(scenario, broker.url, write=False, progress=False, workers=workers)
+                trace = result.trace
+                arrived = trace[trace.t_edge >= 0]
+                to_edge = (arrived.t_edge - arrived.t_capture).to_numpy() * 1e3
+                lag = result.summary["realtime"]["lag_ms"]
+                rows.append({
+                    "offered_frames_per_s": rate, "workers": workers,
+                    "delivered_per_s": len(arrived) / seconds,
+                    "latency_to_edge_p50_ms": float(np.percentile(to_edge, 50)) if len(to_edge) else None,
+                    "latency_to_edge_p99_ms": float(np.percentile(to_edge, 99)) if len(to_edge) else None,
+                    "lag_p99_ms": lag["p99_ms"], "lag_max_ms": lag["max_ms"],
+                    "kept_up": result.summary["realtime"]["kept_up"],
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+    first_miss = {w: next((r["offered_frames_per_s"] for r in rows if r["workers"] == w and not r["kept_up"]), None)
+                  for w in (1, 2)}  # fmt: skip
+    return {
+        "target": "worker processes keep a live run on the wall clock at loads one process cannot carry",
+        "payload": "raw 32x32 frames, QoS 0, 20 cameras, one edge server",
+        "rows": rows,
+        "first_load_not_kept_up": {str(k): v for k, v in first_miss.items()},
+    }
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "sim_throughput": bench_sim_throughput,
     "smart_city": bench_smart_city,
     "sweep_speedup": bench_sweep_speedup,
     "emulate": bench_emulate,
+    "emulate_workers": bench_emulate_workers,
 }
 
 

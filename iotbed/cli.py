@@ -16,7 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from iotbed.errors import IotbedError
+from iotbed.errors import IotbedError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,9 +274,8 @@ def emulate(scenario: str, broker_url: str, username: str | None, password: str 
 
     sets = [*overrides, *([f"duration={duration}"] if duration else [])]
     loaded = _load(scenario, seed, tuple(sets))
-    if workers != "auto":
-        if not workers.isdigit() or int(workers) < 1:
-            raise IotbedError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
+    if workers != "auto" and (not workers.isdigit() or int(workers) < 1):
+        raise UsageError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
     logins = None
     if credentials:
         try:
@@ -353,7 +352,7 @@ def broker_stop(run_dir: str) -> None:
 @_user_errors
 def compare(run_a: str, run_b: str) -> None:
     """Two runs of one scenario side by side (say, simulated and emulated), with the differences."""
-    from iotbed.analysis.compare import compare_runs
+    from iotbed.analysis.compare import compare_runs, explain
 
     table = Table(show_header=True, title=f"{run_a} vs {run_b}")
     for column in ("metric", "A", "B", "B - A", "B / A"):
@@ -361,6 +360,11 @@ def compare(run_a: str, run_b: str) -> None:
     for row in compare_runs(run_a, run_b):
         table.add_row(row["metric"], _fmt(row["a"]), _fmt(row["b"]), _fmt(row["diff"]), _fmt(row["ratio"], ".3f"))
     out.print(table)
+    notes = explain(run_a, run_b)
+    if notes:
+        out.print("Where simulation and emulation differ by construction:", highlight=False)
+        for note in notes:
+            out.print(f"- {note}", highlight=False, soft_wrap=True)
 
 
 @main.command()

@@ -29,3 +29,9 @@ class ModelError(IotbedError):
     """A model that cannot be built, trained or loaded as asked."""
 
     exit_code = 2
+
+
+class UsageError(IotbedError):
+    """Options that cannot work together or have no meaning (a worker count of 0, --netns with a remote broker)."""
+
+    exit_code = 2

@@ -108,3 +108,65 @@ def test_live_edge_server_that_crashes_gets_its_frames_from_its_persistent_sessi
     assert summary["frames"]["delivered"] == summary["frames"]["captured"]  # Mosquitto queued them for the session
     assert summary["latency_ms"]["max"] > 1500  # frames held while the edge was down
     assert summary["broker"]["reconnects"] >= 1
+
+
+def test_live_slow_subscriber_fills_mosquittos_queue_as_the_simulation_does(mosquitto_binary) -> None:  # noqa: F811
+    """The same slow edge server in both runtimes: Mosquitto keeps 20 in flight and 100 queued for it and
+    drops the rest, and counts them in $SYS; the simulated broker drops as many. The frames the live broker
+    acknowledged and never delivered are the ones it dropped."""
+    scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", [
+        "duration=12s", "faults.0.at=3s", "faults.0.down=6s"])  # fmt: skip
+    simulated = iotbed.run(scenario, write=False, progress=False).summary
+    live = emulate(scenario, "local", write=False, progress=False).summary
+    expected = 8 * 10 * 6 - 5 * 6 - 20 - 100
+    assert simulated["broker"]["queue_drops"] == pytest.approx(expected, abs=5)
+    assert live["broker"]["sys_counters"] is True
+    assert live["broker"]["queue_drops"] == pytest.approx(simulated["broker"]["queue_drops"], abs=10)
+    assert live["frames"]["dropped"]["broker_undelivered"] == pytest.approx(live["broker"]["queue_drops"], abs=3)
+    assert live["frames"]["delivered"] == pytest.approx(simulated["frames"]["delivered"], abs=10)
+    assert live["broker"]["stored_max_increase"] >= 100  # the queue (plus retained $SYS topics) in the store
+    # the frames that got through waited for the edge to speed up: the tail is seconds long in both
+    assert live["latency_ms"]["p99"] == pytest.approx(simulated["latency_ms"]["p99"], rel=0.05)
+
+
+def test_worker_processes_give_the_run_one_process_gives(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """The edge server in one worker, the cameras in another, started on one shared instant: the same
+    frames, captured at the same times, classified the same way, and numbered in capture order."""
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", OVERRIDES)
+    one = emulate(scenario, plain_broker.url, workers=1, write=False, progress=False)
+    two = emulate(scenario, plain_broker.url, workers=2, out_dir=tmp_path / "two", progress=False)
+    realtime = two.summary["realtime"]
+    assert realtime["workers"] == 2 and set(realtime["by_worker"]) == {"0", "1"}
+    assert realtime["kept_up"] and realtime["lag_ms"]["samples"] > 0
+    a, b = one.trace, two.trace
+    assert len(a) == len(b) == 4 * 5 * 8
+    assert (b.status == "delivered").all() and (a.status == "delivered").all()
+    assert list(b.frame_id) == list(range(len(b))) and b.t_capture.is_monotonic_increasing
+    key = ["camera", "t_capture"]
+    merged = a.merge(b, on=key, suffixes=("_one", "_two"))
+    assert len(merged) == len(a)  # the same frames at the same capture times
+    assert (merged.image_index_one == merged.image_index_two).all()
+    assert (merged.prediction_one == merged.prediction_two).all()
+    edge = two.summary["edge_servers"]["edge-0"]
+    assert edge["frames_classified"] == len(b) and edge["batches"] > 0
+    assert abs(two.summary["latency_ms"]["p50"] - one.summary["latency_ms"]["p50"]) < 2.5
+    assert (tmp_path / "two" / "trace.parquet").is_file()
+
+
+def test_cli_refuses_bad_worker_counts_and_netns_with_a_remote_broker(tmp_path: Path) -> None:
+    scenario = str(SCENARIOS / "quickstart.yaml")
+    bad = _cli("emulate", scenario, "--broker", "local", "--workers", "0", "--out", str(tmp_path / "a"))
+    assert bad.returncode == 2 and "--workers 0" in bad.stderr and "Traceback" not in bad.stderr
+    remote = _cli("emulate", scenario, "--broker", "mqtt://127.0.0.1:1", "--netns", "--out", str(tmp_path / "b"))
+    assert remote.returncode == 2 and "--broker local" in remote.stderr and "Traceback" not in remote.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_auto_workers_split_only_loads_one_process_cannot_carry() -> None:
+    from iotbed.emulation.workers import PROCESS_CAPACITY_FPS, auto_workers
+
+    assert auto_workers(50.0, cpus=2) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS, cpus=8) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS * 2.5, cpus=8) == 4  # the edge side and three camera workers
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, cpus=2) == 2  # never more than the CPUs
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, cpus=1) == 1

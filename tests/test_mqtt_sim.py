@@ -240,3 +240,65 @@ def test_same_seed_same_deliveries(seed: int) -> None:
         return times
 
     assert once() == once()
+
+
+def test_in_flight_window_holds_the_rest_back_in_order_and_drops_beyond_the_queue() -> None:
+    """The sender side alone, with the peer unreachable (paused): `max_inflight` go in flight, `max_queued`
+    wait in order, the rest are dropped and reported; acknowledgements let the waiting ones in, in order."""
+    from iotbed.broker.messages import Ack, OutboundFlow
+    from iotbed.broker.packets import PacketType
+    from iotbed.sim.timers import FifoTimers
+
+    env = simpy.Environment()
+    sent: list[int] = []
+    dropped: list[int] = []
+    flow = OutboundFlow(FifoTimers(env, 1.0, 0.05), lambda m, about: sent.append(int(m.payload[0])), None,
+                        max_inflight=3, max_queued=4, on_queue_full=lambda m: dropped.append(int(m.payload[0])))  # fmt: skip
+    accepted = [flow.publish(Publish("t", bytes([i]), 1)) for i in range(10)]
+    assert accepted == [True] * 7 + [False] * 3
+    assert sent == [0, 1, 2] and dropped == [7, 8, 9] and len(flow.waiting) == 4
+    first = min(flow.inflight)
+    flow.on_ack(Ack(PacketType.PUBACK, first))
+    flow.on_ack(Ack(PacketType.PUBACK, first + 1))
+    assert sent == [0, 1, 2, 3, 4] and len(flow.inflight) == 3 and len(flow.waiting) == 2
+    assert flow.stats.queued == 4 and flow.stats.dropped_queue_full == 3 and flow.stats.max_waiting == 4
+
+
+def test_a_slow_subscriber_fills_the_window_then_the_queue_and_the_broker_drops_the_rest() -> None:
+    """8 cameras x 10 fps into one edge that reads 5/s for 10 s: the broker holds 20 in flight and 100
+    queued, and drops what does not fit: 800 - 50 - 20 - 100 = 630 (to within the frames in transit as the
+    slow period starts and ends). Nothing is dropped before or after, and nothing is resent: the edge's
+    unread messages are in its socket buffer, which TCP does not retransmit."""
+    import iotbed
+
+    from conftest import SCENARIOS
+
+    scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml")
+    result = iotbed.run(scenario, write=False, progress=False)
+    summary, trace = result.summary, result.trace
+    arrivals = 8 * 10 * 10  # cameras x fps x slow seconds
+    assert summary["broker"]["queue_drops"] == pytest.approx(arrivals - 5 * 10 - 20 - 100, abs=5)
+    assert summary["frames"]["dropped"] == {"broker_queue_full": summary["broker"]["queue_drops"]}
+    assert summary["broker"]["max_queued"] == 100
+    assert summary["frames"]["retries"] == 0 and summary["frames"]["duplicates"] == 0
+    lost = trace[trace.drop_reason == "broker_queue_full"]
+    # only while the edge was slow (its last slow read ends one read interval, 0.2 s, after the period)
+    assert lost.t_capture.min() > 5.0 and lost.t_capture.max() < 15.0 + 0.2
+    # Once full, the queue lets one frame in per read (5/s) and holds them 120 reads = 24 s deep, longer than
+    # the slow period has left: the frames it let in are read when the edge speeds up again, at 15 s.
+    waited = trace[(trace.t_capture > 8) & (trace.t_capture < 15) & (trace.status == "delivered")]
+    assert len(waited) == pytest.approx(5 * 7, abs=3)
+    done = waited.t_capture + waited.latency_s
+    assert done.min() > 15.0 and done.max() < 15.5
+
+
+def test_without_limits_the_broker_queues_everything_for_a_slow_subscriber() -> None:
+    import iotbed
+
+    from conftest import SCENARIOS
+
+    scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", ["broker.max_queued=0"])
+    summary = iotbed.run(scenario, write=False, progress=False).summary
+    assert summary["broker"]["queue_drops"] == 0
+    assert summary["frames"]["delivered"] == summary["frames"]["captured"]
+    assert summary["broker"]["max_queued"] > 600

@@ -410,3 +410,21 @@ def test_bridge_serves_many_transports_with_one_poller(plain_broker: MosquittoBr
     finally:
         for client in clients:
             client.close()
+
+
+def test_lag_meter_percentiles_come_from_its_bins() -> None:
+    from iotbed.broker.mqtt_transport import LagMeter
+
+    meter = LagMeter()
+    assert meter.report() == {"samples": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    for _ in range(98):
+        meter.add(0.00005)  # 0.05 ms: the first 0.1-ms bin
+    meter.add(0.0123)
+    meter.add(-0.001)  # early (the poller ran before its due time) counts as on time
+    assert meter.percentile_ms(50) == pytest.approx(0.1)
+    assert meter.percentile_ms(99) == pytest.approx(0.1)
+    assert meter.percentile_ms(100) == pytest.approx(12.3)
+    other = LagMeter()
+    other.add(2.0)  # beyond the last bin: counted there, and its max kept
+    meter.merge(other)
+    assert meter.samples == 101 and meter.report()["max_ms"] == pytest.approx(2000.0)

@@ -201,3 +201,13 @@ def test_cli_run_refuses_to_overwrite_results(tmp_path: Path) -> None:
 def test_resolved_yaml_is_plain_yaml() -> None:
     data = yaml.safe_load(resolved_yaml(load_scenario(QUICKSTART)))
     assert data["broker"]["retry_interval"] == "500ms"
+
+
+def test_faults_name_what_they_need() -> None:
+    slow = "faults: [{kind: slow_subscriber, node: edge-0, at: 5s, down: 10s, rate: 5}]\n"
+    assert parse_scenario(BASE + slow, "ok.yaml", []).faults[0].rate == 5
+    assert "slow_subscriber needs `rate:`" in _error(BASE + slow.replace(", rate: 5", ""))
+    assert "slow_subscriber needs `node:`" in _error(BASE + slow.replace("node: edge-0, ", ""))
+    assert "broker_restart takes no `node:`" in _error(BASE + "faults: [{kind: broker_restart, node: edge-0, at: 1s}]\n")
+    assert "node_crash takes no `rate:`" in _error(BASE + "faults: [{kind: node_crash, node: edge-0, at: 1s, rate: 2}]\n")
+    assert "max_queued" in _error(BASE.replace("retry_interval: 500ms", "retry_interval: 500ms\n  max_queued: -1"))

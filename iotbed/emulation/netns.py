@@ -316,6 +316,7 @@ class NetnsLab:
     def describe(self) -> dict[str, Any]:
         return {
             "mode": "kernel (network namespaces, veth, tc)",
+            "netem": self.netem,
             "bandwidth": "htb per node (nodes behind one shared link or medium share its rate)",
             "transmission_delay_jitter_loss": "netem per node, both directions" if self.netem else
             "in process, on what cameras publish (this kernel has no netem; htb only caps the rate)",

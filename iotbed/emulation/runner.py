@@ -46,7 +46,7 @@ from iotbed.emulation.live import (Endpoint, LiveDeployment, Shaping, broker_rep
 from iotbed.emulation.monitor import BrokerMonitor
 from iotbed.emulation.paths import node_paths
 from iotbed.emulation.workers import auto_workers, merge, plan_shards, run_sharded
-from iotbed.errors import IotbedError
+from iotbed.errors import UsageError
 from iotbed.runner import DRAIN_S, RunResult, one_torch_thread, output_dir, prepare, reference_column, setup_summary, write_outputs
 from iotbed.scenario import Scenario
 
@@ -65,31 +65,31 @@ class BrokerAddress:
 def parse_broker_url(url: str) -> BrokerAddress:
     parsed = urlparse(url if "://" in url else f"mqtt://{url}")
     if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise IotbedError(f"--broker {url}: use mqtt://HOST:PORT (or mqtts:// for TLS), or `local`")
+        raise UsageError(f"--broker {url}: use mqtt://HOST:PORT (or mqtts:// for TLS), or `local`")
     if not parsed.hostname:
-        raise IotbedError(f"--broker {url}: no host; use mqtt://HOST:PORT")
+        raise UsageError(f"--broker {url}: no host; use mqtt://HOST:PORT")
     tls = parsed.scheme in ("mqtts", "ssl")
     return BrokerAddress(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
 
 def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker | None, netns: bool) -> None:
     if any(g.strip is not None for g in scenario.nodes.gateways) or any(e.repair is not None for e in scenario.nodes.edge_servers):
-        raise IotbedError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
+        raise UsageError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
                           "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`")  # fmt: skip
     if any(u.publisher is not None for u in scenario.registry.updates):
-        raise IotbedError("rogue publishers (`publisher:` on an update) run in simulation only in this version; "
+        raise UsageError("rogue publishers (`publisher:` on an update) run in simulation only in this version; "
                           "against a live broker, `iotbed broker start --auth` refuses them by ACL")  # fmt: skip
     if any(a.kind == "mitm" for a in scenario.attacks):
-        raise IotbedError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
+        raise UsageError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
                           "only: remove the mitm entries or use `iotbed run`")  # fmt: skip
     local = broker_url == "local"
     if netns and not local:
-        raise IotbedError("--netns runs its own broker inside the emulated network: use `--broker local`")
+        raise UsageError("--netns runs its own broker inside the emulated network: use `--broker local`")
     if not local:
         parse_broker_url(broker_url)
     for fault in scenario.faults:
         if fault.kind == "broker_restart" and broker_control is None and not local:
-            raise IotbedError("broker_restart faults need a broker iotbed controls: run with `--broker local`")
+            raise UsageError("broker_restart faults need a broker iotbed controls: run with `--broker local`")
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     clients over. `netns`: shape in the kernel (root; needs `local`)."""
     _check(scenario, broker_url, broker_control, netns)
     if workers != "auto" and (not isinstance(workers, int) or workers < 1):
-        raise IotbedError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
+        raise UsageError(f"--workers {workers}: give a number of processes (1 or more) or `auto`")
     target = output_dir(scenario, out_dir, force) if write else None
     wall_start = time.perf_counter()
     resolved, artefacts, model_info = prepare(scenario, progress=progress)

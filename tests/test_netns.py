@@ -1,0 +1,163 @@
+"""`iotbed emulate --netns`: node groups and the broker in network namespaces joined by veth pairs, shaped per
+node by tc. The tc plans are checked anywhere; runs in the kernel need root and iproute2 (they are skipped,
+with the reason, elsewhere), and each one checks that nothing is left behind: no namespace, no veth, no
+broker."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import iotbed
+from iotbed.emulation import netns
+from iotbed.emulation.paths import PathShape
+from iotbed.emulation.runner import emulate
+from iotbed.scenario import parse_scenario
+from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, NoLoss
+
+from conftest import REPO
+from mosquitto_fixtures import mosquitto_binary  # noqa: F401
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("tc") is None and not os.access("/usr/sbin/tc", os.X_OK),
+    reason="kernel shaping needs root and iproute2 (ip, tc)",
+)
+
+# Two cameras on a narrow link: a 1,118-byte frame takes 45 ms to send at 200 kbit/s, so the shaping shows.
+NARROW = """
+name: narrow
+seed: 5
+duration: 8s
+nodes:
+  cameras: [{name: cam, count: 2, fps: 5}]
+  edge_servers: [{name: edge, count: 1}]
+links:
+  - {between: [cam, edge], bandwidth: 200kbps, latency: 10ms, queue: 50}
+broker: {node: edge, qos: {"frames/#": 1}}
+"""
+
+
+def _shape(**kwargs: object) -> PathShape:
+    base: dict[str, object] = dict(rate_bytes_s=25_000.0, delay_s=0.01, jitter_s=0.0, loss=NoLoss(), queue=50)
+    base.update(kwargs)
+    return PathShape(**base)  # type: ignore[arg-type]
+
+
+def test_tc_plan_gives_each_node_its_path_and_shared_links_one_parent() -> None:
+    rng = None
+    nodes = {
+        "cam-0": ("10.101.0.2", _shape(medium="medium@gw-0", loss=BernoulliLoss(0.01, rng))),  # type: ignore[arg-type]
+        "cam-1": ("10.101.0.3", _shape(medium="medium@gw-0", jitter_s=0.002)),
+        "cam-2": ("10.101.0.4", _shape(loss=GilbertElliottLoss(0.05, 0.5, 0.0, 0.8, rng))),  # type: ignore[arg-type]
+        "edge-0": ("10.101.0.5", _shape(rate_bytes_s=math.inf, delay_s=0.0)),  # nothing to shape
+    }
+    lines, owners = netns.tc_script("up0", nodes, "src", netem=True)
+    text = "\n".join(lines)
+    assert lines[0].startswith("qdisc add dev up0 root handle 1: htb default 0")  # the unshaped pass straight
+    assert sorted(owners.values()) == ["cam-0", "cam-1", "cam-2"]
+    parents = [line for line in lines if "parent 1: classid" in line and "ceil" not in line]
+    assert len(parents) == 1 and "rate 200000bit" in parents[0]  # the shared medium, once
+    assert text.count("parent 1:2 classid") == 2 and "rate 100000bit ceil 200000bit" in text  # half each, all if alone
+    assert "loss random 1.000000%" in text and "10000us 2000us distribution normal" in text
+    assert "loss gemodel 5.000000% 50.000000% 80.000000% 0.000000%" in text
+    assert text.count("netem limit 50 rate 200000bit delay 10000us") == 3
+    assert "match ip src 10.101.0.4/32" in text and "10.101.0.5" not in text
+    plain, _ = netns.tc_script("g1", nodes, "dst", netem=False)
+    assert "pfifo limit 50" in "\n".join(plain) and "netem" not in "\n".join(plain)
+    assert "match ip dst 10.101.0.2/32" in "\n".join(plain)
+
+
+def _ours(prefix: str) -> list[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in listing.splitlines() if line.startswith(prefix)]
+
+
+def _run_brokers() -> set[int]:
+    """Mosquitto processes started for iotbed runs (their config is in a per-run temporary folder)."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"mosquitto" in cmdline and b"iotbed-broker-" in cmdline:
+                found.add(int(proc.name))
+    return found
+
+
+@needs_root
+def test_kernel_shaped_run_agrees_with_the_simulation_and_leaves_nothing_behind(mosquitto_binary, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    scenario = parse_scenario(NARROW)
+    simulated = iotbed.run(scenario, write=False, progress=False).summary
+    brokers_before = _run_brokers()
+    live = emulate(scenario, "local", netns=True, out_dir=tmp_path / "live", progress=False)
+    summary = live.summary
+    assert summary["shaping"]["mode"].startswith("kernel")
+    assert summary["realtime"]["workers"] == 2  # one worker per node group, each in its namespace
+    assert summary["broker"]["url"].startswith("mqtt://169.254.213.")
+    assert summary["frames"]["delivered"] == summary["frames"]["captured"] == 2 * 5 * 8
+    # every frame crossed the cameras' shaped classes: a frame's PUBLISH is 1,118 bytes before TCP/IP
+    kernel = pd.read_csv(tmp_path / "live" / "kernel_links.csv")
+    up = kernel[kernel.direction == "up"].set_index("node")
+    assert set(up.index) == {"cam-0", "cam-1"}
+    assert (up.bytes >= 40 * 1118).all() and (up.packets >= 40).all() and (up.drops == 0).all()
+    # 45 ms to send, 10 ms on the way, up to 20 ms waiting for the edge's batch: as simulated
+    assert simulated["latency_ms"]["p50"] == pytest.approx(74.9, abs=0.5)
+    assert abs(summary["latency_ms"]["p50"] - simulated["latency_ms"]["p50"]) < 3.0
+    assert _ours(f"iotbed-{os.getpid()}-") == []
+    assert f"ibr{os.getpid()}" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert _run_brokers() == brokers_before
+
+
+@needs_root
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    """Ctrl-C (or a kill) in the middle of a run: exit code 130, the namespaces, the veth and the broker gone,
+    and no half-written results."""
+    scenario = tmp_path / "narrow.yaml"
+    scenario.write_text(NARROW.replace("duration: 8s", "duration: 60s"))
+    out = tmp_path / "out"
+    brokers_before = _run_brokers()
+    proc = subprocess.Popen([sys.executable, "-m", "iotbed.cli", "emulate", str(scenario), "--broker", "local", "--netns",
+                             "--quiet", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    prefix = f"iotbed-{proc.pid}-"
+    try:
+        deadline = time.monotonic() + 120
+        while len(_ours(prefix)) < 3 or _run_brokers() == brokers_before:  # broker + 2 groups, broker up
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the run never set up its namespaces"
+            time.sleep(0.2)
+        time.sleep(3.0)  # workers forked and running
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert _ours(prefix) == []
+    assert f"ibr{proc.pid}" not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+    assert _run_brokers() == brokers_before
+    assert not (out / "summary.json").exists()
+
+
+@needs_root
+def test_namespaces_of_a_killed_run_are_removed_by_the_next_one() -> None:
+    stale = "iotbed-4194999-1"  # above Linux's largest pid: no such process can exist
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        assert stale in netns.remove_stale()
+        assert _ours(stale) == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
