@@ -165,8 +165,18 @@ def test_cli_refuses_bad_worker_counts_and_netns_with_a_remote_broker(tmp_path: 
 def test_auto_workers_split_only_loads_one_process_cannot_carry() -> None:
     from iotbed.emulation.workers import PROCESS_CAPACITY_FPS, auto_workers
 
-    assert auto_workers(50.0, cpus=2) == 1
-    assert auto_workers(PROCESS_CAPACITY_FPS, cpus=8) == 1
-    assert auto_workers(PROCESS_CAPACITY_FPS * 2.5, cpus=8) == 4  # the edge side and three camera workers
-    assert auto_workers(PROCESS_CAPACITY_FPS * 10, cpus=2) == 2  # never more than the CPUs
-    assert auto_workers(PROCESS_CAPACITY_FPS * 10, cpus=1) == 1
+    assert auto_workers(50.0, 10, cpus=2) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS, 10, cpus=8) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS * 2.5, 10, cpus=8) == 4  # the edge side and three camera workers
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 10, cpus=2) == 2  # for the load, never more than the CPUs
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 10, cpus=1) == 1
+    # a process holds MAX_CLIENTS_PER_PROCESS clients whatever the load: 1,000 cameras need four camera workers
+    assert auto_workers(1000.0, 1000, cpus=2) == 1 + 4
+
+
+def test_too_many_clients_for_one_process_is_refused_before_anything_connects() -> None:
+    from iotbed.emulation.workers import MAX_CLIENTS_PER_PROCESS
+
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [f"nodes.cameras.0.count={MAX_CLIENTS_PER_PROCESS + 1}"])
+    with pytest.raises(IotbedError, match=r"--workers 1 puts 252 MQTT clients in one process.*--workers 3"):
+        emulate(scenario, "mqtt://127.0.0.1:1", workers=1, write=False, progress=False)

@@ -66,6 +66,8 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
            if kernel else "queueing at a link several cameras share is not reproduced."),
         "live latencies include paho, Mosquitto and the bridge that hands messages to the simulation thread "
         "(polled every 0.5 ms); a bare paho pair on loopback takes 0.2-0.5 ms.",
+        "live clients connect before the run's clock starts; simulated ones connect at time 0 over their links, "
+        "so a lost CONNECT can delay a simulated camera's first frames.",
     ]
     if kernel and shaping.get("netem"):
         notes.append("in the kernel, link loss hits TCP segments and TCP resends them: MQTT sees no loss, so the "

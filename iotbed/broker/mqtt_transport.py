@@ -250,6 +250,38 @@ def wait_for(env: simpy.Environment, predicate: Callable[[], bool], timeout_s: f
     return env.process(watch())
 
 
+def connect_ahead(transports: list[MqttTransport], batch: int = 50, timeout_s: float = 20.0) -> None:
+    """Connect `transports` before the run's clock starts, `batch` at a time: a thousand clients connecting
+    at once overflow the broker's listen backlog (Mosquitto's is 100), and the SYNs dropped there are resent
+    after 1, 3, 7 s. Each batch waits until every client in it has an answer (a CONNACK, a refusal or a
+    failed attempt) or `timeout_s` has passed; what the answers were is counted later, on the SimPy thread."""
+    for start in range(0, len(transports), batch):
+        chunk = transports[start:start + batch]
+        for transport in chunk:
+            transport.connect()
+        deadline = time.monotonic() + timeout_s
+        for transport in chunk:
+            transport._answered.wait(max(0.0, deadline - time.monotonic()))
+
+
+def close_all(transports: list[MqttTransport]) -> None:
+    """Disconnect every transport, then wait for their network threads: they wind down together, not one
+    after another (a thread waiting out a reconnect delay takes up to a second to notice)."""
+    closing = [t for t in transports if t._started and not t._closed]
+    for t in transports:
+        t._closing = True
+    for t in closing:
+        t._closed = True
+        t._client.disconnect()
+    for t in closing:
+        t._client.loop_stop()  # returns at once if a permanent refusal already ended the thread
+        t.bridge.detach()
+    for t in closing:
+        t.bridge.drain()
+    for t in transports:
+        t.is_connected = False
+
+
 def no_delay(client: Any) -> None:
     """Turn off Nagle's algorithm on a connected paho client's socket (paho leaves it on): small frames are
     sent at once instead of waiting for the ACK of the previous segment, which the peer delays."""
@@ -316,6 +348,7 @@ class MqttTransport:
         self._sub_mids: dict[int, list[str]] = {}
         self._link_up_paho = False
         self._acked: set[str] = set()  # SimPy thread: filters the broker acknowledged in the current session
+        self._answered = threading.Event()  # paho's thread: the broker answered a CONNECT, or an attempt failed
 
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=paho.MQTTv5 if self.mqtt5 else paho.MQTTv311,
@@ -412,14 +445,7 @@ class MqttTransport:
 
     def close(self) -> None:
         """Disconnect cleanly and stop paho's thread; what paho reported before is processed at once."""
-        self._closing = True
-        if self._started and not self._closed:
-            self._closed = True
-            self._client.disconnect()
-            self._client.loop_stop()  # returns at once if a permanent refusal already ended the thread
-            self.bridge.detach()
-            self.bridge.drain()
-        self.is_connected = False
+        close_all([self])
 
     def crash(self) -> None:
         """Vanish without a DISCONNECT (the TCP connection is torn down): the broker publishes the will."""
@@ -496,6 +522,7 @@ class MqttTransport:
     # --- paho's thread: post, never touch SimPy state --------------------------------------------------
     def _paho_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
                       properties: Any) -> None:  # fmt: skip
+        self._answered.set()
         if reason.is_failure:
             if not self.retry_on_refusal and reason.value in PERMANENT_CONNACK_REFUSALS:
                 client.disconnect()  # ends loop_forever: retrying cannot fix credentials
@@ -527,6 +554,7 @@ class MqttTransport:
             self._sub_mids[mid] = filters
 
     def _paho_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._answered.set()
         exc = sys.exc_info()[1]  # paho calls this inside its `except OSError` block
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
             client.disconnect()  # a certificate does not get better by retrying

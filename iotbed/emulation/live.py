@@ -20,7 +20,7 @@ import torch
 
 from iotbed.attacks.network import AttackWindow
 from iotbed.broker.mosquitto import MosquittoBroker
-from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
+from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge, close_all, connect_ahead
 from iotbed.broker.wire import WireCodec
 from iotbed.deployment import Artefacts, attack_window, build_camera, camera_windows, device_profiles, edge_classifier, edge_config
 from iotbed.emulation.paths import NodePaths, same_loss
@@ -66,8 +66,10 @@ class LiveDeployment:
     _runs: dict[str, Callable[[], Generator[simpy.Event, object, None]]] = field(default_factory=dict)
 
     def start(self, clients: Iterable[str], broker: MosquittoBroker | None = None) -> None:
-        """Start the nodes of `clients` and the faults on them; with `broker`, also the broker's faults."""
+        """Connect `clients` (before the run's clock starts), then start their nodes and the faults on them;
+        with `broker`, also the broker's faults."""
         chosen = set(clients)
+        connect_ahead([t for c, t in self.transports.items() if c in chosen])
         for client_id, run in self._runs.items():
             if client_id in chosen:
                 self.env.process(run())
@@ -79,8 +81,7 @@ class LiveDeployment:
                 self.env.process(node_fault(self.env, self.transports[fault.node], fault))  # type: ignore[index]
 
     def close(self) -> None:
-        for transport in self.transports.values():
-            transport.close()
+        close_all(list(self.transports.values()))
 
 
 def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str], Endpoint],

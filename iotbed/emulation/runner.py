@@ -149,7 +149,7 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         live = build_live(resolved, artefacts, endpoint, paths, shaping=shaping, logins=logins, username=username,
                           password=password, tls_ca=tls_ca, tls=address.tls)  # fmt: skip
         offered = offered_frames_per_s(resolved)
-        n_workers = auto_workers(offered) if workers == "auto" else int(workers)
+        n_workers = auto_workers(offered, len(live.cameras)) if workers == "auto" else int(workers)
         namespaces = {c: lab.namespace_of(node).namespace for c, node in live.node_of.items()} if lab else None
         shards = plan_shards(live, n_workers, namespaces)
         user, secret = (("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password))

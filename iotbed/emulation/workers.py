@@ -32,13 +32,16 @@ from typing import Any
 from iotbed.broker.mqtt_transport import LagMeter, TransportStats
 from iotbed.emulation.live import LiveDeployment
 from iotbed.emulation.shaper import ShaperStats
-from iotbed.errors import IotbedError
+from iotbed.errors import IotbedError, UsageError
 from iotbed.runner import one_torch_thread
 from iotbed.sim.trace import EDGE_FIELDS, ArrivalRecords, FrameRecord, ModelEvent
 
 # Frames per second one process carries through Mosquitto while keeping its lag behind the wall clock
 # small (`benchmarks/run.py emulate_workers`, 2-core machine); `--workers auto` splits runs above it.
 PROCESS_CAPACITY_FPS = 1500.0
+# Clients one process can hold: paho's network loop waits in select(), which takes no file descriptor above
+# 1023, and every client holds three (its socket and a socket pair to wake its loop).
+MAX_CLIENTS_PER_PROCESS = 250
 START_MARGIN_S = 0.3  # from "go" to simulated time 0: every worker has the start instant by then
 
 
@@ -51,20 +54,29 @@ class Shard:
 
 
 def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] | None = None) -> list[Shard]:
-    """`namespaces`: client id -> the namespace its node lives in (a --netns run): one shard per namespace.
-    Otherwise `workers` shards: the edge servers and the registry in the first, cameras round robin."""
+    """`namespaces`: client id -> the namespace its node lives in (a --netns run): the clients of each
+    namespace in shards of their own, the edge side apart from the cameras. Otherwise `workers` shards: the
+    edge servers and the registry in the first, cameras dealt round robin over the rest. No shard holds more
+    than `MAX_CLIENTS_PER_PROCESS` clients."""
     edges = {e.name for e in live.edges}
     servers = [c for c in live.transports if c in edges or c == "registry"]
     cameras = [c.name for c in live.cameras]
     if namespaces is not None:
-        by_ns: dict[str, list[str]] = {}
-        for client in [*servers, *cameras]:
-            by_ns.setdefault(namespaces[client], []).append(client)
-        return [Shard(i, tuple(clients), ns, any(c in edges for c in clients))
-                for i, (ns, clients) in enumerate(sorted(by_ns.items()))]  # fmt: skip
+        groups: list[tuple[str | None, list[str], bool]] = []
+        for ns in sorted(set(namespaces.values())):
+            mine = [c for c in servers if namespaces[c] == ns]
+            if mine:
+                groups.append((ns, mine, True))
+            theirs = [c for c in cameras if namespaces[c] == ns]
+            parts = math.ceil(len(theirs) / MAX_CLIENTS_PER_PROCESS)
+            groups += [(ns, theirs[k::parts], False) for k in range(parts)]
+        return [Shard(i, tuple(clients), ns, server) for i, (ns, clients, server) in enumerate(groups)]
     if workers <= 1:
-        return [Shard(0, tuple([*servers, *cameras]), None, bool(edges))]
+        everyone = [*servers, *cameras]
+        _fits(len(everyone), workers, len(cameras))
+        return [Shard(0, tuple(everyone), None, bool(edges))]
     camera_shards = max(1, workers - 1)
+    _fits(math.ceil(len(cameras) / camera_shards), workers, len(cameras))
     shards = [Shard(0, tuple(servers), None, True)] if servers else []
     for k in range(camera_shards):
         chosen = tuple(cameras[k::camera_shards])
@@ -73,13 +85,23 @@ def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] |
     return shards
 
 
-def auto_workers(offered_fps: float, cpus: int | None = None) -> int:
-    """One process up to `PROCESS_CAPACITY_FPS`; above it, the edge side in one worker and enough camera
-    workers for the load, at most one per CPU."""
+def _fits(clients: int, workers: int, cameras: int) -> None:
+    if clients > MAX_CLIENTS_PER_PROCESS:
+        needed = 1 + math.ceil(cameras / MAX_CLIENTS_PER_PROCESS)
+        raise UsageError(f"--workers {workers} puts {clients} MQTT clients in one process; one process holds at most "
+                         f"{MAX_CLIENTS_PER_PROCESS} (paho waits in select(), which stops at 1,024 file "
+                         f"descriptors): use --workers {needed} or --workers auto")  # fmt: skip
+
+
+def auto_workers(offered_fps: float, cameras: int = 0, cpus: int | None = None) -> int:
+    """One process up to `PROCESS_CAPACITY_FPS` and `MAX_CLIENTS_PER_PROCESS`; above either, the edge side
+    in one worker and enough camera workers for the load (at most one per CPU) and for the clients."""
     cpus = cpus or os.cpu_count() or 1
-    if offered_fps <= PROCESS_CAPACITY_FPS or cpus < 2:
-        return 1
-    return int(min(cpus, 1 + math.ceil(offered_fps / PROCESS_CAPACITY_FPS)))
+    by_clients = 1 if cameras + 2 <= MAX_CLIENTS_PER_PROCESS else 1 + math.ceil(cameras / MAX_CLIENTS_PER_PROCESS)
+    by_load = 1
+    if offered_fps > PROCESS_CAPACITY_FPS and cpus >= 2:
+        by_load = int(min(cpus, 1 + math.ceil(offered_fps / PROCESS_CAPACITY_FPS)))
+    return max(by_load, by_clients)
 
 
 @dataclass
