@@ -161,3 +161,26 @@ def test_namespaces_of_a_killed_run_are_removed_by_the_next_one() -> None:
         assert _ours(stale) == []
     finally:
         subprocess.run(["ip", "netns", "delete", stale], capture_output=True)
+
+
+@needs_root
+def test_netem_leaves_parse_in_tc_even_where_the_kernel_lacks_netem() -> None:
+    """tc parses a qdisc's arguments before asking the kernel: every netem leaf iotbed plans is accepted by
+    this machine's tc, and the only complaint allowed is the kernel's own (no sch_netem here)."""
+    nodes = {
+        "cam-0": ("10.101.0.2", _shape(loss=BernoulliLoss(0.01, None), jitter_s=0.001)),  # type: ignore[arg-type]
+        "cam-1": ("10.101.0.3", _shape(loss=GilbertElliottLoss(0.05, 0.5, 0.0, 0.8, None))),  # type: ignore[arg-type]
+    }
+    lines, _ = netns.tc_script("lo", nodes, "src", netem=True)
+    leaves = [line.split(" handle ", 1)[1].split(" ", 1)[1] for line in lines if " netem " in line]
+    assert len(leaves) == 2
+    name = f"iotbed-{os.getpid()}-tccheck"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for leaf in leaves:
+            result = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", *leaf.split()],
+                                    capture_output=True, text=True)  # fmt: skip
+            assert result.returncode == 0 or "qdisc kind is unknown" in result.stderr, (leaf, result.stderr)
+            subprocess.run(["tc", "-n", name, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)

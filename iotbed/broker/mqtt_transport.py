@@ -66,6 +66,7 @@ from iotbed.broker.topics import matches, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.broker.wire import MalformedPayload, RawCodec
 from iotbed.errors import IotbedError
+from iotbed.sim.clock import recording_clock
 
 SESSION_EXPIRY_NEVER = 0xFFFFFFFF
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps MQTT 3.1.1 return codes onto them).
@@ -324,6 +325,7 @@ class MqttTransport:
         self.connect_timeout_s = connect_timeout_s
         self.tcp_ip_overhead = tcp_ip_overhead
         self.bind_address = bind_address  # the local address to connect from ("": any)
+        self.clock = recording_clock(env)
         self.stats = TransportStats()
         self.connected: simpy.Event = env.event()
         self.session_present: bool | None = None
@@ -501,7 +503,7 @@ class MqttTransport:
                 size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
                 account.wire_bytes += packets.tcp_ip_size(size) if self.tcp_ip_overhead else size
             if getattr(account, "t_first_hop", 0.0) < 0:
-                account.t_first_hop = self.env.now
+                account.t_first_hop = self.clock()
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             if qos == 0:
                 stats.dropped_not_connected += 1
@@ -595,7 +597,7 @@ class MqttTransport:
         stats = self.stats
         stats.refusals += 1
         setattr(stats, f"{kind}_refusals", getattr(stats, f"{kind}_refusals") + 1)
-        stats.refusal_log.append(Refusal(self.env.now, kind, code, reason, topic))
+        stats.refusal_log.append(Refusal(self.clock(), kind, code, reason, topic))
 
     def _on_connected(self, session_present: bool) -> None:
         no_delay(self._client)
@@ -648,7 +650,7 @@ class MqttTransport:
             if code == 0x10:
                 self.stats.no_matching_subscribers += 1
             if account is not None and getattr(account, "t_broker", 0.0) < 0:
-                account.t_broker = self.env.now  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
+                account.t_broker = self.clock()  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
         done = self._confirm.pop(mid, None)
         if done is not None and not done.triggered:
             done.succeed(code)

@@ -30,6 +30,7 @@ from iotbed.nodes.edge_server import EdgeServer
 from iotbed.nodes.registry import ModelRegistry
 from iotbed.runner import load_model_bytes
 from iotbed.scenario import FaultSpec, Scenario
+from iotbed.sim.clock import WallClockEnvironment
 from iotbed.sim.rng import RandomStreams
 from iotbed.sim.trace import TraceRecorder
 
@@ -90,7 +91,7 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
                tls_ca: str | None = None, tls: bool = False) -> LiveDeployment:  # fmt: skip
     """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect."""
     streams = RandomStreams(scenario.seed)
-    env = simpy.rt.RealtimeEnvironment(factor=1.0, strict=False)
+    env = WallClockEnvironment(factor=1.0, strict=False)  # timestamps from the wall clock
     bridge = RealtimeBridge(env)
     recorder = TraceRecorder()
     pixels_u8 = (artefacts.images * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()

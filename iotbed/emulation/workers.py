@@ -24,8 +24,8 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -127,8 +127,6 @@ class ShardRun:
     sim_now: float = 0.0
     frames: int = 0
     result: ShardResult | None = None
-    error: str | None = None
-    done: bool = field(default=False)
 
 
 def _columns(records: Any) -> dict[str, list[Any]]:
@@ -313,8 +311,3 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
         record.frame_id = new_id
     live.recorder.records = captured
     live.recorder.model_events.sort(key=lambda e: (e.time_s, e.node))
-
-
-def merged_lag(results: list[ShardResult]) -> Iterator[tuple[int, LagMeter]]:
-    for result in sorted(results, key=lambda r: r.index):
-        yield result.index, result.lag

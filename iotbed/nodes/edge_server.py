@@ -21,6 +21,7 @@ from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.payloads import Frame, ModelUpdate
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
 
@@ -50,7 +51,8 @@ class EdgeServer:
         self.device = device
         self.recorder = recorder
         self._load_model = load_model
-        self._pending: deque[Frame] = deque()
+        self._pending: deque[tuple[Frame, float]] = deque()  # with the (simulated) time each arrived
+        self.clock = recording_clock(env)
         self._seen: set[int] = set()
         self._wake: simpy.Event = env.event()
         self.batches = 0
@@ -80,9 +82,9 @@ class EdgeServer:
             return
         self._seen.add(frame.frame_id)
         record = self._record(frame)
-        record.t_edge = self.env.now
+        record.t_edge = self.clock()
         record.edge = self.name
-        self._pending.append(frame)
+        self._pending.append((frame, self.env.now))
         # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
         if not self._wake.triggered and (len(self._pending) == 1 or len(self._pending) >= self.config.max_batch):
             self._wake.succeed()
@@ -95,7 +97,7 @@ class EdgeServer:
         model = self._load_model(update.blob)
         self.held[update.version] = model
         self.classifier.swap(model, update.version)
-        self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "adopted", update.version, update.nbytes))
+        self.recorder.model_events.append(ModelEvent(self.clock(), self.name, "adopted", update.version, update.nbytes))
 
     def _on_quarantine(self, message: Publish) -> None:
         notice = message.payload
@@ -106,7 +108,7 @@ class EdgeServer:
             previous = max((v for v in self.held if v < notice.version and v not in self.quarantined), default=None)
             if previous is not None:
                 self.classifier.swap(self.held[previous], previous)
-                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "rolled_back", previous, 0))
+                self.recorder.model_events.append(ModelEvent(self.clock(), self.name, "rolled_back", previous, 0))
         if self.repairer is not None and notice.version in self.held:
             self.env.process(self._repair(notice))
 
@@ -132,20 +134,20 @@ class EdgeServer:
                 self._wake = env.event()
                 yield self._wake
             # Wait until the batch is full or its oldest frame has waited max_wait.
-            deadline = self._record(self._pending[0]).t_edge + config.max_wait_s
+            deadline = self._pending[0][1] + config.max_wait_s
             if len(self._pending) < config.max_batch and env.now < deadline:
                 self._wake = env.event()
                 yield self._wake | env.timeout(deadline - env.now)
             n = min(len(self._pending), config.max_batch)
-            batch = [self._pending.popleft() for _ in range(n)]
-            start = env.now
+            batch = [self._pending.popleft()[0] for _ in range(n)]
+            start = self.clock()
             predictions = self.classifier.predict(batch)
             version = self.classifier.version
             compute = self.device.seconds_for(n, self.classifier.flops_per_image, config.cores)
             yield env.timeout(compute)
             self.batches += 1
             self.busy_s += compute
-            done = env.now
+            done = self.clock()
             for frame, prediction in zip(batch, predictions.tolist()):
                 record = self._record(frame)
                 record.t_infer_start = start

@@ -9,6 +9,7 @@ import simpy
 
 from iotbed.broker.transport import Transport
 from iotbed.nodes.payloads import ModelUpdate
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 
 
@@ -37,6 +38,6 @@ class ModelRegistry:
                 yield self.env.timeout(scheduled.at_s - self.env.now)
             update = scheduled.update
             self.recorder.model_events.append(
-                ModelEvent(self.env.now, self.name, "published", update.version, update.nbytes)
+                ModelEvent(recording_clock(self.env)(), self.name, "published", update.version, update.nbytes)
             )
             self.transport.publish(self.topic, update, self.qos, retain=True)

@@ -1,0 +1,27 @@
+"""Which clock a node's timestamps come from.
+
+Nodes schedule with `env.now`. What they record in the trace (capture, arrival, inference start and end,
+model events) comes from `recording_clock(env)`: simulated time in a simulation, and the wall clock in a
+live run (`WallClockEnvironment`), so that a process running behind the wall clock does not pass late
+events off as on-time ones, and timestamps taken in different worker processes subtract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from time import monotonic
+
+import simpy
+import simpy.rt
+
+
+class WallClockEnvironment(simpy.rt.RealtimeEnvironment):
+    """A realtime environment that can also say what time it really is, in its own time units."""
+
+    def wall_now(self) -> float:
+        return self.env_start + (monotonic() - self.real_start) / self.factor
+
+
+def recording_clock(env: simpy.Environment) -> Callable[[], float]:
+    wall = getattr(env, "wall_now", None)
+    return wall if wall is not None else (lambda: env.now)
