@@ -508,7 +508,7 @@ class SimMqttClient:
             return
         message = packet.message
         if isinstance(message, Publish):
-            if self._reading or self.env.now < self._slow_until:
+            if self._slow_until >= 0.0 and (self._reading or self.env.now < self._slow_until):
                 if message.buffered:
                     return  # already waiting unread
                 message.buffered = True

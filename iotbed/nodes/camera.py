@@ -18,7 +18,7 @@ from iotbed.broker.transport import Transport
 from iotbed.attacks.network import AttackWindow
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.nodes.payloads import FRAME_HEADER, Frame, raw_frame_bytes
-from iotbed.sim.clock import recording_clock
+from iotbed.sim.clock import wall_clock
 from iotbed.sim.trace import TraceRecorder
 
 
@@ -58,7 +58,7 @@ class Camera:
             if codec_rng is None:
                 raise ValueError("a pixel-drop camera needs a codec random stream for its mask seeds")
             self.payload_bytes = FRAME_HEADER.size + drop.encoded_size(image_shape)
-        self.clock = recording_clock(env)
+        self._wall = wall_clock(env)  # live runs record wall-clock times
         mqtt = publish_size(config.topic, self.payload_bytes, config.qos, config.protocol)
         self.publish_bytes = tcp_ip_size(mqtt) if config.tcp_ip_overhead else mqtt
         self.frames_sent = 0
@@ -94,7 +94,7 @@ class Camera:
         while env.now < config.stop_s:
             image_index, gap = next(draws)
             label = labels[image_index]
-            captured = self.clock()
+            captured = env.now if self._wall is None else self._wall()
             record = self.recorder.new_frame(self.name, config.topic, image_index, label, self.payload_bytes,
                                              self.publish_bytes, config.qos, captured)  # fmt: skip
             frame = Frame(record.frame_id, self.index, captured, image_index, label, self.image_shape,

@@ -21,7 +21,7 @@ from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.payloads import Frame, ModelUpdate
-from iotbed.sim.clock import recording_clock
+from iotbed.sim.clock import recording_clock, wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
 
@@ -53,6 +53,7 @@ class EdgeServer:
         self._load_model = load_model
         self._pending: deque[tuple[Frame, float]] = deque()  # with the (simulated) time each arrived
         self.clock = recording_clock(env)
+        self._wall = wall_clock(env)
         self._seen: set[int] = set()
         self._wake: simpy.Event = env.event()
         self.batches = 0
@@ -82,7 +83,7 @@ class EdgeServer:
             return
         self._seen.add(frame.frame_id)
         record = self._record(frame)
-        record.t_edge = self.clock()
+        record.t_edge = self.env.now if self._wall is None else self._wall()
         record.edge = self.name
         self._pending.append((frame, self.env.now))
         # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
@@ -140,14 +141,14 @@ class EdgeServer:
                 yield self._wake | env.timeout(deadline - env.now)
             n = min(len(self._pending), config.max_batch)
             batch = [self._pending.popleft()[0] for _ in range(n)]
-            start = self.clock()
+            start = env.now if self._wall is None else self._wall()
             predictions = self.classifier.predict(batch)
             version = self.classifier.version
             compute = self.device.seconds_for(n, self.classifier.flops_per_image, config.cores)
             yield env.timeout(compute)
             self.batches += 1
             self.busy_s += compute
-            done = self.clock()
+            done = env.now if self._wall is None else self._wall()
             for frame, prediction in zip(batch, predictions.tolist()):
                 record = self._record(frame)
                 record.t_infer_start = start
