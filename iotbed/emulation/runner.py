@@ -45,7 +45,7 @@ from iotbed.emulation.live import (Endpoint, LiveDeployment, Shaping, broker_rep
                                    offered_frames_per_s, shaper_row)  # fmt: skip
 from iotbed.emulation.monitor import BrokerMonitor
 from iotbed.emulation.paths import node_paths
-from iotbed.emulation.workers import auto_workers, merge, plan_shards, run_sharded
+from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, run_sharded
 from iotbed.errors import UsageError
 from iotbed.runner import DRAIN_S, RunResult, one_torch_thread, output_dir, prepare, reference_column, setup_summary, write_outputs
 from iotbed.scenario import Scenario
@@ -125,10 +125,7 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     target = output_dir(scenario, out_dir, force) if write else None
     wall_start = time.perf_counter()
     resolved, artefacts, model_info = prepare(scenario, progress=progress)
-    nodes = [f"{g.name}-{i}" for g in [*resolved.nodes.cameras, *resolved.nodes.edge_servers] for i in range(g.count)]
-    registry_node = resolved.resolve_node(resolved.registry.node or resolved.broker.node) if artefacts.updates else None
-    if registry_node is not None and registry_node not in nodes:
-        nodes.append(registry_node)
+    nodes = _client_nodes(resolved, bool(artefacts.updates))
     paths = node_paths(resolved, nodes)
     end = resolved.duration + DRAIN_S
     with contextlib.ExitStack() as stack:
@@ -155,22 +152,9 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         user, secret = (("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password))
         monitor = BrokerMonitor(address.host, address.port, username=user, password=secret, tls=address.tls,
                                 tls_ca=tls_ca)  # fmt: skip
-        lags: dict[int, LagMeter] = {}
         try:
             with _progress(resolved.name, end, progress) as advance:
-                if len(shards) == 1 and lab is None:
-                    monitor.start()
-                    _run_here(live, broker, end, advance)
-                    lags[0] = live.bridge.lag
-                else:
-                    def parent_side() -> None:
-                        monitor.start()
-                        live.start([], broker)  # the broker's faults run here, on the parent's clock
-
-                    results = run_sharded(live, shards, end, enter=kernel.enter if lab else None,
-                                          parent_env_hook=parent_side, on_progress=advance)  # fmt: skip
-                    merge(live, results)
-                    lags = {r.index: r.lag for r in results}
+                lags = _execute(live, shards, end, broker, monitor, lab, advance)
         finally:
             monitor.stop()
         kernel_rows = lab.class_stats() if lab is not None else []
@@ -196,6 +180,33 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     if target is not None:
         write_outputs(target, resolved, table, summary, links, [], live.recorder, extra)
     return RunResult(resolved, summary, table, target)
+
+
+def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
+    """The nodes that run MQTT clients: cameras, edge servers, and the registry's node."""
+    nodes = [f"{g.name}-{i}" for g in [*scenario.nodes.cameras, *scenario.nodes.edge_servers] for i in range(g.count)]
+    registry = scenario.resolve_node(scenario.registry.node or scenario.broker.node) if with_registry else None
+    if registry is not None and registry not in nodes:
+        nodes.append(registry)
+    return nodes
+
+
+def _execute(live: LiveDeployment, shards: list[Shard], end: float, broker: MosquittoBroker | None,
+             monitor: BrokerMonitor, lab: kernel.NetnsLab | None, advance: Any) -> dict[int, LagMeter]:
+    """Run every shard, here or in forked workers; each process's lag behind the wall clock, by shard."""
+    if len(shards) == 1 and lab is None:
+        monitor.start()
+        _run_here(live, broker, end, advance)
+        return {0: live.bridge.lag}
+
+    def parent_side() -> None:  # after the fork: nothing of this may be inherited by the workers
+        monitor.start()
+        live.start([], broker)  # the broker's faults run here, on the parent's clock
+
+    results = run_sharded(live, shards, end, enter=kernel.enter if lab else None, parent_env_hook=parent_side,
+                          on_progress=advance)  # fmt: skip
+    merge(live, results)
+    return {r.index: r.lag for r in results}
 
 
 def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.NetnsLab | None) -> MosquittoBroker:
