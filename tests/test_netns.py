@@ -184,3 +184,10 @@ def test_netem_leaves_parse_in_tc_even_where_the_kernel_lacks_netem() -> None:
             subprocess.run(["tc", "-n", name, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def test_without_root_netns_is_refused_with_what_to_do_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    scenario = parse_scenario(NARROW)
+    with pytest.raises(netns.NetnsError, match=r"--netns needs root .* leave out --netns"):
+        emulate(scenario, "local", netns=True, write=False, progress=False)

@@ -85,6 +85,8 @@ def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker 
     local = broker_url == "local"
     if netns and not local:
         raise UsageError("--netns runs its own broker inside the emulated network: use `--broker local`")
+    if netns:
+        kernel.check_available()  # before data and models are prepared, which can take minutes
     if not local:
         parse_broker_url(broker_url)
     for fault in scenario.faults:
