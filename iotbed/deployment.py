@@ -156,7 +156,7 @@ def _pairs(spec: LinkSpec, counts: dict[str, int]) -> list[tuple[str, str]]:
     return [(f"{a}-{j % na}", f"{b}-{j}") for j in range(nb)]
 
 
-def _add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> list[LinkGroup]:
+def add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> list[LinkGroup]:
     counts = scenario.group_counts()
     groups = []
     for spec in scenario.links:
@@ -309,7 +309,7 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     for group, count in scenario.group_counts().items():
         for i in range(count):
             network.add_node(f"{group}-{i}")
-    link_groups = _add_links(network, scenario, streams)
+    link_groups = add_links(network, scenario, streams)
 
     b = scenario.broker
     settings = MqttSettings(b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead,

@@ -453,9 +453,15 @@ class Scenario(Strict):
         for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
             if group.device not in profiles:
                 raise ValueError(f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}")
+        # nodes that run an MQTT client: gateways without a screen and routers only forward packets
+        with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers]}
+        with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
         for fault in self.faults:
             if fault.node is not None and self.resolve_node(fault.node) != fault.node:
                 raise ValueError(f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`")
+            if fault.node is not None and fault.node.rpartition("-")[0] not in with_client:
+                raise ValueError(f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
+                                 f"only forward packets); name a camera or edge server node")  # fmt: skip
         for topic_filter in self.broker.qos:
             validate_filter(topic_filter)
         for camera in self.nodes.cameras:

@@ -112,8 +112,8 @@ def test_live_edge_server_that_crashes_gets_its_frames_from_its_persistent_sessi
 
 def test_live_slow_subscriber_fills_mosquittos_queue_as_the_simulation_does(mosquitto_binary) -> None:  # noqa: F811
     """The same slow edge server in both runtimes: Mosquitto keeps 20 in flight and 100 queued for it and
-    drops the rest, and counts them in $SYS; the simulated broker drops as many. The frames the live broker
-    acknowledged and never delivered are the ones it dropped."""
+    drops the rest, and counts them in $SYS; the simulated broker drops as many. As many frames as it
+    dropped were acknowledged by the live broker and never delivered."""
     scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", [
         "duration=12s", "faults.0.at=3s", "faults.0.down=6s"])  # fmt: skip
     simulated = iotbed.run(scenario, write=False, progress=False).summary
@@ -170,13 +170,14 @@ def test_cli_refuses_bad_worker_counts_and_netns_with_a_remote_broker(tmp_path: 
 def test_auto_workers_split_only_loads_one_process_cannot_carry() -> None:
     from iotbed.emulation.workers import PROCESS_CAPACITY_FPS, auto_workers
 
-    assert auto_workers(50.0, 10, cpus=2) == 1
-    assert auto_workers(PROCESS_CAPACITY_FPS, 10, cpus=8) == 1
-    assert auto_workers(PROCESS_CAPACITY_FPS * 2.5, 10, cpus=8) == 4  # the edge side and three camera workers
-    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 10, cpus=2) == 2  # for the load, never more than the CPUs
-    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 10, cpus=1) == 1
+    assert auto_workers(50.0, 11, 10, cpus=2) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS, 11, 10, cpus=8) == 1
+    assert auto_workers(PROCESS_CAPACITY_FPS * 2.5, 11, 10, cpus=8) == 4  # the edge side and three camera workers
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 11, 10, cpus=2) == 2  # for the load, never more than the CPUs
+    assert auto_workers(PROCESS_CAPACITY_FPS * 10, 11, 10, cpus=1) == 1
     # a process holds MAX_CLIENTS_PER_PROCESS clients whatever the load: 1,000 cameras need four camera workers
-    assert auto_workers(1000.0, 1000, cpus=2) == 1 + 4
+    assert auto_workers(1000.0, 1005, 1000, cpus=2) == 1 + 4
+    assert auto_workers(100.0, 260, 240, cpus=2) == 2  # 240 cameras and 20 edge servers: not one process
 
 
 def test_too_many_clients_for_one_process_is_refused_before_anything_connects() -> None:
@@ -185,3 +186,52 @@ def test_too_many_clients_for_one_process_is_refused_before_anything_connects() 
     scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [f"nodes.cameras.0.count={MAX_CLIENTS_PER_PROCESS + 1}"])
     with pytest.raises(IotbedError, match=r"--workers 1 puts 252 MQTT clients in one process.*--workers 3"):
         emulate(scenario, "mqtt://127.0.0.1:1", workers=1, write=False, progress=False)
+
+
+def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_order() -> None:
+    """Workers' shares put together: the camera side of each frame joined to the edge side that arrived
+    under its travelling id; a frame two edge servers got keeps the later one's verdict (as in one process,
+    where the later writer wins) and both one's duplicates."""
+    from iotbed.broker.mqtt_transport import LagMeter
+    from iotbed.emulation.live import Endpoint, build_live
+    from iotbed.emulation.paths import node_paths
+    from iotbed.emulation.workers import ShardResult, merge
+    from iotbed.runner import prepare
+    from iotbed.sim.trace import FrameRecord
+
+    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [
+        "nodes.cameras.0.count=2", "nodes.gateways.0.count=1", "nodes.edge_servers.0.count=2",
+        "nodes.edge_servers.0.subscribe=frames/#"])  # fmt: skip
+    resolved, artefacts, _ = prepare(scenario, progress=False)
+    nodes = ["cam-0", "cam-1", "edge-0", "edge-1"]
+    live = build_live(resolved, artefacts, lambda node: Endpoint("127.0.0.1", 1), node_paths(resolved, nodes))
+
+    def columns(records: list[FrameRecord]) -> dict[str, list[object]]:
+        return {name: [getattr(r, name) for r in records] for name in FrameRecord.__slots__}
+
+    def captured(frame_id: int, camera: str, t: float) -> FrameRecord:
+        return FrameRecord(frame_id, camera, f"frames/{camera}", 7, 3, 1000, 1100, 1, t)
+
+    def arrived(frame_id: int, edge: str, t: float, prediction: int, duplicates: int = 0) -> FrameRecord:
+        record = FrameRecord(frame_id, "", "", -1, -1, 0, 0, 0, -1.0)
+        record.t_edge, record.edge, record.t_infer_start, record.t_done = t, edge, t, t + 0.001
+        record.prediction, record.model_version, record.duplicates = prediction, 1, duplicates
+        return record
+
+    def result(index: int, records: list[FrameRecord], edge_side: bool) -> ShardResult:
+        return ShardResult(index, columns(records), edge_side, {}, {}, {}, {}, [0] * len(live.windows), [], LagMeter())
+
+    # shard 1 (cam-0) numbers its frames 1, 4, ...; shard 2 (cam-1) 2, 5, ...; shards 0 and 3 hold edges
+    merge(live, [
+        result(1, [captured(1, "cam-0", 0.30), captured(4, "cam-0", 0.10)], False),
+        result(2, [captured(2, "cam-1", 0.20)], False),
+        result(0, [arrived(1, "edge-0", 0.31, prediction=3), arrived(2, "edge-0", 0.21, prediction=5)], True),
+        result(3, [arrived(1, "edge-1", 0.32, prediction=8, duplicates=1)], True),
+    ])
+    records = live.recorder.records
+    assert [(r.frame_id, r.camera, r.t_capture) for r in records] == [(0, "cam-0", 0.10), (1, "cam-1", 0.20),
+                                                                      (2, "cam-0", 0.30)]  # fmt: skip
+    never, second, both = records
+    assert never.t_edge < 0 and never.edge == ""  # captured, never arrived
+    assert (second.edge, second.prediction, second.duplicates) == ("edge-0", 5, 0)
+    assert (both.edge, both.prediction, both.t_edge, both.duplicates) == ("edge-1", 8, 0.32, 1)

@@ -69,16 +69,36 @@ def test_tc_plan_gives_each_node_its_path_and_shared_links_one_parent() -> None:
     assert text.count("parent 1:2 classid") == 2 and "rate 100000bit ceil 200000bit" in text  # half each, all if alone
     assert "loss random 1.000000%" in text and "10000us 2000us distribution normal" in text
     assert "loss gemodel 5.000000% 50.000000% 80.000000% 0.000000%" in text
-    assert text.count("netem limit 50 rate 200000bit delay 10000us") == 3
+    # the queue of 50 messages, plus the one packet in the 10-ms delay line at 25 kB/s
+    assert text.count("netem limit 51 rate 200000bit delay 10000us") == 3
     assert "match ip src 10.101.0.4/32" in text and "10.101.0.5" not in text
     plain, _ = netns.tc_script("g1", nodes, "dst", netem=False)
     assert "pfifo limit 50" in "\n".join(plain) and "netem" not in "\n".join(plain)
     assert "match ip dst 10.101.0.2/32" in "\n".join(plain)
+    big, _ = netns.tc_script("g1", nodes, "dst", netem=False, message_bytes=3 * 1448)  # 3 segments a message
+    assert "pfifo limit 150" in "\n".join(big)
 
 
 def _ours(prefix: str) -> list[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in listing.splitlines() if line.startswith(prefix)]
+
+
+def _children(pid: int, same_command: bool = False) -> list[int]:
+    """Processes whose parent is `pid` (with `same_command`, only forks of it: the same command line)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and (not same_command or cmdline == own):
+            found.append(int(proc.name))
+    return found
 
 
 def _run_brokers() -> set[int]:
@@ -138,7 +158,10 @@ def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, s
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "the run never set up its namespaces"
             time.sleep(0.2)
-        time.sleep(3.0)  # workers forked and running
+        while len(_children(proc.pid, same_command=True)) < 2:  # both workers forked
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers never started"
+            time.sleep(0.1)
+        time.sleep(1.0)  # and running
         proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -211,3 +211,4 @@ def test_faults_name_what_they_need() -> None:
     assert "broker_restart takes no `node:`" in _error(BASE + "faults: [{kind: broker_restart, node: edge-0, at: 1s}]\n")
     assert "node_crash takes no `rate:`" in _error(BASE + "faults: [{kind: node_crash, node: edge-0, at: 1s, rate: 2}]\n")
     assert "max_queued" in _error(BASE.replace("retry_interval: 500ms", "retry_interval: 500ms\n  max_queued: -1"))
+    assert "runs no MQTT client" in _error(BASE + slow.replace("edge-0", "gw-0"))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from iotbed.broker.mqtt_transport import DEFAULT_POLL_S
 from iotbed.errors import IotbedError
 
 METRICS = (
@@ -62,10 +63,10 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
     notes = [
         "live nodes talk to the broker directly: each node's simulated path is one shaped hop (bottleneck "
         "bandwidth, summed delay, jitter, the first lossy link's loss); gateways and routers forward nothing, so "
-        + ("nodes behind one shared link share its rate in the kernel but not its queue per hop."
+        + ("nodes of one group behind one shared link share its rate in the kernel, but not its queue per hop."
            if kernel else "queueing at a link several cameras share is not reproduced."),
         "live latencies include paho, Mosquitto and the bridge that hands messages to the simulation thread "
-        "(polled every 0.5 ms); a bare paho pair on loopback takes 0.2-0.5 ms.",
+        f"(polled every {DEFAULT_POLL_S * 1e3:g} ms); a bare paho pair on loopback takes 0.2-0.5 ms.",
         "live clients connect before the run's clock starts; simulated ones connect at time 0 over their links, "
         "so a lost CONNECT can delay a simulated camera's first frames.",
     ]

@@ -77,7 +77,7 @@ def broker_stats(deployment: Deployment) -> dict[str, Any]:
         "no_subscriber": stats.no_subscriber,
         "queued_offline": stats.queued_offline,
         "queue_drops": stats.dropped_queue_full,
-        "max_queued": stats.max_session_queue,
+        "deepest_queue": stats.max_session_queue,
         "wills_published": stats.wills_published,
         "restarts": stats.restarts,
     }

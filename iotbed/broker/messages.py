@@ -3,9 +3,9 @@
 The sender side (`OutboundFlow`) owns packet ids, the in-flight window and retransmission on timeout
 (PUBLISH with DUP, or PUBREL). At most `max_inflight` QoS 1/2 messages are unacknowledged at once; later ones
 wait in order and, beyond `max_queued` waiting, are dropped (Mosquitto's `max_inflight_messages` and
-`max_queued_messages`: a slow subscriber fills its window, then the broker's queue). The receiver side (`InboundFlow`) acknowledges and, at QoS 2, keeps the
-packet ids it has seen until PUBREL so a retransmitted PUBLISH is delivered exactly once. Clients and the
-broker each hold one pair per session.
+`max_queued_messages`: a slow subscriber fills its window, then the broker's queue). The receiver side
+(`InboundFlow`) acknowledges and, at QoS 2, keeps the packet ids it has seen until PUBREL so a retransmitted
+PUBLISH is delivered exactly once. Clients and the broker each hold one pair per session.
 """
 
 from __future__ import annotations
@@ -85,9 +85,7 @@ class Disconnect:
 class FlowStats:
     retransmissions: int = 0
     given_up: int = 0
-    queued: int = 0  # QoS 1/2 messages that waited for a free slot in the in-flight window
-    dropped_queue_full: int = 0  # ... and those dropped because `max_queued` were already waiting
-    max_waiting: int = 0
+    dropped_queue_full: int = 0  # QoS 1/2 messages dropped because `max_queued` were already waiting
 
 
 @dataclass(slots=True)
@@ -139,15 +137,12 @@ class OutboundFlow:
                 done.succeed()
             return True
         if self.max_inflight and (len(self.inflight) >= self.max_inflight or self.waiting):
-            stats = self.stats
             if self.max_queued and len(self.waiting) >= self.max_queued:
-                stats.dropped_queue_full += 1
+                self.stats.dropped_queue_full += 1
                 if self._on_queue_full is not None:
                     self._on_queue_full(message)
                 return False
             self.waiting.append((message, done))
-            stats.queued += 1
-            stats.max_waiting = max(stats.max_waiting, len(self.waiting))
             return True
         self._fly(message, done)
         return True

@@ -66,9 +66,10 @@ from iotbed.broker.topics import matches, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.broker.wire import MalformedPayload, RawCodec
 from iotbed.errors import IotbedError
-from iotbed.sim.clock import recording_clock
+from iotbed.sim.clock import wall_clock
 
 SESSION_EXPIRY_NEVER = 0xFFFFFFFF
+DEFAULT_POLL_S = 0.0005  # how often the bridge hands paho's messages to the SimPy thread
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps MQTT 3.1.1 return codes onto them).
 PERMANENT_CONNACK_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x9A})
 
@@ -181,7 +182,7 @@ class RealtimeBridge:
     One bridge can serve many transports on the same environment (one poller instead of one per client).
     Each poll also measures the environment's lag behind the wall clock (`lag`)."""
 
-    def __init__(self, env: simpy.Environment, poll_s: float = 0.0005) -> None:
+    def __init__(self, env: simpy.Environment, poll_s: float = DEFAULT_POLL_S) -> None:
         if not isinstance(env, simpy.rt.RealtimeEnvironment):
             raise TypeError("MqttTransport needs a simpy.rt.RealtimeEnvironment (use RealtimeEnvironment("
                             "factor=1, strict=False)); in a plain Environment simulated time does not wait for "
@@ -271,6 +272,7 @@ def close_all(transports: list[MqttTransport]) -> None:
     closing = [t for t in transports if t._started and not t._closed]
     for t in transports:
         t._closing = True
+        t._read_pace = None  # a slow reader stops holding its thread back
     for t in closing:
         t._closed = True
         t._client.disconnect()
@@ -325,7 +327,7 @@ class MqttTransport:
         self.connect_timeout_s = connect_timeout_s
         self.tcp_ip_overhead = tcp_ip_overhead
         self.bind_address = bind_address  # the local address to connect from ("": any)
-        self.clock = recording_clock(env)
+        self._wall = wall_clock(env)
         self.stats = TransportStats()
         self.connected: simpy.Event = env.event()
         self.session_present: bool | None = None
@@ -455,6 +457,7 @@ class MqttTransport:
         if not self._started or self._closed:
             return
         self._closed = True
+        self._read_pace = None
         client = self._client
         if hasattr(client, "_reconnect_on_failure"):
             client._reconnect_on_failure = False  # paho has no public switch; stop it reconnecting
@@ -484,6 +487,10 @@ class MqttTransport:
             self.connected = self.env.event()
         return self.connect()
 
+    def _stamp(self) -> float:
+        """The time to record: the wall clock where the environment keeps one (live runs)."""
+        return self.env.now if self._wall is None else self._wall()
+
     # --- sending -----------------------------------------------------------------------------------------
     def _send(self, topic: str, data: bytes, qos: int, retain: bool, account: Any, done: simpy.Event | None,
               expiry: int | None, charge: bool) -> None:  # fmt: skip
@@ -503,7 +510,7 @@ class MqttTransport:
                 size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
                 account.wire_bytes += packets.tcp_ip_size(size) if self.tcp_ip_overhead else size
             if getattr(account, "t_first_hop", 0.0) < 0:
-                account.t_first_hop = self.clock()
+                account.t_first_hop = self._stamp()
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             if qos == 0:
                 stats.dropped_not_connected += 1
@@ -578,7 +585,7 @@ class MqttTransport:
                 due = max(self._next_read, now)
                 time.sleep(due - now)
                 self._next_read = due + interval
-            else:
+            elif self._read_pace is pace:  # a newer slow_down() from the SimPy thread stays
                 self._read_pace = None
         self.bridge.post(self._on_message, message)
 
@@ -597,7 +604,7 @@ class MqttTransport:
         stats = self.stats
         stats.refusals += 1
         setattr(stats, f"{kind}_refusals", getattr(stats, f"{kind}_refusals") + 1)
-        stats.refusal_log.append(Refusal(self.clock(), kind, code, reason, topic))
+        stats.refusal_log.append(Refusal(self._stamp(), kind, code, reason, topic))
 
     def _on_connected(self, session_present: bool) -> None:
         no_delay(self._client)
@@ -650,7 +657,7 @@ class MqttTransport:
             if code == 0x10:
                 self.stats.no_matching_subscribers += 1
             if account is not None and getattr(account, "t_broker", 0.0) < 0:
-                account.t_broker = self.clock()  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
+                account.t_broker = self._stamp()  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
         done = self._confirm.pop(mid, None)
         if done is not None and not done.triggered:
             done.succeed(code)

@@ -10,7 +10,8 @@ messages unacknowledged; the broker queues at most `max_queued` more per session
 while a persistent client is away) and drops the rest ("broker_queue_full"). A subscriber can be made slow
 (`SimMqttClient.slow_down`): it reads at most `rate` messages a second and acknowledges each as it reads
 it, so the broker's window and queue fill as they do in front of a real slow reader. QoS 0 messages to a
-connected client are sent at once: the simulator has no TCP buffers whose backpressure Mosquitto would see.
+connected client are sent at once and wait unread without limit: the simulator has no TCP buffers, whose
+backpressure makes Mosquitto drop QoS 0 messages too. A PUBREL is read at once, not behind unread PUBLISHes.
 """
 
 from __future__ import annotations
@@ -202,8 +203,7 @@ class SimBroker:
         if not present:
             if session is not None:
                 self._forget_subscriptions(session)
-                session.outbound.inflight.clear()  # type: ignore[union-attr]  # the old session is gone
-                session.outbound.waiting.clear()  # type: ignore[union-attr]
+                self._discard(session)  # the old session is gone, and what it held for the client with it
             session = _Session(message.client_id, client, message.clean_session)
             self.sessions[message.client_id] = session
             session.outbound = OutboundFlow(self.timers, lambda m, about, s=session: self._send(s, m, about),
@@ -357,7 +357,8 @@ class SimBroker:
                 stats.max_session_queue = waiting
             return sent
         if message.qos > 0 and not session.clean:
-            if self.settings.max_queued and len(session.offline_queue) >= self.settings.max_queued:
+            held = len(session.offline_queue) + len(session.outbound.waiting)  # type: ignore[union-attr]
+            if self.settings.max_queued and held >= self.settings.max_queued:
                 self._queue_full(message)
                 return False
             stats.queued_offline += 1
@@ -374,10 +375,18 @@ class SimBroker:
         for listener in self.undelivered_listeners:
             listener(message, "broker_queue_full")
 
-    def queued(self) -> int:
-        """Messages the broker holds for its sessions beyond their in-flight windows, now."""
-        return sum(len(s.offline_queue) + len(s.outbound.waiting) for s in self.sessions.values()
-                   if s.outbound is not None)  # fmt: skip
+    def _discard(self, session: _Session) -> None:
+        """A clean session took over a persistent one: what it held for its client is dropped."""
+        outbound = session.outbound
+        assert outbound is not None
+        held = [entry.message for entry in outbound.inflight.values()]
+        held += [message for message, _ in outbound.waiting] + list(session.offline_queue)
+        outbound.inflight.clear()
+        outbound.waiting.clear()
+        session.offline_queue.clear()
+        for message in held:
+            for listener in self.undelivered_listeners:
+                listener(message, "session_discarded")
 
 
 class SimMqttClient:
@@ -416,7 +425,7 @@ class SimMqttClient:
         self._slow_until = -1.0
         self._unread: deque[Publish] = deque()  # received, not yet read (the socket's receive buffer)
         self._reading = False
-        self.max_unread = 0
+        self._next_read = 0.0
 
     def _send(self, message: Any, about: Publish | None) -> None:
         if not self.alive:
@@ -485,20 +494,29 @@ class SimMqttClient:
         Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(lambda _: self.connect() if self.alive else None)
 
     def slow_down(self, rate: float, duration_s: float) -> None:
-        """For `duration_s` from now, read (deliver and acknowledge) at most `rate` messages a second; what
-        arrives faster waits unread, as in a socket buffer, and is read at full speed afterwards."""
+        """For `duration_s` from now, read (deliver and acknowledge) at most `rate` messages a second, as the
+        live transport does: a message is read when it arrives or one interval after the previous read,
+        whichever is later; what arrives faster waits unread, as in a socket buffer, and is read at full
+        speed afterwards."""
         self._read_interval = 1.0 / rate
         self._slow_until = self.env.now + duration_s
 
     def _read_unread(self):  # type: ignore[no-untyped-def]
-        self._reading = True
-        while self._unread and self.alive:
-            if self.env.now < self._slow_until:
-                yield self.env.timeout(self._read_interval)
+        env = self.env
+        connection = self._connect_attempt
+        while self._unread:
+            now = env.now
+            if now < self._slow_until:
+                due = max(self._next_read, now)
+                if due > now:
+                    yield env.timeout(due - now)
+                self._next_read = due + self._read_interval
+            if not self.alive or self._connect_attempt != connection:
+                break  # the connection, and the socket buffer with it, is gone
             message = self._unread.popleft()
             message.buffered = False
             self.inbound.on_publish(message)
-        for message in self._unread:  # the client died with these unread: the broker sends them again
+        for message in self._unread:  # never read: the broker sends them again after a reconnect
             message.buffered = False
         self._unread.clear()
         self._reading = False
@@ -513,8 +531,8 @@ class SimMqttClient:
                     return  # already waiting unread
                 message.buffered = True
                 self._unread.append(message)
-                self.max_unread = max(self.max_unread, len(self._unread))
                 if not self._reading:
+                    self._reading = True  # before the reader starts: a second arrival this instant joins it
                     self.env.process(self._read_unread())
                 return
             self.inbound.on_publish(message)

@@ -44,13 +44,6 @@ class Endpoint:
     bind_address: str = ""
 
 
-@dataclass(frozen=True)
-class Shaping:
-    """Whether cameras shape what they publish in process (off when the kernel's netem shapes every packet)."""
-
-    active: bool = True
-
-
 @dataclass
 class LiveDeployment:
     env: simpy.rt.RealtimeEnvironment
@@ -86,10 +79,11 @@ class LiveDeployment:
 
 
 def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str], Endpoint],
-               paths: dict[str, NodePaths], *, shaping: Shaping = Shaping(),
+               paths: dict[str, NodePaths], *, shape_in_process: bool = True,
                logins: dict[str, str] | None = None, username: str | None = None, password: str | None = None,
                tls_ca: str | None = None, tls: bool = False) -> LiveDeployment:  # fmt: skip
-    """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect."""
+    """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect.
+    `shape_in_process`: cameras shape what they publish here (off when the kernel's netem shapes every packet)."""
     streams = RandomStreams(scenario.seed)
     env = WallClockEnvironment(factor=1.0, strict=False)  # timestamps from the wall clock
     bridge = RealtimeBridge(env)
@@ -120,7 +114,7 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
     for group in scenario.nodes.cameras:
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            shaper = _shaper(env, name, paths[name], scenario, streams, shaping)
+            shaper = _shaper(env, name, paths[name], scenario, streams) if shape_in_process else None
             if shaper is not None:
                 live.shapers[name] = shaper
             camera = build_camera(env, scenario, group, name, len(live.cameras), transport(name, name, shaper), artefacts,
@@ -147,12 +141,9 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
     return live
 
 
-def _shaper(env: simpy.Environment, name: str, paths: NodePaths, scenario: Scenario, streams: RandomStreams,
-            shaping: Shaping) -> LinkShaper | None:  # fmt: skip
+def _shaper(env: simpy.Environment, name: str, paths: NodePaths, scenario: Scenario, streams: RandomStreams) -> LinkShaper:
     """The in-process shaper of what a camera publishes: its path to the broker (transmission time at the
-    bottleneck bandwidth, delay, jitter, loss, queue), or None when the kernel shapes it."""
-    if not shaping.active:
-        return None
+    bottleneck bandwidth, delay, jitter, loss, queue)."""
     up = paths.up
     rng = streams.generator("shaper", name)
     b = scenario.broker

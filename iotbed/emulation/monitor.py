@@ -11,11 +11,14 @@ and the largest value of the message store. The summary reports the differences 
   (`$SYS/broker/messages/stored`: queued and in-flight messages, plus retained ones).
 
 A broker that refuses `$SYS` to the monitor (an ACL without the `monitor` role's `$SYS/#` rule, or another
-broker) leaves `available: false`; the frames' own fates in the trace still say what was lost.
+broker) leaves `available: false`; the frames' own fates in the trace still say what was lost. The counters
+are the whole broker's: on a broker that other clients use too, their drops are counted as well.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -28,19 +31,20 @@ from iotbed.broker.mqtt_transport import no_delay
 COUNTERS = {
     "$SYS/broker/publish/messages/dropped": "dropped",
     "$SYS/broker/messages/stored": "stored",
-    "$SYS/broker/clients/connected": "clients_connected",
 }
 
 
 class BrokerMonitor:
     def __init__(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
-                 tls: bool = False, tls_ca: str | None = None, client_id: str = "iotbed-monitor") -> None:  # fmt: skip
+                 tls: bool = False, tls_ca: str | None = None, client_id: str | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         self._lock = threading.Lock()
         self.first: dict[str, float] = {}
         self.last: dict[str, float] = {}
         self.last_at: dict[str, float] = {}
         self.stored_max: float | None = None
+        # One id per run: two runs against one broker must not take each other's session over.
+        client_id = client_id or f"iotbed-monitor-{os.getpid()}-{secrets.token_hex(3)}"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
         if username is not None:
             client.username_pw_set(username, password)

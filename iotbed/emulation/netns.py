@@ -10,8 +10,9 @@ The layout, for a run with process id P:
 Every node group's clients run in a worker process that has entered its group's namespace, so their
 packets cross a real veth pair. Each node's path to the broker (`iotbed.emulation.paths`) becomes an HTB
 class on the group's side of the pair (what the node sends) and one on the broker's side (what it
-receives), selected by the node's address: its rate is the path's bottleneck bandwidth, and nodes whose
-bottleneck is one shared link or medium share a parent class of that bandwidth. Under each class a `netem`
+receives), selected by the node's address: its rate is the path's bottleneck bandwidth, and nodes of one
+group whose bottleneck is one shared link or medium share a parent class of that bandwidth (nodes of two
+groups behind one link each get its full rate: every group has a veth of its own). Under each class a `netem`
 qdisc gives every packet its transmission time at that bandwidth (`rate`, as a simulated link does) and adds
 the path's delay, jitter (normal) and loss (random, or `gemodel` for Gilbert-Elliott), with the path's queue
 as its limit. A kernel without `netem` gets a `pfifo` of that size: HTB then only caps the rate of real
@@ -47,6 +48,7 @@ from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss
 CLONE_NEWNET = 0x40000000
 BROKER_PORT = 1883
 PREFIX = "iotbed-"
+SEGMENT_BYTES = 1448  # TCP payload of one 1500-byte packet with timestamps: what a qdisc counts as one
 UNSHAPED = "10gbit"  # the ceiling of a class whose path has delay or loss but no bandwidth limit
 
 
@@ -110,11 +112,16 @@ def _bits(rate_bytes_s: float) -> str:
     return f"{max(8, int(round(rate_bytes_s * 8)))}bit"
 
 
-def _leaf(shape: PathShape, netem: bool) -> str:
-    """The qdisc under a node's class: netem with the path's delay, jitter and loss, or a plain FIFO."""
-    limit = max(1, shape.queue)
+def _leaf(shape: PathShape, netem: bool, segments: int) -> str:
+    """The qdisc under a node's class: netem with the path's transmission time, delay, jitter and loss, or a
+    plain FIFO. The scenario's queue counts messages and a qdisc counts packets: a message of `segments` TCP
+    segments takes that many places, and netem also counts the packets in its delay line."""
+    limit = max(1, shape.queue) * segments
     if not netem:
         return f"pfifo limit {limit}"
+    if shape.delay_s > 0 or shape.jitter_s > 0:
+        in_flight = shape.rate_bytes_s * (shape.delay_s + 3 * shape.jitter_s) / SEGMENT_BYTES
+        limit += math.ceil(in_flight) if math.isfinite(in_flight) else 10_000
     parts = [f"netem limit {limit}"]
     if math.isfinite(shape.rate_bytes_s):
         parts.append(f"rate {_bits(shape.rate_bytes_s)}")  # each packet takes its transmission time
@@ -132,21 +139,22 @@ def _leaf(shape: PathShape, netem: bool) -> str:
     return " ".join(parts)
 
 
-def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: str,
-              netem: bool) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: str, netem: bool,
+              message_bytes: int = SEGMENT_BYTES) -> tuple[list[str], dict[str, str]]:  # fmt: skip
     """`tc -batch` lines shaping `device`'s egress per node, and which class is whose (`1:5` -> node). `nodes`
     maps a node to (its address, the path its packets take through this device); `direction` is `src` (the
-    node sends) or `dst` (it receives)."""
+    node sends) or `dst` (it receives); `message_bytes` sizes the queues (the largest frame on the wire)."""
+    segments = math.ceil(message_bytes / SEGMENT_BYTES)
     # default 0: what no filter claims (ARP, unshaped nodes) leaves at once, past every class
     lines = [f"qdisc add dev {device} root handle 1: htb default 0 r2q 100"]
-    media: dict[str, tuple[int, list[str]]] = {}
+    media: dict[str, list[str]] = {}  # a link several of these nodes' paths share -> those nodes
     for node, (_, shape) in nodes.items():
         if shape.shaped and shape.medium:
-            media.setdefault(shape.medium, (0, []))[1].append(node)
+            media.setdefault(shape.medium, []).append(node)
     minor = 2
     owners: dict[str, str] = {}
     parents: dict[str, tuple[int, int]] = {}  # medium -> (class minor, members)
-    for medium, (_, members) in sorted(media.items()):
+    for medium, members in sorted(media.items()):
         shape = nodes[members[0]][1]
         if len(members) > 1 and math.isfinite(shape.rate_bytes_s):
             lines.append(f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {_bits(shape.rate_bytes_s)} "
@@ -165,7 +173,7 @@ def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: s
                          f"ceil {ceil} quantum 1514")  # fmt: skip
         else:
             lines.append(f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {ceil} ceil {ceil} quantum 1514")
-        lines.append(f"qdisc add dev {device} parent 1:{minor:x} handle {minor:x}: {_leaf(shape, netem)}")
+        lines.append(f"qdisc add dev {device} parent 1:{minor:x} handle {minor:x}: {_leaf(shape, netem, segments)}")
         lines.append(f"filter add dev {device} parent 1: protocol ip prio 1 u32 match ip {direction} {address}/32 "
                      f"flowid 1:{minor:x}")  # fmt: skip
         owners[f"1:{minor:x}"] = node
@@ -177,17 +185,17 @@ class NetnsLab:
     """The namespaces, veths, addresses and qdiscs of one run. `groups` maps each node group that runs a
     worker to its nodes' paths (`iotbed.emulation.paths.node_paths`)."""
 
-    def __init__(self, groups: dict[str, dict[str, NodePaths]], *, run_id: str | None = None,
-                 netem: bool | None = None) -> None:  # fmt: skip
+    def __init__(self, groups: dict[str, dict[str, NodePaths]], *, message_bytes: int = SEGMENT_BYTES,
+                 run_id: str | None = None, netem: bool | None = None) -> None:  # fmt: skip
         self.run_id = run_id or str(os.getpid())
         self.prefix = f"{PREFIX}{self.run_id}-"
         self.broker_ns = f"{self.prefix}broker"
         self.paths = groups
+        self.message_bytes = message_bytes
         self.groups: dict[str, GroupNet] = {}
         self._netem_forced = netem
         self.netem = False
         self.root_device = f"ibr{self.run_id}"[:15]
-        self.root_address = ""
         self.broker_address = ""  # the broker's address as the root namespace reaches it
         self.classes: dict[tuple[str, str], dict[str, str]] = {}  # (group, up|down) -> class id -> node
         self._made: list[str] = []
@@ -238,7 +246,7 @@ class NetnsLab:
                  "\n".join(node_batch) + "\n")  # fmt: skip
             for namespace, device, direction, end in ((net.namespace, up, "up", "src"), (self.broker_ns, hub, "down", "dst")):
                 lines, owners = tc_script(device, {n: (net.addresses[n], getattr(p, direction)) for n, p in nodes.items()},
-                                          end, self.netem)  # fmt: skip
+                                          end, self.netem, self.message_bytes)  # fmt: skip
                 self._tc(namespace, lines, group)
                 self.classes[(group, direction)] = owners
             self.groups[group] = net
@@ -268,7 +276,7 @@ class NetnsLab:
         _run(["ip", "link", "set", self.root_device, "up"], "bringing up the root side")
         _run(["ip", "-n", self.broker_ns, "-batch", "-"], "addressing the broker's side",
              f"addr add {broker}/30 dev root0\nlink set root0 up\n")  # fmt: skip
-        self.root_address, self.broker_address = root, broker
+        self.broker_address = broker
 
     def _tc(self, namespace: str, lines: list[str], group: str) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".tc", delete=False) as f:
@@ -309,15 +317,11 @@ class NetnsLab:
             subprocess.run(["ip", "link", "delete", self.root_device], capture_output=True)
             self._root_link = False
 
-    def leftovers(self) -> list[str]:
-        listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        return [line.split()[0] for line in listing.splitlines() if line.startswith(self.prefix)]
-
     def describe(self) -> dict[str, Any]:
         return {
             "mode": "kernel (network namespaces, veth, tc)",
             "netem": self.netem,
-            "bandwidth": "htb per node (nodes behind one shared link or medium share its rate)",
+            "bandwidth": "htb per node (nodes of one group behind one shared link or medium share its rate)",
             "transmission_delay_jitter_loss": "netem per node, both directions" if self.netem else
             "in process, on what cameras publish (this kernel has no netem; htb only caps the rate)",
             "groups": {g.group: {"namespace": g.namespace, "nodes": len(g.addresses)} for g in self.groups.values()},

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from iotbed.deployment import _add_links
+from iotbed.deployment import add_links
 from iotbed.scenario import Scenario
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss
 from iotbed.sim.network import Network
@@ -72,7 +72,7 @@ def node_paths(scenario: Scenario, nodes: list[str]) -> dict[str, NodePaths]:
     for group, count in scenario.group_counts().items():
         for i in range(count):
             topology.add_node(f"{group}-{i}")
-    _add_links(topology, scenario, RandomStreams(scenario.seed))
+    add_links(topology, scenario, RandomStreams(scenario.seed))
     broker = scenario.resolve_node(scenario.broker.node)
     assert broker is not None
     routes = {n: (topology.route(n, broker), topology.route(broker, n)) for n in nodes}

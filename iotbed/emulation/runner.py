@@ -39,14 +39,17 @@ from tqdm import tqdm
 
 from iotbed.analysis.summary import summarise
 from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
+from iotbed.broker.packets import publish_size, tcp_ip_size
 from iotbed.broker.mqtt_transport import LagMeter
 from iotbed.emulation import netns as kernel
-from iotbed.emulation.live import (Endpoint, LiveDeployment, Shaping, broker_report, build_live, mark_broker_undelivered,
+from iotbed.emulation.live import (Endpoint, LiveDeployment, broker_report, build_live, mark_broker_undelivered,
                                    offered_frames_per_s, shaper_row)  # fmt: skip
 from iotbed.emulation.monitor import BrokerMonitor
 from iotbed.emulation.paths import node_paths
-from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, run_sharded
+from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, progress_steps, run_sharded
+from iotbed.deployment import Artefacts, camera_codec
 from iotbed.errors import UsageError
+from iotbed.nodes.camera import frame_payload_bytes
 from iotbed.runner import DRAIN_S, RunResult, one_torch_thread, output_dir, prepare, reference_column, setup_summary, write_outputs
 from iotbed.scenario import Scenario
 
@@ -132,7 +135,8 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     end = resolved.duration + DRAIN_S
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_as_interrupt())
-        lab = stack.enter_context(kernel.NetnsLab(kernel.by_group(paths, nodes))) if netns else None
+        lab = stack.enter_context(kernel.NetnsLab(kernel.by_group(paths, nodes),
+                                                  message_bytes=_largest_frame(resolved, artefacts))) if netns else None
         broker = broker_control
         url = broker_url
         if broker_url == "local":
@@ -144,11 +148,10 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         else:
             endpoint = lambda node: Endpoint(address.host, address.port)  # noqa: E731
         # The kernel's netem does everything; without it, what cameras publish is shaped here as well.
-        shaping = Shaping(active=lab is None or not lab.netem)
-        live = build_live(resolved, artefacts, endpoint, paths, shaping=shaping, logins=logins, username=username,
-                          password=password, tls_ca=tls_ca, tls=address.tls)  # fmt: skip
+        live = build_live(resolved, artefacts, endpoint, paths, shape_in_process=lab is None or not lab.netem,
+                          logins=logins, username=username, password=password, tls_ca=tls_ca, tls=address.tls)  # fmt: skip
         offered = offered_frames_per_s(resolved)
-        n_workers = auto_workers(offered, len(live.cameras)) if workers == "auto" else int(workers)
+        n_workers = auto_workers(offered, len(live.transports), len(live.cameras)) if workers == "auto" else int(workers)
         namespaces = {c: lab.namespace_of(node).namespace for c, node in live.node_of.items()} if lab else None
         shards = plan_shards(live, n_workers, namespaces)
         user, secret = (("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password))
@@ -191,6 +194,13 @@ def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
     if registry is not None and registry not in nodes:
         nodes.append(registry)
     return nodes
+
+
+def _largest_frame(scenario: Scenario, artefacts: Artefacts) -> int:
+    """The most bytes a frame takes on the wire (its PUBLISH with TCP/IP headers): sizes the kernel's queues."""
+    shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    payloads = [frame_payload_bytes(shape, camera_codec(g)) for g in scenario.nodes.cameras]  # type: ignore[arg-type]
+    return tcp_ip_size(publish_size("frames/" + "x" * 32, max(payloads, default=0), 2, scenario.broker.protocol))
 
 
 def _execute(live: LiveDeployment, shards: list[Shard], end: float, broker: MosquittoBroker | None,
@@ -248,8 +258,8 @@ def _run_here(live: LiveDeployment, broker: MosquittoBroker | None, end: float, 
     env.sync()  # wall-clock zero is now, after models and clients are ready
     try:
         with one_torch_thread():
-            for step in range(1, 101):
-                env.run(until=end * step / 100)
+            for until in progress_steps(end):
+                env.run(until=until)
                 advance(env.now, len(live.recorder.records))
     finally:
         live.close()

@@ -43,6 +43,7 @@ PROCESS_CAPACITY_FPS = 1500.0
 # 1023, and every client holds three (its socket and a socket pair to wake its loop).
 MAX_CLIENTS_PER_PROCESS = 250
 START_MARGIN_S = 0.3  # from "go" to simulated time 0: every worker has the start instant by then
+SILENT_S = 60.0  # a worker that reports nothing for this long has hung
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] |
         return [Shard(0, tuple(everyone), None, bool(edges))]
     camera_shards = max(1, workers - 1)
     _fits(math.ceil(len(cameras) / camera_shards), workers, len(cameras))
+    if len(servers) > MAX_CLIENTS_PER_PROCESS:
+        raise UsageError(f"{len(servers)} edge servers and the registry do not fit one process (at most "
+                         f"{MAX_CLIENTS_PER_PROCESS} clients); live runs take fewer edge servers")  # fmt: skip
     shards = [Shard(0, tuple(servers), None, True)] if servers else []
     for k in range(camera_shards):
         chosen = tuple(cameras[k::camera_shards])
@@ -93,11 +97,11 @@ def _fits(clients: int, workers: int, cameras: int) -> None:
                          f"descriptors): use --workers {needed} or --workers auto")  # fmt: skip
 
 
-def auto_workers(offered_fps: float, cameras: int = 0, cpus: int | None = None) -> int:
-    """One process up to `PROCESS_CAPACITY_FPS` and `MAX_CLIENTS_PER_PROCESS`; above either, the edge side
-    in one worker and enough camera workers for the load (at most one per CPU) and for the clients."""
+def auto_workers(offered_fps: float, clients: int, cameras: int, cpus: int | None = None) -> int:
+    """One process up to `PROCESS_CAPACITY_FPS` and `MAX_CLIENTS_PER_PROCESS` clients; above either, the edge
+    side in one worker and enough camera workers for the load (at most one per CPU) and for the clients."""
     cpus = cpus or os.cpu_count() or 1
-    by_clients = 1 if cameras + 2 <= MAX_CLIENTS_PER_PROCESS else 1 + math.ceil(cameras / MAX_CLIENTS_PER_PROCESS)
+    by_clients = 1 if clients <= MAX_CLIENTS_PER_PROCESS else 1 + math.ceil(cameras / MAX_CLIENTS_PER_PROCESS)
     by_load = 1
     if offered_fps > PROCESS_CAPACITY_FPS and cpus >= 2:
         by_load = int(min(cpus, 1 + math.ceil(offered_fps / PROCESS_CAPACITY_FPS)))
@@ -116,7 +120,6 @@ class ShardResult:
     frames_attacked: list[int]
     model_events: list[ModelEvent]
     lag: LagMeter
-    wall_s: float = 0.0
 
 
 @dataclass
@@ -150,10 +153,9 @@ def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn:
         _, start_at = conn.recv()
         env = live.env
         env.real_start = start_at  # simulated 0 is this monotonic instant in every worker
-        started = time.perf_counter()
         with one_torch_thread():
-            for step in range(1, 101):
-                env.run(until=end_s * step / 100)
+            for until in progress_steps(end_s):
+                env.run(until=until)
                 conn.send(("progress", shard.index, env.now, len(recorder.records)))
         live.close()
         mine = set(shard.clients)
@@ -163,13 +165,14 @@ def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn:
             {n: s.stats for n, s in live.shapers.items() if n in mine},
             {e.name: (e.batches, e.busy_s, e.classifier.version) for e in live.edges if e.name in mine},
             {c.name: c.frames_sent for c in live.cameras if c.name in mine},
-            [w.frames_attacked for w in live.windows], list(recorder.model_events), live.bridge.lag,
-            time.perf_counter() - started)))  # fmt: skip
+            [w.frames_attacked for w in live.windows], list(recorder.model_events), live.bridge.lag)))  # fmt: skip
     except KeyboardInterrupt:
         pass
-    except BaseException:
+    except BaseException as exc:
+        # A problem the user can act on travels as its message; anything else with its traceback.
+        text = str(exc) if isinstance(exc, IotbedError) else traceback.format_exc()
         try:
-            conn.send(("error", shard.index, traceback.format_exc()))
+            conn.send(("error", shard.index, text))
         except OSError:
             pass
     finally:
@@ -217,22 +220,34 @@ def run_sharded(live: LiveDeployment, shards: list[Shard], end_s: float, *,
     return [run.result for run in runs if run.result is not None]
 
 
+def progress_steps(end_s: float, most_s: float = 1.0) -> list[float]:
+    """Where a run pauses to report progress: every 1% of it, and at least once a second."""
+    n = max(100, math.ceil(end_s / most_s))
+    return [end_s * k / n for k in range(1, n + 1)]
+
+
 def _expect(run: ShardRun, kind: str, timeout_s: float) -> Any:
-    if not run.conn.poll(timeout_s):
-        raise IotbedError(f"worker {run.shard.index} did not report `{kind}` within {timeout_s:.0f} s")
-    message = run.conn.recv()
+    try:
+        if not run.conn.poll(timeout_s):
+            raise IotbedError(f"worker {run.shard.index} did not report `{kind}` within {timeout_s:.0f} s")
+        message = run.conn.recv()
+    except (EOFError, OSError):
+        run.process.join(timeout=5)
+        raise IotbedError(f"worker {run.shard.index} ended before it was {kind} (exit code "
+                          f"{run.process.exitcode})") from None  # fmt: skip
     if message[0] == "error":
-        raise IotbedError(f"worker {run.shard.index} failed:\n{message[2]}")
+        raise IotbedError(f"worker {run.shard.index}: {message[2]}")
     return message
 
 
 def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[[float, int], None] | None) -> None:
     """Run the parent's environment (broker faults) in step with the workers and collect what they send."""
     pending = {run.conn: run for run in runs}
-    grace = end_s + 60.0  # simulated seconds past the end before a silent worker counts as hung
+    heard = [time.monotonic()]  # when a worker last said anything: one silent for a minute has hung
 
     def drain(timeout: float) -> None:
         for conn in wait(list(pending), timeout=timeout):
+            heard[0] = time.monotonic()
             run = pending[conn]
             try:
                 message = conn.recv()
@@ -247,7 +262,7 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
                 run.result = message[1]
                 del pending[conn]
             elif message[0] == "error":
-                raise IotbedError(f"worker {run.shard.index} failed:\n{message[2]}")
+                raise IotbedError(f"worker {run.shard.index}: {message[2]}")
         if on_progress is not None:
             on_progress(min(r.sim_now for r in runs), sum(r.frames for r in runs if not r.shard.edges))
 
@@ -255,10 +270,10 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
     while env.now < end_s:
         env.run(until=min(end_s, env.now + step))
         drain(0)
-    deadline = time.monotonic() + grace
-    while pending:
-        if time.monotonic() > deadline:
-            raise IotbedError("workers did not finish within a minute of the run's end")
+    while pending:  # workers that fell behind the wall clock finish later than the parent
+        if time.monotonic() - heard[0] > SILENT_S:
+            raise IotbedError(f"worker(s) {sorted(r.shard.index for r in pending.values())} sent nothing for "
+                              f"{SILENT_S:.0f} s after the run's end; they were stopped")  # fmt: skip
         drain(0.2)
 
 
@@ -275,9 +290,9 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
                 fid = cols["frame_id"][k]
                 side = {name: cols[name][k] for name in EDGE_FIELDS}
                 seen = arrivals.get(fid)
-                if seen is not None:  # several edge servers got it (no shared subscription): the first counts
-                    duplicates = seen["duplicates"] + side["duplicates"]
-                    if not 0 <= side["t_edge"] < seen["t_edge"]:
+                if seen is not None:  # several edge servers got it (no shared subscription): as within one
+                    duplicates = seen["duplicates"] + side["duplicates"]  # process, the later one's verdict stands
+                    if side["t_edge"] < seen["t_edge"]:
                         side = seen
                     side["duplicates"] = duplicates
                 arrivals[fid] = side

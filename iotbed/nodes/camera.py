@@ -35,6 +35,11 @@ class CameraConfig:
     drop: PixelDropCodec | None = None  # None: raw frames
 
 
+def frame_payload_bytes(image_shape: tuple[int, int, int], drop: PixelDropCodec | None) -> int:
+    """The bytes of one frame's payload: raw, or the pixels a pixel-drop codec keeps plus its mask."""
+    return raw_frame_bytes(image_shape) if drop is None else FRAME_HEADER.size + drop.encoded_size(image_shape)
+
+
 class Camera:
     def __init__(self, env: simpy.Environment, name: str, index: int, transport: Transport, config: CameraConfig,
                  labels: np.ndarray, image_shape: tuple[int, int, int], rng: np.random.Generator,
@@ -51,13 +56,9 @@ class Camera:
         self.recorder = recorder
         self.codec_rng = codec_rng
         self.attacks = attacks or []
-        drop = config.drop
-        if drop is None:
-            self.payload_bytes = raw_frame_bytes(image_shape)
-        else:
-            if codec_rng is None:
-                raise ValueError("a pixel-drop camera needs a codec random stream for its mask seeds")
-            self.payload_bytes = FRAME_HEADER.size + drop.encoded_size(image_shape)
+        if config.drop is not None and codec_rng is None:
+            raise ValueError("a pixel-drop camera needs a codec random stream for its mask seeds")
+        self.payload_bytes = frame_payload_bytes(image_shape, config.drop)
         self._wall = wall_clock(env)  # live runs record wall-clock times
         mqtt = publish_size(config.topic, self.payload_bytes, config.qos, config.protocol)
         self.publish_bytes = tcp_ip_size(mqtt) if config.tcp_ip_overhead else mqtt

@@ -21,7 +21,7 @@ from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.payloads import Frame, ModelUpdate
-from iotbed.sim.clock import recording_clock, wall_clock
+from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
 
@@ -52,8 +52,7 @@ class EdgeServer:
         self.recorder = recorder
         self._load_model = load_model
         self._pending: deque[tuple[Frame, float]] = deque()  # with the (simulated) time each arrived
-        self.clock = recording_clock(env)
-        self._wall = wall_clock(env)
+        self._wall = wall_clock(env)  # live runs record wall-clock times
         self._seen: set[int] = set()
         self._wake: simpy.Event = env.event()
         self.batches = 0
@@ -71,6 +70,9 @@ class EdgeServer:
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
         yield from self._serve()
 
+    def _stamp(self) -> float:
+        return self.env.now if self._wall is None else self._wall()
+
     def _record(self, frame: Frame) -> FrameRecord:
         return self.recorder.records[frame.frame_id]
 
@@ -83,7 +85,7 @@ class EdgeServer:
             return
         self._seen.add(frame.frame_id)
         record = self._record(frame)
-        record.t_edge = self.env.now if self._wall is None else self._wall()
+        record.t_edge = self._stamp()
         record.edge = self.name
         self._pending.append((frame, self.env.now))
         # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
@@ -98,7 +100,7 @@ class EdgeServer:
         model = self._load_model(update.blob)
         self.held[update.version] = model
         self.classifier.swap(model, update.version)
-        self.recorder.model_events.append(ModelEvent(self.clock(), self.name, "adopted", update.version, update.nbytes))
+        self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "adopted", update.version, update.nbytes))
 
     def _on_quarantine(self, message: Publish) -> None:
         notice = message.payload
@@ -109,7 +111,7 @@ class EdgeServer:
             previous = max((v for v in self.held if v < notice.version and v not in self.quarantined), default=None)
             if previous is not None:
                 self.classifier.swap(self.held[previous], previous)
-                self.recorder.model_events.append(ModelEvent(self.clock(), self.name, "rolled_back", previous, 0))
+                self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "rolled_back", previous, 0))
         if self.repairer is not None and notice.version in self.held:
             self.env.process(self._repair(notice))
 

@@ -9,7 +9,7 @@ import simpy
 
 from iotbed.broker.transport import Transport
 from iotbed.nodes.payloads import ModelUpdate
-from iotbed.sim.clock import recording_clock
+from iotbed.sim.clock import wall_clock
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 
 
@@ -33,11 +33,12 @@ class ModelRegistry:
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
+        wall = wall_clock(self.env)  # live runs record wall-clock times
         for scheduled in self.updates:
             if scheduled.at_s > self.env.now:
                 yield self.env.timeout(scheduled.at_s - self.env.now)
             update = scheduled.update
             self.recorder.model_events.append(
-                ModelEvent(recording_clock(self.env)(), self.name, "published", update.version, update.nbytes)
+                ModelEvent(self.env.now if wall is None else wall(), self.name, "published", update.version, update.nbytes)
             )
             self.transport.publish(self.topic, update, self.qos, retain=True)

@@ -1,7 +1,7 @@
 """Which clock a node's timestamps come from.
 
 Nodes schedule with `env.now`. What they record in the trace (capture, arrival, inference start and end,
-model events) comes from `recording_clock(env)` (or `wall_clock(env)` on hot paths): simulated time in a simulation, and the wall clock in a
+model events) comes from `wall_clock(env)`: simulated time in a simulation, and the wall clock in a
 live run (`WallClockEnvironment`), so that a process running behind the wall clock does not pass late
 events off as on-time ones, and timestamps taken in different worker processes subtract.
 """
@@ -22,12 +22,7 @@ class WallClockEnvironment(simpy.rt.RealtimeEnvironment):
         return self.env_start + (monotonic() - self.real_start) / self.factor
 
 
-def recording_clock(env: simpy.Environment) -> Callable[[], float]:
-    wall = getattr(env, "wall_now", None)
-    return wall if wall is not None else (lambda: env.now)
-
-
 def wall_clock(env: simpy.Environment) -> Callable[[], float] | None:
-    """The wall clock of a live run's environment, or None in a simulation: hot paths read `env.now` then,
-    without a call in between (`t = env.now if wall is None else wall()`)."""
+    """The wall clock of a live run's environment, or None in a simulation; nodes record
+    `env.now if wall is None else wall()`, which costs a simulation no call."""
     return getattr(env, "wall_now", None)
