@@ -156,6 +156,12 @@ def _pairs(spec: LinkSpec, counts: dict[str, int]) -> list[tuple[str, str]]:
     return [(f"{a}-{j % na}", f"{b}-{j}") for j in range(nb)]
 
 
+def add_nodes(network: Network, scenario: Scenario) -> None:
+    for group, count in scenario.group_counts().items():
+        for i in range(count):
+            network.add_node(f"{group}-{i}")
+
+
 def add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> list[LinkGroup]:
     counts = scenario.group_counts()
     groups = []
@@ -306,9 +312,7 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     network = Network(env)
     recorder = TraceRecorder()
     network.drop_listeners.append(recorder.on_packet_dropped)
-    for group, count in scenario.group_counts().items():
-        for i in range(count):
-            network.add_node(f"{group}-{i}")
+    add_nodes(network, scenario)
     link_groups = add_links(network, scenario, streams)
 
     b = scenario.broker
@@ -358,8 +362,7 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     registry = None
     publishers: list[ModelRegistry] = []
     if artefacts.updates:
-        node = scenario.resolve_node(scenario.registry.node or b.node)
-        assert node is not None
+        node = scenario.registry_node()
         own = [u for u in artefacts.updates if u.publisher is None]
         registry = ModelRegistry(env, "registry", client(node, "registry"), models_topic,
                                  scenario.qos_for(models_topic), own, recorder)  # fmt: skip

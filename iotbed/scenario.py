@@ -544,6 +544,12 @@ class Scenario(Strict):
             return name
         return None
 
+    def registry_node(self) -> str:
+        """The node the model registry publishes from: `registry.node`, else the broker's node."""
+        node = self.resolve_node(self.registry.node or self.broker.node)
+        assert node is not None  # checked by the validator
+        return node
+
     def qos_for(self, topic: str) -> int:
         from iotbed.broker.topics import matches
 

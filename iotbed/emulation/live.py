@@ -132,10 +132,9 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
             live.edges.append(edge)
             live._runs[name] = edge.run
     if artefacts.updates:
-        node = scenario.resolve_node(scenario.registry.node or b.node)
-        assert node is not None
         topic = scenario.registry.topic
-        live.registry = ModelRegistry(env, "registry", transport("registry", node), topic, scenario.qos_for(topic),
+        live.registry = ModelRegistry(env, "registry", transport("registry", scenario.registry_node()), topic,
+                                      scenario.qos_for(topic),
                                       list(artefacts.updates), recorder)  # fmt: skip
         live._runs["registry"] = live.registry.run
     return live

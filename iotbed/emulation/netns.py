@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,12 +278,7 @@ class NetnsLab:
         self.broker_address = broker
 
     def _tc(self, namespace: str, lines: list[str], group: str) -> None:
-        with tempfile.NamedTemporaryFile("w", suffix=".tc", delete=False) as f:
-            f.write("\n".join(lines) + "\n")
-        try:
-            _run(["tc", "-n", namespace, "-batch", f.name], f"shaping the links of group {group}")
-        finally:
-            os.unlink(f.name)
+        _run(["tc", "-n", namespace, "-batch", "-"], f"shaping the links of group {group}", "\n".join(lines) + "\n")
 
     # --- using it ----------------------------------------------------------------------------------------
     def namespace_of(self, node: str) -> GroupNet:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from iotbed.deployment import add_links
+from iotbed.deployment import add_links, add_nodes
 from iotbed.scenario import Scenario
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss
 from iotbed.sim.network import Network
@@ -69,9 +69,7 @@ class NodePaths:
 def node_paths(scenario: Scenario, nodes: list[str]) -> dict[str, NodePaths]:
     """Each of `nodes`' paths to and from the broker's node in the scenario's topology."""
     topology = Network(simpy.Environment())
-    for group, count in scenario.group_counts().items():
-        for i in range(count):
-            topology.add_node(f"{group}-{i}")
+    add_nodes(topology, scenario)
     add_links(topology, scenario, RandomStreams(scenario.seed))
     broker = scenario.resolve_node(scenario.broker.node)
     assert broker is not None

@@ -190,17 +190,20 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
 def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
     """The nodes that run MQTT clients: cameras, edge servers, and the registry's node."""
     nodes = [f"{g.name}-{i}" for g in [*scenario.nodes.cameras, *scenario.nodes.edge_servers] for i in range(g.count)]
-    registry = scenario.resolve_node(scenario.registry.node or scenario.broker.node) if with_registry else None
-    if registry is not None and registry not in nodes:
-        nodes.append(registry)
+    if with_registry and scenario.registry_node() not in nodes:
+        nodes.append(scenario.registry_node())
     return nodes
 
 
 def _largest_frame(scenario: Scenario, artefacts: Artefacts) -> int:
     """The most bytes a frame takes on the wire (its PUBLISH with TCP/IP headers): sizes the kernel's queues."""
     shape = tuple(int(x) for x in artefacts.images.shape[1:])
-    payloads = [frame_payload_bytes(shape, camera_codec(g)) for g in scenario.nodes.cameras]  # type: ignore[arg-type]
-    return tcp_ip_size(publish_size("frames/" + "x" * 32, max(payloads, default=0), 2, scenario.broker.protocol))
+    sizes = [0]
+    for group in scenario.nodes.cameras:
+        topic = group.topic.replace("{name}", f"{group.name}-{group.count - 1}")  # the longest of the group's
+        payload = frame_payload_bytes(shape, camera_codec(group))  # type: ignore[arg-type]
+        sizes.append(tcp_ip_size(publish_size(topic, payload, scenario.qos_for(topic), scenario.broker.protocol)))
+    return max(sizes)
 
 
 def _execute(live: LiveDeployment, shards: list[Shard], end: float, broker: MosquittoBroker | None,
@@ -265,7 +268,7 @@ def _run_here(live: LiveDeployment, broker: MosquittoBroker | None, end: float, 
         live.close()
 
 
-def realtime_report(lags: dict[int, LagMeter], offered_fps: float, shards: list[Any]) -> dict[str, Any]:
+def realtime_report(lags: dict[int, LagMeter], offered_fps: float, shards: list[Shard]) -> dict[str, Any]:
     total = LagMeter()
     for meter in lags.values():
         total.merge(meter)
@@ -275,8 +278,7 @@ def realtime_report(lags: dict[int, LagMeter], offered_fps: float, shards: list[
         "workers": len(shards),
         "offered_frames_per_s": offered_fps,
         "lag_ms": overall,
-        "by_worker": {str(i): {"clients": len(shards[i].clients) if i < len(shards) else None, **m.report()}
-                      for i, m in sorted(lags.items())},  # fmt: skip
+        "by_worker": {str(i): {"clients": len(shards[i].clients), **m.report()} for i, m in sorted(lags.items())},
         "kept_up": p99 is not None and p99 <= KEPT_UP_P99_MS,
         "kept_up_p99_ms": KEPT_UP_P99_MS,
     }

@@ -143,7 +143,7 @@ class EdgeServer:
                 yield self._wake | env.timeout(deadline - env.now)
             n = min(len(self._pending), config.max_batch)
             batch = [self._pending.popleft()[0] for _ in range(n)]
-            start = env.now if self._wall is None else self._wall()
+            start = self._stamp()
             predictions = self.classifier.predict(batch)
             version = self.classifier.version
             compute = self.device.seconds_for(n, self.classifier.flops_per_image, config.cores)
