@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test bench bench-ml reproduce-backdoor superiot-table clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table clean
 
 setup: $(STAMP)
 
@@ -32,8 +32,17 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
+# The formatter and linter keep the style (settings in pyproject.toml); `make format` applies them.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
 # IOTBED_REQUIRE_MOSQUITTO turns the broker tests' skip (no mosquitto) into a failure.
-test: setup system-deps
+test: setup system-deps lint
 	IOTBED_REQUIRE_MOSQUITTO=1 $(VENV)/bin/pytest -q
 
 bench: setup system-deps

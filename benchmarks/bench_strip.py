@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     c, h, _ = x.shape[1:]
     model = build_model("lenet5", in_channels=c, num_classes=10, image_size=h, mean=(0.13,) * c, std=(0.31,) * c).eval()
     det = StripDetector(
-        model, pool, n_blends=args.blends, max_batch=args.max_batch, channels_last=not args.nchw,
+        model,
+        pool,
+        n_blends=args.blends,
+        max_batch=args.max_batch,
+        channels_last=not args.nchw,
         generator=torch.Generator().manual_seed(0),
     )
     # The baseline gets the same advantages as STRIP: the same layout, chunk size, and images

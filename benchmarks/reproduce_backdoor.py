@@ -80,12 +80,22 @@ def setups() -> dict[str, Setup]:
     return {
         # STRIP's MNIST "square" trigger / CoDefend's trigger A: a white square in the bottom-right.
         "mnist": Setup(
-            "mnist", "lenet5", Trigger.patch((1, 28, 28), size=4, style="white"), 7, 0.1, 500,
+            "mnist",
+            "lenet5",
+            Trigger.patch((1, 28, 28), size=4, style="white"),
+            7,
+            0.1,
+            500,
             neural_cleanse.NeuralCleanseConfig(epochs=20, batch_size=64),
         ),
         # A BadNets checkerboard in the corner of the traffic sign; target class 1 (speed limit 30).
         "gtsrb": Setup(
-            "gtsrb", "gtsrb_cnn", Trigger.patch((3, 32, 32), size=4, style="checkerboard"), 1, 0.1, 224,
+            "gtsrb",
+            "gtsrb_cnn",
+            Trigger.patch((3, 32, 32), size=4, style="checkerboard"),
+            1,
+            0.1,
+            224,
             # 43 classes x 32 images per step; 10 epochs of batch 64 (40 steps) left every mask near 280 px
             # and flagged the wrong classes, 20 epochs of batch 32 (140 steps) flag the target (index 3.4).
             neural_cleanse.NeuralCleanseConfig(epochs=20, batch_size=32),
@@ -176,8 +186,10 @@ def run_codefend(
     flagged_idx = screen.flagged_idx[:500]
     d_poison = stream[flagged_idx]
     n_true = int((flagged_idx < n_trig).sum())
-    log(f"  device: {len(screen.flagged_idx)} of {len(stream)} frames flagged ({n_true} of them triggered) "
-        f"in {t1 - t0:.1f} s")
+    log(
+        f"  device: {len(screen.flagged_idx)} of {len(stream)} frames flagged ({n_true} of them triggered) "
+        f"in {t1 - t0:.1f} s"
+    )
 
     def progress(epoch: CycleGanEpoch, g: torch.nn.Module) -> None:
         # How well G stamps the trigger so far: the share of G(x) the BadNet sends to the target.
@@ -185,9 +197,11 @@ def run_codefend(
             pred, _ = predict(scene.badnet.model, g(scene.valid.images[:200]).clamp(0, 1))
         nt = scene.valid.labels[:200] != s.target
         rate = float((pred[nt] == s.target).float().mean())
-        log(f"  cyclegan epoch {epoch.epoch}: lr {epoch.lr:.2e} G_gan {epoch.loss_g_gan:.3f} "
+        log(
+            f"  cyclegan epoch {epoch.epoch}: lr {epoch.lr:.2e} G_gan {epoch.loss_g_gan:.3f} "
             f"cyc {epoch.loss_cycle:.3f} idt {epoch.loss_identity:.3f} D {epoch.loss_d:.3f}; "
-            f"BadNet sends {rate:.0%} of G(x) to the target; {epoch.wall_time_s:.1f} s")
+            f"BadNet sends {rate:.0%} of G(x) to the target; {epoch.wall_time_s:.1f} s"
+        )
 
     cfg = cyclegan or s.cyclegan
     result = edge_repair(scene.badnet.model, scene.valid, d_poison, cyclegan=cfg, progress=progress)
@@ -240,8 +254,9 @@ def run_baselines(scene: Scene, log: Callable[[str], None] = print) -> dict[str,
     nc = neural_cleanse.reverse_engineer(scene.badnet.model, nc_images, scene.valid.num_classes, s.nc)
     repaired = neural_cleanse.unlearn(scene.badnet.model, scene.valid, nc)
     t1 = time.perf_counter()
-    log(f"  neural cleanse: flagged {nc.flagged}, target index {float(nc.anomaly_index[s.target]):.2f}, "
-        f"{t1 - t0:.0f} s")
+    log(
+        f"  neural cleanse: flagged {nc.flagged}, target index {float(nc.anomaly_index[s.target]):.2f}, {t1 - t0:.0f} s"
+    )
     out["neural_cleanse"] = {
         "flagged": list(nc.flagged),
         "target_anomaly_index": float(nc.anomaly_index[s.target]),
@@ -257,9 +272,7 @@ def run_baselines(scene: Scene, log: Callable[[str], None] = print) -> dict[str,
         "pruned": len(fp.pruned_channels),
         "channels": fp.n_channels,
         "seconds": t2 - t1,
-        "after_pruning_only": backdoor_metrics(
-            fp.pruned_model, scene.evaluation, s.trigger, s.target
-        ).as_dict(),
+        "after_pruning_only": backdoor_metrics(fp.pruned_model, scene.evaluation, s.trigger, s.target).as_dict(),
         "after": backdoor_metrics(fp.model, scene.evaluation, s.trigger, s.target).as_dict(),
     }
     return out
@@ -270,7 +283,10 @@ PUBLISHED = {
     "mnist": {
         "strip_table2": {"ca_trojan": 98.86, "asr": 99.86, "ca_clean": 98.62, "label": "STRIP Table 2, MNIST square"},
         "strip_table3": {
-            "mean": 0.196, "std": 0.074, "far": {0.02: 1.1, 0.01: 1.85}, "label": "STRIP T3, MNIST square"
+            "mean": 0.196,
+            "std": 0.074,
+            "far": {0.02: 1.1, 0.01: 1.85},
+            "label": "STRIP T3, MNIST square",
         },
         "codefend_table3": {"fnr": 0.1, "fpr": 0.0, "label": "CoDefend Table 3, MNIST trigger A"},
         "codefend_table4": {"ca_before": 98.70, "asr_before": 100.0, "ca_after": 98.62, "asr_after": 1.97},
@@ -278,7 +294,9 @@ PUBLISHED = {
     "gtsrb": {
         "strip_table2": {"ca_trojan": 96.22, "asr": 100.0, "ca_clean": 96.38, "label": "STRIP Table 2, GTSRB b"},
         "strip_table3": {
-            "mean": 0.53, "std": 0.19, "far": {0.02: 0.0, 0.01: 0.0, 0.005: 0.0},
+            "mean": 0.53,
+            "std": 0.19,
+            "far": {0.02: 0.0, 0.01: 0.0, 0.005: 0.0},
             "label": "STRIP T3, GTSRB b (ResNet-20)",
         },
         "codefend_table3": {"fnr": 0.6, "fpr": 0.0, "label": "CoDefend Table 3, GTSRB trigger B"},
@@ -312,12 +330,25 @@ def _badnet_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) ->
     pub = PUBLISHED[name]["strip_table2"]
     bd, cm = r["badnet"], r["clean"]
     rows.append(
-        {"dataset": name, "what": "badnet", "source": "ours", "ca": bd["clean_accuracy"],
-         "asr": bd["attack_success_rate"], "ra": bd["robust_accuracy"], "ca_clean_model": cm["clean_accuracy"]}
+        {
+            "dataset": name,
+            "what": "badnet",
+            "source": "ours",
+            "ca": bd["clean_accuracy"],
+            "asr": bd["attack_success_rate"],
+            "ra": bd["robust_accuracy"],
+            "ca_clean_model": cm["clean_accuracy"],
+        }
     )
     rows.append(
-        {"dataset": name, "what": "badnet", "source": f"published {pub['label']}", "ca": pub["ca_trojan"] / 100,
-         "asr": pub["asr"] / 100, "ca_clean_model": pub["ca_clean"] / 100}
+        {
+            "dataset": name,
+            "what": "badnet",
+            "source": f"published {pub['label']}",
+            "ca": pub["ca_trojan"] / 100,
+            "asr": pub["asr"] / 100,
+            "ca_clean_model": pub["ca_clean"] / 100,
+        }
     )
     gap = cm["clean_accuracy"] - bd["clean_accuracy"]
     return [
@@ -325,8 +356,13 @@ def _badnet_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) ->
         "",
         _row("", "CA trojaned model", "ASR", "RA", "CA clean model"),
         _row("---", "---", "---", "---", "---"),
-        _row("ours", pct(bd["clean_accuracy"]), pct(bd["attack_success_rate"]), pct(bd["robust_accuracy"]),
-             pct(cm["clean_accuracy"])),
+        _row(
+            "ours",
+            pct(bd["clean_accuracy"]),
+            pct(bd["attack_success_rate"]),
+            pct(bd["robust_accuracy"]),
+            pct(cm["clean_accuracy"]),
+        ),
         _row(f"published ({pub['label']})", pub["ca_trojan"], pub["asr"], "-", pub["ca_clean"]),
         "",
         f"Targets: ASR >= 98% ({_met(bd['attack_success_rate'] >= 0.98)}); CA within 1.5 points of the clean model "
@@ -348,25 +384,49 @@ def _strip_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"trojaned; AUROC {nrm['auroc']:.4f}. Min benign entropy {st['min_benign_entropy']:.4f}, max trojaned "
         f"{st['max_trojan_entropy']:.4f}. Scoring took {st['score_s']:.1f} s.",
         "",
-        _row("preset FRR", "boundary (normal fit)", "FRR measured", "FAR (normal fit)", "FAR (empirical quantile)",
-             "FAR published (STRIP T3)"),
+        _row(
+            "preset FRR",
+            "boundary (normal fit)",
+            "FRR measured",
+            "FAR (normal fit)",
+            "FAR (empirical quantile)",
+            "FAR published (STRIP T3)",
+        ),
         _row(*["---"] * 6),
     ]
     published_far = {float(k): v for k, v in pub["strip_table3"]["far"].items()}
     for pn, pq in zip(nrm["points"], qnt["points"], strict=True):
         published = published_far.get(pn["frr_preset"])
         lines.append(
-            _row(f"{pct(pn['frr_preset'])}%", f"{pn['threshold']:.4f}", f"{pct(pn['frr'])}%", f"{pct(pn['far'])}%",
-                 f"{pct(pq['far'])}%", "-" if published is None else f"{published}%")
+            _row(
+                f"{pct(pn['frr_preset'])}%",
+                f"{pn['threshold']:.4f}",
+                f"{pct(pn['frr'])}%",
+                f"{pct(pn['far'])}%",
+                f"{pct(pq['far'])}%",
+                "-" if published is None else f"{published}%",
+            )
         )
         rows.append(
-            {"dataset": name, "what": f"strip_frr_{pn['frr_preset']}", "source": "ours", "frr": pn["frr"],
-             "far": pn["far"], "far_quantile": pq["far"], "auroc": nrm["auroc"], "boundary": pn["threshold"]}
+            {
+                "dataset": name,
+                "what": f"strip_frr_{pn['frr_preset']}",
+                "source": "ours",
+                "frr": pn["frr"],
+                "far": pn["far"],
+                "far_quantile": pq["far"],
+                "auroc": nrm["auroc"],
+                "boundary": pn["threshold"],
+            }
         )
         if published is not None:
             rows.append(
-                {"dataset": name, "what": f"strip_frr_{pn['frr_preset']}",
-                 "source": f"published {pub['strip_table3']['label']}", "far": published / 100}
+                {
+                    "dataset": name,
+                    "what": f"strip_frr_{pn['frr_preset']}",
+                    "source": f"published {pub['strip_table3']['label']}",
+                    "far": published / 100,
+                }
             )
     at1 = next(p for p in nrm["points"] if p["frr_preset"] == 0.01)
     q1 = next(p for p in qnt["points"] if p["frr_preset"] == 0.01)
@@ -394,14 +454,28 @@ def _codefend_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) 
     cg = cd["cyclegan"]
     drop = b["clean_accuracy"] - a["clean_accuracy"]
     rows.append(
-        {"dataset": name, "what": "codefend", "source": "ours", "ca_before": b["clean_accuracy"],
-         "asr_before": b["attack_success_rate"], "ca": a["clean_accuracy"], "asr": a["attack_success_rate"],
-         "ra": a["robust_accuracy"], "seconds": cd["edge_repair_s"]}
+        {
+            "dataset": name,
+            "what": "codefend",
+            "source": "ours",
+            "ca_before": b["clean_accuracy"],
+            "asr_before": b["attack_success_rate"],
+            "ca": a["clean_accuracy"],
+            "asr": a["attack_success_rate"],
+            "ra": a["robust_accuracy"],
+            "seconds": cd["edge_repair_s"],
+        }
     )
     rows.append(
-        {"dataset": name, "what": "codefend", "source": "published CoDefend Table 4",
-         "ca_before": p4["ca_before"] / 100, "asr_before": p4["asr_before"] / 100, "ca": p4["ca_after"] / 100,
-         "asr": p4["asr_after"] / 100}
+        {
+            "dataset": name,
+            "what": "codefend",
+            "source": "published CoDefend Table 4",
+            "ca_before": p4["ca_before"] / 100,
+            "asr_before": p4["asr_before"] / 100,
+            "ca": p4["ca_after"] / 100,
+            "asr": p4["asr_after"] / 100,
+        }
     )
     return [
         "### CoDefend repair (CoDefend Table 4)",
@@ -414,8 +488,14 @@ def _codefend_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) 
         "",
         _row("", "CA before", "ASR before", "CA after", "ASR after", "RA after"),
         _row(*["---"] * 6),
-        _row("ours", pct(b["clean_accuracy"]), pct(b["attack_success_rate"]), pct(a["clean_accuracy"]),
-             pct(a["attack_success_rate"]), pct(a["robust_accuracy"])),
+        _row(
+            "ours",
+            pct(b["clean_accuracy"]),
+            pct(b["attack_success_rate"]),
+            pct(a["clean_accuracy"]),
+            pct(a["attack_success_rate"]),
+            pct(a["robust_accuracy"]),
+        ),
         _row("published (CoDefend Table 4)", p4["ca_before"], p4["asr_before"], p4["ca_after"], p4["asr_after"], "-"),
         "",
         f"Targets: ASR after <= 5% ({_met(a['attack_success_rate'] <= 0.05)}); CA drop <= 1.5 points "
@@ -430,20 +510,39 @@ def _baselines_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]])
     for key in ("neural_cleanse", "fine_pruning"):
         a = r["baselines"][key]["after"]
         rows.append(
-            {"dataset": name, "what": key, "source": "ours", "ca": a["clean_accuracy"], "asr": a["attack_success_rate"],
-             "ra": a["robust_accuracy"], "seconds": r["baselines"][key]["seconds"]}
+            {
+                "dataset": name,
+                "what": key,
+                "source": "ours",
+                "ca": a["clean_accuracy"],
+                "asr": a["attack_success_rate"],
+                "ra": a["robust_accuracy"],
+                "seconds": r["baselines"][key]["seconds"],
+            }
         )
 
     def line(label: str, after: dict[str, Any], published: tuple[float, float]) -> str:
-        return _row(label, pct(after["clean_accuracy"]), pct(after["attack_success_rate"]),
-                    pct(after["robust_accuracy"]), published[0], published[1])
+        return _row(
+            label,
+            pct(after["clean_accuracy"]),
+            pct(after["attack_success_rate"]),
+            pct(after["robust_accuracy"]),
+            published[0],
+            published[1],
+        )
 
     only = fp["after_pruning_only"]
     return [
         "### Baselines on the same BadNet (next to CoDefend Table 5, which is CIFAR-10 trigger C)",
         "",
-        _row("defence", "ours CA after", "ours ASR after", "ours RA after", "published CA (T5, CIFAR-10)",
-             "published ASR (T5)"),
+        _row(
+            "defence",
+            "ours CA after",
+            "ours ASR after",
+            "ours RA after",
+            "published CA (T5, CIFAR-10)",
+            "published ASR (T5)",
+        ),
         _row(*["---"] * 6),
         line("CoDefend", cd, TABLE5["CoDefend"]),
         line("Neural Cleanse (unlearning)", nc["after"], TABLE5["Neural Cleanse"]),
@@ -463,7 +562,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, An
     lines = [
         "# Backdoor reproduction: BadNets, STRIP, CoDefend, Neural Cleanse, fine-pruning",
         "",
-        "Produced by benchmarks/reproduce_backdoor.py. \"published\" rows are copied from the papers (STRIP, ACSAC "
+        'Produced by benchmarks/reproduce_backdoor.py. "published" rows are copied from the papers (STRIP, ACSAC '
         "2019; CoDefend, Ad Hoc Networks 2021); they used other models, "
         "data sizes and (for Table 5) another dataset. CA/ASR/RA are measured on the test images outside D_valid.",
         "",
@@ -483,8 +582,13 @@ def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, An
             lines += _baselines_section(name, r, rows)
     for defence, (ca, asr) in TABLE5.items():
         rows.append(
-            {"dataset": "cifar10", "what": defence, "source": "published CoDefend Table 5", "ca": ca / 100,
-             "asr": asr / 100}
+            {
+                "dataset": "cifar10",
+                "what": defence,
+                "source": "published CoDefend Table 5",
+                "ca": ca / 100,
+                "asr": asr / 100,
+            }
         )
     return "\n".join(lines), rows
 
@@ -519,8 +623,10 @@ def run_dataset(name: str, *, baselines: bool = True) -> dict[str, Any]:
         "clean": backdoor_metrics(scene.clean_model, scene.evaluation, s.trigger, s.target).as_dict(),
         "badnet": backdoor_metrics(scene.badnet.model, scene.evaluation, s.trigger, s.target).as_dict(),
     }
-    _log(f"  clean CA {r['clean']['clean_accuracy']:.4f}; BadNet CA {r['badnet']['clean_accuracy']:.4f} "
-         f"ASR {r['badnet']['attack_success_rate']:.4f}")
+    _log(
+        f"  clean CA {r['clean']['clean_accuracy']:.4f}; BadNet CA {r['badnet']['clean_accuracy']:.4f} "
+        f"ASR {r['badnet']['attack_success_rate']:.4f}"
+    )
     r["strip"] = run_strip(scene)
     _log(f"  STRIP AUROC {r['strip']['normal']['auroc']:.4f}, FAR@FRR1% {r['strip']['normal']['points'][1]['far']:.4f}")
     r["codefend"] = run_codefend(scene, log=_log)

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
+import iotbed  # noqa: E402
 from iotbed.deployment import build_deployment  # noqa: E402
 from iotbed.runner import DRAIN_S, load_model_bytes, prepare, simulate  # noqa: E402
 from iotbed.scenario import load_scenario  # noqa: E402
-import iotbed  # noqa: E402
 
 
 def bare_simpy_seconds(n_events: int) -> float:
@@ -72,8 +72,9 @@ def bench_sim_throughput() -> dict[str, Any]:
     quick = ROOT / "scenarios" / "quickstart.yaml"
     runs = [
         simulated_frames(quick, ["nodes.cameras.0.count=100", "nodes.cameras.0.fps=10", "duration=60s"]),
-        simulated_frames(quick, ["nodes.cameras.0.count=100", "nodes.cameras.0.fps=10", "duration=60s",
-                                 "broker.qos={frames/#: 0}"]),  # fmt: skip
+        simulated_frames(
+            quick, ["nodes.cameras.0.count=100", "nodes.cameras.0.fps=10", "duration=60s", "broker.qos={frames/#: 0}"]
+        ),
     ]
     return {"target": "at least 10,000 simulated frames per second on one core", "runs": runs}
 
@@ -133,7 +134,7 @@ def bench_sweep_speedup() -> dict[str, Any]:
         sweep = Path(tmp) / "sweep.yaml"
         sweep.write_text(f"""
 name: speedup
-scenario: {ROOT / 'scenarios' / 'quickstart.yaml'}
+scenario: {ROOT / "scenarios" / "quickstart.yaml"}
 replications: 4
 grid:
   links.0.loss: [0.0, 0.01, 0.02, 0.05]
@@ -215,8 +216,12 @@ def bare_paho_pair(url: str, payload: int, rate: float, seconds: float, qos: int
     sub.disconnect()
     import numpy as np
 
-    return {"delivered": len(latencies), "offered": n, "delivered_per_s": len(latencies) / max(seconds, elapsed - 5 if len(latencies) < n else seconds),
-            "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan")}  # fmt: skip
+    return {
+        "delivered": len(latencies),
+        "offered": n,
+        "delivered_per_s": len(latencies) / max(seconds, elapsed - 5 if len(latencies) < n else seconds),
+        "latency_p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan"),
+    }
 
 
 def bench_emulate() -> dict[str, Any]:
@@ -240,28 +245,41 @@ def bench_emulate() -> dict[str, Any]:
         for rate in (100, 250, 500, 1000, 2000, 3000, 4000, 6000):
             bare = bare_paho_pair(broker.url, payload, rate, seconds, qos=0)
             cameras = 20
-            scenario = parse_scenario(LIVE_SCENARIO.format(duration=seconds, cameras=cameras, fps=rate / cameras, qos=0))
+            scenario = parse_scenario(
+                LIVE_SCENARIO.format(duration=seconds, cameras=cameras, fps=rate / cameras, qos=0)
+            )
             result = emulate(scenario, broker.url, write=False, progress=False)
             trace = result.trace
             arrived = trace[trace.t_edge >= 0]
             to_edge = (arrived.t_edge - arrived.t_capture).to_numpy() * 1e3
             realtime = result.summary["realtime"]
-            rows.append({
-                "offered_frames_per_s": rate,
-                "bare_delivered_per_s": bare["delivered_per_s"],
-                "bare_latency_p50_ms": bare["latency_p50_ms"],
-                "iotbed_workers": realtime["workers"],
-                "iotbed_delivered_per_s": len(arrived) / seconds,
-                "iotbed_latency_to_edge_p50_ms": float(np.percentile(to_edge, 50)) if len(to_edge) else None,
-                "iotbed_lag_p99_ms": realtime["lag_ms"]["p99_ms"],
-                "iotbed_kept_up": realtime["kept_up"],
-                "ratio_delivered": (len(arrived) / seconds) / bare["delivered_per_s"] if bare["delivered_per_s"] else None,
-                "latency_p50_overhead_ms": (float(np.percentile(to_edge, 50)) - bare["latency_p50_ms"]) if len(to_edge) else None,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "offered_frames_per_s": rate,
+                    "bare_delivered_per_s": bare["delivered_per_s"],
+                    "bare_latency_p50_ms": bare["latency_p50_ms"],
+                    "iotbed_workers": realtime["workers"],
+                    "iotbed_delivered_per_s": len(arrived) / seconds,
+                    "iotbed_latency_to_edge_p50_ms": float(np.percentile(to_edge, 50)) if len(to_edge) else None,
+                    "iotbed_lag_p99_ms": realtime["lag_ms"]["p99_ms"],
+                    "iotbed_kept_up": realtime["kept_up"],
+                    "ratio_delivered": (len(arrived) / seconds) / bare["delivered_per_s"]
+                    if bare["delivered_per_s"]
+                    else None,
+                    "latency_p50_overhead_ms": (float(np.percentile(to_edge, 50)) - bare["latency_p50_ms"])
+                    if len(to_edge)
+                    else None,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    saturated = [r["offered_frames_per_s"] for r in rows
-                 if r["iotbed_delivered_per_s"] < 0.95 * r["offered_frames_per_s"] or not r["iotbed_kept_up"]]  # fmt: skip
-    bare_saturated = [r["offered_frames_per_s"] for r in rows if r["bare_delivered_per_s"] < 0.95 * r["offered_frames_per_s"]]
+    saturated = [
+        r["offered_frames_per_s"]
+        for r in rows
+        if r["iotbed_delivered_per_s"] < 0.95 * r["offered_frames_per_s"] or not r["iotbed_kept_up"]
+    ]
+    bare_saturated = [
+        r["offered_frames_per_s"] for r in rows if r["bare_delivered_per_s"] < 0.95 * r["offered_frames_per_s"]
+    ]
     return {
         "target": "delivered frames/s at least 0.8x the bare paho pair; p50 latency overhead at most 1 ms",
         "payload_bytes": payload,
@@ -290,23 +308,31 @@ def bench_emulate_workers() -> dict[str, Any]:
         for rate in (500, 1000, 1500, 2000, 3000, 4000):
             for workers in (1, 2):
                 cameras = 20
-                scenario = parse_scenario(LIVE_SCENARIO.format(duration=seconds, cameras=cameras, fps=rate / cameras, qos=0))
+                scenario = parse_scenario(
+                    LIVE_SCENARIO.format(duration=seconds, cameras=cameras, fps=rate / cameras, qos=0)
+                )
                 result = emulate(scenario, broker.url, write=False, progress=False, workers=workers)
                 trace = result.trace
                 arrived = trace[trace.t_edge >= 0]
                 to_edge = (arrived.t_edge - arrived.t_capture).to_numpy() * 1e3
                 lag = result.summary["realtime"]["lag_ms"]
-                rows.append({
-                    "offered_frames_per_s": rate, "workers": workers,
-                    "delivered_per_s": len(arrived) / seconds,
-                    "latency_to_edge_p50_ms": float(np.percentile(to_edge, 50)) if len(to_edge) else None,
-                    "latency_to_edge_p99_ms": float(np.percentile(to_edge, 99)) if len(to_edge) else None,
-                    "lag_p99_ms": lag["p99_ms"], "lag_max_ms": lag["max_ms"],
-                    "kept_up": result.summary["realtime"]["kept_up"],
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "offered_frames_per_s": rate,
+                        "workers": workers,
+                        "delivered_per_s": len(arrived) / seconds,
+                        "latency_to_edge_p50_ms": float(np.percentile(to_edge, 50)) if len(to_edge) else None,
+                        "latency_to_edge_p99_ms": float(np.percentile(to_edge, 99)) if len(to_edge) else None,
+                        "lag_p99_ms": lag["p99_ms"],
+                        "lag_max_ms": lag["max_ms"],
+                        "kept_up": result.summary["realtime"]["kept_up"],
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
-    first_miss = {w: next((r["offered_frames_per_s"] for r in rows if r["workers"] == w and not r["kept_up"]), None)
-                  for w in (1, 2)}  # fmt: skip
+    first_miss = {
+        w: next((r["offered_frames_per_s"] for r in rows if r["workers"] == w and not r["kept_up"]), None)
+        for w in (1, 2)
+    }
     return {
         "target": "worker processes keep a live run on the wall clock at loads one process cannot carry",
         "payload": "raw 32x32 frames, QoS 0, 20 cameras, one edge server",
@@ -326,7 +352,9 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)"
+    )
     names = parser.parse_args().names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

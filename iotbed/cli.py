@@ -56,28 +56,46 @@ def _load(scenario: str, seed: int | None, overrides: tuple[str, ...]):  # type:
 
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="results folder [default: runs/<name>-<timestamp>/]")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="results folder [default: runs/<name>-<timestamp>/]"
+)
 @click.option("--seed", type=int, help="override the scenario's seed")
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override one value, e.g. --set duration=30s")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override one value, e.g. --set duration=30s"
+)
 @click.option("--force", is_flag=True, help="replace results already in --out")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON instead of a table")
 @_user_errors
-def run(scenario: str, out_dir: str | None, seed: int | None, overrides: tuple[str, ...], force: bool, quiet: bool,
-        as_json: bool) -> None:  # fmt: skip
+def run(
+    scenario: str,
+    out_dir: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Run SCENARIO in simulation; write the trace, the summary and the resolved scenario."""
     from iotbed.runner import run as run_scenario
 
     loaded = _load(scenario, seed, overrides)
-    result = run_scenario(loaded, out_dir, progress=not quiet, force=force,
-                          on_status=None if quiet else lambda m: err.print(m, highlight=False))  # fmt: skip
+    result = run_scenario(
+        loaded,
+        out_dir,
+        progress=not quiet,
+        force=force,
+        on_status=None if quiet else lambda m: err.print(m, highlight=False),
+    )
     if as_json:
         click.echo(json.dumps(result.summary, indent=2))
     else:
         print_summary(result.summary)
     if result.out_dir is not None:
-        err.print(f"results: {result.out_dir}/ (summary.json, trace.parquet, scenario.resolved.yaml, links.csv)",
-                  highlight=False)  # fmt: skip
+        err.print(
+            f"results: {result.out_dir}/ (summary.json, trace.parquet, scenario.resolved.yaml, links.csv)",
+            highlight=False,
+        )
 
 
 def _fmt(value: Any, spec: str = ".4g") -> str:
@@ -86,8 +104,11 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
 
 def print_summary(summary: dict[str, Any]) -> None:
     frames, latency, accuracy = summary["frames"], summary["latency_ms"], summary["accuracy"]
-    table = Table(title=f"{summary['scenario']} (seed {summary['seed']}, {summary['sim_time_s']:g} s simulated, "
-                        f"{summary['wall_time_s']:.1f} s wall)", show_header=True)  # fmt: skip
+    table = Table(
+        title=f"{summary['scenario']} (seed {summary['seed']}, {summary['sim_time_s']:g} s simulated, "
+        f"{summary['wall_time_s']:.1f} s wall)",
+        show_header=True,
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     dropped = ", ".join(f"{k} {v}" for k, v in frames["dropped"].items()) or "none"
@@ -108,22 +129,35 @@ def print_summary(summary: dict[str, Any]) -> None:
     ]
     for group, codec in summary.get("codecs", {}).items():
         if codec["kind"] == "pixel_drop":
-            rows.append((f"pixel drop {group}: real / nominal rate",
-                         f"{codec['real_rate']:.4f} / {codec['nominal_rate']:g}"))  # fmt: skip
-            rows.append((f"pixel drop {group}: payload / raw bytes", f"{codec['payload_bytes']} / {codec['raw_payload_bytes']}"))
+            rows.append(
+                (f"pixel drop {group}: real / nominal rate", f"{codec['real_rate']:.4f} / {codec['nominal_rate']:g}")
+            )
+            rows.append(
+                (f"pixel drop {group}: payload / raw bytes", f"{codec['payload_bytes']} / {codec['raw_payload_bytes']}")
+            )
     reference = accuracy.get("undefended_reference", {})
     if summary.get("attacks"):
-        rows.append(("undefended reference: clean / attacked",
-                     f"{_fmt(reference.get('clean'), '.4f')} / {_fmt(reference.get('attacked'), '.4f')}"))  # fmt: skip
+        rows.append(
+            (
+                "undefended reference: clean / attacked",
+                f"{_fmt(reference.get('clean'), '.4f')} / {_fmt(reference.get('attacked'), '.4f')}",
+            )
+        )
     for label, entry in accuracy.get("by_attack", {}).items():
-        rows.append((f"  {label}: n, acc. (undefended)",
-                     f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})"))  # fmt: skip
+        rows.append(
+            (
+                f"  {label}: n, acc. (undefended)",
+                f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
+            )
+        )
     broker = summary.get("broker", {})
     if broker.get("queue_drops"):
         rows.append(("broker: messages dropped from full queues", str(broker["queue_drops"])))
     realtime = summary.get("realtime")
     if realtime:
-        rows.append(("live: processes / lag p99 (ms)", f"{realtime['workers']} / {_fmt(realtime['lag_ms']['p99_ms'], '.2f')}"))
+        rows.append(
+            ("live: processes / lag p99 (ms)", f"{realtime['workers']} / {_fmt(realtime['lag_ms']['p99_ms'], '.2f')}")
+        )
     for name, value in rows:
         table.add_row(name, value)
     out.print(table)
@@ -171,8 +205,13 @@ def datasets_list() -> None:
         table.add_column(column)
     for info in list_datasets():
         c, h, w = info.image_shape
-        table.add_row(info.name, f"{c}x{h}x{w}", str(info.num_classes or "from folders"),
-                      "yes" if info.needs_path else "no", f"{info.description}\n[dim]{info.layout}[/]")  # fmt: skip
+        table.add_row(
+            info.name,
+            f"{c}x{h}x{w}",
+            str(info.num_classes or "from folders"),
+            "yes" if info.needs_path else "no",
+            f"{info.description}\n[dim]{info.layout}[/]",
+        )
     out.print(table)
 
 
@@ -204,8 +243,17 @@ def models() -> None:
 @click.option("--output", type=click.Path(dir_okay=False), help="also save the weights to this .safetensors file")
 @click.option("--quiet", is_flag=True)
 @_user_errors
-def models_train(dataset_name: str, path: str | None, arch: str, epochs: int | None, batch_size: int | None,
-                 lr: float | None, seed: int, output: str | None, quiet: bool) -> None:  # fmt: skip
+def models_train(
+    dataset_name: str,
+    path: str | None,
+    arch: str,
+    epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int,
+    output: str | None,
+    quiet: bool,
+) -> None:
     """Train ARCH on a dataset, or fetch it from the cache when it was trained before with the same settings."""
     import dataclasses
 
@@ -241,34 +289,67 @@ def models_list() -> None:
         except (OSError, ValueError):
             continue
         accuracy = info.get("test_accuracy")
-        table.add_row(info_path.stem[:12], str(info.get("arch", "?")), str(info.get("dataset", "?")),
-                      "-" if accuracy is None else f"{accuracy:.4f}", str(info_path.with_suffix(".safetensors")))  # fmt: skip
+        table.add_row(
+            info_path.stem[:12],
+            str(info.get("arch", "?")),
+            str(info.get("dataset", "?")),
+            "-" if accuracy is None else f"{accuracy:.4f}",
+            str(info_path.with_suffix(".safetensors")),
+        )
     out.print(table)
     err.print(f"cache: {folder}")
 
 
 @main.command()
 @click.argument("scenario", type=click.Path(dir_okay=False))
-@click.option("--broker", "broker_url", required=True, metavar="mqtt://HOST:PORT",
-              help="the broker to run against, or `local` for a Mosquitto started (and restarted by faults) for this run")
+@click.option(
+    "--broker",
+    "broker_url",
+    required=True,
+    metavar="mqtt://HOST:PORT",
+    help="the broker to run against, or `local` for a Mosquitto started (and restarted by faults) for this run",
+)
 @click.option("--username", help="one user name for every client")
 @click.option("--password", help="its password")
-@click.option("--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)")
+@click.option(
+    "--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)"
+)
 @click.option("--tls-ca", type=click.Path(dir_okay=False), help="CA certificate of a TLS broker")
 @click.option("--duration", help="override the scenario's duration, e.g. 30s")
-@click.option("--workers", default="auto", show_default=True, metavar="N|auto",
-              help="processes to spread the clients over; auto: one, or more when the load needs them")
-@click.option("--netns", is_flag=True,
-              help="shape real packets in the kernel: node groups in network namespaces, tc per node (root; --broker local)")
+@click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    metavar="N|auto",
+    help="processes to spread the clients over; auto: one, or more when the load needs them",
+)
+@click.option(
+    "--netns",
+    is_flag=True,
+    help="shape real packets in the kernel: node groups in network namespaces, tc per node (root; --broker local)",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False))
 @click.option("--seed", type=int)
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE")
 @click.option("--force", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_user_errors
-def emulate(scenario: str, broker_url: str, username: str | None, password: str | None, credentials: str | None,
-            tls_ca: str | None, duration: str | None, workers: str, netns: bool, out_dir: str | None, seed: int | None,
-            overrides: tuple[str, ...], force: bool, quiet: bool) -> None:  # fmt: skip
+def emulate(
+    scenario: str,
+    broker_url: str,
+    username: str | None,
+    password: str | None,
+    credentials: str | None,
+    tls_ca: str | None,
+    duration: str | None,
+    workers: str,
+    netns: bool,
+    out_dir: str | None,
+    seed: int | None,
+    overrides: tuple[str, ...],
+    force: bool,
+    quiet: bool,
+) -> None:
     """Run SCENARIO's nodes as real MQTT clients against a broker, in wall-clock time."""
     from iotbed.emulation.runner import emulate as run_live
 
@@ -281,17 +362,32 @@ def emulate(scenario: str, broker_url: str, username: str | None, password: str 
         try:
             logins = json.loads(Path(credentials).read_text(encoding="utf-8"))["clients"]
         except (OSError, ValueError, KeyError) as exc:
-            raise IotbedError(f"--credentials {credentials}: not a credentials file from `iotbed broker start --auth` ({exc})") from None
-    result = run_live(loaded, broker_url, username=username, password=password, logins=logins, tls_ca=tls_ca,
-                      workers=workers if workers == "auto" else int(workers), netns=netns, out_dir=out_dir,
-                      force=force, progress=not quiet)  # fmt: skip
+            raise IotbedError(
+                f"--credentials {credentials}: not a credentials file from `iotbed broker start --auth` ({exc})"
+            ) from None
+    result = run_live(
+        loaded,
+        broker_url,
+        username=username,
+        password=password,
+        logins=logins,
+        tls_ca=tls_ca,
+        workers=workers if workers == "auto" else int(workers),
+        netns=netns,
+        out_dir=out_dir,
+        force=force,
+        progress=not quiet,
+    )
     print_summary(result.summary)
     realtime = result.summary["realtime"]
     if not realtime["kept_up"]:
         lag = realtime["lag_ms"]
-        err.print(f"[yellow]warning:[/] the emulation fell behind the wall clock (lag p99 {lag['p99_ms']:.1f} ms, max "
-                  f"{lag['max_ms']:.0f} ms on {realtime['workers']} process(es)): frames left later than due and the "
-                  f"latencies include that; use more --workers or a lighter scenario", highlight=False)  # fmt: skip
+        err.print(
+            f"[yellow]warning:[/] the emulation fell behind the wall clock (lag p99 {lag['p99_ms']:.1f} ms, max "
+            f"{lag['max_ms']:.0f} ms on {realtime['workers']} process(es)): frames left later than due and the "
+            f"latencies include that; use more --workers or a lighter scenario",
+            highlight=False,
+        )
     if result.out_dir is not None:
         err.print(f"results: {result.out_dir}/", highlight=False)
 
@@ -303,8 +399,13 @@ def broker() -> None:
 
 @broker.command("start")
 @click.option("--port", type=int, help="[default: a free port]")
-@click.option("--auth", "scenario_for_auth", type=click.Path(dir_okay=False), metavar="SCENARIO",
-              help="require passwords and an ACL by node role, with one user per node of SCENARIO")
+@click.option(
+    "--auth",
+    "scenario_for_auth",
+    type=click.Path(dir_okay=False),
+    metavar="SCENARIO",
+    help="require passwords and an ACL by node role, with one user per node of SCENARIO",
+)
 @click.option("--tls", is_flag=True, help="listen with TLS, with a generated CA")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), default=".cache/broker", show_default=True)
 @_user_errors
@@ -381,8 +482,11 @@ def sweep(sweep_file: str, workers: int, cluster: str | None, out_dir: str | Non
     result = run_sweep(sweep_file, out_dir, workers=workers, cluster=cluster, progress=not quiet)
     failed = int((result.records["status"] != "ok").sum())
     ran = len(result.executed)
-    err.print(f"{len(result.records)} runs ({ran} run now, {len(result.records) - ran} already done, {failed} failed); "
-              f"results: {result.out_dir}/sweep.csv, sweep_summary.csv", highlight=False)  # fmt: skip
+    err.print(
+        f"{len(result.records)} runs ({ran} run now, {len(result.records) - ran} already done, {failed} failed); "
+        f"results: {result.out_dir}/sweep.csv, sweep_summary.csv",
+        highlight=False,
+    )
     for figure in result.figures:
         err.print(f"figure: {figure}", highlight=False)
 

@@ -23,8 +23,8 @@ from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
-from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
+from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, LinkSpec, Scenario
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
@@ -88,14 +88,16 @@ class LinkMonitor:
                     sent = sum(d.stats.bytes_sent for d in directions)
                     delta = sent - last_bytes.get(key, 0)
                     last_bytes[key] = sent
-                    self.rows.append({
-                        "time_s": now,
-                        "link_group": key,
-                        "queue_mean_packets": sum(occupancy) / len(occupancy),
-                        "queue_max_packets": max(occupancy),
-                        "throughput_mbps": delta * 8 / self.interval_s / 1e6,
-                        "throughput_per_link_mbps": delta * 8 / self.interval_s / 1e6 / len(directions),
-                    })  # fmt: skip
+                    self.rows.append(
+                        {
+                            "time_s": now,
+                            "link_group": key,
+                            "queue_mean_packets": sum(occupancy) / len(occupancy),
+                            "queue_max_packets": max(occupancy),
+                            "throughput_mbps": delta * 8 / self.interval_s / 1e6,
+                            "throughput_per_link_mbps": delta * 8 / self.interval_s / 1e6 / len(directions),
+                        }
+                    )
 
 
 @dataclass
@@ -114,8 +116,9 @@ class Deployment:
     gateways: list[ScreeningGateway] = field(default_factory=list)
 
 
-def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient],
-                 persistence: bool):  # type: ignore[no-untyped-def]  # fmt: skip
+def inject_fault(
+    env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient], persistence: bool
+):  # type: ignore[no-untyped-def]
     yield env.timeout(fault.at)
     if fault.kind == "broker_restart":
         broker.crash(persistence)
@@ -133,8 +136,9 @@ def inject_fault(env: simpy.Environment, fault: FaultSpec, broker: SimBroker, cl
 def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
     profiles = dict(BUILTIN_PROFILES)
     for name, spec in scenario.devices.items():
-        profiles[name] = DeviceProfile(name, spec.description, spec.cores, spec.gflops_per_core, spec.efficiency,
-                                       spec.batch_overhead)  # fmt: skip
+        profiles[name] = DeviceProfile(
+            name, spec.description, spec.cores, spec.gflops_per_core, spec.efficiency, spec.batch_overhead
+        )
     return profiles
 
 
@@ -180,8 +184,9 @@ def add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> l
                     transmitter = Transmitter(spec.bandwidth, spec.queue)
                 name = f"{src}->{dst}"
                 rng = streams.generator("link", name)
-                direction = LinkDirection(name, src, dst, transmitter, spec.latency, spec.jitter,
-                                          _loss_model(spec, rng), rng)  # fmt: skip
+                direction = LinkDirection(
+                    name, src, dst, transmitter, spec.latency, spec.jitter, _loss_model(spec, rng), rng
+                )
                 group.directions[key].append(direction)
             network.add_link(group.directions[f"{a}->{b}"][-1], group.directions[f"{b}->{a}"][-1])
         groups.append(group)
@@ -193,11 +198,19 @@ def camera_codec(group: CameraGroup) -> PixelDropCodec | None:
     return PixelDropCodec(codec.window, codec.rate, codec.mask) if codec.kind == "pixel_drop" else None
 
 
-def attack_window(spec: AttackSpec, scenario: Scenario, artefacts: Artefacts, clean: np.ndarray,
-                  streams: RandomStreams) -> AttackWindow:  # fmt: skip
+def attack_window(
+    spec: AttackSpec, scenario: Scenario, artefacts: Artefacts, clean: np.ndarray, streams: RandomStreams
+) -> AttackWindow:
     stop = scenario.duration if spec.stop is None else spec.stop
-    return AttackWindow(spec.label, spec.start, stop, spec.fraction, streams.generator("attack", spec.label),
-                        artefacts.adversarial[spec.label], clean)  # fmt: skip
+    return AttackWindow(
+        spec.label,
+        spec.start,
+        stop,
+        spec.fraction,
+        streams.generator("attack", spec.label),
+        artefacts.adversarial[spec.label],
+        clean,
+    )
 
 
 def attack_targets(spec: AttackSpec, scenario: Scenario) -> set[str]:
@@ -222,32 +235,81 @@ def camera_windows(scenario: Scenario, windows: list[AttackWindow]) -> dict[str,
     return by_camera
 
 
-def build_camera(env: simpy.Environment, scenario: Scenario, group: CameraGroup, name: str, index: int, transport: Any,
-                 artefacts: Artefacts, streams: RandomStreams, recorder: TraceRecorder,
-                 attacks: list[AttackWindow]) -> Camera:  # fmt: skip
+def build_camera(
+    env: simpy.Environment,
+    scenario: Scenario,
+    group: CameraGroup,
+    name: str,
+    index: int,
+    transport: Any,
+    artefacts: Artefacts,
+    streams: RandomStreams,
+    recorder: TraceRecorder,
+    attacks: list[AttackWindow],
+) -> Camera:
     """One camera node, the same in simulation and in live runs (only the transport differs)."""
     b = scenario.broker
     topic = group.topic.replace("{name}", name)
-    config = CameraConfig(group.fps, group.arrivals, group.start, scenario.duration, topic, scenario.qos_for(topic),
-                          b.protocol, b.tcp_ip_overhead, camera_codec(group))  # fmt: skip
+    config = CameraConfig(
+        group.fps,
+        group.arrivals,
+        group.start,
+        scenario.duration,
+        topic,
+        scenario.qos_for(topic),
+        b.protocol,
+        b.tcp_ip_overhead,
+        camera_codec(group),
+    )
     image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
-    return Camera(env, name, index, transport, config, artefacts.labels, image_shape,  # type: ignore[arg-type]
-                  streams.generator("camera", name), recorder, streams.generator("codec", name), attacks)
+    return Camera(
+        env,
+        name,
+        index,
+        transport,
+        config,
+        artefacts.labels,
+        image_shape,  # type: ignore[arg-type]
+        streams.generator("camera", name),
+        recorder,
+        streams.generator("codec", name),
+        attacks,
+    )
 
 
 def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
     topic = scenario.registry.topic
-    return EdgeConfig(group.subscribe, scenario.qos_for_filter(group.subscribe), topic, scenario.qos_for(topic),
-                      group.batch.max_size, group.batch.max_wait, group.cores, scenario.qos_for(topic))  # fmt: skip
+    return EdgeConfig(
+        group.subscribe,
+        scenario.qos_for_filter(group.subscribe),
+        topic,
+        scenario.qos_for(topic),
+        group.batch.max_size,
+        group.batch.max_wait,
+        group.cores,
+        scenario.qos_for(topic),
+    )
 
 
 def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, streams: RandomStreams) -> EdgeClassifier:
-    return EdgeClassifier(artefacts.model, 1, artefacts.flops_per_image, artefacts.images, build_chain(group.defenses),
-                          streams.torch_generator("defense", name))  # fmt: skip
+    return EdgeClassifier(
+        artefacts.model,
+        1,
+        artefacts.flops_per_image,
+        artefacts.images,
+        build_chain(group.defenses),
+        streams.torch_generator("defense", name),
+    )
 
 
-def _install_mitm(spec: AttackSpec, window: AttackWindow, scenario: Scenario, network: Network,
-                  groups: list[LinkGroup], env: simpy.Environment) -> None:  # fmt: skip
+def _install_mitm(
+    spec: AttackSpec,
+    window: AttackWindow,
+    scenario: Scenario,
+    network: Network,
+    groups: list[LinkGroup],
+    env: simpy.Environment,
+) -> None:
     src_group, dst_group = scenario.attack_link_groups(spec)
     src_end, dst_end = spec.link  # type: ignore[misc]
     tamper = ManInTheMiddle(window, lambda: env.now)
@@ -264,7 +326,9 @@ def _model_bytes(model: nn.Module, version: int) -> bytes:
     return model_to_bytes(model, {"version": str(version)})
 
 
-def _repairer(group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, DeviceProfile]) -> CoDefendRepairer | None:
+def _repairer(
+    group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, DeviceProfile]
+) -> CoDefendRepairer | None:
     if group.repair is None:
         return None
     from iotbed.defenses.codefend import CycleGanConfig
@@ -272,13 +336,23 @@ def _repairer(group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, 
     pool = artefacts.clean_pool
     n = min(group.repair.clean_images, len(pool))
     clean = dataclasses.replace(pool, images=pool.images[:n], labels=pool.labels[:n])
-    cyclegan = CycleGanConfig(epochs=group.repair.epochs, decay_epochs=group.repair.decay_epochs, seed=group.repair.seed)
+    cyclegan = CycleGanConfig(
+        epochs=group.repair.epochs, decay_epochs=group.repair.decay_epochs, seed=group.repair.seed
+    )
     return CoDefendRepairer(clean, cyclegan, group.repair.unlearn_epochs, profiles[group.device], group.cores)
 
 
-def _screening_gateways(scenario: Scenario, artefacts: Artefacts, network: Network, streams: RandomStreams,
-                        profiles: dict[str, DeviceProfile], client: Any, recorder: TraceRecorder,
-                        env: simpy.Environment, load_model_bytes: Any) -> list[ScreeningGateway]:  # fmt: skip
+def _screening_gateways(
+    scenario: Scenario,
+    artefacts: Artefacts,
+    network: Network,
+    streams: RandomStreams,
+    profiles: dict[str, DeviceProfile],
+    client: Any,
+    recorder: TraceRecorder,
+    env: simpy.Environment,
+    load_model_bytes: Any,
+) -> list[ScreeningGateway]:
     from iotbed.defenses.codefend import select_clean_overlays
 
     gateways = []
@@ -287,7 +361,9 @@ def _screening_gateways(scenario: Scenario, artefacts: Artefacts, network: Netwo
         if spec is None:
             continue
         pool = artefacts.clean_pool
-        picked = select_clean_overlays(pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name))
+        picked = select_clean_overlays(
+            pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name)
+        )
         rest = torch.ones(len(pool), dtype=torch.bool)
         rest[picked] = False
         overlays, calibration = pool.images[picked], pool.images[rest][: spec.calibration]
@@ -295,10 +371,23 @@ def _screening_gateways(scenario: Scenario, artefacts: Artefacts, network: Netwo
         topic = scenario.registry.topic
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            gateway = ScreeningGateway(env, name, client(name, name), topic, scenario.qos_for(topic), settings,
-                                       profiles[group.device], artefacts.flops_per_image, artefacts.images,
-                                       calibration, overlays, (1, artefacts.model), load_model_bytes,
-                                       streams.torch_generator("strip", name), recorder)  # fmt: skip
+            gateway = ScreeningGateway(
+                env,
+                name,
+                client(name, name),
+                topic,
+                scenario.qos_for(topic),
+                settings,
+                profiles[group.device],
+                artefacts.flops_per_image,
+                artefacts.images,
+                calibration,
+                overlays,
+                (1, artefacts.model),
+                load_model_bytes,
+                streams.torch_generator("strip", name),
+                recorder,
+            )
             for direction in network.directions.values():
                 if direction.dst == name:
                     direction.taps.append(gateway.tap)
@@ -316,8 +405,9 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     link_groups = add_links(network, scenario, streams)
 
     b = scenario.broker
-    settings = MqttSettings(b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead,
-                            b.max_inflight, b.max_queued)
+    settings = MqttSettings(
+        b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead, b.max_inflight, b.max_queued
+    )
     broker_node = scenario.resolve_node(b.node)
     assert broker_node is not None  # checked by the scenario validator
     broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)
@@ -326,9 +416,17 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     clients: dict[str, SimMqttClient] = {}
 
     def client(node: str, client_id: str, clean_session: bool = True) -> SimMqttClient:
-        made = SimMqttClient(env, network, node, client_id, broker, clean_session=clean_session,
-                             on_retry=recorder.on_retry, on_give_up=recorder.on_give_up,
-                             on_not_connected=recorder.on_not_connected)  # fmt: skip
+        made = SimMqttClient(
+            env,
+            network,
+            node,
+            client_id,
+            broker,
+            clean_session=clean_session,
+            on_retry=recorder.on_retry,
+            on_give_up=recorder.on_give_up,
+            on_not_connected=recorder.on_not_connected,
+        )
         clients[client_id] = made
         return made
 
@@ -342,8 +440,20 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     for group in scenario.nodes.cameras:
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            cameras.append(build_camera(env, scenario, group, name, len(cameras), client(name, name), artefacts, streams,
-                                        recorder, by_camera.get(name, [])))  # fmt: skip
+            cameras.append(
+                build_camera(
+                    env,
+                    scenario,
+                    group,
+                    name,
+                    len(cameras),
+                    client(name, name),
+                    artefacts,
+                    streams,
+                    recorder,
+                    by_camera.get(name, []),
+                )
+            )
 
     profiles = device_profiles(scenario)
     models_topic = scenario.registry.topic
@@ -354,23 +464,46 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
             config, classifier = edge_config(scenario, group), edge_classifier(group, name, artefacts, streams)
             # One repairer per group (its first node), so a quarantine leads to one repaired model.
             repairer = _repairer(group, artefacts, profiles) if i == 0 else None
-            edges.append(EdgeServer(env, name, client(name, name, not group.persistent_session), config, classifier,
-                                    profiles[group.device], recorder, load_model_bytes, repairer, _model_bytes))  # fmt: skip
-    gateways = _screening_gateways(scenario, artefacts, network, streams, profiles, client, recorder, env,
-                                   load_model_bytes)  # fmt: skip
+            edges.append(
+                EdgeServer(
+                    env,
+                    name,
+                    client(name, name, not group.persistent_session),
+                    config,
+                    classifier,
+                    profiles[group.device],
+                    recorder,
+                    load_model_bytes,
+                    repairer,
+                    _model_bytes,
+                )
+            )
+    gateways = _screening_gateways(
+        scenario, artefacts, network, streams, profiles, client, recorder, env, load_model_bytes
+    )
 
     registry = None
     publishers: list[ModelRegistry] = []
     if artefacts.updates:
         node = scenario.registry_node()
         own = [u for u in artefacts.updates if u.publisher is None]
-        registry = ModelRegistry(env, "registry", client(node, "registry"), models_topic,
-                                 scenario.qos_for(models_topic), own, recorder)  # fmt: skip
+        registry = ModelRegistry(
+            env, "registry", client(node, "registry"), models_topic, scenario.qos_for(models_topic), own, recorder
+        )
         # A rogue publisher: another client, on the node named, pushing its update on the models topic.
         for rogue in sorted({u.publisher for u in artefacts.updates if u.publisher is not None}):
             name = f"rogue@{rogue}"
-            publishers.append(ModelRegistry(env, name, client(rogue, name), models_topic, scenario.qos_for(models_topic),
-                                            [u for u in artefacts.updates if u.publisher == rogue], recorder))  # fmt: skip
+            publishers.append(
+                ModelRegistry(
+                    env,
+                    name,
+                    client(rogue, name),
+                    models_topic,
+                    scenario.qos_for(models_topic),
+                    [u for u in artefacts.updates if u.publisher == rogue],
+                    recorder,
+                )
+            )
 
     for camera in cameras:
         env.process(camera.run())
@@ -386,5 +519,17 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
         env.process(inject_fault(env, fault, broker, clients, b.persistence))
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
     env.process(monitor.run())
-    return Deployment(env, network, broker, recorder, cameras, edges, registry, link_groups, scenario.duration, monitor,
-                      windows, gateways)  # fmt: skip
+    return Deployment(
+        env,
+        network,
+        broker,
+        recorder,
+        cameras,
+        edges,
+        registry,
+        link_groups,
+        scenario.duration,
+        monitor,
+        windows,
+        gateways,
+    )

@@ -27,9 +27,9 @@ from iotbed.analysis.backdoor import backdoor_sections, screened_frames
 from iotbed.analysis.summary import broker_stats, link_rows, summarise
 from iotbed.attacks.network import AttackWindow
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
+from iotbed.errors import IotbedError
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
-from iotbed.errors import IotbedError
 from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
@@ -70,8 +70,14 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     config = _train_config(scenario.model.train, arch, ds.name)
     pool, train = hold_out_clean_pool(scenario, splits.train)
     trained = get_or_train(arch, train, config, test_ds=splits.test, progress=progress)
-    filled_train = TrainSpec(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                             optimizer=config.optimizer, augmentation=config.augmentation, seed=config.seed)  # fmt: skip
+    filled_train = TrainSpec(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        optimizer=config.optimizer,
+        augmentation=config.augmentation,
+        seed=config.seed,
+    )
     image_shape = tuple(int(x) for x in splits.test.images.shape[1:])
     updates = []
     backdoors: dict[int, BackdoorInUpdate] = {}
@@ -84,8 +90,17 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
 
             spec = update.backdoor
             trigger = build_trigger(spec.trigger, image_shape)  # type: ignore[arg-type]
-            badnet = train_badnet(arch, train, trigger, spec.target, spec.ratio, update_config,
-                                  poison_seed=spec.poison_seed, test_ds=splits.test, progress=progress)  # fmt: skip
+            badnet = train_badnet(
+                arch,
+                train,
+                trigger,
+                spec.target,
+                spec.ratio,
+                update_config,
+                poison_seed=spec.poison_seed,
+                test_ds=splits.test,
+                progress=progress,
+            )
             updated = badnet.trained
             backdoors[i + 2] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
         blob = model_to_bytes(updated.model, {"version": str(i + 2)})
@@ -94,10 +109,20 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
     captured = (splits.test.images * 255.0).round() / 255.0
-    adversarial, bare_correct = craft_attacks(resolved, trained.model, captured, splits.test.labels, progress,
-                                              backdoors)  # fmt: skip
-    artefacts = Artefacts(captured, splits.test.labels.numpy(), trained.model, float(flops), tuple(updates),
-                          adversarial, bare_correct, backdoors, pool)  # fmt: skip
+    adversarial, bare_correct = craft_attacks(
+        resolved, trained.model, captured, splits.test.labels, progress, backdoors
+    )
+    artefacts = Artefacts(
+        captured,
+        splits.test.labels.numpy(),
+        trained.model,
+        float(flops),
+        tuple(updates),
+        adversarial,
+        bare_correct,
+        backdoors,
+        pool,
+    )
     model_info = {
         "arch": trained.arch,
         "cache_key": trained.key,
@@ -115,8 +140,9 @@ def build_trigger(spec: Any, image_shape: tuple[int, int, int]) -> Any:
     from iotbed.attacks.backdoor import Trigger
 
     if spec.kind == "patch":
-        return Trigger.patch(image_shape, size=spec.size, corner=spec.corner, margin=spec.margin, style=spec.style,
-                             alpha=spec.alpha)  # fmt: skip
+        return Trigger.patch(
+            image_shape, size=spec.size, corner=spec.corner, margin=spec.margin, style=spec.style, alpha=spec.alpha
+        )
     return Trigger.random_pattern(image_shape, torch.Generator().manual_seed(spec.seed), alpha=spec.alpha)
 
 
@@ -132,16 +158,25 @@ def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
         return None, train
     n = max(sizes)
     if n > len(train) // 2:
-        raise IotbedError(f"the defenders' clean pool ({n} images for `strip:`/`repair:`) would take more than half of "
-                          f"the {len(train)} training images of {scenario.dataset.name}; ask for fewer")  # fmt: skip
+        raise IotbedError(
+            f"the defenders' clean pool ({n} images for `strip:`/`repair:`) would take more than half of "
+            f"the {len(train)} training images of {scenario.dataset.name}; ask for fewer"
+        )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(scenario.dataset.split_seed))
     pool = train.subset(order[:n])
-    return dataclasses.replace(pool, source=f"{train.source} [held out: defenders' clean pool]"), train.subset(order[n:])
+    return dataclasses.replace(pool, source=f"{train.source} [held out: defenders' clean pool]"), train.subset(
+        order[n:]
+    )
 
 
-def craft_attacks(scenario: Scenario, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  progress: bool, backdoors: dict[int, BackdoorInUpdate] | None = None,
-                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+def craft_attacks(
+    scenario: Scenario,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    progress: bool,
+    backdoors: dict[int, BackdoorInUpdate] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every attack's adversarial images (on the model the edge starts with), and the bare model's verdicts
     on the clean images and on each attack's oblivious images."""
     from iotbed.attacks.crafting import bare_predictions, craft
@@ -165,15 +200,28 @@ def craft_attacks(scenario: Scenario, model: torch.nn.Module, images: torch.Tens
         codec = cameras[scenario.camera_groups_of(spec)[0]].codec if scenario.nodes.cameras else None
         # What an adaptive attacker crafts through: the edge's defenses, with the camera's drop if it drops.
         dropping = codec is not None and codec.kind == "pixel_drop"
-        chain = build_chain(edge.defenses, drop_window=codec.window if dropping else None,  # type: ignore[union-attr]
-                            drop_rate=codec.rate if dropping else None)  # type: ignore[union-attr]  # fmt: skip
-        oblivious = craft(spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes,
-                          progress=progress, adaptive=False)  # fmt: skip
+        chain = build_chain(
+            edge.defenses,
+            drop_window=codec.window if dropping else None,  # type: ignore[union-attr]
+            drop_rate=codec.rate if dropping else None,
+        )  # type: ignore[union-attr]
+        oblivious = craft(
+            spec,
+            model,
+            images,
+            labels,
+            chain=chain,
+            seed=spec.seed,
+            num_classes=num_classes,
+            progress=progress,
+            adaptive=False,
+        )
         bare_correct[spec.label] = bare_predictions(model, oblivious) == truth
         used = oblivious
         if spec.adaptive:
-            used = craft(spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes,
-                         progress=progress)  # fmt: skip
+            used = craft(
+                spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes, progress=progress
+            )
         adversarial[spec.label] = used.numpy().astype(np.float32)
     return adversarial, bare_correct
 
@@ -205,17 +253,30 @@ def simulate(deployment: Deployment, until_s: float, progress: bool, label: str)
 def _advance(deployment: Deployment, until_s: float, progress: bool, label: str) -> None:
     env = deployment.env
     steps = 100
-    with tqdm(total=steps, desc=label, disable=not progress, file=sys.stderr,
-              bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
+    with tqdm(
+        total=steps,
+        desc=label,
+        disable=not progress,
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {postfix} [{elapsed}<{remaining}]",
+    ) as bar:
         for i in range(1, steps + 1):
             env.run(until=until_s * i / steps)
-            bar.set_postfix_str(f"{env.now:.1f}/{until_s:.1f} sim-s, {len(deployment.recorder.records)} frames",
-                                refresh=False)  # fmt: skip
+            bar.set_postfix_str(
+                f"{env.now:.1f}/{until_s:.1f} sim-s, {len(deployment.recorder.records)} frames", refresh=False
+            )
             bar.update(1)
 
 
-def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool = True, write: bool = True,
-        force: bool = False, on_status: Callable[[str], None] | None = None) -> RunResult:  # fmt: skip
+def run(
+    scenario: Scenario,
+    out_dir: str | Path | None = None,
+    *,
+    progress: bool = True,
+    write: bool = True,
+    force: bool = False,
+    on_status: Callable[[str], None] | None = None,
+) -> RunResult:
     """Run `scenario` in simulation and return its summary and trace; with `write`, also write the files."""
     wall_start = time.perf_counter()
     target = output_dir(scenario, out_dir, force) if write else None
@@ -226,18 +287,41 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, *, progress: bool
     sim_end = resolved.duration + DRAIN_S
     simulate(deployment, sim_end, progress, resolved.name)
     table = deployment.recorder.to_table()
-    summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
-                        sim_end_s=sim_end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
-                        links=link_rows(deployment, sim_end), edges=deployment.edges,
-                        broker=broker_stats(deployment), model_events=deployment.recorder.model_events,
-                        cameras=len(deployment.cameras), reference=reference_column(table, artefacts),
-                        setup=setup_summary(resolved, deployment.cameras, deployment.edges, deployment.attacks))  # fmt: skip
-    summary.update(backdoor_sections(table, deployment.recorder.model_events, artefacts, resolved, deployment.edges,
-                                     deployment.gateways))  # fmt: skip
+    summary = summarise(
+        table,
+        scenario_name=resolved.name,
+        seed=resolved.seed,
+        duration_s=resolved.duration,
+        sim_end_s=sim_end,
+        wall_time_s=time.perf_counter() - wall_start,
+        model_info=model_info,
+        links=link_rows(deployment, sim_end),
+        edges=deployment.edges,
+        broker=broker_stats(deployment),
+        model_events=deployment.recorder.model_events,
+        cameras=len(deployment.cameras),
+        reference=reference_column(table, artefacts),
+        setup=setup_summary(resolved, deployment.cameras, deployment.edges, deployment.attacks),
+    )
+    summary.update(
+        backdoor_sections(
+            table, deployment.recorder.model_events, artefacts, resolved, deployment.edges, deployment.gateways
+        )
+    )
     if target is not None:
-        extra = {"strip_screens.csv": screened_frames(table, deployment.gateways, resolved)} if deployment.gateways else {}
-        write_outputs(target, resolved, table, summary, link_rows(deployment, sim_end), deployment.monitor.rows,
-                      deployment.recorder, extra)  # fmt: skip
+        extra = (
+            {"strip_screens.csv": screened_frames(table, deployment.gateways, resolved)} if deployment.gateways else {}
+        )
+        write_outputs(
+            target,
+            resolved,
+            table,
+            summary,
+            link_rows(deployment, sim_end),
+            deployment.monitor.rows,
+            deployment.recorder,
+            extra,
+        )
     return RunResult(resolved, summary, table, target)
 
 
@@ -253,8 +337,9 @@ def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
     return out
 
 
-def setup_summary(scenario: Scenario, cameras: list[Camera], edges: list[EdgeServer],
-                  windows: list[AttackWindow]) -> dict[str, Any]:  # fmt: skip
+def setup_summary(
+    scenario: Scenario, cameras: list[Camera], edges: list[EdgeServer], windows: list[AttackWindow]
+) -> dict[str, Any]:
     """What the summary reports about codecs, defenses and attacks, next to the figures they explain."""
     from iotbed.codecs.pixel_drop import real_drop_rate
     from iotbed.nodes.payloads import raw_frame_bytes
@@ -267,8 +352,12 @@ def setup_summary(scenario: Scenario, cameras: list[Camera], edges: list[EdgeSer
         if shape is not None:
             entry["raw_payload_bytes"] = raw_frame_bytes(shape)
         if group.codec.kind == "pixel_drop" and shape is not None:
-            entry.update(window=group.codec.window, mask=group.codec.mask, nominal_rate=group.codec.rate,
-                         real_rate=real_drop_rate(shape[1], shape[2], group.codec.window, group.codec.rate))  # fmt: skip
+            entry.update(
+                window=group.codec.window,
+                mask=group.codec.mask,
+                nominal_rate=group.codec.rate,
+                real_rate=real_drop_rate(shape[1], shape[2], group.codec.window, group.codec.rate),
+            )
         codecs[group.name] = entry
     defenses = {
         edge.name: {
@@ -285,7 +374,8 @@ def setup_summary(scenario: Scenario, cameras: list[Camera], edges: list[EdgeSer
             "eps": spec.eps if spec.method not in ("cw_l2", "deepfool") else None,
             "norm": spec.norm,
             "crafted": "adaptive (BPDA" + (f" + EOT over {spec.eot_samples} draws)" if spec.eot_samples > 1 else ")")
-            if spec.adaptive else "oblivious (bare model)",
+            if spec.adaptive
+            else "oblivious (bare model)",
             "frames_attacked": window.frames_attacked,
         }
         for spec, window in zip(scenario.attacks, windows)
@@ -301,7 +391,9 @@ def output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> P
     if path.exists() and not path.is_dir():
         raise IotbedError(f"--out {path}: exists and is not a folder; choose another path")
     if path.exists() and any(path.iterdir()) and not force:
-        raise IotbedError(f"--out {path}: the folder already holds results; choose a new folder or pass --force to replace them")
+        raise IotbedError(
+            f"--out {path}: the folder already holds results; choose a new folder or pass --force to replace them"
+        )
     return path
 
 
@@ -317,9 +409,16 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: dict[str, Any],
-                  links: list[dict[str, Any]], link_series: list[dict[str, Any]], recorder: TraceRecorder,
-                  extra_csv: dict[str, list[dict[str, Any]]] | None = None) -> None:  # fmt: skip
+def write_outputs(
+    target: Path,
+    scenario: Scenario,
+    table: pa.Table,
+    summary: dict[str, Any],
+    links: list[dict[str, Any]],
+    link_series: list[dict[str, Any]],
+    recorder: TraceRecorder,
+    extra_csv: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -328,8 +427,12 @@ def write_outputs(target: Path, scenario: Scenario, table: pa.Table, summary: di
     _atomic_write(target / "trace.parquet", lambda p: pq.write_table(table, p, compression="zstd"))
     _atomic_write(target / "links.csv", lambda p: pd.DataFrame(links).to_csv(p, index=False))
     _atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
-    _atomic_write(target / "model_events.csv", lambda p: recorder.model_events_table().to_pandas().to_csv(p, index=False))
+    _atomic_write(
+        target / "model_events.csv", lambda p: recorder.model_events_table().to_pandas().to_csv(p, index=False)
+    )
     for name, rows in (extra_csv or {}).items():
         _atomic_write(target / name, lambda p, rows=rows: pd.DataFrame(rows).to_csv(p, index=False))
     # summary.json last: its presence marks a complete run (sweeps resume on it)
-    _atomic_write(target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
+    _atomic_write(
+        target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    )

@@ -35,7 +35,9 @@ def _quantity(parser: Any, formatter: Any, example: str, kind: str) -> Any:
 
 
 Duration = Annotated[float, *_quantity(parse_duration, format_duration, "5ms", "a duration: 250us, 5ms, 60s, 2min")]
-Bandwidth = Annotated[float, *_quantity(parse_bandwidth, format_bandwidth, "10Mbps", "a bandwidth: 500kbps, 10Mbps, 1Gbps")]
+Bandwidth = Annotated[
+    float, *_quantity(parse_bandwidth, format_bandwidth, "10Mbps", "a bandwidth: 500kbps, 10Mbps, 1Gbps")
+]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Qos = Literal[0, 1, 2]
 
@@ -59,7 +61,7 @@ class GilbertElliottLossSpec(Strict):
     loss_bad: Probability = 1.0
 
 
-LossSpec = Annotated[Union[BernoulliLossSpec, GilbertElliottLossSpec], Field(discriminator="model")]
+LossSpec = Annotated[BernoulliLossSpec | GilbertElliottLossSpec, Field(discriminator="model")]
 
 
 def _loss_shorthand(value: Any) -> Any:
@@ -104,10 +106,12 @@ class PixelDropCodecSpec(Strict):
     kind: Literal["pixel_drop"]
     rate: Annotated[float, Field(ge=0.0, lt=1.0, description="nominal drop rate; the real one is reported")] = 0.1
     window: Annotated[int, Field(ge=1, le=256)] = 8
-    mask: Literal["bitmap", "seed"] = Field("bitmap", description="bitmap: 1 bit per pixel; seed: 8 bytes, same generator both ends")
+    mask: Literal["bitmap", "seed"] = Field(
+        "bitmap", description="bitmap: 1 bit per pixel; seed: 8 bytes, same generator both ends"
+    )
 
 
-CodecSpec = Annotated[Union[RawCodecSpec, PixelDropCodecSpec], Field(discriminator="kind")]
+CodecSpec = Annotated[RawCodecSpec | PixelDropCodecSpec, Field(discriminator="kind")]
 
 
 def _kind_shorthand(value: Any) -> Any:
@@ -115,7 +119,7 @@ def _kind_shorthand(value: Any) -> Any:
     if isinstance(value, str):
         return {"kind": value}
     if isinstance(value, dict) and len(value) == 1 and "kind" not in value:
-        (kind, params), = value.items()
+        ((kind, params),) = value.items()
         if params is None:
             params = {}
         if isinstance(params, dict):
@@ -158,11 +162,14 @@ class PixelDeflectionDefenseSpec(Strict):
 
 
 DefenseSpec = Annotated[
-    Union[SuperIoTDefenseSpec, JpegDefenseSpec, FeatureSqueezingDefenseSpec, MedianSmoothingDefenseSpec,
-          PixelDeflectionDefenseSpec],
+    SuperIoTDefenseSpec
+    | JpegDefenseSpec
+    | FeatureSqueezingDefenseSpec
+    | MedianSmoothingDefenseSpec
+    | PixelDeflectionDefenseSpec,
     Field(discriminator="kind"),
     BeforeValidator(_kind_shorthand),
-]  # fmt: skip
+]
 
 EVASION_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool")
 GRADIENT_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd")
@@ -182,15 +189,24 @@ class AttackSpec(Strict):
     method: Literal["fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool"] = "pgd"
     eps: Annotated[float, Field(ge=0.0, description="budget (L-inf in [0, 1] pixel units, or L2 with norm: 2)")] = 0.1
     steps: Annotated[int, Field(ge=1)] = 10
-    alpha: Annotated[float | None, Field(gt=0.0, description="step size; default eps/4 (PGD), eps/10 (BIM, MI-FGSM)")] = None
+    alpha: Annotated[
+        float | None, Field(gt=0.0, description="step size; default eps/4 (PGD), eps/10 (BIM, MI-FGSM)")
+    ] = None
     norm: Literal["inf", "2"] = "inf"
     adaptive: bool = Field(False, description="craft through the edge's defenses (BPDA, EOT) instead of the bare model")
     eot_samples: Annotated[int, Field(ge=1)] = 8
-    fraction: Annotated[float, Field(gt=0.0, le=1.0, description="share of the frames in the window that are attacked")] = 1.0
+    fraction: Annotated[
+        float, Field(gt=0.0, le=1.0, description="share of the frames in the window that are attacked")
+    ] = 1.0
     start: Duration = 0.0
     stop: Duration | None = None
-    seed: int = Field(0, description="crafting seed (PGD's random start, EOT's draws); like the model, an input kept fixed while the scenario seed varies")
-    update: Annotated[int, Field(ge=0, description="trigger: the registry update (index) whose trigger the cameras show")] = 0
+    seed: int = Field(
+        0,
+        description="crafting seed (PGD's random start, EOT's draws); like the model, an input kept fixed while the scenario seed varies",
+    )
+    update: Annotated[
+        int, Field(ge=0, description="trigger: the registry update (index) whose trigger the cameras show")
+    ] = 0
 
     @model_validator(mode="after")
     def _shape(self) -> AttackSpec:
@@ -240,7 +256,9 @@ class StripScreenSpec(Strict):
 class GatewayGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
-    device: str = Field("raspberry_pi_4", description="compute profile for on-gateway work (defenses); forwarding is free")
+    device: str = Field(
+        "raspberry_pi_4", description="compute profile for on-gateway work (defenses); forwarding is free"
+    )
     strip: StripScreenSpec | None = Field(None, description="screen the model in service on relayed frames")
 
 
@@ -276,7 +294,9 @@ class EdgeServerGroup(Strict):
     batch: BatchSpec = BatchSpec()
     subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
     persistent_session: bool = Field(False, description="keep the MQTT session (and queued frames) across disconnects")
-    defenses: list[DefenseSpec] = Field(default_factory=list, description="input defenses, applied in order before the model")
+    defenses: list[DefenseSpec] = Field(
+        default_factory=list, description="input defenses, applied in order before the model"
+    )
     repair: CoDefendRepairSpec | None = Field(None, description="repair quarantined model updates (CoDefend)")
 
 
@@ -298,15 +318,20 @@ class FaultSpec(Strict):
     at: Duration
     down: Duration = Field(1.0, description="how long the broker or node is down, or the subscriber slow")
     node: str | None = Field(None, description="the node, e.g. edge-0 (node_crash, slow_subscriber)")
-    rate: Annotated[float | None, Field(gt=0.0, description="messages/s a slow subscriber reads (slow_subscriber)")] = None
+    rate: Annotated[float | None, Field(gt=0.0, description="messages/s a slow subscriber reads (slow_subscriber)")] = (
+        None
+    )
 
     @model_validator(mode="after")
     def _node(self) -> FaultSpec:
         if (self.kind != "broker_restart") != (self.node is not None):
             raise ValueError(f"{self.kind} needs `node:`" if self.node is None else "broker_restart takes no `node:`")
         if (self.kind == "slow_subscriber") != (self.rate is not None):
-            raise ValueError("slow_subscriber needs `rate:` (messages/s it reads), e.g. `rate: 5`"
-                             if self.rate is None else f"{self.kind} takes no `rate:`")  # fmt: skip
+            raise ValueError(
+                "slow_subscriber needs `rate:` (messages/s it reads), e.g. `rate: 5`"
+                if self.rate is None
+                else f"{self.kind} takes no `rate:`"
+            )
         return self
 
 
@@ -318,7 +343,9 @@ class NodesSpec(Strict):
 
 
 class BrokerSpec(Strict):
-    node: str = Field(description="the node group (its first node) or the node name, e.g. edge-0, that hosts the broker")
+    node: str = Field(
+        description="the node group (its first node) or the node name, e.g. edge-0, that hosts the broker"
+    )
     protocol: Literal["mqtt311", "mqtt5"] = "mqtt311"
     qos: dict[str, Qos] = Field(
         default_factory=lambda: {"frames/#": 1, "models/#": 1},
@@ -329,11 +356,23 @@ class BrokerSpec(Strict):
     keepalive: Duration = 60.0
     tcp_ip_overhead: bool = Field(True, description="count TCP/IPv4 headers (40 B per 1460-B segment)")
     persistence: bool = Field(True, description="sessions, queued messages and retained messages survive a restart")
-    max_inflight: Annotated[int, Field(ge=0, description="unacknowledged QoS 1/2 messages per sender before the rest "
-                                       "wait (Mosquitto's max_inflight_messages, paho's default); 0: no limit")] = 20
-    max_queued: Annotated[int, Field(ge=0, description="QoS 1/2 messages the broker queues per client beyond its "
-                                     "window or while it is away; more are dropped (Mosquitto's max_queued_messages); "
-                                     "0: no limit")] = 1000
+    max_inflight: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="unacknowledged QoS 1/2 messages per sender before the rest "
+            "wait (Mosquitto's max_inflight_messages, paho's default); 0: no limit",
+        ),
+    ] = 20
+    max_queued: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="QoS 1/2 messages the broker queues per client beyond its "
+            "window or while it is away; more are dropped (Mosquitto's max_queued_messages); "
+            "0: no limit",
+        ),
+    ] = 1000
 
 
 class TrainSpec(Strict):
@@ -342,7 +381,9 @@ class TrainSpec(Strict):
     lr: Annotated[float | None, Field(gt=0)] = None
     optimizer: Literal["adam", "sgd"] | None = None
     augmentation: Literal["none", "shift"] | None = None
-    seed: int = Field(0, description="training seed; the model is an input of the run, kept fixed while the scenario seed varies")
+    seed: int = Field(
+        0, description="training seed; the model is an input of the run, kept fixed while the scenario seed varies"
+    )
 
 
 class DatasetSpec(Strict):
@@ -358,8 +399,11 @@ class DatasetSpec(Strict):
         if self.name not in infos:
             raise ValueError(f"unknown dataset {self.name!r}{_suggest(self.name, infos)}")
         if infos[self.name].needs_path and self.path is None:
-            raise ValueError(f"dataset {self.name!r} needs `path:`, the folder with {infos[self.name].layout.removeprefix('a folder with ')}")
+            raise ValueError(
+                f"dataset {self.name!r} needs `path:`, the folder with {infos[self.name].layout.removeprefix('a folder with ')}"
+            )
         return self
+
     image_size: Annotated[int | None, Field(ge=8)] = None
 
 
@@ -402,7 +446,9 @@ class ModelUpdateSpec(Strict):
     at: Duration
     train: TrainSpec = Field(TrainSpec(), description="how the updated model is trained (e.g. another seed)")
     backdoor: BackdoorSpec | None = Field(None, description="make this update a BadNet (a compromised registry)")
-    publisher: str | None = Field(None, description="a node that pushes this update instead of the registry (a rogue publisher), e.g. cam-3")
+    publisher: str | None = Field(
+        None, description="a node that pushes this update instead of the registry (a rogue publisher), e.g. cam-3"
+    )
 
 
 class RegistrySpec(Strict):
@@ -422,7 +468,9 @@ class Scenario(Strict):
     links: list[LinkSpec] = Field(default_factory=list)
     broker: BrokerSpec
     registry: RegistrySpec = RegistrySpec()
-    devices: dict[str, DeviceSpec] = Field(default_factory=dict, description="device profiles besides the built-in ones")
+    devices: dict[str, DeviceSpec] = Field(
+        default_factory=dict, description="device profiles besides the built-in ones"
+    )
     attacks: list[AttackSpec] = Field(default_factory=list)
     monitor_interval: Duration = Field(1.0, description="how often link queues and throughput are sampled")
     faults: list[FaultSpec] = Field(default_factory=list)
@@ -448,11 +496,15 @@ class Scenario(Strict):
                     raise ValueError(f"link end {end!r} is not a node group{_suggest(end, groups)}")
         for node_name in (self.broker.node, self.registry.node):
             if node_name is not None and self.resolve_node(node_name) is None:
-                raise ValueError(f"broker/registry node {node_name!r} is not a node group or node{_suggest(node_name, groups)}")
+                raise ValueError(
+                    f"broker/registry node {node_name!r} is not a node group or node{_suggest(node_name, groups)}"
+                )
         profiles = set(BUILTIN_PROFILES) | set(self.devices)
         for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
             if group.device not in profiles:
-                raise ValueError(f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}")
+                raise ValueError(
+                    f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}"
+                )
         # nodes that run an MQTT client: gateways without a screen and routers only forward packets
         with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers]}
         with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
@@ -460,8 +512,10 @@ class Scenario(Strict):
             if fault.node is not None and self.resolve_node(fault.node) != fault.node:
                 raise ValueError(f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`")
             if fault.node is not None and fault.node.rpartition("-")[0] not in with_client:
-                raise ValueError(f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
-                                 f"only forward packets); name a camera or edge server node")  # fmt: skip
+                raise ValueError(
+                    f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
+                    f"only forward packets); name a camera or edge server node"
+                )
         for topic_filter in self.broker.qos:
             validate_filter(topic_filter)
         for camera in self.nodes.cameras:
@@ -481,24 +535,34 @@ class Scenario(Strict):
             if attack.label in labels:
                 raise ValueError(f"two attacks are called {attack.label!r}; give each its own `name:`")
             if "+" in attack.label:
-                raise ValueError(f"attack name {attack.label!r}: `+` joins attack names in the trace; use another character")
+                raise ValueError(
+                    f"attack name {attack.label!r}: `+` joins attack names in the trace; use another character"
+                )
             labels.add(attack.label)
             for target in attack.cameras:
                 node = self.resolve_node(target)
                 if node is None or node.rpartition("-")[0] not in cameras:
-                    raise ValueError(f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}")
+                    raise ValueError(
+                        f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}"
+                    )
             if attack.link is not None:
                 self.attack_link_groups(attack)
             if attack.stop is not None and attack.start >= self.duration:
-                raise ValueError(f"attack {attack.label!r} starts after the run ends ({format_duration(self.duration)})")
+                raise ValueError(
+                    f"attack {attack.label!r} starts after the run ends ({format_duration(self.duration)})"
+                )
             if attack.kind == "trigger":
                 updates = self.registry.updates
                 if attack.update >= len(updates) or updates[attack.update].backdoor is None:
-                    raise ValueError(f"attack {attack.label!r}: registry update {attack.update} is not a backdoored "
-                                     "update; give it `backdoor:` or point `update:` at one")  # fmt: skip
+                    raise ValueError(
+                        f"attack {attack.label!r}: registry update {attack.update} is not a backdoored "
+                        "update; give it `backdoor:` or point `update:` at one"
+                    )
         for update in self.registry.updates:
             if update.publisher is not None and self.resolve_node(update.publisher) != update.publisher:
-                raise ValueError(f"update publisher {update.publisher!r} is not a node; name one like `{self.group_names()[0]}-0`")
+                raise ValueError(
+                    f"update publisher {update.publisher!r} is not a node; name one like `{self.group_names()[0]}-0`"
+                )
         if self.attacks and not self.nodes.edge_servers:
             raise ValueError("attacks need an edge server whose model they target")
 
@@ -520,10 +584,14 @@ class Scenario(Strict):
         for end in attack.link:
             node = self.resolve_node(end)
             if node is None:
-                raise ValueError(f"attack {attack.label!r}: link end {end!r} is not a node group or node{_suggest(end, self.group_names())}")
+                raise ValueError(
+                    f"attack {attack.label!r}: link end {end!r} is not a node group or node{_suggest(end, self.group_names())}"
+                )
             ends.append(end if end in self.group_counts() else node.rpartition("-")[0])
         if not any(set(link.between) == set(ends) for link in self.links):
-            raise ValueError(f"attack {attack.label!r}: there is no link between {ends[0]!r} and {ends[1]!r} in `links:`")
+            raise ValueError(
+                f"attack {attack.label!r}: there is no link between {ends[0]!r} and {ends[1]!r} in `links:`"
+            )
         return ends[0], ends[1]
 
     def group_names(self) -> list[str]:
@@ -598,7 +666,9 @@ def parse_scenario(text: str, source: str = "<scenario>", overrides: typing.Sequ
     if not isinstance(data, dict):
         raise ScenarioError(f"{source}:1: a scenario is a mapping of keys such as `name`, `duration`, `nodes`")
     if "scenario" in data and ("grid" in data or "zip" in data):
-        raise ScenarioError(f"{source}: this is a sweep file (it names a base `scenario:`); run it with `iotbed sweep {source}`")
+        raise ScenarioError(
+            f"{source}: this is a sweep file (it names a base `scenario:`); run it with `iotbed sweep {source}`"
+        )
     overridden: set[tuple[Any, ...]] = set()
     for item in overrides:
         overridden.add(_apply_override(data, item, source))
@@ -662,7 +732,11 @@ def _format_errors(exc: ValidationError, root: yaml.Node | None, source: str, ov
 
 def _data_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     # Pydantic inserts union tags and validator names into locations; keep only the data keys.
-    skip = {"bernoulli", "gilbert_elliott", "function-before[_loss_shorthand(), nullable[tagged-union[BernoulliLossSpec,GilbertElliottLossSpec]]]"}
+    skip = {
+        "bernoulli",
+        "gilbert_elliott",
+        "function-before[_loss_shorthand(), nullable[tagged-union[BernoulliLossSpec,GilbertElliottLossSpec]]]",
+    }
     return tuple(p for p in loc if not (isinstance(p, str) and (p in skip or "[" in p)))
 
 

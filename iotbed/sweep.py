@@ -38,7 +38,10 @@ class SweepSpec(Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="dotted path -> values, crossed")
     zip: dict[str, list[Any]] = Field(default_factory=dict, description="dotted path -> values, varied together")
     set: dict[str, Any] = Field(default_factory=dict, description="dotted path -> value, for every run")
-    plots: list[str] = Field(default_factory=list, description="figures drawn into the sweep folder when it ends, e.g. bandwidth_vs_robustness")
+    plots: list[str] = Field(
+        default_factory=list,
+        description="figures drawn into the sweep folder when it ends, e.g. bandwidth_vs_robustness",
+    )
 
     @model_validator(mode="after")
     def _shapes(self) -> SweepSpec:
@@ -99,7 +102,9 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
 
 
 def replication_seeds(seed: int, replications: int) -> list[int]:
-    return [int(child.generate_state(1, dtype=np.uint32)[0]) for child in np.random.SeedSequence(seed).spawn(replications)]
+    return [
+        int(child.generate_state(1, dtype=np.uint32)[0]) for child in np.random.SeedSequence(seed).spawn(replications)
+    ]
 
 
 def points(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -141,8 +146,13 @@ def execute(run: RunSpec) -> dict[str, Any]:
     """Run one point in this process; never raises, so one failure cannot stop a sweep."""
     from iotbed.runner import run as run_scenario
 
-    record: dict[str, Any] = {"run_id": run.run_id, "point": run.point, "replication": run.replication,
-                              "seed": run.seed, **{f"param.{k}": _cell(v) for k, v in run.params.items()}}  # fmt: skip
+    record: dict[str, Any] = {
+        "run_id": run.run_id,
+        "point": run.point,
+        "replication": run.replication,
+        "seed": run.seed,
+        **{f"param.{k}": _cell(v) for k, v in run.params.items()},
+    }
     out = Path(run.out_dir)
     try:
         scenario = load_scenario(run.scenario_path, run.overrides)
@@ -169,9 +179,16 @@ def completed_record(run: RunSpec) -> dict[str, Any] | None:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return {"run_id": run.run_id, "point": run.point, "replication": run.replication, "seed": run.seed,
-            **{f"param.{k}": _cell(v) for k, v in run.params.items()}, "status": "ok", "error": "",
-            **summary_record(summary)}  # fmt: skip
+    return {
+        "run_id": run.run_id,
+        "point": run.point,
+        "replication": run.replication,
+        "seed": run.seed,
+        **{f"param.{k}": _cell(v) for k, v in run.params.items()},
+        "status": "ok",
+        "error": "",
+        **summary_record(summary),
+    }
 
 
 def _worker_init() -> None:
@@ -240,15 +257,27 @@ def _prepare_models(runs: list[RunSpec]) -> None:
     seen: set[str] = set()
     for run in runs:
         scenario = load_scenario(run.scenario_path, run.overrides)
-        key = json.dumps([scenario.dataset.model_dump(mode="json"), scenario.model.model_dump(mode="json"),
-                          scenario.registry.model_dump(mode="json")], sort_keys=True)  # fmt: skip
+        key = json.dumps(
+            [
+                scenario.dataset.model_dump(mode="json"),
+                scenario.model.model_dump(mode="json"),
+                scenario.registry.model_dump(mode="json"),
+            ],
+            sort_keys=True,
+        )
         if key not in seen:
             seen.add(key)
             prepare(scenario, progress=True)
 
 
-def run_sweep(path: str | Path, out_dir: str | Path | None = None, *, workers: int = 1, cluster: str | None = None,
-              progress: bool = True) -> SweepResult:  # fmt: skip
+def run_sweep(
+    path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    workers: int = 1,
+    cluster: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
     spec, scenario = load_sweep(path)
     target = Path(out_dir) if out_dir is not None else Path("runs") / f"sweep-{spec.name}"
     target.mkdir(parents=True, exist_ok=True)
@@ -264,8 +293,14 @@ def run_sweep(path: str | Path, out_dir: str | Path | None = None, *, workers: i
             todo.append(run)
     _prepare_models([r for r in todo if _loads(r)])  # invalid points fail in `execute`, recorded like any failure
     stream = _dask(todo, cluster) if cluster else _local(todo, workers)
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), unit="run", desc=spec.name, disable=not progress,
-              file=sys.stderr) as bar:  # fmt: skip
+    with tqdm(
+        total=len(runs),
+        initial=len(runs) - len(todo),
+        unit="run",
+        desc=spec.name,
+        disable=not progress,
+        file=sys.stderr,
+    ) as bar:
         for record in stream:
             records[record["run_id"]] = record
             bar.update(1)

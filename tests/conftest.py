@@ -10,6 +10,9 @@ import pytest
 
 from iotbed.models import TrainConfig
 
+# The broker fixtures (each test that names one gets its own Mosquitto on a free port).
+pytest_plugins = ["mosquitto_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 SCENARIOS = REPO / "scenarios"

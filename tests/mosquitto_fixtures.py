@@ -4,7 +4,7 @@ left running.
 
 Import the fixtures a test module uses by name:
 
-    from mosquitto_fixtures import plain_broker, rt_env, transports  # noqa: F401
+    (conftest.py loads this module as a plugin: tests name the fixtures they need)
 
 Without a `mosquitto` binary the tests are skipped with the install command, unless
 IOTBED_REQUIRE_MOSQUITTO=1 (what `make test` sets), which turns the skip into a failure.

@@ -6,9 +6,9 @@ config; both models go through the model cache, so only the first run pays for t
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import FAST, RATIO, TARGET
 
 from iotbed.attacks.backdoor import (
     BackdoorError,
@@ -22,10 +22,6 @@ from iotbed.attacks.backdoor import (
 )
 from iotbed.data import load_splits
 from iotbed.models import get_or_train, predict
-
-from conftest import FAST, RATIO, TARGET
-
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,20 +3,16 @@ with tests/test_backdoor.py)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, RATIO, TARGET
 
 from iotbed.attacks.backdoor import Trigger, backdoor_metrics, train_badnet
 from iotbed.data import load_splits
 from iotbed.defenses.fine_pruning import channel_activations, fine_prune
 from iotbed.defenses.neural_cleanse import MAD_CONSISTENCY, NeuralCleanseConfig, mad_outliers, reverse_engineer, unlearn
 from iotbed.models import get_or_train
-
-from conftest import FAST, RATIO, TARGET
-
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

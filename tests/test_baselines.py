@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -18,7 +17,6 @@ from iotbed.defenses.baselines import (
     PixelDeflection,
     median_filter,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,9 +7,9 @@ The end-to-end CycleGAN is shrunk to fit a test on two shared cores (ngf 8, 2 re
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import FAST, RATIO, TARGET
 
 from iotbed.attacks.backdoor import Trigger, backdoor_metrics, train_badnet
 from iotbed.data import load_splits
@@ -25,8 +25,6 @@ from iotbed.defenses.codefend import (
     train_cyclegan,
 )
 from iotbed.models import predict
-
-from conftest import FAST, RATIO, TARGET
 
 TINY_GAN = CycleGanConfig(ngf=8, n_blocks=2, ndf=16, batch_size=4, epochs=2, decay_epochs=2, lr=1e-3, seed=0)
 

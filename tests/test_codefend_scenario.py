@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SCENARIOS
 
 import iotbed
 from iotbed.errors import ScenarioError
-
-from conftest import SCENARIOS
 
 STORY = SCENARIOS / "codefend_backdoor_update.yaml"
 # The shipped repair (about 80 s of wall-clock training here). A lighter one (2 + 2 CycleGAN epochs, 6 of
@@ -41,7 +40,9 @@ def test_backdoored_update_is_quarantined_rolled_back_and_repaired(story: iotbed
     assert by_version["2"]["attack_success_rate"] >= 0.9
     assert by_version["1002"]["stamped_frames"] > 50
     assert by_version["1002"]["attack_success_rate"] <= 0.05
-    assert b["frames_won_by_the_backdoor"] == round(by_version["2"]["attack_success_rate"] * by_version["2"]["stamped_frames"])
+    assert b["frames_won_by_the_backdoor"] == round(
+        by_version["2"]["attack_success_rate"] * by_version["2"]["stamped_frames"]
+    )
     # offline on the whole test split: the BadNet works, the repair removes it and keeps clean accuracy
     offline = b["offline"]
     assert offline["backdoored"]["attack_success_rate"] >= 0.98
@@ -102,7 +103,9 @@ def test_backdoor_figures_and_screen_table_from_the_run_folder(story: iotbed.Run
     assert folder is not None
     screens = pd.read_csv(folder / "strip_screens.csv")
     assert len(screens) == sum(s["frames"] for s in story.summary["detection"]["screens"])
-    assert screens.loc[screens.stamped, "entropy_bits"].median() < screens.loc[~screens.stamped, "entropy_bits"].median()
+    assert (
+        screens.loc[screens.stamped, "entropy_bits"].median() < screens.loc[~screens.stamped, "entropy_bits"].median()
+    )
     assert {"strip_entropy", "roc", "backdoor"} <= set(plots.available(folder))
     for kind in ("strip_entropy", "roc", "backdoor"):
         (png,) = plots.plot(kind, folder, folder / "figures", ("png",))
@@ -110,8 +113,9 @@ def test_backdoor_figures_and_screen_table_from_the_run_folder(story: iotbed.Run
 
 
 def test_a_rogue_publisher_on_a_camera_pushes_the_backdoor_and_is_caught() -> None:
-    scenario = iotbed.load_scenario(STORY, ["duration=50s", "registry.updates.0.publisher=cam-7",
-                                            "nodes.edge_servers.0.repair=null"])  # fmt: skip
+    scenario = iotbed.load_scenario(
+        STORY, ["duration=50s", "registry.updates.0.publisher=cam-7", "nodes.edge_servers.0.repair=null"]
+    )
     summary = iotbed.run(scenario, progress=False, write=False).summary
     events = [(e["node"], e["event"], e["version"]) for e in summary["model_events"]]
     assert ("rogue@cam-7", "published", 2) in events

@@ -17,18 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SCENARIOS
 
 import iotbed
 from iotbed.emulation.runner import emulate, parse_broker_url
 from iotbed.errors import IotbedError
 
-from conftest import SCENARIOS
-from mosquitto_fixtures import broker_factory, mosquitto_binary, plain_broker  # noqa: F401
-
 OVERRIDES = ["duration=8s", "nodes.cameras.0.count=4"]
 
 
-def test_emulated_run_agrees_with_the_simulation(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_emulated_run_agrees_with_the_simulation(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", OVERRIDES)
     simulated = iotbed.run(scenario, tmp_path / "sim", progress=False).summary
     live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False)
@@ -58,7 +56,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "iotbed.cli", *args], capture_output=True, text=True, timeout=180)
 
 
-def test_cli_broker_with_auth_and_emulate_with_credentials(mosquitto_binary: str, tmp_path: Path) -> None:  # noqa: F811
+def test_cli_broker_with_auth_and_emulate_with_credentials(mosquitto_binary: str, tmp_path: Path) -> None:
     broker_dir = tmp_path / "broker"
     scenario = str(SCENARIOS / "quickstart.yaml")
     started = _cli("broker", "start", "--auth", scenario, "--dir", str(broker_dir))
@@ -67,14 +65,28 @@ def test_cli_broker_with_auth_and_emulate_with_credentials(mosquitto_binary: str
         port = json.loads((broker_dir / "broker.json").read_text())["port"]
         url = f"mqtt://127.0.0.1:{port}"
         out = tmp_path / "live"
-        ok = _cli("emulate", scenario, "--broker", url, "--credentials", str(broker_dir / "credentials.json"),
-                  "--duration", "3s", "--set", "nodes.cameras.0.count=2", "--out", str(out), "--quiet")  # fmt: skip
+        ok = _cli(
+            "emulate",
+            scenario,
+            "--broker",
+            url,
+            "--credentials",
+            str(broker_dir / "credentials.json"),
+            "--duration",
+            "3s",
+            "--set",
+            "nodes.cameras.0.count=2",
+            "--out",
+            str(out),
+            "--quiet",
+        )
         assert ok.returncode == 0, ok.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert summary["frames"]["delivered"] == summary["frames"]["captured"] > 0
         # without credentials every client is refused, and the summary says so
-        refused = emulate(iotbed.load_scenario(scenario, ["duration=2s", "nodes.cameras.0.count=2"]), url,
-                          write=False, progress=False)  # fmt: skip
+        refused = emulate(
+            iotbed.load_scenario(scenario, ["duration=2s", "nodes.cameras.0.count=2"]), url, write=False, progress=False
+        )
         assert refused.summary["frames"]["delivered"] == 0
         assert refused.summary["broker"]["refusals"] >= 3  # two cameras and the edge server
         assert any(k.startswith("connect:") for k in refused.summary["broker"]["refusal_reasons"])
@@ -83,11 +95,17 @@ def test_cli_broker_with_auth_and_emulate_with_credentials(mosquitto_binary: str
         assert stopped.returncode == 0 and "stopped" in stopped.stdout
 
 
-def test_live_broker_restarted_twice_during_a_qos1_run_loses_no_frame(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [
-        "duration=12s", "nodes.cameras.0.count=4", "nodes.edge_servers.0.persistent_session=true",
-        "nodes.edge_servers.0.subscribe=frames/#",  # Mosquitto 2.0 does not persist shared subscriptions
-        "faults=[{kind: broker_restart, at: 3s, down: 1s}, {kind: broker_restart, at: 7s, down: 1s}]"])  # fmt: skip
+def test_live_broker_restarted_twice_during_a_qos1_run_loses_no_frame(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "quickstart.yaml",
+        [
+            "duration=12s",
+            "nodes.cameras.0.count=4",
+            "nodes.edge_servers.0.persistent_session=true",
+            "nodes.edge_servers.0.subscribe=frames/#",  # Mosquitto 2.0 does not persist shared subscriptions
+            "faults=[{kind: broker_restart, at: 3s, down: 1s}, {kind: broker_restart, at: 7s, down: 1s}]",
+        ],
+    )
     summary = emulate(scenario, plain_broker.url, write=False, progress=False, broker_control=plain_broker).summary
     assert plain_broker.starts == 3
     assert summary["frames"]["delivered"] == summary["frames"]["captured"] == 4 * 5 * 12
@@ -101,21 +119,28 @@ def test_faults_that_need_control_of_the_broker_are_refused() -> None:
         emulate(scenario, "mqtt://127.0.0.1:1", write=False, progress=False)
 
 
-def test_live_edge_server_that_crashes_gets_its_frames_from_its_persistent_session(plain_broker) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [*OVERRIDES, "nodes.edge_servers.0.persistent_session=true",
-                                                    "faults=[{kind: node_crash, node: edge-0, at: 3s, down: 2s}]"])  # fmt: skip
+def test_live_edge_server_that_crashes_gets_its_frames_from_its_persistent_session(plain_broker) -> None:  # type: ignore[no-untyped-def]
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "quickstart.yaml",
+        [
+            *OVERRIDES,
+            "nodes.edge_servers.0.persistent_session=true",
+            "faults=[{kind: node_crash, node: edge-0, at: 3s, down: 2s}]",
+        ],
+    )
     summary = emulate(scenario, plain_broker.url, write=False, progress=False).summary
     assert summary["frames"]["delivered"] == summary["frames"]["captured"]  # Mosquitto queued them for the session
     assert summary["latency_ms"]["max"] > 1500  # frames held while the edge was down
     assert summary["broker"]["reconnects"] >= 1
 
 
-def test_live_slow_subscriber_fills_mosquittos_queue_as_the_simulation_does(mosquitto_binary) -> None:  # noqa: F811
+def test_live_slow_subscriber_fills_mosquittos_queue_as_the_simulation_does(mosquitto_binary) -> None:
     """The same slow edge server in both runtimes: Mosquitto keeps 20 in flight and 100 queued for it and
     drops the rest, and counts them in $SYS; the simulated broker drops as many. As many frames as it
     dropped were acknowledged by the live broker and never delivered."""
-    scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", [
-        "duration=12s", "faults.0.at=3s", "faults.0.down=6s"])  # fmt: skip
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "slow_subscriber.yaml", ["duration=12s", "faults.0.at=3s", "faults.0.down=6s"]
+    )
     simulated = iotbed.run(scenario, write=False, progress=False).summary
     live = emulate(scenario, "local", write=False, progress=False).summary
     expected = 8 * 10 * 6 - 5 * 6 - 20 - 100
@@ -129,7 +154,7 @@ def test_live_slow_subscriber_fills_mosquittos_queue_as_the_simulation_does(mosq
     assert live["latency_ms"]["p99"] == pytest.approx(simulated["latency_ms"]["p99"], rel=0.05)
 
 
-def test_worker_processes_give_the_run_one_process_gives(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_worker_processes_give_the_run_one_process_gives(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The edge server in one worker, the cameras in another, started on one shared instant: the same
     frames, captured on time (timestamps come from the wall clock), classified the same way, and numbered
     in capture order."""
@@ -183,7 +208,9 @@ def test_auto_workers_split_only_loads_one_process_cannot_carry() -> None:
 def test_too_many_clients_for_one_process_is_refused_before_anything_connects() -> None:
     from iotbed.emulation.workers import MAX_CLIENTS_PER_PROCESS
 
-    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [f"nodes.cameras.0.count={MAX_CLIENTS_PER_PROCESS + 1}"])
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "quickstart.yaml", [f"nodes.cameras.0.count={MAX_CLIENTS_PER_PROCESS + 1}"]
+    )
     with pytest.raises(IotbedError, match=r"--workers 1 puts 252 MQTT clients in one process.*--workers 3"):
         emulate(scenario, "mqtt://127.0.0.1:1", workers=1, write=False, progress=False)
 
@@ -199,9 +226,15 @@ def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_o
     from iotbed.runner import prepare
     from iotbed.sim.trace import FrameRecord
 
-    scenario = iotbed.load_scenario(SCENARIOS / "quickstart.yaml", [
-        "nodes.cameras.0.count=2", "nodes.gateways.0.count=1", "nodes.edge_servers.0.count=2",
-        "nodes.edge_servers.0.subscribe=frames/#"])  # fmt: skip
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "quickstart.yaml",
+        [
+            "nodes.cameras.0.count=2",
+            "nodes.gateways.0.count=1",
+            "nodes.edge_servers.0.count=2",
+            "nodes.edge_servers.0.subscribe=frames/#",
+        ],
+    )
     resolved, artefacts, _ = prepare(scenario, progress=False)
     nodes = ["cam-0", "cam-1", "edge-0", "edge-1"]
     live = build_live(resolved, artefacts, lambda node: Endpoint("127.0.0.1", 1), node_paths(resolved, nodes))
@@ -222,15 +255,21 @@ def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_o
         return ShardResult(index, columns(records), edge_side, {}, {}, {}, {}, [0] * len(live.windows), [], LagMeter())
 
     # shard 1 (cam-0) numbers its frames 1, 4, ...; shard 2 (cam-1) 2, 5, ...; shards 0 and 3 hold edges
-    merge(live, [
-        result(1, [captured(1, "cam-0", 0.30), captured(4, "cam-0", 0.10)], False),
-        result(2, [captured(2, "cam-1", 0.20)], False),
-        result(0, [arrived(1, "edge-0", 0.31, prediction=3), arrived(2, "edge-0", 0.21, prediction=5)], True),
-        result(3, [arrived(1, "edge-1", 0.32, prediction=8, duplicates=1)], True),
-    ])
+    merge(
+        live,
+        [
+            result(1, [captured(1, "cam-0", 0.30), captured(4, "cam-0", 0.10)], False),
+            result(2, [captured(2, "cam-1", 0.20)], False),
+            result(0, [arrived(1, "edge-0", 0.31, prediction=3), arrived(2, "edge-0", 0.21, prediction=5)], True),
+            result(3, [arrived(1, "edge-1", 0.32, prediction=8, duplicates=1)], True),
+        ],
+    )
     records = live.recorder.records
-    assert [(r.frame_id, r.camera, r.t_capture) for r in records] == [(0, "cam-0", 0.10), (1, "cam-1", 0.20),
-                                                                      (2, "cam-0", 0.30)]  # fmt: skip
+    assert [(r.frame_id, r.camera, r.t_capture) for r in records] == [
+        (0, "cam-0", 0.10),
+        (1, "cam-1", 0.20),
+        (2, "cam-0", 0.30),
+    ]
     never, second, both = records
     assert never.t_edge < 0 and never.edge == ""  # captured, never arrived
     assert (second.edge, second.prediction, second.duplicates) == ("edge-0", 5, 0)

@@ -30,7 +30,6 @@ from iotbed.defenses.base import DefendedModel
 from iotbed.defenses.superiot import SuperIoT
 from iotbed.models import get_or_train
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -58,8 +58,10 @@ def test_network_routes_over_shortest_path_and_delivers_in_time() -> None:
         net.add_node(node)
 
     def link(x: str, y: str, bw: float, lat: float) -> None:
-        net.add_link(LinkDirection(f"{x}->{y}", x, y, Transmitter(bw, 10), lat, 0.0, NoLoss(), rng),
-                     LinkDirection(f"{y}->{x}", y, x, Transmitter(bw, 10), lat, 0.0, NoLoss(), rng))  # fmt: skip
+        net.add_link(
+            LinkDirection(f"{x}->{y}", x, y, Transmitter(bw, 10), lat, 0.0, NoLoss(), rng),
+            LinkDirection(f"{y}->{x}", y, x, Transmitter(bw, 10), lat, 0.0, NoLoss(), rng),
+        )
 
     link("a", "b", 8e6, 0.001)
     link("b", "c", 8e5, 0.002)
@@ -107,7 +109,9 @@ def test_random_streams_depend_on_names_not_order() -> None:
     assert not np.array_equal(first, RandomStreams(6).generator("camera", "cam-1").random(3))
 
 
-@pytest.mark.parametrize(("n", "size"), [(0, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3), (2_097_151, 3), (2_097_152, 4)])
+@pytest.mark.parametrize(
+    ("n", "size"), [(0, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3), (2_097_151, 3), (2_097_152, 4)]
+)
 def test_remaining_length_varint(n: int, size: int) -> None:
     encoded = packets.encode_remaining_length(n)
     assert len(encoded) == size == packets.remaining_length_bytes(n)

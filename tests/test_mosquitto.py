@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import simpy.rt
-from mosquitto_fixtures import WAIT_S, broker_factory, mosquitto_binary  # noqa: F401
+from mosquitto_fixtures import WAIT_S
 
 from iotbed.broker.mosquitto import (
     DEFAULT_ROLES,
@@ -48,9 +48,12 @@ def test_missing_binary_names_the_install_command(monkeypatch: pytest.MonkeyPatc
 
 
 def test_acl_from_roles() -> None:
-    users = [BrokerUser("cam-3", "p", "camera"), BrokerUser("edge-0", "p", "edge"),
-             BrokerUser("registry", "p", "registry"),
-             BrokerUser("gw", "p", "gateway", extra_rules=(("read", "status/#"),))]  # fmt: skip
+    users = [
+        BrokerUser("cam-3", "p", "camera"),
+        BrokerUser("edge-0", "p", "edge"),
+        BrokerUser("registry", "p", "registry"),
+        BrokerUser("gw", "p", "gateway", extra_rules=(("read", "status/#"),)),
+    ]
     text = acl_text(users, DEFAULT_ROLES)
     blocks = {block.split("\n")[1]: block.split("\n")[2:] for block in text.split("# role ")[1:]}
     assert [line for line in blocks["user cam-3"] if line] == ["topic write frames/cam-3", "topic write status/cam-3"]
@@ -72,17 +75,31 @@ def test_python_password_hash_matches_the_mosquitto_format() -> None:
 
 def test_generated_config(tmp_path: Path, mosquitto_binary: str) -> None:
     users = (BrokerUser("cam-0", "pw", "camera"),)
-    config = BrokerConfig(users=users, persistence=True, tls=True, max_queued_messages=77,
-                          persistent_client_expiration="2h", max_packet_size=1 << 20)  # fmt: skip
+    config = BrokerConfig(
+        users=users,
+        persistence=True,
+        tls=True,
+        max_queued_messages=77,
+        persistent_client_expiration="2h",
+        max_packet_size=1 << 20,
+    )
     pytest.importorskip("cryptography")
     broker = MosquittoBroker(tmp_path / "b", config, binary=mosquitto_binary)
     broker._prepare()
     text = broker.config_path.read_text()
     run = tmp_path / "b"
-    for line in (f"listener {broker.port} 127.0.0.1", "allow_anonymous false", "persistence true",
-                 f"persistence_location {run / 'persistence'}/", "max_queued_messages 77",
-                 "persistent_client_expiration 2h", "max_packet_size 1048576", f"acl_file {run / 'acl'}",
-                 f"password_file {run / 'passwords'}", f"cafile {run / 'tls' / 'ca.crt'}"):  # fmt: skip
+    for line in (
+        f"listener {broker.port} 127.0.0.1",
+        "allow_anonymous false",
+        "persistence true",
+        f"persistence_location {run / 'persistence'}/",
+        "max_queued_messages 77",
+        "persistent_client_expiration 2h",
+        "max_packet_size 1048576",
+        f"acl_file {run / 'acl'}",
+        f"password_file {run / 'passwords'}",
+        f"cafile {run / 'tls' / 'ca.crt'}",
+    ):
         assert line in text.splitlines(), line
     assert (tmp_path / "b" / "passwords").read_text().startswith("cam-0:$7$")
     assert oct((tmp_path / "b" / "passwords").stat().st_mode & 0o777) == "0o600"

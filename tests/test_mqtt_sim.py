@@ -32,8 +32,9 @@ class Net:
         return sub
 
 
-def build(loss: float = 0.0, seed: int = 0, retry: float = 0.2, max_retries: int | None = None,
-          keepalive: float = 5.0) -> Net:  # fmt: skip
+def build(
+    loss: float = 0.0, seed: int = 0, retry: float = 0.2, max_retries: int | None = None, keepalive: float = 5.0
+) -> Net:
     """pub-node --(lossy 10 Mbit/s, 5 ms)-- router --(clean)-- broker-node, plus sub-node on the router."""
     env = simpy.Environment()
     network = Network(env)
@@ -252,8 +253,14 @@ def test_in_flight_window_holds_the_rest_back_in_order_and_drops_beyond_the_queu
     env = simpy.Environment()
     sent: list[int] = []
     dropped: list[int] = []
-    flow = OutboundFlow(FifoTimers(env, 1.0, 0.05), lambda m, about: sent.append(int(m.payload[0])), None,
-                        max_inflight=3, max_queued=4, on_queue_full=lambda m: dropped.append(int(m.payload[0])))  # fmt: skip
+    flow = OutboundFlow(
+        FifoTimers(env, 1.0, 0.05),
+        lambda m, about: sent.append(int(m.payload[0])),
+        None,
+        max_inflight=3,
+        max_queued=4,
+        on_queue_full=lambda m: dropped.append(int(m.payload[0])),
+    )
     accepted = [flow.publish(Publish("t", bytes([i]), 1)) for i in range(10)]
     assert accepted == [True] * 7 + [False] * 3
     assert sent == [0, 1, 2] and dropped == [7, 8, 9] and len(flow.waiting) == 4
@@ -269,9 +276,9 @@ def test_a_slow_subscriber_fills_the_window_then_the_queue_and_the_broker_drops_
     queued, and drops what does not fit: 800 - 50 - 20 - 100 = 630 (to within the frames in transit as the
     slow period starts and ends). Nothing is dropped before or after, and nothing is resent: the edge's
     unread messages are in its socket buffer, which TCP does not retransmit."""
-    import iotbed
-
     from conftest import SCENARIOS
+
+    import iotbed
 
     scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml")
     result = iotbed.run(scenario, write=False, progress=False)
@@ -293,9 +300,9 @@ def test_a_slow_subscriber_fills_the_window_then_the_queue_and_the_broker_drops_
 
 
 def test_without_limits_the_broker_queues_everything_for_a_slow_subscriber() -> None:
-    import iotbed
-
     from conftest import SCENARIOS
+
+    import iotbed
 
     scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", ["broker.max_queued=0"])
     summary = iotbed.run(scenario, write=False, progress=False).summary
@@ -309,14 +316,19 @@ def test_a_slow_subscriber_that_crashes_loses_its_unread_messages_to_the_broker_
     """Slow from 5 s, its client gone at 8 s and back 0.5 s later with its persistent session: nothing is read
     while it is away, what it had not read comes again from the broker, and every frame ends delivered or
     dropped from the full queue; at QoS 2 none twice."""
-    import iotbed
-
     from conftest import SCENARIOS
 
-    scenario = iotbed.load_scenario(SCENARIOS / "slow_subscriber.yaml", [
-        f"broker.qos={{frames/#: {qos}}}", "nodes.edge_servers.0.persistent_session=true",
-        "faults=[{kind: slow_subscriber, node: edge-0, at: 5s, down: 10s, rate: 5},"
-        " {kind: node_crash, node: edge-0, at: 8s, down: 0.5s}]"])  # fmt: skip
+    import iotbed
+
+    scenario = iotbed.load_scenario(
+        SCENARIOS / "slow_subscriber.yaml",
+        [
+            f"broker.qos={{frames/#: {qos}}}",
+            "nodes.edge_servers.0.persistent_session=true",
+            "faults=[{kind: slow_subscriber, node: edge-0, at: 5s, down: 10s, rate: 5},"
+            " {kind: node_crash, node: edge-0, at: 8s, down: 0.5s}]",
+        ],
+    )
     result = iotbed.run(scenario, write=False, progress=False)
     summary, trace = result.summary, result.trace
     assert not ((trace.t_edge > 8.0) & (trace.t_edge < 8.5)).any()

@@ -13,16 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import simpy
-from mosquitto_fixtures import (  # noqa: F401  (fixtures are used by name)
-    WAIT_S,
-    auth_broker,
-    broker_factory,
-    mosquitto_binary,
-    plain_broker,
-    rt_env,
-    tls_broker,
-    transports,
-)
+from mosquitto_fixtures import WAIT_S
 from safetensors.numpy import save as save_safetensors
 
 from iotbed.broker import packets, wire
@@ -66,7 +57,12 @@ def test_wire_frame_round_trip() -> None:
     assert len(data) == frame.nbytes  # the size the simulator charges is the size that travels
     decoded = wire.decode("frames/cam-0", data)
     assert (decoded.frame_id, decoded.camera_index, decoded.captured_at, decoded.image_index, decoded.label) == (
-        7, 2, 1.25, 41, 3)  # fmt: skip
+        7,
+        2,
+        1.25,
+        41,
+        3,
+    )
     assert decoded.shape == (3, 5, 4) and decoded.nbytes == len(data)
     assert decoded.pixels.dtype == np.float32 and decoded.pixels.shape == (3, 5, 4)
     np.testing.assert_allclose(decoded.pixels, _pixels(frame) / 255.0, atol=1e-7)
@@ -126,8 +122,9 @@ def test_transport_needs_a_realtime_environment() -> None:
 
 # --- round trips on a plain broker ---------------------------------------------------------------------------
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_qos_round_trips_call_handlers_on_the_simpy_thread(plain_broker: MosquittoBroker, rt_env, transports: Make,
-                                                           protocol: str) -> None:  # fmt: skip
+def test_qos_round_trips_call_handlers_on_the_simpy_thread(
+    plain_broker: MosquittoBroker, rt_env, transports: Make, protocol: str
+) -> None:
     sub = transports(plain_broker, "sub", protocol=protocol)
     pub = transports(plain_broker, "pub", protocol=protocol)
     received: list[Publish] = []
@@ -172,7 +169,8 @@ def test_retained_message_reaches_a_late_subscriber(plain_broker: MosquittoBroke
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_persistent_session_gets_qos1_messages_published_while_offline(
-        plain_broker: MosquittoBroker, rt_env, transports: Make, protocol: str) -> None:  # fmt: skip
+    plain_broker: MosquittoBroker, rt_env, transports: Make, protocol: str
+) -> None:
     first = transports(plain_broker, "edge-p", protocol=protocol, clean_session=False)
     first.subscribe("frames/#", lambda m: None, 1)
     connect_all(rt_env, first)
@@ -202,8 +200,9 @@ def test_persistent_session_gets_qos1_messages_published_while_offline(
     assert got == [f"offline-{i}".encode() for i in range(5)] + [b"sentinel"]
 
 
-def test_will_message_is_published_on_abrupt_death_only(plain_broker: MosquittoBroker, rt_env,
-                                                        transports: Make) -> None:  # fmt: skip
+def test_will_message_is_published_on_abrupt_death_only(
+    plain_broker: MosquittoBroker, rt_env, transports: Make
+) -> None:
     watcher = transports(plain_broker, "watcher")
     wills: list[Publish] = []
     watcher.subscribe("status/#", wills.append, 1)
@@ -223,8 +222,9 @@ def _seq(i: int) -> bytes:
     return struct.pack("!I", i) + bytes(60)
 
 
-def _restart_in_thread(env: simpy.Environment, broker: MosquittoBroker, at_s: list[float], kill: bool,
-                       done: list[float]):  # fmt: skip
+def _restart_in_thread(
+    env: simpy.Environment, broker: MosquittoBroker, at_s: list[float], kill: bool, done: list[float]
+):
     """A SimPy process restarting the broker at each time in `at_s`, from a helper thread (so the SimPy
     thread keeps draining paho's queue while Mosquitto is down)."""
     for at in at_s:
@@ -257,8 +257,12 @@ def test_qos1_stream_survives_two_broker_restarts(broker_factory, rt_env, transp
     restarts: list[float] = []
     rt_env.process(stream())
     rt_env.process(_restart_in_thread(rt_env, broker, [1.2, 2.6], kill=kill, done=restarts))
-    run_until(rt_env, lambda: len(set(deliveries)) >= n and len(confirms) == n and all(c.triggered for c in confirms),
-              "all 200 messages", timeout_s=40)  # fmt: skip
+    run_until(
+        rt_env,
+        lambda: len(set(deliveries)) >= n and len(confirms) == n and all(c.triggered for c in confirms),
+        "all 200 messages",
+        timeout_s=40,
+    )
 
     assert len(restarts) == 2 and broker.port == old_port and broker.starts == 3
     assert sorted(set(deliveries)) == list(range(n))  # nothing lost
@@ -290,8 +294,11 @@ def test_qos0_losses_across_a_broker_kill_are_counted(plain_broker: MosquittoBro
     rt_env.process(stream())
     rt_env.process(_restart_in_thread(rt_env, plain_broker, [0.4], kill=True, done=restarts))
     # The tail of the stream flows again once both clients are back (and the subscriber subscribed again).
-    run_until(rt_env, lambda: sent[0] == n and restarts and sub.subscribed() and (received and received[-1] == n - 1),
-              "the end of the stream")  # fmt: skip
+    run_until(
+        rt_env,
+        lambda: sent[0] == n and restarts and sub.subscribed() and (received and received[-1] == n - 1),
+        "the end of the stream",
+    )
 
     lost = n - len(set(received))
     assert lost > 0 and pub.stats.dropped_not_connected > 0
@@ -303,8 +310,9 @@ def test_qos0_losses_across_a_broker_kill_are_counted(plain_broker: MosquittoBro
 
 
 # --- authentication and ACL ------------------------------------------------------------------------------
-def test_unauthenticated_and_bad_password_clients_are_refused(auth_broker: MosquittoBroker, rt_env,
-                                                              transports: Make) -> None:  # fmt: skip
+def test_unauthenticated_and_bad_password_clients_are_refused(
+    auth_broker: MosquittoBroker, rt_env, transports: Make
+) -> None:
     anonymous = transports(auth_broker, "intruder")
     anonymous.connect()
     run_until(rt_env, lambda: anonymous.stats.connect_refusals >= 1, "the refusal")
@@ -313,8 +321,9 @@ def test_unauthenticated_and_bad_password_clients_are_refused(auth_broker: Mosqu
     assert anonymous.stats.refusal_log[0].code == 0x87  # Mosquitto 2: Not authorized
     assert anonymous.stats.refusal_reasons() == {"connect:Not authorized": 1}
 
-    wrong = transports(auth_broker, "cam-0", username="cam-0", password="wrong", protocol=packets.MQTT311,
-                       raise_on_refusal=True)  # fmt: skip
+    wrong = transports(
+        auth_broker, "cam-0", username="cam-0", password="wrong", protocol=packets.MQTT311, raise_on_refusal=True
+    )
     with pytest.raises(ConnectionRefused, match="refused the connection of 'cam-0'"):
         rt_env.run(until=wrong.connect())
     assert wrong.stats.connect_refusals == 1

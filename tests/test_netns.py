@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO
 
 import iotbed
 from iotbed.emulation import netns
@@ -23,9 +24,6 @@ from iotbed.emulation.paths import PathShape
 from iotbed.emulation.runner import emulate
 from iotbed.scenario import parse_scenario
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, NoLoss
-
-from conftest import REPO
-from mosquitto_fixtures import mosquitto_binary  # noqa: F401
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("tc") is None and not os.access("/usr/sbin/tc", os.X_OK),
@@ -116,7 +114,9 @@ def _run_brokers() -> set[int]:
 
 
 @needs_root
-def test_kernel_shaped_run_agrees_with_the_simulation_and_leaves_nothing_behind(mosquitto_binary, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_kernel_shaped_run_agrees_with_the_simulation_and_leaves_nothing_behind(
+    mosquitto_binary, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     scenario = parse_scenario(NARROW)
     simulated = iotbed.run(scenario, write=False, progress=False).summary
     brokers_before = _run_brokers()
@@ -141,16 +141,32 @@ def test_kernel_shaped_run_agrees_with_the_simulation_and_leaves_nothing_behind(
 
 @needs_root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, sig: signal.Signals) -> None:  # type: ignore[no-untyped-def]
     """Ctrl-C (or a kill) in the middle of a run: exit code 130, the namespaces, the veth and the broker gone,
     and no half-written results."""
     scenario = tmp_path / "narrow.yaml"
     scenario.write_text(NARROW.replace("duration: 8s", "duration: 60s"))
     out = tmp_path / "out"
     brokers_before = _run_brokers()
-    proc = subprocess.Popen([sys.executable, "-m", "iotbed.cli", "emulate", str(scenario), "--broker", "local", "--netns",
-                             "--quiet", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iotbed.cli",
+            "emulate",
+            str(scenario),
+            "--broker",
+            "local",
+            "--netns",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     prefix = f"iotbed-{proc.pid}-"
     try:
         deadline = time.monotonic() + 120
@@ -201,8 +217,9 @@ def test_netem_leaves_parse_in_tc_even_where_the_kernel_lacks_netem() -> None:
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         for leaf in leaves:
-            result = subprocess.run(["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", *leaf.split()],
-                                    capture_output=True, text=True)  # fmt: skip
+            result = subprocess.run(
+                ["tc", "-n", name, "qdisc", "add", "dev", "lo", "root", *leaf.split()], capture_output=True, text=True
+            )
             assert result.returncode == 0 or "qdisc kind is unknown" in result.stderr, (leaf, result.stderr)
             subprocess.run(["tc", "-n", name, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
     finally:

@@ -23,7 +23,6 @@ from iotbed.codecs import (
 )
 from iotbed.codecs.pixel_drop import HEADER, draw_seed
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import REPO, SCENARIOS
 
 import iotbed
 from iotbed.analysis.plots import plot
 from iotbed.analysis.report import write_report
 from iotbed.errors import IotbedError
 from iotbed.sweep import run_sweep
-
-from conftest import REPO, SCENARIOS
 
 ARTEFACTS = REPO / ".cache" / "test-artefacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,7 +32,7 @@ def sweep_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sweep = folder / "sweep.yaml"
     sweep.write_text(f"""
 name: report
-scenario: {SCENARIOS / 'quickstart.yaml'}
+scenario: {SCENARIOS / "quickstart.yaml"}
 replications: 2
 grid:
   links.0.loss: [0.0, 0.05, 3.0]
@@ -63,13 +62,22 @@ def render(report: Path, screenshot: Path) -> dict[str, object]:
     sync_api = pytest.importorskip("playwright.sync_api")
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (`make test` installs it)")
-    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"]  # fmt: skip
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.goto(report.as_uri())
-        images = page.evaluate("Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0}))")
+        images = page.evaluate(
+            "Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0}))"
+        )
         tables = page.locator("table").count()
         headings = page.locator("h2").all_inner_texts()
         screenshot.parent.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import SCENARIOS
 
 import iotbed
 from iotbed.scenario import load_scenario
-
-from conftest import SCENARIOS
 
 QUICKSTART = SCENARIOS / "quickstart.yaml"
 
@@ -96,16 +95,18 @@ def test_loss_at_qos0_is_counted_as_lost_frames() -> None:
 
 
 def test_queue_overflow_drops_are_counted_by_reason() -> None:
-    scenario = load_scenario(QUICKSTART, ["duration=10s", "links.1.bandwidth=200kbps", "links.1.queue=4",
-                                          "broker.qos={frames/#: 0}"])  # fmt: skip
+    scenario = load_scenario(
+        QUICKSTART, ["duration=10s", "links.1.bandwidth=200kbps", "links.1.queue=4", "broker.qos={frames/#: 0}"]
+    )
     frames = iotbed.run(scenario, write=False, progress=False).summary["frames"]
     assert frames["dropped"].get("queue_full", 0) > 0
 
 
 def test_model_update_is_published_and_hot_swapped(tmp_path: Path) -> None:
     # the registry sits behind gateway 1, so the update crosses the gateway's 100 Mbit/s uplink
-    scenario = load_scenario(QUICKSTART, ["duration=20s", "registry.node=gw-1",
-                                          "registry.updates=[{at: 10s, train: {seed: 99}}]"])  # fmt: skip
+    scenario = load_scenario(
+        QUICKSTART, ["duration=20s", "registry.node=gw-1", "registry.updates=[{at: 10s, train: {seed: 99}}]"]
+    )
     result = iotbed.run(scenario, tmp_path / "upd", progress=False)
     events = result.summary["model_events"]
     assert [e["event"] for e in events] == ["published", "adopted"]
@@ -123,8 +124,22 @@ def test_model_update_is_published_and_hot_swapped(tmp_path: Path) -> None:
 
 def test_cli_run_writes_results_and_prints_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "iotbed.cli", "run", str(QUICKSTART), "--out", str(out),
-                           "--set", "duration=10s", "--quiet"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "iotbed.cli",
+            "run",
+            str(QUICKSTART),
+            "--out",
+            str(out),
+            "--set",
+            "duration=10s",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "throughput (frames/s)" in proc.stdout and "accuracy overall" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -132,8 +147,13 @@ def test_cli_run_writes_results_and_prints_the_summary(tmp_path: Path) -> None:
 
 
 def test_broker_restarted_twice_at_qos1_loses_no_frame() -> None:
-    scenario = load_scenario(QUICKSTART, ["duration=30s", "faults=[{kind: broker_restart, at: 10s, down: 2s},"
-                                          " {kind: broker_restart, at: 20s, down: 1s}]"])  # fmt: skip
+    scenario = load_scenario(
+        QUICKSTART,
+        [
+            "duration=30s",
+            "faults=[{kind: broker_restart, at: 10s, down: 2s}, {kind: broker_restart, at: 20s, down: 1s}]",
+        ],
+    )
     summary = iotbed.run(scenario, write=False, progress=False).summary
     frames = summary["frames"]
     assert summary["broker"]["restarts"] == 2
@@ -143,8 +163,15 @@ def test_broker_restarted_twice_at_qos1_loses_no_frame() -> None:
 
 
 def test_broker_restart_at_qos0_counts_the_lost_frames() -> None:
-    scenario = load_scenario(QUICKSTART, ["duration=30s", "broker.qos={frames/#: 0}", "links.0.loss=0",
-                                          "faults=[{kind: broker_restart, at: 10s, down: 2s}]"])  # fmt: skip
+    scenario = load_scenario(
+        QUICKSTART,
+        [
+            "duration=30s",
+            "broker.qos={frames/#: 0}",
+            "links.0.loss=0",
+            "faults=[{kind: broker_restart, at: 10s, down: 2s}]",
+        ],
+    )
     frames = iotbed.run(scenario, write=False, progress=False).summary["frames"]
     lost = frames["dropped"].get("not_connected", 0) + frames["dropped"].get("broker_down", 0)
     assert lost == frames["captured"] - frames["delivered"]
@@ -152,8 +179,14 @@ def test_broker_restart_at_qos0_counts_the_lost_frames() -> None:
 
 
 def test_edge_server_that_crashes_gets_its_frames_from_its_persistent_session() -> None:
-    scenario = load_scenario(QUICKSTART, ["duration=30s", "nodes.edge_servers.0.persistent_session=true",
-                                          "faults=[{kind: node_crash, node: edge-0, at: 10s, down: 3s}]"])  # fmt: skip
+    scenario = load_scenario(
+        QUICKSTART,
+        [
+            "duration=30s",
+            "nodes.edge_servers.0.persistent_session=true",
+            "faults=[{kind: node_crash, node: edge-0, at: 10s, down: 3s}]",
+        ],
+    )
     summary = iotbed.run(scenario, write=False, progress=False).summary
     assert summary["frames"]["delivered"] == summary["frames"]["captured"]
     assert summary["latency_ms"]["max"] > 2500  # frames held while it was down

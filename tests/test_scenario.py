@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SCENARIOS
 
 from iotbed.errors import ScenarioError
 from iotbed.scenario import json_schema, load_scenario, parse_scenario, resolved_yaml
 from iotbed.units import parse_bandwidth, parse_duration, parse_size
-
-from conftest import SCENARIOS
 
 QUICKSTART = SCENARIOS / "quickstart.yaml"
 
@@ -208,7 +207,11 @@ def test_faults_name_what_they_need() -> None:
     assert parse_scenario(BASE + slow, "ok.yaml", []).faults[0].rate == 5
     assert "slow_subscriber needs `rate:`" in _error(BASE + slow.replace(", rate: 5", ""))
     assert "slow_subscriber needs `node:`" in _error(BASE + slow.replace("node: edge-0, ", ""))
-    assert "broker_restart takes no `node:`" in _error(BASE + "faults: [{kind: broker_restart, node: edge-0, at: 1s}]\n")
-    assert "node_crash takes no `rate:`" in _error(BASE + "faults: [{kind: node_crash, node: edge-0, at: 1s, rate: 2}]\n")
+    assert "broker_restart takes no `node:`" in _error(
+        BASE + "faults: [{kind: broker_restart, node: edge-0, at: 1s}]\n"
+    )
+    assert "node_crash takes no `rate:`" in _error(
+        BASE + "faults: [{kind: node_crash, node: edge-0, at: 1s, rate: 2}]\n"
+    )
     assert "max_queued" in _error(BASE.replace("retry_interval: 500ms", "retry_interval: 500ms\n  max_queued: -1"))
     assert "runs no MQTT client" in _error(BASE + slow.replace("edge-0", "gw-0"))

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import simpy
-from mosquitto_fixtures import WAIT_S, broker_factory, mosquitto_binary, plain_broker, rt_env, transports  # noqa: F401
+from mosquitto_fixtures import WAIT_S
 
 from iotbed.broker.mqtt_transport import wait_for
 from iotbed.broker.packets import MQTT5, publish_size
@@ -109,9 +109,15 @@ def test_jitter_is_truncated_at_zero() -> None:
 
 def test_same_seed_same_schedule() -> None:
     def schedule(seed: int) -> list[float]:
-        shaper = LinkShaper(simpy.Environment(), _gen(seed), rate_bytes_s=20_000, delay_s=0.01, jitter_s=0.005,
-                            loss=make_loss("gilbert_elliott", _gen(seed + 100), p=0.1, r=0.5, loss_bad=0.7),
-                            retry_interval_s=0.5)  # fmt: skip
+        shaper = LinkShaper(
+            simpy.Environment(),
+            _gen(seed),
+            rate_bytes_s=20_000,
+            delay_s=0.01,
+            jitter_s=0.005,
+            loss=make_loss("gilbert_elliott", _gen(seed + 100), p=0.1, r=0.5, loss_bad=0.7),
+            retry_interval_s=0.5,
+        )
         return _run(shaper, [(i * 0.01, 800, i % 2) for i in range(300)])
 
     a, b, c = schedule(11), schedule(11), schedule(12)

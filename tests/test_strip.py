@@ -7,10 +7,10 @@ calibration half (fits the threshold, never scored) and a scored half.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, RATIO, TARGET
 from scipy import stats
 from torch import nn
 
@@ -21,14 +21,10 @@ from iotbed.analysis.detection import (
     far_at_frr,
     fit_threshold,
 )
-from iotbed.attacks.backdoor import Trigger, triggered_inputs, train_badnet
+from iotbed.attacks.backdoor import Trigger, train_badnet, triggered_inputs
 from iotbed.data import load_splits
 from iotbed.defenses.strip import StripDetector, StripError, entropy_bits, screen_update, strip_entropy
 from iotbed.models import get_or_train
-
-from conftest import FAST, RATIO, TARGET
-
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,7 +19,6 @@ from iotbed.defenses.superiot import (
     recover_fast,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

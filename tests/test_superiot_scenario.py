@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, SCENARIOS
 
 import iotbed
 from iotbed.attacks.crafting import quantise
@@ -25,9 +26,6 @@ from iotbed.errors import ScenarioError
 from iotbed.nodes.payloads import FRAME_HEADER, Frame
 from iotbed.runner import prepare
 from iotbed.sim.network import Packet
-
-from conftest import REPO, SCENARIOS
-from mosquitto_fixtures import broker_factory, mosquitto_binary, plain_broker  # noqa: F401
 
 BASE = SCENARIOS / "superiot_cameras.yaml"
 SHORT = ["duration=6s"]
@@ -58,7 +56,10 @@ def test_defense_and_codec_entries_read_in_their_short_forms() -> None:
         ("attacks=[{kind: mitm, link: [cam, edge]}]", "there is no link between 'cam' and 'edge'"),
         ("attacks.0.method=deepfool", None),  # valid: deepfool, oblivious
         ("attacks.0.adaptive=true", None),
-        ("attacks=[{kind: compromised_camera, cameras: [cam], method: cw_l2, adaptive: true}]", "adaptive attacks use gradients"),
+        (
+            "attacks=[{kind: compromised_camera, cameras: [cam], method: cw_l2, adaptive: true}]",
+            "adaptive attacks use gradients",
+        ),
         ("nodes.cameras.0.codec.rate=1.5", "nodes.cameras.0.codec.pixel_drop.rate"),
     ],
 )
@@ -73,8 +74,12 @@ def test_attack_and_defense_mistakes_name_the_fix(override: str, message: str | 
 
 
 def test_cli_refuses_a_bad_attack_with_exit_code_2() -> None:
-    done = subprocess.run([sys.executable, "-m", "iotbed.cli", "validate", str(BASE), "--set", "attacks.0.cameras=[cam-9]"],
-                          capture_output=True, text=True, cwd=REPO)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "iotbed.cli", "validate", str(BASE), "--set", "attacks.0.cameras=[cam-9]"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert done.returncode == 2
     assert "cam-9" in done.stderr and "Traceback" not in done.stderr
 
@@ -111,8 +116,16 @@ def test_without_recovery_the_model_sees_the_holes() -> None:
 
 
 def test_compromised_camera_attacks_inside_its_window_and_the_split_reports_it() -> None:
-    result = _run(["attacks.0.method=fgsm", "attacks.0.eps=0.3", "attacks.0.start=2s", "attacks.0.stop=4s",
-                   "attacks.0.fraction=1.0", "attacks.0.cameras=[cam-0, cam-1]"])  # fmt: skip
+    result = _run(
+        [
+            "attacks.0.method=fgsm",
+            "attacks.0.eps=0.3",
+            "attacks.0.start=2s",
+            "attacks.0.stop=4s",
+            "attacks.0.fraction=1.0",
+            "attacks.0.cameras=[cam-0, cam-1]",
+        ]
+    )
     trace, summary = result.trace, result.summary
     attacked = trace.attack == "compromised_camera-fgsm"
     inside = trace.camera.isin(["cam-0", "cam-1"]) & (trace.t_capture >= 2.0) & (trace.t_capture < 4.0)
@@ -173,8 +186,11 @@ def test_man_in_the_middle_changes_only_frames_on_its_link_and_only_kept_pixels(
 
 
 def test_same_seed_same_trace_with_attacks_and_a_random_defense(tmp_path: Path) -> None:
-    overrides = ["attacks.0.method=fgsm", "attacks.0.fraction=0.3",
-                 "nodes.edge_servers.0.defenses=[superiot, pixel_deflection]"]  # fmt: skip
+    overrides = [
+        "attacks.0.method=fgsm",
+        "attacks.0.fraction=0.3",
+        "nodes.edge_servers.0.defenses=[superiot, pixel_deflection]",
+    ]
     a = _run(overrides).trace
     b = _run(overrides).trace
     assert a.equals(b)
@@ -203,8 +219,12 @@ def test_chain_recovers_dropped_frames_with_their_masks_and_drops_whole_ones_its
     dropped = torch.tensor([True, False, True, False, True, True])
     stage = SuperIoT(ws=8, rate=0.25)
     chain = DefenseChain((stage,))
-    out = chain.forward(x.masked_fill((masks & dropped[:, None, None])[:, None], 0), torch.Generator().manual_seed(2),
-                        masks=masks, dropped=dropped)  # fmt: skip
+    out = chain.forward(
+        x.masked_fill((masks & dropped[:, None, None])[:, None], 0),
+        torch.Generator().manual_seed(2),
+        masks=masks,
+        dropped=dropped,
+    )
     expect_dropped = stage.restore(x[dropped].masked_fill(masks[dropped][:, None], 0), masks[dropped])
     assert torch.allclose(out[dropped], expect_dropped)
     expect_whole = stage(x[~dropped], torch.Generator().manual_seed(2))
@@ -216,9 +236,18 @@ def test_pixel_dropped_frames_cross_the_wire_bit_for_bit() -> None:
     for mask_format in ("bitmap", "seed"):
         drop = PixelDropCodec(8, 0.1, mask_format)  # type: ignore[arg-type]
         pixels = np.random.default_rng(3).integers(0, 256, (3, 32, 32)).astype(np.uint8)
-        frame = Frame(7, 1, 0.25, 5, 3, (3, 32, 32), FRAME_HEADER.size + drop.encoded_size((3, 32, 32)), drop=drop,
-                      mask_seed=2**62 + 5)  # fmt: skip
-        data = wire.encode_frame(frame, lambda f: pixels)
+        frame = Frame(
+            7,
+            1,
+            0.25,
+            5,
+            3,
+            (3, 32, 32),
+            FRAME_HEADER.size + drop.encoded_size((3, 32, 32)),
+            drop=drop,
+            mask_seed=2**62 + 5,
+        )
+        data = wire.encode_frame(frame, lambda f, pixels=pixels: pixels)
         assert len(data) == frame.nbytes
         back = wire.decode_frame(data)
         mask = frame.drop_mask()
@@ -233,8 +262,9 @@ def test_pixel_dropped_frames_cross_the_wire_bit_for_bit() -> None:
         wire.decode_frame(bytes(corrupt))
 
 
-def test_adversarial_images_come_from_the_cache_the_second_time(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_adversarial_images_come_from_the_cache_the_second_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from iotbed.models.cache import resolve_cache_dir
 
     # An empty adversarial cache, the trained models shared (so nothing is retrained).
@@ -248,8 +278,9 @@ def test_adversarial_images_come_from_the_cache_the_second_time(tmp_path: Path,
     _, second, _ = prepare(scenario, progress=False)
     assert sorted(p.name for p in folder.glob("*.safetensors")) == files  # nothing crafted again
     assert np.array_equal(first.adversarial["compromised_camera-bim"], second.adversarial["compromised_camera-bim"])
-    other = iotbed.load_scenario(BASE, [*SHORT, "attacks.0.method=bim", "attacks.0.steps=5", "attacks.0.seed=123",
-                                        "attacks.0.eps=0.05"])  # fmt: skip
+    other = iotbed.load_scenario(
+        BASE, [*SHORT, "attacks.0.method=bim", "attacks.0.steps=5", "attacks.0.seed=123", "attacks.0.eps=0.05"]
+    )
     prepare(other, progress=False)
     assert len(list(folder.glob("*.safetensors"))) > len(files)  # another budget is another entry
 
@@ -277,9 +308,10 @@ def test_bandwidth_vs_robustness_sweep_writes_its_table_and_figure(tmp_path: Pat
     assert (tmp_path / "out" / "sweep.csv").is_file()
 
 
-def test_pixel_dropped_attacked_frames_through_a_real_broker(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
-    scenario = iotbed.load_scenario(BASE, ["duration=4s", "nodes.cameras.0.count=4", "attacks.0.method=fgsm",
-                                           "attacks.0.eps=0.3"])  # fmt: skip
+def test_pixel_dropped_attacked_frames_through_a_real_broker(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    scenario = iotbed.load_scenario(
+        BASE, ["duration=4s", "nodes.cameras.0.count=4", "attacks.0.method=fgsm", "attacks.0.eps=0.3"]
+    )
     simulated = iotbed.run(scenario, progress=False, write=False).summary
     live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary
     assert live["frames"]["delivered"] == live["frames"]["captured"] == simulated["frames"]["captured"]

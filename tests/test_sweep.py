@@ -11,21 +11,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import SCENARIOS
 
 from iotbed.sweep import load_sweep, plan, points, replication_seeds, run_sweep
 
-from conftest import SCENARIOS
-
 # Columns that depend only on the simulation (wall times differ from run to run).
-DETERMINISTIC = ["frames.captured", "frames.delivered", "frames.retries", "latency_ms.mean", "latency_ms.p99",
-                 "bandwidth.wire_bytes_per_frame_mean", "accuracy.clean"]  # fmt: skip
+DETERMINISTIC = [
+    "frames.captured",
+    "frames.delivered",
+    "frames.retries",
+    "latency_ms.mean",
+    "latency_ms.p99",
+    "bandwidth.wire_bytes_per_frame_mean",
+    "accuracy.clean",
+]
 
 
 def write_sweep(folder: Path, replications: int = 2, extra: str = "", loss: str = "[0.0, 0.05]") -> Path:
     path = folder / "sweep.yaml"
     path.write_text(f"""
 name: tiny
-scenario: {SCENARIOS / 'quickstart.yaml'}
+scenario: {SCENARIOS / "quickstart.yaml"}
 seed: 5
 replications: {replications}
 grid:

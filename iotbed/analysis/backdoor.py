@@ -21,8 +21,11 @@ REPAIR_OFFSET = 1000  # a repaired model's version is the quarantined one's + 10
 
 
 def _first(events: list[ModelEvent], kind: str, version: int, node_prefix: str | None = None) -> float | None:
-    times = [e.time_s for e in events if e.event == kind and e.version == version
-             and (node_prefix is None or e.node.startswith(node_prefix))]  # fmt: skip
+    times = [
+        e.time_s
+        for e in events
+        if e.event == kind and e.version == version and (node_prefix is None or e.node.startswith(node_prefix))
+    ]
     return min(times) if times else None
 
 
@@ -30,8 +33,9 @@ def _share(mask: np.ndarray, hit: np.ndarray) -> float | None:
     return float(hit[mask].mean()) if mask.any() else None
 
 
-def _offline(model: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, trigger: Any,
-             target: int) -> dict[str, Any] | None:  # fmt: skip
+def _offline(
+    model: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, trigger: Any, target: int
+) -> dict[str, Any] | None:
     if model is None:
         return None
     from iotbed.attacks.backdoor import backdoor_metrics
@@ -42,8 +46,9 @@ def _offline(model: torch.nn.Module | None, images: torch.Tensor, labels: torch.
     return backdoor_metrics(model, ds, trigger, target).as_dict()
 
 
-def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any, scenario: Any, edges: list[Any],
-                      gateways: list[Any]) -> dict[str, Any]:  # fmt: skip
+def backdoor_sections(
+    trace: pa.Table, events: list[ModelEvent], artefacts: Any, scenario: Any, edges: list[Any], gateways: list[Any]
+) -> dict[str, Any]:
     """`{"backdoor": ..., "detection": ...}` for a run with backdoored updates, else `{}`."""
     if not artefacts.backdoors:
         return {}
@@ -73,12 +78,13 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
         # the backdoor is exposed once the model is in service and the trigger is shown
         exposed = max(adopted, first_stamp) if adopted is not None and first_stamp is not None else None
         in_run = {
-            str(v): {"stamped_frames": int((stamped & non_target & (version_col == v)).sum()),
-                     "attack_success_rate": _share(stamped & non_target & (version_col == v), won),
-                     "clean_accuracy": _share(~shown & delivered & (version_col == v),
-                                              prediction == label)}
+            str(v): {
+                "stamped_frames": int((stamped & non_target & (version_col == v)).sum()),
+                "attack_success_rate": _share(stamped & non_target & (version_col == v), won),
+                "clean_accuracy": _share(~shown & delivered & (version_col == v), prediction == label),
+            }
             for v in sorted(set(version_col[delivered].tolist()))
-        }  # fmt: skip
+        }
         repairs = [r for e in edges for r in e.repairs if r["quarantined_version"] == version]
         images = artefacts.images
         out[str(version)] = {
@@ -92,7 +98,9 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
             "time_to_detect_s": quarantined - exposed if quarantined is not None and exposed is not None else None,
             "repaired_published_s": repaired,
             "repaired_adopted_s": repaired_adopted,
-            "time_to_repair_s": repaired_adopted - quarantined if repaired_adopted is not None and quarantined is not None else None,
+            "time_to_repair_s": repaired_adopted - quarantined
+            if repaired_adopted is not None and quarantined is not None
+            else None,
             "repair": repairs[0] if repairs else None,
             "stamped_frames": int(stamped.sum()),
             "frames_won_by_the_backdoor": int((won & (version_col == version)).sum()),
@@ -105,10 +113,19 @@ def backdoor_sections(trace: pa.Table, events: list[ModelEvent], artefacts: Any,
         }
         detection[str(version)] = _detection(gateways, version, shown)
     screens = [
-        {"time_s": s.time_s, "gateway": s.gateway, "version": s.version, "frames": s.n_frames, "flagged": s.n_flagged,
-         "p_value": s.p_value, "backdoored": s.backdoored, "compute_s": s.compute_s}
-        for g in gateways for s in g.stats.screens
-    ]  # fmt: skip
+        {
+            "time_s": s.time_s,
+            "gateway": s.gateway,
+            "version": s.version,
+            "frames": s.n_frames,
+            "flagged": s.n_flagged,
+            "p_value": s.p_value,
+            "backdoored": s.backdoored,
+            "compute_s": s.compute_s,
+        }
+        for g in gateways
+        for s in g.stats.screens
+    ]
     return {"backdoor": out, "detection": {"screens": screens, "by_version": detection}}
 
 
@@ -135,8 +152,9 @@ def _detection(gateways: list[Any], version: int, stamped_rows: np.ndarray) -> d
             if calibration is None:
                 model = g.model_for(version)
                 if model is not None:
-                    detector = StripDetector(model, g.overlays, n_blends=g.settings.n_blends,
-                                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+                    detector = StripDetector(
+                        model, g.overlays, n_blends=g.settings.n_blends, generator=torch.Generator().manual_seed(0)
+                    )
                     calibration = detector.score(g.calibration).numpy()
     ben = np.concatenate(benign) if benign else np.array([])
     tro = np.concatenate(trojaned) if trojaned else np.array([])
@@ -148,14 +166,25 @@ def _detection(gateways: list[Any], version: int, stamped_rows: np.ndarray) -> d
 
 def screened_frames(trace: pa.Table, gateways: list[Any], scenario: Any) -> list[dict[str, Any]]:
     """One row per frame a gateway screened (for `strip_screens.csv` and the entropy and ROC plots)."""
-    stamped = _stamped(trace.column("attack").to_numpy(zero_copy_only=False),
-                       {a.label for a in scenario.attacks if a.kind == "trigger"})
+    stamped = _stamped(
+        trace.column("attack").to_numpy(zero_copy_only=False),
+        {a.label for a in scenario.attacks if a.kind == "trigger"},
+    )
     rows = []
     for g in gateways:
         for n, s in enumerate(g.stats.screens):
             for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
-                rows.append({"screen": n, "time_s": s.time_s, "gateway": s.gateway, "version": s.version,
-                             "frame_id": frame_id, "entropy_bits": entropy, "boundary_bits": s.boundary,
-                             "stamped": bool(stamped[frame_id]),  # a frame's id is its trace row
-                             "screen_backdoored": s.backdoored})  # fmt: skip
+                rows.append(
+                    {
+                        "screen": n,
+                        "time_s": s.time_s,
+                        "gateway": s.gateway,
+                        "version": s.version,
+                        "frame_id": frame_id,
+                        "entropy_bits": entropy,
+                        "boundary_bits": s.boundary,
+                        "stamped": bool(stamped[frame_id]),  # a frame's id is its trace row
+                        "screen_backdoored": s.backdoored,
+                    }
+                )
     return rows

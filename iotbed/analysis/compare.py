@@ -11,11 +11,22 @@ from iotbed.broker.mqtt_transport import DEFAULT_POLL_S
 from iotbed.errors import IotbedError
 
 METRICS = (
-    "frames.captured", "frames.delivered", "frames.delivery_ratio", "frames.retries", "frames.duplicates",
-    "frames.dropped_total", "throughput.frames_per_s", "throughput.goodput_mbps", "latency_ms.mean",
-    "latency_ms.p50", "latency_ms.p95", "latency_ms.p99", "bandwidth.bytes_per_frame_mean", "accuracy.overall",
+    "frames.captured",
+    "frames.delivered",
+    "frames.delivery_ratio",
+    "frames.retries",
+    "frames.duplicates",
+    "frames.dropped_total",
+    "throughput.frames_per_s",
+    "throughput.goodput_mbps",
+    "latency_ms.mean",
+    "latency_ms.p50",
+    "latency_ms.p95",
+    "latency_ms.p99",
+    "bandwidth.bytes_per_frame_mean",
+    "accuracy.overall",
     "broker.queue_drops",
-)  # fmt: skip
+)
 
 
 def _load(folder: str | Path) -> dict[str, Any]:
@@ -23,7 +34,9 @@ def _load(folder: str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
     except FileNotFoundError:
-        raise IotbedError(f"{folder}: no summary.json; give two folders written by `iotbed run` or `iotbed emulate`") from None
+        raise IotbedError(
+            f"{folder}: no summary.json; give two folders written by `iotbed run` or `iotbed emulate`"
+        ) from None
     except ValueError as exc:
         raise IotbedError(f"{path}: not valid JSON ({exc})") from None
 
@@ -42,11 +55,15 @@ def compare_runs(a: str | Path, b: str | Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for metric in METRICS:
         x, y = _get(first, metric), _get(second, metric)
-        rows.append({
-            "metric": metric, "a": x, "b": y,
-            "diff": None if x is None or y is None else y - x,
-            "ratio": None if x in (None, 0) or y is None else y / x,  # type: ignore[operator]
-        })  # fmt: skip
+        rows.append(
+            {
+                "metric": metric,
+                "a": x,
+                "b": y,
+                "diff": None if x is None or y is None else y - x,
+                "ratio": None if x in (None, 0) or y is None else y / x,  # type: ignore[operator]
+            }
+        )
     return rows
 
 
@@ -63,24 +80,33 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
     notes = [
         "live nodes talk to the broker directly: each node's simulated path is one shaped hop (bottleneck "
         "bandwidth, summed delay, jitter, the first lossy link's loss); gateways and routers forward nothing, so "
-        + ("nodes of one group behind one shared link share its rate in the kernel, but not its queue per hop."
-           if kernel else "queueing at a link several cameras share is not reproduced."),
+        + (
+            "nodes of one group behind one shared link share its rate in the kernel, but not its queue per hop."
+            if kernel
+            else "queueing at a link several cameras share is not reproduced."
+        ),
         "live latencies include paho, Mosquitto and the bridge that hands messages to the simulation thread "
         f"(polled every {DEFAULT_POLL_S * 1e3:g} ms); a bare paho pair on loopback takes 0.2-0.5 ms.",
         "live clients connect before the run's clock starts; simulated ones connect at time 0 over their links, "
         "so a lost CONNECT can delay a simulated camera's first frames.",
     ]
     if kernel and shaping.get("netem"):
-        notes.append("in the kernel, link loss hits TCP segments and TCP resends them: MQTT sees no loss, so the "
-                     "live run has no MQTT retransmissions where the simulation resends after retry_interval.")
+        notes.append(
+            "in the kernel, link loss hits TCP segments and TCP resends them: MQTT sees no loss, so the "
+            "live run has no MQTT retransmissions where the simulation resends after retry_interval."
+        )
     elif not kernel:
-        notes.append("only what cameras publish is shaped; the broker-to-subscriber leg and MQTT's acknowledgements "
-                     "cross loopback unshaped, so no PUBACK is lost and no duplicate follows from one.")
+        notes.append(
+            "only what cameras publish is shaped; the broker-to-subscriber leg and MQTT's acknowledgements "
+            "cross loopback unshaped, so no PUBACK is lost and no duplicate follows from one."
+        )
     realtime = live.get("realtime", {})
     lag = realtime.get("lag_ms", {})
     if realtime and not realtime.get("kept_up", True):
-        notes.append(f"the live run fell behind the wall clock (lag p99 {lag.get('p99_ms')} ms, max "
-                     f"{lag.get('max_ms', 0):.0f} ms): its frames left late and its latencies include that.")
+        notes.append(
+            f"the live run fell behind the wall clock (lag p99 {lag.get('p99_ms')} ms, max "
+            f"{lag.get('max_ms', 0):.0f} ms): its frames left late and its latencies include that."
+        )
     elif lag.get("p99_ms") is not None:
         notes.append(f"the live run kept up with the wall clock (lag p99 {lag['p99_ms']} ms).")
     broker = live.get("broker", {})

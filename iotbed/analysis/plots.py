@@ -20,8 +20,15 @@ import pandas as pd  # noqa: E402
 from iotbed.analysis.stats import mean_ci  # noqa: E402
 from iotbed.errors import IotbedError  # noqa: E402
 
-STYLE = {"figure.dpi": 110, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
-         "axes.spines.right": False, "legend.frameon": False}  # fmt: skip
+STYLE = {
+    "figure.dpi": 110,
+    "font.size": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "legend.frameon": False,
+}
 
 
 def is_sweep(folder: Path) -> bool:
@@ -66,8 +73,15 @@ def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
     others = [c for c in frame.columns if c.startswith("param.") and c != x]
     if not others:
         return [("", frame)]
-    return [(", ".join(f"{o.removeprefix('param.')}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))), group)
-            for key, group in frame.groupby(others, sort=True)]  # fmt: skip
+    return [
+        (
+            ", ".join(
+                f"{o.removeprefix('param.')}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))
+            ),
+            group,
+        )
+        for key, group in frame.groupby(others, sort=True)
+    ]
 
 
 def _legend(ax: plt.Axes) -> None:
@@ -114,7 +128,9 @@ def plot_latency(folder: Path, out: Path, formats: tuple[str, ...], x: str | Non
         for pct in (50, 95, 99):
             value = np.percentile(latency, pct)
             ax.axvline(value, linestyle=":", color="grey")
-            ax.annotate(f"p{pct} {value:.1f} ms", (value, pct / 100), fontsize=8, xytext=(4, -10), textcoords="offset points")
+            ax.annotate(
+                f"p{pct} {value:.1f} ms", (value, pct / 100), fontsize=8, xytext=(4, -10), textcoords="offset points"
+            )
         ax.set_xscale("log")
         ax.set_xlabel("end-to-end latency, capture to classification (ms, log scale)")
         ax.set_ylabel("fraction of delivered frames")
@@ -198,10 +214,20 @@ def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ..
                     ax.axhline(float(group[ref_col].mean()), color=colour, linestyle=":", linewidth=1.2)
             clean = panel.groupby(x_col, sort=True)["accuracy.clean"].mean() if "accuracy.clean" in panel else None
             if clean is not None and clean.notna().any():
-                ax.plot(clean.index, clean.to_numpy(), color="0.45", marker="s", markersize=4, linewidth=1,
-                        label="clean frames")  # fmt: skip
-            ax.set_title("adaptive attack (BPDA + EOT through the defenses)" if is_adaptive
-                         else "oblivious attack (crafted on the bare model)")  # fmt: skip
+                ax.plot(
+                    clean.index,
+                    clean.to_numpy(),
+                    color="0.45",
+                    marker="s",
+                    markersize=4,
+                    linewidth=1,
+                    label="clean frames",
+                )
+            ax.set_title(
+                "adaptive attack (BPDA + EOT through the defenses)"
+                if is_adaptive
+                else "oblivious attack (crafted on the bare model)"
+            )
             ax.set_xlabel("bandwidth per camera (kbit/s, MQTT + TCP/IP)")
             ax.set_ylim(-0.02, 1.02)
             _legend(ax)
@@ -271,10 +297,17 @@ def plot_strip_entropy(folder: Path, out: Path, formats: tuple[str, ...], x: str
         bins = np.linspace(0.0, max(float(frame["entropy_bits"].max()), 1e-3), 40)
         for ax, version in zip(axes[0], versions):
             part = frame[frame["version"] == version]
-            ax.hist(part.loc[~part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="clean frames", color="tab:blue")
+            ax.hist(
+                part.loc[~part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="clean frames", color="tab:blue"
+            )
             if part["stamped"].any():
-                ax.hist(part.loc[part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="stamped with the trigger",
-                        color="tab:red")  # fmt: skip
+                ax.hist(
+                    part.loc[part["stamped"], "entropy_bits"],
+                    bins=bins,
+                    alpha=0.6,
+                    label="stamped with the trigger",
+                    color="tab:red",
+                )
             ax.axvline(float(part["boundary_bits"].median()), color="k", linestyle="--", linewidth=1, label="boundary")
             ax.set_title(f"model {version}: {len(part)} frames screened")
             ax.set_xlabel("STRIP entropy (bits)")
@@ -335,8 +368,12 @@ def plot_backdoor(folder: Path, out: Path, formats: tuple[str, ...], x: str | No
         acc = clean.groupby("bin")["correct"].mean()
         right.plot(acc.index, acc.to_numpy(), marker=".", label="accuracy on clean frames")
         right.plot(asr.index, asr.to_numpy(), marker=".", color="tab:red", label="stamped frames sent to the target")
-        marks = [("update", info["adopted_s"]), ("first stamp", info["first_stamped_frame_s"]),
-                 ("quarantine", info["quarantined_s"]), ("repaired", info["repaired_adopted_s"])]  # fmt: skip
+        marks = [
+            ("update", info["adopted_s"]),
+            ("first stamp", info["first_stamped_frame_s"]),
+            ("quarantine", info["quarantined_s"]),
+            ("repaired", info["repaired_adopted_s"]),
+        ]
         for label, t in marks:
             if t is not None:
                 right.axvline(t, color="0.4", linestyle="--", linewidth=1)
@@ -367,8 +404,13 @@ SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness"})
 BACKDOOR_ONLY = frozenset({"strip_entropy", "roc", "backdoor"})
 
 
-def plot(kind: str, folder: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "svg"),
-         x: str | None = None) -> list[Path]:  # fmt: skip
+def plot(
+    kind: str,
+    folder: str | Path,
+    out: str | Path | None = None,
+    formats: tuple[str, ...] = ("png", "svg"),
+    x: str | None = None,
+) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise IotbedError(f"{folder}: no such folder")

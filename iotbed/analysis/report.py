@@ -62,7 +62,9 @@ def _run_section(folder: Path) -> str:
     rows = []
     for section in ("frames", "throughput", "latency_ms", "accuracy"):
         for key, value in summary[section].items():
-            rows.append({"metric": f"{section}.{key}", "value": json.dumps(value) if isinstance(value, dict) else value})
+            rows.append(
+                {"metric": f"{section}.{key}", "value": json.dumps(value) if isinstance(value, dict) else value}
+            )
     parts = [f"<h2>Summary</h2>{_table(pd.DataFrame(rows))}"]
     for version, info in (summary.get("backdoor") or {}).items():
         keep = {k: v for k, v in info.items() if not isinstance(v, dict)}
@@ -79,7 +81,9 @@ def _run_section(folder: Path) -> str:
     scenario = folder / "scenario.resolved.yaml"
     if scenario.is_file():
         parts.append(f"<h2>Scenario (resolved)</h2><pre>{html.escape(scenario.read_text(encoding='utf-8'))}</pre>")
-    parts.append(f"<p>Seed {summary['seed']}; {summary['sim_time_s']:g} s simulated in {summary['wall_time_s']:.1f} s.</p>")
+    parts.append(
+        f"<p>Seed {summary['seed']}; {summary['sim_time_s']:g} s simulated in {summary['wall_time_s']:.1f} s.</p>"
+    )
     return "\n".join(parts)
 
 
@@ -87,15 +91,23 @@ def _sweep_section(folder: Path) -> str:
     frame = pd.read_csv(folder / "sweep.csv")
     summary = pd.read_csv(folder / "sweep_summary.csv")
     params = [c for c in summary.columns if c.startswith("param.")]
-    headline = ["frames.delivery_ratio", "throughput.frames_per_s", "latency_ms.p50", "latency_ms.p95",
-                "latency_ms.p99", "accuracy.clean"]  # fmt: skip
+    headline = [
+        "frames.delivery_ratio",
+        "throughput.frames_per_s",
+        "latency_ms.p50",
+        "latency_ms.p95",
+        "latency_ms.p99",
+        "accuracy.clean",
+    ]
     shown = summary[["point", *params, "runs", "runs_ok"]].copy()
     for metric in headline:
         if f"{metric}.mean" in summary:
             shown[metric] = [
                 f"{m:.4g} [{lo:.4g}, {hi:.4g}]" if pd.notna(m) else "-"
-                for m, lo, hi in zip(summary[f"{metric}.mean"], summary[f"{metric}.ci95_low"], summary[f"{metric}.ci95_high"])
-            ]  # fmt: skip
+                for m, lo, hi in zip(
+                    summary[f"{metric}.mean"], summary[f"{metric}.ci95_low"], summary[f"{metric}.ci95_high"]
+                )
+            ]
     parts = ["<h2>Points: mean [95% CI] over replications</h2>", _table(shown)]
     failed = frame[frame["status"] != "ok"]
     if len(failed):
@@ -126,7 +138,7 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
 <html lang="en"><head><meta charset="utf-8"><title>iotbed report: {html.escape(folder.name)}</title>
 <style>{CSS}</style></head><body>
 <h1>iotbed {kind} report: {html.escape(folder.name)}</h1>
-<p class="meta">written {dt.datetime.now().isoformat(timespec='seconds')} &middot; {html.escape(versions)}</p>
+<p class="meta">written {dt.datetime.now().isoformat(timespec="seconds")} &middot; {html.escape(versions)}</p>
 <h2>Figures</h2>
 {figures or "<p>No figures.</p>"}
 {body}
@@ -135,4 +147,3 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     target = Path(out) if out else folder / "report.html"
     target.write_text(page, encoding="utf-8")
     return target
-

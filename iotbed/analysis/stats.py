@@ -28,13 +28,20 @@ def aggregate(frame: pd.DataFrame) -> pd.DataFrame:
     field its mean, std and 95% CI over replications."""
     ok = frame[frame["status"] == "ok"] if "status" in frame else frame
     params = [c for c in frame.columns if c.startswith("param.")]
-    metrics = [c for c in frame.columns
-               if c not in IDENTITY and not c.startswith("param.") and pd.api.types.is_numeric_dtype(frame[c])]  # fmt: skip
+    metrics = [
+        c
+        for c in frame.columns
+        if c not in IDENTITY and not c.startswith("param.") and pd.api.types.is_numeric_dtype(frame[c])
+    ]
     rows = []
     for point, group in frame.groupby("point", sort=True):
         good = ok[ok["point"] == point]
-        row: dict[str, object] = {"point": point, **{p: group[p].iloc[0] for p in params},
-                                  "runs": len(group), "runs_ok": len(good)}  # fmt: skip
+        row: dict[str, object] = {
+            "point": point,
+            **{p: group[p].iloc[0] for p in params},
+            "runs": len(group),
+            "runs_ok": len(good),
+        }
         for metric in metrics:
             mean, std, low, high = mean_ci(good[metric].to_numpy(dtype=float))
             row[f"{metric}.mean"] = mean

@@ -83,11 +83,24 @@ def broker_stats(deployment: Deployment) -> dict[str, Any]:
     }
 
 
-def summarise(trace: pa.Table, *, scenario_name: str, seed: int, duration_s: float, sim_end_s: float,
-              wall_time_s: float, model_info: dict[str, Any], links: list[dict[str, Any]], edges: list[EdgeServer],
-              broker: dict[str, Any], model_events: list[ModelEvent], mode: str = "simulated",
-              cameras: int | None = None, reference: np.ndarray | None = None,
-              setup: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    trace: pa.Table,
+    *,
+    scenario_name: str,
+    seed: int,
+    duration_s: float,
+    sim_end_s: float,
+    wall_time_s: float,
+    model_info: dict[str, Any],
+    links: list[dict[str, Any]],
+    edges: list[EdgeServer],
+    broker: dict[str, Any],
+    model_events: list[ModelEvent],
+    mode: str = "simulated",
+    cameras: int | None = None,
+    reference: np.ndarray | None = None,
+    setup: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The run's figures. `reference` is, per frame, whether the bare model classifies the frame's image as
     captured (or, for an attacked frame, the attack's oblivious version) right: the undefended reference
     (NaN where there is none). `setup` (codecs, defenses, attacks) is copied into the summary."""

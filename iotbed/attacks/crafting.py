@@ -53,15 +53,27 @@ def quantise(adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return ((base + torch.trunc((adv - x) * 255.0)).clamp(0.0, 255.0) / 255.0).to(x.dtype)
 
 
-def _with_grad_fn(attack: Callable[..., torch.Tensor], grad_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _with_grad_fn(
+    attack: Callable[..., torch.Tensor], grad_fn: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
     def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **params: Any) -> torch.Tensor:
         return attack(model, x, y, grad_fn=grad_fn, **params)
 
     return run
 
 
-def craft(spec: Any, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, chain: DefenseChain | None,
-          seed: int, num_classes: int, progress: bool = True, adaptive: bool | None = None) -> torch.Tensor:  # fmt: skip
+def craft(
+    spec: Any,
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chain: DefenseChain | None,
+    seed: int,
+    num_classes: int,
+    progress: bool = True,
+    adaptive: bool | None = None,
+) -> torch.Tensor:
     """The adversarial version of every image, for one attack entry (oblivious unless `adaptive`)."""
     adaptive = spec.adaptive if adaptive is None else adaptive
     attack, params = method_call(spec, num_classes)
@@ -83,8 +95,15 @@ def craft(spec: Any, model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             target = DefendedModel(chain, model, torch.Generator().manual_seed(seed + i) if chain.randomized else None)
             if chain.randomized and params["eot_samples"] > 1:
                 run = _with_grad_fn(attack, eot_gradient(target, params["eot_samples"]))
-        adv = cached_attack(run, target, x, y, seed=None if seed_for is None else seed_for + i,
-                            name=f"iotbed.scenario.{name}", **call_params)  # fmt: skip
+        adv = cached_attack(
+            run,
+            target,
+            x,
+            y,
+            seed=None if seed_for is None else seed_for + i,
+            name=f"iotbed.scenario.{name}",
+            **call_params,
+        )
         pieces.append(quantise(adv, x))
     return torch.cat(pieces) if pieces else images.clone()
 

@@ -102,10 +102,18 @@ SendFn = Callable[[Any, Publish | None], None]  # (control packet, the PUBLISH i
 class OutboundFlow:
     """Sender side of QoS 1 and 2 for one session."""
 
-    def __init__(self, timers: FifoTimers, send: SendFn, max_retries: int | None,
-                 on_retry: Callable[[Publish], None] | None = None,
-                 on_give_up: Callable[[Publish], None] | None = None, *, max_inflight: int = 0,
-                 max_queued: int = 0, on_queue_full: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        timers: FifoTimers,
+        send: SendFn,
+        max_retries: int | None,
+        on_retry: Callable[[Publish], None] | None = None,
+        on_give_up: Callable[[Publish], None] | None = None,
+        *,
+        max_inflight: int = 0,
+        max_queued: int = 0,
+        on_queue_full: Callable[[Publish], None] | None = None,
+    ) -> None:
         self._timers = timers
         self._send = send
         self.max_retries = max_retries

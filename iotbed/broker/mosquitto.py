@@ -62,8 +62,7 @@ Rule = tuple[str, str]  # (access: read | write | readwrite, topic pattern with 
 DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
     "camera": (("write", "frames/{user}"), ("write", "status/{user}")),
     "gateway": (("read", "frames/#"), ("write", "frames/#"), ("write", "status/{user}")),
-    "edge": (("read", "frames/#"), ("read", "$share/+/frames/#"), ("read", "models/#"),
-             ("write", "status/{user}")),  # fmt: skip
+    "edge": (("read", "frames/#"), ("read", "$share/+/frames/#"), ("read", "models/#"), ("write", "status/{user}")),
     "registry": (("write", "models/#"), ("write", "status/{user}")),
     "monitor": (("read", "#"), ("read", "$SYS/#")),  # `#` does not match `$SYS` topics
     "admin": (("readwrite", "#"),),
@@ -162,11 +161,13 @@ def write_password_file(path: Path, users: Iterable[BrokerUser], tool: str | Non
         path.write_text("".join(f"{u.username}:{hash_password(u.password)}\n" for u in users))
         return
     for user in users:
-        result = subprocess.run([tool, "-b", str(path), user.username, user.password],
-                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        result = subprocess.run(
+            [tool, "-b", str(path), user.username, user.password], capture_output=True, text=True, timeout=30
+        )
         if result.returncode != 0:
-            raise BrokerError(f"mosquitto_passwd failed for user {user.username!r}: "
-                              f"{(result.stderr or result.stdout).strip()}")  # fmt: skip
+            raise BrokerError(
+                f"mosquitto_passwd failed for user {user.username!r}: {(result.stderr or result.stdout).strip()}"
+            )
 
 
 # --- ACL ---------------------------------------------------------------------------------------------------
@@ -186,8 +187,9 @@ def acl_text(users: Iterable[BrokerUser], roles: Mapping[str, Sequence[Rule]]) -
 
 
 # --- TLS ---------------------------------------------------------------------------------------------------
-def generate_tls_files(directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
-                       days: int = 30) -> tuple[Path, Path, Path]:  # fmt: skip
+def generate_tls_files(
+    directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 30
+) -> tuple[Path, Path, Path]:
     """A throwaway CA and a server certificate for `hosts`; returns (ca.crt, server.crt, server.key)."""
     try:
         from cryptography import x509
@@ -197,7 +199,7 @@ def generate_tls_files(directory: Path, hosts: Sequence[str] = ("localhost", "12
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise BrokerError("TLS needs the `cryptography` package: pip install cryptography") from exc
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotbed test CA")])
     ca_cert = (
@@ -209,10 +211,20 @@ def generate_tls_files(directory: Path, hosts: Sequence[str] = ("localhost", "12
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False),
-                       critical=True)  # fmt: skip
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -241,8 +253,11 @@ def generate_tls_files(directory: Path, hosts: Sequence[str] = ("localhost", "12
     ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))  # fmt: skip
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
     key_path.chmod(0o600)
     return ca_path, cert_path, key_path
 
@@ -255,9 +270,16 @@ class MosquittoBroker:
     ...     broker.port, broker.restart(kill=True)
     """
 
-    def __init__(self, run_dir: str | Path | None = None, config: BrokerConfig | None = None, *,
-                 binary: str | None = None, start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
-                 passwd_tool: str | None = "auto", reach_host: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        config: BrokerConfig | None = None,
+        *,
+        binary: str | None = None,
+        start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+        passwd_tool: str | None = "auto",
+        reach_host: str | None = None,
+    ) -> None:
         self.config = config or BrokerConfig()
         self._own_dir = run_dir is None
         self.run_dir = Path(tempfile.mkdtemp(prefix="iotbed-mosquitto-")) if run_dir is None else Path(run_dir)
@@ -320,8 +342,13 @@ class MosquittoBroker:
         ]
         if cfg.tls:
             tls = self.run_dir / "tls"
-            lines += [f"cafile {tls / 'ca.crt'}", f"certfile {tls / 'server.crt'}", f"keyfile {tls / 'server.key'}",
-                      "require_certificate false", "tls_version tlsv1.2"]  # fmt: skip
+            lines += [
+                f"cafile {tls / 'ca.crt'}",
+                f"certfile {tls / 'server.crt'}",
+                f"keyfile {tls / 'server.key'}",
+                "require_certificate false",
+                "tls_version tlsv1.2",
+            ]
         if cfg.users:
             lines += ["allow_anonymous false", f"password_file {self.run_dir / 'passwords'}"]
             if cfg.acl:
@@ -329,8 +356,11 @@ class MosquittoBroker:
         else:
             lines.append("allow_anonymous true")
         if cfg.persistence:
-            lines += ["persistence true", f"persistence_location {self.persistence_dir}/",
-                      "persistence_file mosquitto.db"]  # fmt: skip
+            lines += [
+                "persistence true",
+                f"persistence_location {self.persistence_dir}/",
+                "persistence_file mosquitto.db",
+            ]
             if cfg.autosave_on_changes:
                 lines += ["autosave_on_changes true", f"autosave_interval {cfg.autosave_interval_s or 1}"]
             elif cfg.autosave_interval_s is not None:
@@ -345,8 +375,13 @@ class MosquittoBroker:
             lines.append(f"persistent_client_expiration {cfg.persistent_client_expiration}")
         if cfg.max_packet_size is not None:
             lines.append(f"max_packet_size {cfg.max_packet_size}")
-        lines += ["log_dest stdout", *(f"log_type {t}" for t in cfg.log_types), "connection_messages true",
-                  "log_timestamp true", "log_timestamp_format %Y-%m-%dT%H:%M:%S"]  # fmt: skip
+        lines += [
+            "log_dest stdout",
+            *(f"log_type {t}" for t in cfg.log_types),
+            "connection_messages true",
+            "log_timestamp true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        ]
         if os.geteuid() == 0:
             lines.append("user root")  # else Mosquitto drops to `mosquitto`, who cannot read the run directory
         lines += list(cfg.extra_lines)
@@ -400,22 +435,26 @@ class MosquittoBroker:
             command = [self.binary, "-c", str(self.config_path)]
             if self.config.netns is not None:
                 command = ["ip", "netns", "exec", self.config.netns, *command]
-            self._proc = subprocess.Popen(command, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=detach)  # fmt: skip
+            self._proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=detach
+            )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
-                raise BrokerError(f"mosquitto exited with code {code} during start-up (config {self.config_path});"
-                                  f" log tail:\n{self.log_tail()}")  # fmt: skip
+                raise BrokerError(
+                    f"mosquitto exited with code {code} during start-up (config {self.config_path});"
+                    f" log tail:\n{self.log_tail()}"
+                )
             if port_accepts(self.host, self.port):
                 return
             time.sleep(0.02)
         self._terminate(kill=True)
-        raise BrokerError(f"mosquitto did not accept connections on {self.host}:{self.port} within "
-                          f"{self.start_timeout_s:.0f} s; log tail:\n{self.log_tail()}")  # fmt: skip
+        raise BrokerError(
+            f"mosquitto did not accept connections on {self.host}:{self.port} within "
+            f"{self.start_timeout_s:.0f} s; log tail:\n{self.log_tail()}"
+        )
 
     def _terminate(self, kill: bool, timeout_s: float = 10.0) -> None:
         proc, self._proc = self._proc, None
@@ -464,11 +503,17 @@ class MosquittoBroker:
     # --- state file for `iotbed broker start|stop` ------------------------------------------------------
     def state(self) -> dict[str, object]:
         return {
-            "pid": self.pid, "host": self.host, "port": self.port, "url": self.url,
-            "config": str(self.config_path), "log": str(self.log_path), "run_dir": str(self.run_dir),
-            "ca_file": str(self.ca_file) if self.ca_file else None, "binary": self.binary,
+            "pid": self.pid,
+            "host": self.host,
+            "port": self.port,
+            "url": self.url,
+            "config": str(self.config_path),
+            "log": str(self.log_path),
+            "run_dir": str(self.run_dir),
+            "ca_file": str(self.ca_file) if self.ca_file else None,
+            "binary": self.binary,
             "started_at": time.time(),
-        }  # fmt: skip
+        }
 
     def write_state(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -482,8 +527,10 @@ def start_detached(run_dir: str | Path, config: BrokerConfig | None = None, **kw
     run_dir = Path(run_dir)
     existing = read_state(run_dir)
     if existing is not None and _is_our_broker(existing):
-        raise BrokerError(f"a broker started from {run_dir} is already running (pid {existing['pid']}, "
-                          f"port {existing['port']}); stop it with `iotbed broker stop`")  # fmt: skip
+        raise BrokerError(
+            f"a broker started from {run_dir} is already running (pid {existing['pid']}, "
+            f"port {existing['port']}); stop it with `iotbed broker stop`"
+        )
     return MosquittoBroker(run_dir, config, **kwargs).start(detach=True)  # type: ignore[arg-type]
 
 

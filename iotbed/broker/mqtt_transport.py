@@ -172,8 +172,12 @@ class LagMeter:
         return self.max_s * 1e3
 
     def report(self) -> dict[str, float | int | None]:
-        return {"samples": self.samples, "p50_ms": self.percentile_ms(50), "p99_ms": self.percentile_ms(99),
-                "max_ms": self.max_s * 1e3 if self.samples else None}  # fmt: skip
+        return {
+            "samples": self.samples,
+            "p50_ms": self.percentile_ms(50),
+            "p99_ms": self.percentile_ms(99),
+            "max_ms": self.max_s * 1e3 if self.samples else None,
+        }
 
 
 class RealtimeBridge:
@@ -184,9 +188,11 @@ class RealtimeBridge:
 
     def __init__(self, env: simpy.Environment, poll_s: float = DEFAULT_POLL_S) -> None:
         if not isinstance(env, simpy.rt.RealtimeEnvironment):
-            raise TypeError("MqttTransport needs a simpy.rt.RealtimeEnvironment (use RealtimeEnvironment("
-                            "factor=1, strict=False)); in a plain Environment simulated time does not wait for "
-                            "the broker")  # fmt: skip
+            raise TypeError(
+                "MqttTransport needs a simpy.rt.RealtimeEnvironment (use RealtimeEnvironment("
+                "factor=1, strict=False)); in a plain Environment simulated time does not wait for "
+                "the broker"
+            )
         if poll_s <= 0:
             raise ValueError("poll_s must be above zero")
         self.env = env
@@ -237,8 +243,13 @@ class RealtimeBridge:
             self._running = False
 
 
-def wait_for(env: simpy.Environment, predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.005,
-             what: str = "condition") -> simpy.Event:  # fmt: skip
+def wait_for(
+    env: simpy.Environment,
+    predicate: Callable[[], bool],
+    timeout_s: float,
+    poll_s: float = 0.005,
+    what: str = "condition",
+) -> simpy.Event:
     """An event that succeeds once `predicate()` holds, checked every `poll_s`, or fails with TimeoutError
     after `timeout_s`. For tests and run loops: `env.run(until=wait_for(env, lambda: n >= 10, 5.0))`."""
 
@@ -258,7 +269,7 @@ def connect_ahead(transports: list[MqttTransport], batch: int = 50, timeout_s: f
     after 1, 3, 7 s. Each batch waits until every client in it has an answer (a CONNACK, a refusal or a
     failed attempt) or `timeout_s` has passed; what the answers were is counted later, on the SimPy thread."""
     for start in range(0, len(transports), batch):
-        chunk = transports[start:start + batch]
+        chunk = transports[start : start + batch]
         for transport in chunk:
             transport.connect()
         deadline = time.monotonic() + timeout_s
@@ -297,15 +308,35 @@ def no_delay(client: Any) -> None:
 class MqttTransport:
     """A paho-mqtt client with the surface of `SimMqttClient`: `connect`, `publish`, `subscribe`."""
 
-    def __init__(self, env: simpy.Environment, client_id: str, host: str = "127.0.0.1", port: int = 1883, *,
-                 protocol: str = packets.MQTT5, clean_session: bool = True, session_expiry_s: int | None = None,
-                 keepalive_s: int = 60, username: str | None = None, password: str | None = None,
-                 tls_ca: str | None = None, tls: bool | None = None, will: Publish | None = None,
-                 reconnect_min_s: float = 0.1, reconnect_max_s: float = 5.0, max_inflight: int = 20,
-                 message_expiry_s: int | None = None, codec: Any = None, shaper: Any = None,
-                 bridge: RealtimeBridge | None = None, retry_on_refusal: bool = False,
-                 raise_on_refusal: bool = False, connect_timeout_s: float | None = None,
-                 tcp_ip_overhead: bool = False, bind_address: str = "") -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        client_id: str,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        protocol: str = packets.MQTT5,
+        clean_session: bool = True,
+        session_expiry_s: int | None = None,
+        keepalive_s: int = 60,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | None = None,
+        tls: bool | None = None,
+        will: Publish | None = None,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
+        max_inflight: int = 20,
+        message_expiry_s: int | None = None,
+        codec: Any = None,
+        shaper: Any = None,
+        bridge: RealtimeBridge | None = None,
+        retry_on_refusal: bool = False,
+        raise_on_refusal: bool = False,
+        connect_timeout_s: float | None = None,
+        tcp_ip_overhead: bool = False,
+        bind_address: str = "",
+    ) -> None:
         if protocol not in (packets.MQTT5, packets.MQTT311):
             raise ValueError(f"protocol must be {packets.MQTT5!r} or {packets.MQTT311!r}, not {protocol!r}")
         self.env = env
@@ -354,10 +385,13 @@ class MqttTransport:
         self._acked: set[str] = set()  # SimPy thread: filters the broker acknowledged in the current session
         self._answered = threading.Event()  # paho's thread: the broker answered a CONNECT, or an attempt failed
 
-        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=paho.MQTTv5 if self.mqtt5 else paho.MQTTv311,
-                             clean_session=None if self.mqtt5 else clean_session,
-                             reconnect_on_failure=True)  # fmt: skip
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5 if self.mqtt5 else paho.MQTTv311,
+            clean_session=None if self.mqtt5 else clean_session,
+            reconnect_on_failure=True,
+        )
         if username is not None:
             client.username_pw_set(username, password)
         if self._tls:
@@ -389,15 +423,23 @@ class MqttTransport:
                     expiry = self.session_expiry_s
                     props.SessionExpiryInterval = SESSION_EXPIRY_NEVER if expiry is None else int(expiry)
                     kwargs["properties"] = props
-            self._client.connect_async(self.host, self.port, self.keepalive_s, bind_address=self.bind_address,
-                                       **kwargs)  # fmt: skip
+            self._client.connect_async(self.host, self.port, self.keepalive_s, bind_address=self.bind_address, **kwargs)
             self._client.loop_start()
             if self.connect_timeout_s is not None:
                 self.env.timeout(self.connect_timeout_s).callbacks.append(self._connect_timed_out)
         return self.connected
 
-    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
-                confirm: bool = False, *, expiry_s: int | None = None) -> simpy.Event | None:  # fmt: skip
+    def publish(
+        self,
+        topic: str,
+        payload: Any,
+        qos: int,
+        retain: bool = False,
+        account: Any = None,
+        confirm: bool = False,
+        *,
+        expiry_s: int | None = None,
+    ) -> simpy.Event | None:
         """Encode and send (through the shaper, if any). With `confirm`, the event fires when paho reports
         the QoS handshake complete (at once for QoS 0, as in simulation), with the MQTT reason code as value:
         below 0x80 accepted (0 success, 0x10 no matching subscribers; always 0 with MQTT 3.1.1), 0x80 and above
@@ -411,8 +453,9 @@ class MqttTransport:
             size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
             if self.tcp_ip_overhead:
                 size = packets.tcp_ip_size(size)
-            self.shaper.submit(size, qos, lambda: self._send(topic, data, qos, retain, account, done, expiry, False),
-                               account)  # fmt: skip
+            self.shaper.submit(
+                size, qos, lambda: self._send(topic, data, qos, retain, account, done, expiry, False), account
+            )
         else:
             self._send(topic, data, qos, retain, account, done, expiry, True)
         if done is not None and qos == 0:
@@ -492,8 +535,17 @@ class MqttTransport:
         return self.env.now if self._wall is None else self._wall()
 
     # --- sending -----------------------------------------------------------------------------------------
-    def _send(self, topic: str, data: bytes, qos: int, retain: bool, account: Any, done: simpy.Event | None,
-              expiry: int | None, charge: bool) -> None:  # fmt: skip
+    def _send(
+        self,
+        topic: str,
+        data: bytes,
+        qos: int,
+        retain: bool,
+        account: Any,
+        done: simpy.Event | None,
+        expiry: int | None,
+        charge: bool,
+    ) -> None:
         stats = self.stats
         if self._closed:
             stats.dropped_not_connected += 1
@@ -529,8 +581,9 @@ class MqttTransport:
                 self._confirm[info.mid] = done
 
     # --- paho's thread: post, never touch SimPy state --------------------------------------------------
-    def _paho_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                      properties: Any) -> None:  # fmt: skip
+    def _paho_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
         self._answered.set()
         if reason.is_failure:
             if not self.retry_on_refusal and reason.value in PERMANENT_CONNACK_REFUSALS:
@@ -553,8 +606,9 @@ class MqttTransport:
     def _subscribe_locked(self, filters: list[str]) -> None:
         if self.mqtt5:
             # Retain handling 1: retained messages only for a subscription the session does not hold yet.
-            topics: list[tuple[str, Any]] = [(f, SubscribeOptions(qos=self._wanted[f], retainHandling=1))
-                                             for f in filters]  # fmt: skip
+            topics: list[tuple[str, Any]] = [
+                (f, SubscribeOptions(qos=self._wanted[f], retainHandling=1)) for f in filters
+            ]
         else:
             topics = [(f, self._wanted[f]) for f in filters]
         rc, mid = self._client.subscribe(topics)
@@ -569,8 +623,9 @@ class MqttTransport:
             client.disconnect()  # a certificate does not get better by retrying
         self.bridge.post(self._on_connect_failed, exc)
 
-    def _paho_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode,
-                         properties: Any) -> None:  # fmt: skip
+    def _paho_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: ReasonCode, properties: Any
+    ) -> None:
         with self._sub_lock:
             self._link_up_paho = False
         self.bridge.post(self._on_disconnected, str(reason))
@@ -589,12 +644,12 @@ class MqttTransport:
                 self._read_pace = None
         self.bridge.post(self._on_message, message)
 
-    def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode,
-                      properties: Any) -> None:  # fmt: skip
+    def _paho_publish(self, client: paho.Client, userdata: Any, mid: int, reason: ReasonCode, properties: Any) -> None:
         self.bridge.post(self._on_published, mid, reason.value, str(reason))
 
-    def _paho_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
-                        properties: Any) -> None:  # fmt: skip
+    def _paho_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: list[ReasonCode], properties: Any
+    ) -> None:
         with self._sub_lock:
             filters = self._sub_mids.pop(mid, [])
         self.bridge.post(self._on_subscribed, filters, [(r.value, str(r)) for r in reasons])
@@ -633,14 +688,18 @@ class MqttTransport:
                 hint = "pass tls_ca=<the broker's CA file> (MosquittoBroker.ca_file)"
             else:
                 hint = "check the broker's TLS settings"
-            self.connected.fail(TransportError(f"TLS connection of {self.client_id!r} to {self.host}:{self.port} "
-                                               f"failed: {exc}; {hint}"))  # fmt: skip
+            self.connected.fail(
+                TransportError(f"TLS connection of {self.client_id!r} to {self.host}:{self.port} failed: {exc}; {hint}")
+            )
 
     def _connect_timed_out(self, _: simpy.Event) -> None:
         if not self.connected.triggered:
-            self.connected.fail(TransportError(
-                f"{self.client_id!r} got no CONNACK from {self.host}:{self.port} within {self.connect_timeout_s} s "
-                f"(last error: {self.last_error})"))  # fmt: skip
+            self.connected.fail(
+                TransportError(
+                    f"{self.client_id!r} got no CONNACK from {self.host}:{self.port} within {self.connect_timeout_s} s "
+                    f"(last error: {self.last_error})"
+                )
+            )
 
     def _on_disconnected(self, reason: str) -> None:
         if self.is_connected and not self._closing:

@@ -72,8 +72,16 @@ def publish_size(topic: str, payload_len: int, qos: int, protocol: str = MQTT311
     return _with_fixed_header(variable + payload_len)
 
 
-def encode_publish_header(topic: str, payload_len: int, qos: int, packet_id: int | None, *, dup: bool = False,
-                          retain: bool = False, protocol: str = MQTT311) -> bytes:  # fmt: skip
+def encode_publish_header(
+    topic: str,
+    payload_len: int,
+    qos: int,
+    packet_id: int | None,
+    *,
+    dup: bool = False,
+    retain: bool = False,
+    protocol: str = MQTT311,
+) -> bytes:
     """The bytes of a PUBLISH up to the payload; `len(header) + payload_len == publish_size(...)`."""
     topic_bytes = topic.encode("utf-8")
     variable = struct.pack("!H", len(topic_bytes)) + topic_bytes
@@ -92,8 +100,15 @@ def ack_size(protocol: str = MQTT311) -> int:
     return _with_fixed_header(2)
 
 
-def connect_size(client_id: str, *, protocol: str = MQTT311, will_topic: str | None = None, will_payload_len: int = 0,
-                 username: str | None = None, password: str | None = None) -> int:  # fmt: skip
+def connect_size(
+    client_id: str,
+    *,
+    protocol: str = MQTT311,
+    will_topic: str | None = None,
+    will_payload_len: int = 0,
+    username: str | None = None,
+    password: str | None = None,
+) -> int:
     variable = 2 + 4 + 1 + 1 + 2  # protocol name "MQTT", level, flags, keep-alive
     if protocol == MQTT5:
         variable += 1  # empty property length

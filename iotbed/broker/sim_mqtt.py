@@ -66,9 +66,12 @@ def _mqtt_size(message: Any, protocol: str) -> int:
         return packets.ack_size(protocol)
     if isinstance(message, Connect):
         will = message.will
-        return packets.connect_size(message.client_id, protocol=protocol,
-                                    will_topic=will.topic if will else None,
-                                    will_payload_len=will.payload_len if will else 0)  # fmt: skip
+        return packets.connect_size(
+            message.client_id,
+            protocol=protocol,
+            will_topic=will.topic if will else None,
+            will_payload_len=will.payload_len if will else 0,
+        )
     if isinstance(message, Connack):
         return packets.connack_size(protocol)
     if isinstance(message, Subscribe):
@@ -137,9 +140,15 @@ UndeliveredListener = Callable[[Publish, str], None]
 class SimBroker:
     """An MQTT broker running on a network node."""
 
-    def __init__(self, env: simpy.Environment, network: Network, node: str, settings: MqttSettings,
-                 on_retry: Callable[[Publish], None] | None = None,
-                 on_give_up: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        network: Network,
+        node: str,
+        settings: MqttSettings,
+        on_retry: Callable[[Publish], None] | None = None,
+        on_give_up: Callable[[Publish], None] | None = None,
+    ) -> None:
         self.env = env
         self._on_retry = on_retry
         self._on_give_up = on_give_up
@@ -206,11 +215,16 @@ class SimBroker:
                 self._discard(session)  # the old session is gone, and what it held for the client with it
             session = _Session(message.client_id, client, message.clean_session)
             self.sessions[message.client_id] = session
-            session.outbound = OutboundFlow(self.timers, lambda m, about, s=session: self._send(s, m, about),
-                                            self.settings.max_retries, self._on_retry, self._on_give_up,
-                                            max_inflight=self.settings.max_inflight,
-                                            max_queued=self.settings.max_queued,
-                                            on_queue_full=self._queue_full)  # fmt: skip
+            session.outbound = OutboundFlow(
+                self.timers,
+                lambda m, about, s=session: self._send(s, m, about),
+                self.settings.max_retries,
+                self._on_retry,
+                self._on_give_up,
+                max_inflight=self.settings.max_inflight,
+                max_queued=self.settings.max_queued,
+                on_queue_full=self._queue_full,
+            )
             session.inbound = InboundFlow(lambda m, about, s=session: self._send(s, m, about), self._route)
         assert session is not None and session.outbound is not None
         session.endpoint = client
@@ -392,11 +406,20 @@ class SimBroker:
 class SimMqttClient:
     """An MQTT client on a network node; the `Transport` node logic uses in simulation."""
 
-    def __init__(self, env: simpy.Environment, network: Network, node: str, client_id: str, broker: SimBroker,
-                 *, clean_session: bool = True, will: Publish | None = None,
-                 on_retry: Callable[[Publish], None] | None = None,
-                 on_give_up: Callable[[Publish], None] | None = None,
-                 on_not_connected: Callable[[Publish], None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        network: Network,
+        node: str,
+        client_id: str,
+        broker: SimBroker,
+        *,
+        clean_session: bool = True,
+        will: Publish | None = None,
+        on_retry: Callable[[Publish], None] | None = None,
+        on_give_up: Callable[[Publish], None] | None = None,
+        on_not_connected: Callable[[Publish], None] | None = None,
+    ) -> None:
         self.env = env
         self.network = network
         self.node = node
@@ -417,9 +440,14 @@ class SimMqttClient:
         self._connect_attempt = 0
         self.received_duplicates = 0
         # paho's window (max_inflight_messages) and queue (unbounded: QoS 1/2 messages wait for a free slot)
-        self.outbound = OutboundFlow(broker.timers, self._send, self.settings.max_retries,
-                                     on_retry=on_retry, on_give_up=on_give_up,
-                                     max_inflight=self.settings.max_inflight)  # fmt: skip
+        self.outbound = OutboundFlow(
+            broker.timers,
+            self._send,
+            self.settings.max_retries,
+            on_retry=on_retry,
+            on_give_up=on_give_up,
+            max_inflight=self.settings.max_inflight,
+        )
         self.inbound = InboundFlow(self._send, self._dispatch)
         self._read_interval = 0.0  # while slow: seconds per message read
         self._slow_until = -1.0
@@ -454,8 +482,9 @@ class SimMqttClient:
         self._send(Subscribe([entry]), None)
         self.broker.timers.start(self._send_subscribe, entry)
 
-    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
-                confirm: bool = False) -> simpy.Event | None:  # fmt: skip
+    def publish(
+        self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None, confirm: bool = False
+    ) -> simpy.Event | None:
         done = self.env.event() if confirm else None  # an event per frame nobody waits for would cost time
         message = Publish(topic, payload, qos, retain, account=account)
         if not self.session_up and qos == 0:
@@ -566,4 +595,3 @@ class SimMqttClient:
             self._handlers_for[message.topic] = handlers
         for handler in handlers:
             handler(message)
-

@@ -20,8 +20,9 @@ class Transport(Protocol):
         """Start connecting; the event fires once the broker has accepted the session."""
         ...
 
-    def publish(self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None,
-                confirm: bool = False) -> simpy.Event | None:  # fmt: skip
+    def publish(
+        self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None, confirm: bool = False
+    ) -> simpy.Event | None:
         """Send a message. With `confirm`, the returned event fires when the QoS handshake completes
         (at once for QoS 0); `account` is the frame's trace record, charged for the bytes it causes."""
         ...

@@ -41,9 +41,22 @@ MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 MAX_FRAME_DIM = 8192
 
 _SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 PixelsFor = Callable[[Frame], np.ndarray]
 
@@ -77,14 +90,26 @@ def _pixels_u8(frame: Frame, pixels_for: PixelsFor | None) -> np.ndarray:
 def encode_frame(frame: Frame, pixels_for: PixelsFor | None = None) -> bytes:
     c, h, w = frame.shape
     codec = CODEC_RAW if frame.drop is None else CODEC_PIXEL_DROP
-    header = FRAME_HEADER.pack(FRAME_MAGIC, FRAME_FORMAT_VERSION, codec, c, h, w, frame.frame_id,
-                               frame.camera_index, frame.captured_at, frame.image_index, frame.label)  # fmt: skip
+    header = FRAME_HEADER.pack(
+        FRAME_MAGIC,
+        FRAME_FORMAT_VERSION,
+        codec,
+        c,
+        h,
+        w,
+        frame.frame_id,
+        frame.camera_index,
+        frame.captured_at,
+        frame.image_index,
+        frame.label,
+    )
     pixels = _pixels_u8(frame, pixels_for)
     if frame.drop is None:
         return header + np.ascontiguousarray(pixels).tobytes()
     drop = frame.drop
-    return header + pixel_drop.encode(pixels, frame.drop_mask(), ws=drop.ws, rate=drop.rate,
-                                      mask_format=drop.mask_format, seed=frame.mask_seed)  # fmt: skip
+    return header + pixel_drop.encode(
+        pixels, frame.drop_mask(), ws=drop.ws, rate=drop.rate, mask_format=drop.mask_format, seed=frame.mask_seed
+    )
 
 
 def encode_model_update(update: ModelUpdate) -> bytes:
@@ -131,8 +156,15 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
     return Frame(frame_id, camera, captured_at, image_index, label, (c, h, w), n, pixels)
 
 
-def _decode_dropped(data: bytes, shape: tuple[int, int, int], frame_id: int, camera: int, captured_at: float,
-                    image_index: int, label: int) -> Frame:  # fmt: skip
+def _decode_dropped(
+    data: bytes,
+    shape: tuple[int, int, int],
+    frame_id: int,
+    camera: int,
+    captured_at: float,
+    image_index: int,
+    label: int,
+) -> Frame:
     body = bytes(data[FRAME_HEADER.size :])
     try:
         pixels_u8, mask = pixel_drop.decode(body)
@@ -196,8 +228,13 @@ def _under(topic: str, root: str) -> bool:
     return topic == root or topic.startswith(root + "/")
 
 
-def decode(topic: str, data: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-           max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> Any:  # fmt: skip
+def decode(
+    topic: str,
+    data: bytes,
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+) -> Any:
     """The payload object for `data` received on `topic`: a Frame under `frames/`, a ModelUpdate under
     `models/`, else the bytes unchanged. Raises `MalformedPayload` for data that does not decode."""
     if _under(topic, FRAMES_ROOT):
@@ -210,8 +247,13 @@ def decode(topic: str, data: bytes, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_
 class WireCodec:
     """`encode`/`decode` with fixed settings, as `MqttTransport(codec=...)` takes them."""
 
-    def __init__(self, pixels_for: PixelsFor | None = None, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pixels_for: PixelsFor | None = None,
+        *,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    ) -> None:
         self.pixels_for = pixels_for
         self.max_frame_bytes = max_frame_bytes
         self.max_model_bytes = max_model_bytes

@@ -84,11 +84,11 @@ def mad_outliers(
 ) -> tuple[np.ndarray, list[int], float, float]:
     """Anomaly indices, flagged classes (index > threshold and norm below the median), median, MAD.
     Median: numpy's (average of the two middle values)."""
-    l = np.asarray(norms.detach().cpu().numpy() if isinstance(norms, torch.Tensor) else norms, dtype=np.float64)
-    med = float(np.median(l))
-    mad = MAD_CONSISTENCY * float(np.median(np.abs(l - med)))
-    index = np.abs(l - med) / mad if mad > 0 else np.where(l == med, 0.0, np.inf)
-    flagged = [int(k) for k in np.flatnonzero((index > threshold) & (l < med))]
+    values = np.asarray(norms.detach().cpu().numpy() if isinstance(norms, torch.Tensor) else norms, dtype=np.float64)
+    med = float(np.median(values))
+    mad = MAD_CONSISTENCY * float(np.median(np.abs(values - med)))
+    index = np.abs(values - med) / mad if mad > 0 else np.where(values == med, 0.0, np.inf)
+    flagged = [int(k) for k in np.flatnonzero((index > threshold) & (values < med))]
     return index, flagged, med, mad
 
 

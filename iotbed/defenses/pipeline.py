@@ -38,8 +38,12 @@ def build_stage(spec: Any, *, drop_window: int | None = None, drop_rate: float |
     with the camera codec's, for crafting against what the camera really does."""
     kind = spec.kind
     if kind == "superiot":
-        return SuperIoT(ws=drop_window or spec.window, rate=spec.rate if drop_rate is None else drop_rate,
-                        recovery=spec.recovery, denoise=_denoise(spec.denoise))  # fmt: skip
+        return SuperIoT(
+            ws=drop_window or spec.window,
+            rate=spec.rate if drop_rate is None else drop_rate,
+            recovery=spec.recovery,
+            denoise=_denoise(spec.denoise),
+        )
     if kind == "jpeg":
         return JpegCompression(quality=spec.quality)
     if kind == "feature_squeezing":
@@ -63,8 +67,14 @@ class DefenseChain(Preprocessor):
     def randomized(self) -> bool:  # type: ignore[override]
         return any(stage.randomized for stage in self.stages)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
-                masks: torch.Tensor | None = None, dropped: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        masks: torch.Tensor | None = None,
+        dropped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         for stage in self.stages:
             if isinstance(stage, SuperIoT):
                 x = self._superiot(stage, x, generator, masks, dropped)
@@ -73,8 +83,13 @@ class DefenseChain(Preprocessor):
         return x
 
     @staticmethod
-    def _superiot(stage: SuperIoT, x: torch.Tensor, generator: torch.Generator | None, masks: torch.Tensor | None,
-                  dropped: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    def _superiot(
+        stage: SuperIoT,
+        x: torch.Tensor,
+        generator: torch.Generator | None,
+        masks: torch.Tensor | None,
+        dropped: torch.Tensor | None,
+    ) -> torch.Tensor:
         if masks is None or dropped is None or not bool(dropped.any()):
             return stage(x, generator)
         if bool(dropped.all()):
@@ -123,5 +138,7 @@ def stage_flops(stage: Preprocessor, shape: tuple[int, int, int]) -> float:
     return 0.0
 
 
-def build_chain(specs: Sequence[Any], *, drop_window: int | None = None, drop_rate: float | None = None) -> DefenseChain:
+def build_chain(
+    specs: Sequence[Any], *, drop_window: int | None = None, drop_rate: float | None = None
+) -> DefenseChain:
     return DefenseChain(tuple(build_stage(s, drop_window=drop_window, drop_rate=drop_rate) for s in specs))

@@ -22,7 +22,15 @@ from iotbed.attacks.network import AttackWindow
 from iotbed.broker.mosquitto import MosquittoBroker
 from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge, close_all, connect_ahead
 from iotbed.broker.wire import WireCodec
-from iotbed.deployment import Artefacts, attack_window, build_camera, camera_windows, device_profiles, edge_classifier, edge_config
+from iotbed.deployment import (
+    Artefacts,
+    attack_window,
+    build_camera,
+    camera_windows,
+    device_profiles,
+    edge_classifier,
+    edge_config,
+)
 from iotbed.emulation.paths import NodePaths, same_loss
 from iotbed.emulation.shaper import LinkShaper
 from iotbed.nodes.camera import Camera
@@ -78,10 +86,19 @@ class LiveDeployment:
         close_all(list(self.transports.values()))
 
 
-def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str], Endpoint],
-               paths: dict[str, NodePaths], *, shape_in_process: bool = True,
-               logins: dict[str, str] | None = None, username: str | None = None, password: str | None = None,
-               tls_ca: str | None = None, tls: bool = False) -> LiveDeployment:  # fmt: skip
+def build_live(
+    scenario: Scenario,
+    artefacts: Artefacts,
+    endpoint: Callable[[str], Endpoint],
+    paths: dict[str, NodePaths],
+    *,
+    shape_in_process: bool = True,
+    logins: dict[str, str] | None = None,
+    username: str | None = None,
+    password: str | None = None,
+    tls_ca: str | None = None,
+    tls: bool = False,
+) -> LiveDeployment:
     """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect.
     `shape_in_process`: cameras shape what they publish here (off when the kernel's netem shapes every packet)."""
     streams = RandomStreams(scenario.seed)
@@ -94,15 +111,31 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
     transports: dict[str, MqttTransport] = {}
     node_of: dict[str, str] = {}
 
-    def transport(client_id: str, node: str, shaper: LinkShaper | None = None, clean_session: bool = True) -> MqttTransport:
+    def transport(
+        client_id: str, node: str, shaper: LinkShaper | None = None, clean_session: bool = True
+    ) -> MqttTransport:
         # Per-client logins (one user per node, as `iotbed broker start --auth` makes them) win over a shared one.
         user, secret = (client_id, logins[client_id]) if logins and client_id in logins else (username, password)
         where = endpoint(node)
-        made = MqttTransport(env, client_id, where.host, where.port, protocol=b.protocol, keepalive_s=int(b.keepalive),
-                             clean_session=clean_session, username=user, password=secret, tls_ca=tls_ca,
-                             tls=tls or None, codec=codec, shaper=shaper, bridge=bridge,
-                             tcp_ip_overhead=b.tcp_ip_overhead, bind_address=where.bind_address,
-                             max_inflight=b.max_inflight)  # fmt: skip
+        made = MqttTransport(
+            env,
+            client_id,
+            where.host,
+            where.port,
+            protocol=b.protocol,
+            keepalive_s=int(b.keepalive),
+            clean_session=clean_session,
+            username=user,
+            password=secret,
+            tls_ca=tls_ca,
+            tls=tls or None,
+            codec=codec,
+            shaper=shaper,
+            bridge=bridge,
+            tcp_ip_overhead=b.tcp_ip_overhead,
+            bind_address=where.bind_address,
+            max_inflight=b.max_inflight,
+        )
         transports[client_id] = made
         node_of[client_id] = node
         return made
@@ -117,8 +150,18 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
             shaper = _shaper(env, name, paths[name], scenario, streams) if shape_in_process else None
             if shaper is not None:
                 live.shapers[name] = shaper
-            camera = build_camera(env, scenario, group, name, len(live.cameras), transport(name, name, shaper), artefacts,
-                                  streams, recorder, by_camera.get(name, []))  # fmt: skip
+            camera = build_camera(
+                env,
+                scenario,
+                group,
+                name,
+                len(live.cameras),
+                transport(name, name, shaper),
+                artefacts,
+                streams,
+                recorder,
+                by_camera.get(name, []),
+            )
             live.cameras.append(camera)
             live._runs[name] = camera.run
 
@@ -126,30 +169,54 @@ def build_live(scenario: Scenario, artefacts: Artefacts, endpoint: Callable[[str
     for group in scenario.nodes.edge_servers:
         for i in range(group.count):
             name = f"{group.name}-{i}"
-            edge = EdgeServer(env, name, transport(name, name, clean_session=not group.persistent_session),
-                              edge_config(scenario, group), edge_classifier(group, name, artefacts, streams),
-                              profiles[group.device], recorder, load_model_bytes)  # fmt: skip
+            edge = EdgeServer(
+                env,
+                name,
+                transport(name, name, clean_session=not group.persistent_session),
+                edge_config(scenario, group),
+                edge_classifier(group, name, artefacts, streams),
+                profiles[group.device],
+                recorder,
+                load_model_bytes,
+            )
             live.edges.append(edge)
             live._runs[name] = edge.run
     if artefacts.updates:
         topic = scenario.registry.topic
-        live.registry = ModelRegistry(env, "registry", transport("registry", scenario.registry_node()), topic,
-                                      scenario.qos_for(topic),
-                                      list(artefacts.updates), recorder)  # fmt: skip
+        live.registry = ModelRegistry(
+            env,
+            "registry",
+            transport("registry", scenario.registry_node()),
+            topic,
+            scenario.qos_for(topic),
+            list(artefacts.updates),
+            recorder,
+        )
         live._runs["registry"] = live.registry.run
     return live
 
 
-def _shaper(env: simpy.Environment, name: str, paths: NodePaths, scenario: Scenario, streams: RandomStreams) -> LinkShaper:
+def _shaper(
+    env: simpy.Environment, name: str, paths: NodePaths, scenario: Scenario, streams: RandomStreams
+) -> LinkShaper:
     """The in-process shaper of what a camera publishes: its path to the broker (transmission time at the
     bottleneck bandwidth, delay, jitter, loss, queue)."""
     up = paths.up
     rng = streams.generator("shaper", name)
     b = scenario.broker
     rate = up.rate_bytes_s if math.isfinite(up.rate_bytes_s) else None
-    return LinkShaper(env, rng, name=name, rate_bytes_s=rate, delay_s=up.delay_s, jitter_s=up.jitter_s,
-                      loss=same_loss(up.loss, rng), queue_limit=up.queue, retry_interval_s=b.retry_interval,
-                      max_retries=b.max_retries)  # fmt: skip
+    return LinkShaper(
+        env,
+        rng,
+        name=name,
+        rate_bytes_s=rate,
+        delay_s=up.delay_s,
+        jitter_s=up.jitter_s,
+        loss=same_loss(up.loss, rng),
+        queue_limit=up.queue,
+        retry_interval_s=b.retry_interval,
+        max_retries=b.max_retries,
+    )
 
 
 def node_fault(env: simpy.Environment, transport: MqttTransport, fault: FaultSpec):  # type: ignore[no-untyped-def]
@@ -192,8 +259,16 @@ def shaper_row(name: str, shaper: LinkShaper, duration_s: float) -> dict[str, An
 def broker_report(url: str, transports: Iterable[MqttTransport]) -> dict[str, Any]:
     transports = list(transports)
     totals: dict[str, Any] = {"url": url, "clients": len(transports)}
-    for key in ("published", "delivered", "duplicates", "malformed", "reconnects", "connection_losses",
-                "dropped_not_connected", "refusals"):  # fmt: skip
+    for key in (
+        "published",
+        "delivered",
+        "duplicates",
+        "malformed",
+        "reconnects",
+        "connection_losses",
+        "dropped_not_connected",
+        "refusals",
+    ):
         totals[key] = int(sum(getattr(t.stats, key) for t in transports))
     refusals: dict[str, int] = {}
     malformed: dict[str, int] = {}

@@ -35,8 +35,17 @@ COUNTERS = {
 
 
 class BrokerMonitor:
-    def __init__(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
-                 tls: bool = False, tls_ca: str | None = None, client_id: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        client_id: str | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self._lock = threading.Lock()
         self.first: dict[str, float] = {}
@@ -110,5 +119,6 @@ class BrokerMonitor:
                 "available": available,
                 "dropped": int(self.last["dropped"] - self.first["dropped"]) if available else None,
                 "stored_max_increase": int(self.stored_max - stored0)
-                if self.stored_max is not None and stored0 is not None else None,
-            }  # fmt: skip
+                if self.stored_max is not None and stored0 is not None
+                else None,
+            }

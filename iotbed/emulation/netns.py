@@ -74,8 +74,10 @@ def _run(args: list[str], what: str, input_text: str | None = None) -> str:
 def check_available() -> None:
     """Root and iproute2, or a clear error saying what to do instead."""
     if os.geteuid() != 0:
-        raise NetnsError("--netns needs root (it creates network namespaces and tc qdiscs); run as root, or leave "
-                         "out --netns: the in-process shaper shapes the same paths")  # fmt: skip
+        raise NetnsError(
+            "--netns needs root (it creates network namespaces and tc qdiscs); run as root, or leave "
+            "out --netns: the in-process shaper shapes the same paths"
+        )
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None and not os.access(f"/usr/sbin/{tool}", os.X_OK):
             raise NetnsError(f"--netns needs `{tool}` from iproute2: `apt-get install -y iproute2`")
@@ -133,13 +135,20 @@ def _leaf(shape: PathShape, netem: bool, segments: int) -> str:
         parts.append(f"loss random {loss.rate * 100:.6f}%")
     elif isinstance(loss, GilbertElliottLoss):
         # netem's gemodel: p (good->bad), r (bad->good), 1-h (loss in bad), 1-k (loss in good), in percent
-        parts.append(f"loss gemodel {loss.p * 100:.6f}% {loss.r * 100:.6f}% {loss.loss_bad * 100:.6f}% "
-                     f"{loss.loss_good * 100:.6f}%")  # fmt: skip
+        parts.append(
+            f"loss gemodel {loss.p * 100:.6f}% {loss.r * 100:.6f}% {loss.loss_bad * 100:.6f}% "
+            f"{loss.loss_good * 100:.6f}%"
+        )
     return " ".join(parts)
 
 
-def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: str, netem: bool,
-              message_bytes: int = SEGMENT_BYTES) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+def tc_script(
+    device: str,
+    nodes: dict[str, tuple[str, PathShape]],
+    direction: str,
+    netem: bool,
+    message_bytes: int = SEGMENT_BYTES,
+) -> tuple[list[str], dict[str, str]]:
     """`tc -batch` lines shaping `device`'s egress per node, and which class is whose (`1:5` -> node). `nodes`
     maps a node to (its address, the path its packets take through this device); `direction` is `src` (the
     node sends) or `dst` (it receives); `message_bytes` sizes the queues (the largest frame on the wire)."""
@@ -156,8 +165,10 @@ def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: s
     for medium, members in sorted(media.items()):
         shape = nodes[members[0]][1]
         if len(members) > 1 and math.isfinite(shape.rate_bytes_s):
-            lines.append(f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {_bits(shape.rate_bytes_s)} "
-                         f"quantum 1514")  # fmt: skip
+            lines.append(
+                f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {_bits(shape.rate_bytes_s)} "
+                f"quantum 1514"
+            )
             parents[medium] = (minor, len(members))
             minor += 1
     for node, (address, shape) in nodes.items():
@@ -168,13 +179,19 @@ def tc_script(device: str, nodes: dict[str, tuple[str, PathShape]], direction: s
         if parent is not None:
             # a share of the medium guaranteed, all of it when the others are quiet
             rate = _bits(shape.rate_bytes_s / parent[1])
-            lines.append(f"class add dev {device} parent 1:{parent[0]:x} classid 1:{minor:x} htb rate {rate} "
-                         f"ceil {ceil} quantum 1514")  # fmt: skip
+            lines.append(
+                f"class add dev {device} parent 1:{parent[0]:x} classid 1:{minor:x} htb rate {rate} "
+                f"ceil {ceil} quantum 1514"
+            )
         else:
-            lines.append(f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {ceil} ceil {ceil} quantum 1514")
+            lines.append(
+                f"class add dev {device} parent 1: classid 1:{minor:x} htb rate {ceil} ceil {ceil} quantum 1514"
+            )
         lines.append(f"qdisc add dev {device} parent 1:{minor:x} handle {minor:x}: {_leaf(shape, netem, segments)}")
-        lines.append(f"filter add dev {device} parent 1: protocol ip prio 1 u32 match ip {direction} {address}/32 "
-                     f"flowid 1:{minor:x}")  # fmt: skip
+        lines.append(
+            f"filter add dev {device} parent 1: protocol ip prio 1 u32 match ip {direction} {address}/32 "
+            f"flowid 1:{minor:x}"
+        )
         owners[f"1:{minor:x}"] = node
         minor += 1
     return lines, owners
@@ -184,8 +201,14 @@ class NetnsLab:
     """The namespaces, veths, addresses and qdiscs of one run. `groups` maps each node group that runs a
     worker to its nodes' paths (`iotbed.emulation.paths.node_paths`)."""
 
-    def __init__(self, groups: dict[str, dict[str, NodePaths]], *, message_bytes: int = SEGMENT_BYTES,
-                 run_id: str | None = None, netem: bool | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        groups: dict[str, dict[str, NodePaths]],
+        *,
+        message_bytes: int = SEGMENT_BYTES,
+        run_id: str | None = None,
+        netem: bool | None = None,
+    ) -> None:
         self.run_id = run_id or str(os.getpid())
         self.prefix = f"{PREFIX}{self.run_id}-"
         self.broker_ns = f"{self.prefix}broker"
@@ -231,28 +254,65 @@ class NetnsLab:
             net = GroupNet(k, group, f"{self.prefix}{k}", f"10.{100 + k}.0.1")
             self._add_namespace(net.namespace)
             hub, up = f"g{k}", "up0"
-            _run(["ip", "link", "add", up, "netns", net.namespace, "type", "veth", "peer", "name", hub, "netns",
-                  self.broker_ns], f"creating the veth pair of group {group}")  # fmt: skip
-            batch = [f"addr add {net.hub_address}/16 dev {hub}", f"link set {hub} gso_max_size 1500", f"link set {hub} up"]
+            _run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    up,
+                    "netns",
+                    net.namespace,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    hub,
+                    "netns",
+                    self.broker_ns,
+                ],
+                f"creating the veth pair of group {group}",
+            )
+            batch = [
+                f"addr add {net.hub_address}/16 dev {hub}",
+                f"link set {hub} gso_max_size 1500",
+                f"link set {hub} up",
+            ]
             node_batch = [f"link set {up} gso_max_size 1500", f"link set {up} up"]
             for i, node in enumerate(sorted(nodes, key=_node_order)):
                 host = i + 2
                 net.addresses[node] = f"10.{100 + k}.{host >> 8}.{host & 255}"
                 node_batch.append(f"addr add {net.addresses[node]}/16 dev {up}")
-            _run(["ip", "-n", self.broker_ns, "-batch", "-"], f"addressing the broker side of group {group}",
-                 "\n".join(batch) + "\n")  # fmt: skip
-            _run(["ip", "-n", net.namespace, "-batch", "-"], f"addressing the nodes of group {group}",
-                 "\n".join(node_batch) + "\n")  # fmt: skip
-            for namespace, device, direction, end in ((net.namespace, up, "up", "src"), (self.broker_ns, hub, "down", "dst")):
-                lines, owners = tc_script(device, {n: (net.addresses[n], getattr(p, direction)) for n, p in nodes.items()},
-                                          end, self.netem, self.message_bytes)  # fmt: skip
+            _run(
+                ["ip", "-n", self.broker_ns, "-batch", "-"],
+                f"addressing the broker side of group {group}",
+                "\n".join(batch) + "\n",
+            )
+            _run(
+                ["ip", "-n", net.namespace, "-batch", "-"],
+                f"addressing the nodes of group {group}",
+                "\n".join(node_batch) + "\n",
+            )
+            for namespace, device, direction, end in (
+                (net.namespace, up, "up", "src"),
+                (self.broker_ns, hub, "down", "dst"),
+            ):
+                lines, owners = tc_script(
+                    device,
+                    {n: (net.addresses[n], getattr(p, direction)) for n, p in nodes.items()},
+                    end,
+                    self.netem,
+                    self.message_bytes,
+                )
                 self._tc(namespace, lines, group)
                 self.classes[(group, direction)] = owners
             self.groups[group] = net
 
     def _probe_netem(self) -> bool:
-        probe = subprocess.run(["tc", "-n", self.broker_ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-                               capture_output=True, text=True)  # fmt: skip
+        probe = subprocess.run(
+            ["tc", "-n", self.broker_ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            capture_output=True,
+            text=True,
+        )
         if probe.returncode == 0:
             subprocess.run(["tc", "-n", self.broker_ns, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
             return True
@@ -268,13 +328,18 @@ class NetnsLab:
                 break
         else:
             raise NetnsError("no free /30 left in 169.254.213.0/24 for the broker's namespace")
-        _run(["ip", "link", "add", self.root_device, "type", "veth", "peer", "name", "root0", "netns", self.broker_ns],
-             "creating the veth to the broker's namespace")  # fmt: skip
+        _run(
+            ["ip", "link", "add", self.root_device, "type", "veth", "peer", "name", "root0", "netns", self.broker_ns],
+            "creating the veth to the broker's namespace",
+        )
         self._root_link = True
         _run(["ip", "addr", "add", f"{root}/30", "dev", self.root_device], "addressing the root side")
         _run(["ip", "link", "set", self.root_device, "up"], "bringing up the root side")
-        _run(["ip", "-n", self.broker_ns, "-batch", "-"], "addressing the broker's side",
-             f"addr add {broker}/30 dev root0\nlink set root0 up\n")  # fmt: skip
+        _run(
+            ["ip", "-n", self.broker_ns, "-batch", "-"],
+            "addressing the broker's side",
+            f"addr add {broker}/30 dev root0\nlink set root0 up\n",
+        )
         self.broker_address = broker
 
     def _tc(self, namespace: str, lines: list[str], group: str) -> None:
@@ -292,14 +357,24 @@ class NetnsLab:
         dropped (queue full, or netem's loss), from `tc -s -j qdisc show`. Call it before leaving the lab."""
         rows = []
         for net in self.groups.values():
-            for namespace, device, direction in ((net.namespace, "up0", "up"), (self.broker_ns, f"g{net.index}", "down")):
+            for namespace, device, direction in (
+                (net.namespace, "up0", "up"),
+                (self.broker_ns, f"g{net.index}", "down"),
+            ):
                 owners = self.classes.get((net.group, direction), {})
                 for leaf in _tc_json(["tc", "-n", namespace, "-s", "-j", "qdisc", "show", "dev", device]):
                     node = owners.get(str(leaf.get("parent", "")))
                     if node is not None:
-                        rows.append({"node": node, "direction": direction, "qdisc": leaf.get("kind", ""),
-                                     "bytes": int(leaf.get("bytes", 0)), "packets": int(leaf.get("packets", 0)),
-                                     "drops": int(leaf.get("drops", 0))})  # fmt: skip
+                        rows.append(
+                            {
+                                "node": node,
+                                "direction": direction,
+                                "qdisc": leaf.get("kind", ""),
+                                "bytes": int(leaf.get("bytes", 0)),
+                                "packets": int(leaf.get("packets", 0)),
+                                "drops": int(leaf.get("drops", 0)),
+                            }
+                        )
         return rows
 
     def teardown(self) -> None:
@@ -316,10 +391,11 @@ class NetnsLab:
             "mode": "kernel (network namespaces, veth, tc)",
             "netem": self.netem,
             "bandwidth": "htb per node (nodes of one group behind one shared link or medium share its rate)",
-            "transmission_delay_jitter_loss": "netem per node, both directions" if self.netem else
-            "in process, on what cameras publish (this kernel has no netem; htb only caps the rate)",
+            "transmission_delay_jitter_loss": "netem per node, both directions"
+            if self.netem
+            else "in process, on what cameras publish (this kernel has no netem; htb only caps the rate)",
             "groups": {g.group: {"namespace": g.namespace, "nodes": len(g.addresses)} for g in self.groups.values()},
-        }  # fmt: skip
+        }
 
 
 def _tc_json(args: list[str]) -> list[dict[str, Any]]:

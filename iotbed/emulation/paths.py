@@ -34,7 +34,12 @@ class PathShape:
 
     @property
     def shaped(self) -> bool:
-        return math.isfinite(self.rate_bytes_s) or self.delay_s > 0 or self.jitter_s > 0 or not isinstance(self.loss, NoLoss)
+        return (
+            math.isfinite(self.rate_bytes_s)
+            or self.delay_s > 0
+            or self.jitter_s > 0
+            or not isinstance(self.loss, NoLoss)
+        )
 
 
 def path_shape(route: tuple[LinkDirection, ...], media: dict[int, str] | None = None) -> PathShape:

@@ -39,18 +39,34 @@ from tqdm import tqdm
 
 from iotbed.analysis.summary import summarise
 from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
-from iotbed.broker.packets import publish_size, tcp_ip_size
 from iotbed.broker.mqtt_transport import LagMeter
+from iotbed.broker.packets import publish_size, tcp_ip_size
+from iotbed.deployment import Artefacts, camera_codec
 from iotbed.emulation import netns as kernel
-from iotbed.emulation.live import (Endpoint, LiveDeployment, broker_report, build_live, mark_broker_undelivered,
-                                   offered_frames_per_s, shaper_row)  # fmt: skip
+from iotbed.emulation.live import (
+    Endpoint,
+    LiveDeployment,
+    broker_report,
+    build_live,
+    mark_broker_undelivered,
+    offered_frames_per_s,
+    shaper_row,
+)
 from iotbed.emulation.monitor import BrokerMonitor
 from iotbed.emulation.paths import node_paths
 from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, progress_steps, run_sharded
-from iotbed.deployment import Artefacts, camera_codec
 from iotbed.errors import UsageError
 from iotbed.nodes.camera import frame_payload_bytes
-from iotbed.runner import DRAIN_S, RunResult, one_torch_thread, output_dir, prepare, reference_column, setup_summary, write_outputs
+from iotbed.runner import (
+    DRAIN_S,
+    RunResult,
+    one_torch_thread,
+    output_dir,
+    prepare,
+    reference_column,
+    setup_summary,
+    write_outputs,
+)
 from iotbed.scenario import Scenario
 
 # A process that stays within this of the wall clock at its 99th percentile kept up: its frames left when
@@ -76,15 +92,23 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 
 def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker | None, netns: bool) -> None:
-    if any(g.strip is not None for g in scenario.nodes.gateways) or any(e.repair is not None for e in scenario.nodes.edge_servers):
-        raise UsageError("the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
-                          "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`")  # fmt: skip
+    if any(g.strip is not None for g in scenario.nodes.gateways) or any(
+        e.repair is not None for e in scenario.nodes.edge_servers
+    ):
+        raise UsageError(
+            "the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
+            "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`"
+        )
     if any(u.publisher is not None for u in scenario.registry.updates):
-        raise UsageError("rogue publishers (`publisher:` on an update) run in simulation only in this version; "
-                          "against a live broker, `iotbed broker start --auth` refuses them by ACL")  # fmt: skip
+        raise UsageError(
+            "rogue publishers (`publisher:` on an update) run in simulation only in this version; "
+            "against a live broker, `iotbed broker start --auth` refuses them by ACL"
+        )
     if any(a.kind == "mitm" for a in scenario.attacks):
-        raise UsageError("mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
-                          "only: remove the mitm entries or use `iotbed run`")  # fmt: skip
+        raise UsageError(
+            "mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
+            "only: remove the mitm entries or use `iotbed run`"
+        )
     local = broker_url == "local"
     if netns and not local:
         raise UsageError("--netns runs its own broker inside the emulated network: use `--broker local`")
@@ -115,11 +139,22 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None, password: str | None = None,
-            logins: dict[str, str] | None = None, tls_ca: str | None = None,
-            broker_control: MosquittoBroker | None = None, workers: int | str = "auto", netns: bool = False,
-            out_dir: str | Path | None = None, write: bool = True, force: bool = False,
-            progress: bool = True) -> RunResult:  # fmt: skip
+def emulate(
+    scenario: Scenario,
+    broker_url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    logins: dict[str, str] | None = None,
+    tls_ca: str | None = None,
+    broker_control: MosquittoBroker | None = None,
+    workers: int | str = "auto",
+    netns: bool = False,
+    out_dir: str | Path | None = None,
+    write: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> RunResult:
     """Run `scenario` live. `broker_url` is `mqtt[s]://HOST:PORT`, or `local` for a Mosquitto started for
     this run (with the scenario's queue limits; restarted by `broker_restart` faults). `broker_control` is a
     broker the caller started, for its faults. `workers`: `auto`, or how many processes to spread the
@@ -135,8 +170,13 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
     end = resolved.duration + DRAIN_S
     with contextlib.ExitStack() as stack:
         stack.enter_context(_sigterm_as_interrupt())
-        lab = stack.enter_context(kernel.NetnsLab(kernel.by_group(paths, nodes),
-                                                  message_bytes=_largest_frame(resolved, artefacts))) if netns else None
+        lab = (
+            stack.enter_context(
+                kernel.NetnsLab(kernel.by_group(paths, nodes), message_bytes=_largest_frame(resolved, artefacts))
+            )
+            if netns
+            else None
+        )
         broker = broker_control
         url = broker_url
         if broker_url == "local":
@@ -148,37 +188,72 @@ def emulate(scenario: Scenario, broker_url: str, *, username: str | None = None,
         else:
             endpoint = lambda node: Endpoint(address.host, address.port)  # noqa: E731
         # The kernel's netem does everything; without it, what cameras publish is shaped here as well.
-        live = build_live(resolved, artefacts, endpoint, paths, shape_in_process=lab is None or not lab.netem,
-                          logins=logins, username=username, password=password, tls_ca=tls_ca, tls=address.tls)  # fmt: skip
+        live = build_live(
+            resolved,
+            artefacts,
+            endpoint,
+            paths,
+            shape_in_process=lab is None or not lab.netem,
+            logins=logins,
+            username=username,
+            password=password,
+            tls_ca=tls_ca,
+            tls=address.tls,
+        )
         offered = offered_frames_per_s(resolved)
-        n_workers = auto_workers(offered, len(live.transports), len(live.cameras)) if workers == "auto" else int(workers)
+        n_workers = (
+            auto_workers(offered, len(live.transports), len(live.cameras)) if workers == "auto" else int(workers)
+        )
         namespaces = {c: lab.namespace_of(node).namespace for c, node in live.node_of.items()} if lab else None
         shards = plan_shards(live, n_workers, namespaces)
-        user, secret = (("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password))
-        monitor = BrokerMonitor(address.host, address.port, username=user, password=secret, tls=address.tls,
-                                tls_ca=tls_ca)  # fmt: skip
+        user, secret = ("monitor", logins["monitor"]) if logins and "monitor" in logins else (username, password)
+        monitor = BrokerMonitor(
+            address.host, address.port, username=user, password=secret, tls=address.tls, tls_ca=tls_ca
+        )
         try:
             with _progress(resolved.name, end, progress) as advance:
                 lags = _execute(live, shards, end, broker, monitor, lab, advance)
         finally:
             monitor.stop()
         kernel_rows = lab.class_stats() if lab is not None else []
-        shaping_report = lab.describe() if lab is not None else {
-            "mode": "in process", "bandwidth": "per camera, on what it publishes",
-            "transmission_delay_jitter_loss": "in process, on what cameras publish"}  # fmt: skip
+        shaping_report = (
+            lab.describe()
+            if lab is not None
+            else {
+                "mode": "in process",
+                "bandwidth": "per camera, on what it publishes",
+                "transmission_delay_jitter_loss": "in process, on what cameras publish",
+            }
+        )
 
     undelivered = mark_broker_undelivered(live.recorder)
     table = live.recorder.to_table()
     links = [shaper_row(name, s, end) for name, s in live.shapers.items()]
     report = broker_report(url, live.transports.values())
     counted = monitor.report()
-    report.update(queue_drops=counted["dropped"], stored_max_increase=counted["stored_max_increase"],
-                  sys_counters=counted["available"], acknowledged_not_delivered=undelivered)  # fmt: skip
-    summary = summarise(table, scenario_name=resolved.name, seed=resolved.seed, duration_s=resolved.duration,
-                        sim_end_s=end, wall_time_s=time.perf_counter() - wall_start, model_info=model_info,
-                        links=links, edges=live.edges, broker=report, model_events=live.recorder.model_events,
-                        mode="emulated", cameras=len(live.cameras), reference=reference_column(table, artefacts),
-                        setup=setup_summary(resolved, live.cameras, live.edges, live.windows))  # fmt: skip
+    report.update(
+        queue_drops=counted["dropped"],
+        stored_max_increase=counted["stored_max_increase"],
+        sys_counters=counted["available"],
+        acknowledged_not_delivered=undelivered,
+    )
+    summary = summarise(
+        table,
+        scenario_name=resolved.name,
+        seed=resolved.seed,
+        duration_s=resolved.duration,
+        sim_end_s=end,
+        wall_time_s=time.perf_counter() - wall_start,
+        model_info=model_info,
+        links=links,
+        edges=live.edges,
+        broker=report,
+        model_events=live.recorder.model_events,
+        mode="emulated",
+        cameras=len(live.cameras),
+        reference=reference_column(table, artefacts),
+        setup=setup_summary(resolved, live.cameras, live.edges, live.windows),
+    )
     summary["realtime"] = realtime_report(lags, offered, shards)
     summary["shaping"] = shaping_report
     extra = {"kernel_links.csv": kernel_rows} if kernel_rows else None
@@ -206,8 +281,15 @@ def _largest_frame(scenario: Scenario, artefacts: Artefacts) -> int:
     return max(sizes)
 
 
-def _execute(live: LiveDeployment, shards: list[Shard], end: float, broker: MosquittoBroker | None,
-             monitor: BrokerMonitor, lab: kernel.NetnsLab | None, advance: Any) -> dict[int, LagMeter]:
+def _execute(
+    live: LiveDeployment,
+    shards: list[Shard],
+    end: float,
+    broker: MosquittoBroker | None,
+    monitor: BrokerMonitor,
+    lab: kernel.NetnsLab | None,
+    advance: Any,
+) -> dict[int, LagMeter]:
     """Run every shard, here or in forked workers; each process's lag behind the wall clock, by shard."""
     if len(shards) == 1 and lab is None:
         monitor.start()
@@ -218,8 +300,9 @@ def _execute(live: LiveDeployment, shards: list[Shard], end: float, broker: Mosq
         monitor.start()
         live.start([], broker)  # the broker's faults run here, on the parent's clock
 
-    results = run_sharded(live, shards, end, enter=kernel.enter if lab else None, parent_env_hook=parent_side,
-                          on_progress=advance)  # fmt: skip
+    results = run_sharded(
+        live, shards, end, enter=kernel.enter if lab else None, parent_env_hook=parent_side, on_progress=advance
+    )
     merge(live, results)
     return {r.index: r.lag for r in results}
 
@@ -230,8 +313,11 @@ def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.N
     limits = {"max_queued_messages": b.max_queued, "max_inflight_messages": b.max_inflight, "persistence": True}
     if lab is None:
         return MosquittoBroker(run_dir, BrokerConfig(**limits))
-    return MosquittoBroker(run_dir, BrokerConfig(host="0.0.0.0", port=kernel.BROKER_PORT, netns=lab.broker_ns, **limits),
-                           reach_host=lab.broker_address)  # fmt: skip
+    return MosquittoBroker(
+        run_dir,
+        BrokerConfig(host="0.0.0.0", port=kernel.BROKER_PORT, netns=lab.broker_ns, **limits),
+        reach_host=lab.broker_address,
+    )
 
 
 def _netns_endpoint(lab: kernel.NetnsLab) -> Any:
@@ -244,8 +330,14 @@ def _netns_endpoint(lab: kernel.NetnsLab) -> Any:
 
 @contextlib.contextmanager
 def _progress(name: str, end: float, show: bool) -> Iterator[Any]:
-    with tqdm(total=round(end, 1), desc=f"{name} (live)", unit="s", disable=not show, file=sys.stderr,
-              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix} [{elapsed}<{remaining}]") as bar:  # fmt: skip
+    with tqdm(
+        total=round(end, 1),
+        desc=f"{name} (live)",
+        unit="s",
+        disable=not show,
+        file=sys.stderr,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s {postfix} [{elapsed}<{remaining}]",
+    ) as bar:
 
         def advance(now: float, frames: int) -> None:
             bar.set_postfix_str(f"{frames} frames", refresh=False)

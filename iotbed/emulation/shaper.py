@@ -99,18 +99,34 @@ def make_loss(kind: str, rng: np.random.Generator, **params: float) -> LossModel
     if kind == "bernoulli":
         return BernoulliLoss(float(params.get("rate", 0.0)), rng)
     if kind in ("gilbert_elliott", "gilbert-elliott", "ge"):
-        return GilbertElliottLoss(float(params["p"]), float(params["r"]), float(params.get("loss_good", 0.0)),
-                                  float(params.get("loss_bad", 1.0)), rng)  # fmt: skip
+        return GilbertElliottLoss(
+            float(params["p"]),
+            float(params["r"]),
+            float(params.get("loss_good", 0.0)),
+            float(params.get("loss_bad", 1.0)),
+            rng,
+        )
     raise ValueError(f"unknown loss model {kind!r}; use none, bernoulli or gilbert_elliott")
 
 
 class LinkShaper:
     """One node's uplink in a live run. `submit(size, qos, send)` calls `send()` when the message arrives."""
 
-    def __init__(self, env: simpy.Environment, rng: np.random.Generator, *, name: str = "shaper",
-                 rate_bytes_s: float | None = None, burst_bytes: float | None = None, delay_s: float = 0.0,
-                 jitter_s: float = 0.0, loss: LossModel | None = None, queue_limit: int | None = None,
-                 retry_interval_s: float = 1.0, max_retries: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        rng: np.random.Generator,
+        *,
+        name: str = "shaper",
+        rate_bytes_s: float | None = None,
+        burst_bytes: float | None = None,
+        delay_s: float = 0.0,
+        jitter_s: float = 0.0,
+        loss: LossModel | None = None,
+        queue_limit: int | None = None,
+        retry_interval_s: float = 1.0,
+        max_retries: int | None = None,
+    ) -> None:
         if delay_s < 0 or jitter_s < 0:
             raise ValueError("delay and jitter must not be negative")
         if retry_interval_s <= 0:
@@ -142,8 +158,9 @@ class LinkShaper:
             waiting.popleft()
         return len(waiting)
 
-    def submit(self, size_bytes: int, qos: int, send: Callable[[], None], account: Any = None,
-               _attempt: int = 1) -> bool:  # fmt: skip
+    def submit(
+        self, size_bytes: int, qos: int, send: Callable[[], None], account: Any = None, _attempt: int = 1
+    ) -> bool:
         """Shape one message of `size_bytes` (its bytes on the wire). False if it is dropped at once."""
         env = self.env
         now = env.now

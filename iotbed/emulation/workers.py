@@ -79,8 +79,10 @@ def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] |
     camera_shards = max(1, workers - 1)
     _fits(math.ceil(len(cameras) / camera_shards), workers, len(cameras))
     if len(servers) > MAX_CLIENTS_PER_PROCESS:
-        raise UsageError(f"{len(servers)} edge servers and the registry do not fit one process (at most "
-                         f"{MAX_CLIENTS_PER_PROCESS} clients); live runs take fewer edge servers")  # fmt: skip
+        raise UsageError(
+            f"{len(servers)} edge servers and the registry do not fit one process (at most "
+            f"{MAX_CLIENTS_PER_PROCESS} clients); live runs take fewer edge servers"
+        )
     shards = [Shard(0, tuple(servers), None, True)] if servers else []
     for k in range(camera_shards):
         chosen = tuple(cameras[k::camera_shards])
@@ -92,9 +94,11 @@ def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] |
 def _fits(clients: int, workers: int, cameras: int) -> None:
     if clients > MAX_CLIENTS_PER_PROCESS:
         needed = 1 + math.ceil(cameras / MAX_CLIENTS_PER_PROCESS)
-        raise UsageError(f"--workers {workers} puts {clients} MQTT clients in one process; one process holds at most "
-                         f"{MAX_CLIENTS_PER_PROCESS} (paho waits in select(), which stops at 1,024 file "
-                         f"descriptors): use --workers {needed} or --workers auto")  # fmt: skip
+        raise UsageError(
+            f"--workers {workers} puts {clients} MQTT clients in one process; one process holds at most "
+            f"{MAX_CLIENTS_PER_PROCESS} (paho waits in select(), which stops at 1,024 file "
+            f"descriptors): use --workers {needed} or --workers auto"
+        )
 
 
 def auto_workers(offered_fps: float, clients: int, cameras: int, cpus: int | None = None) -> int:
@@ -138,8 +142,9 @@ def _columns(records: Any) -> dict[str, list[Any]]:
     return {name: [getattr(r, name) for r in values] for name in FrameRecord.__slots__}
 
 
-def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn: Connection,
-            enter: Callable[[str], None] | None) -> None:  # fmt: skip
+def _worker(
+    live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn: Connection, enter: Callable[[str], None] | None
+) -> None:
     """A forked worker: enter the namespace, start this shard's nodes, wait for the start instant, run."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -160,13 +165,23 @@ def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn:
                 conn.send(("progress", shard.index, env.now, len(recorder.records)))
         live.close()
         mine = set(shard.clients)
-        conn.send(("result", ShardResult(
-            shard.index, _columns(recorder.records), shard.edges,
-            {c: t.stats for c, t in live.transports.items() if c in mine},
-            {n: s.stats for n, s in live.shapers.items() if n in mine},
-            {e.name: (e.batches, e.busy_s, e.classifier.version) for e in live.edges if e.name in mine},
-            {c.name: c.frames_sent for c in live.cameras if c.name in mine},
-            [w.frames_attacked for w in live.windows], list(recorder.model_events), live.bridge.lag)))  # fmt: skip
+        conn.send(
+            (
+                "result",
+                ShardResult(
+                    shard.index,
+                    _columns(recorder.records),
+                    shard.edges,
+                    {c: t.stats for c, t in live.transports.items() if c in mine},
+                    {n: s.stats for n, s in live.shapers.items() if n in mine},
+                    {e.name: (e.batches, e.busy_s, e.classifier.version) for e in live.edges if e.name in mine},
+                    {c.name: c.frames_sent for c in live.cameras if c.name in mine},
+                    [w.frames_attacked for w in live.windows],
+                    list(recorder.model_events),
+                    live.bridge.lag,
+                ),
+            )
+        )
     except KeyboardInterrupt:
         pass
     except BaseException as exc:
@@ -180,10 +195,15 @@ def _worker(live: LiveDeployment, shard: Shard, shards: int, end_s: float, conn:
         conn.close()
 
 
-def run_sharded(live: LiveDeployment, shards: list[Shard], end_s: float, *,
-                enter: Callable[[str], None] | None = None,
-                parent_env_hook: Callable[[], None] | None = None,
-                on_progress: Callable[[float, int], None] | None = None) -> list[ShardResult]:  # fmt: skip
+def run_sharded(
+    live: LiveDeployment,
+    shards: list[Shard],
+    end_s: float,
+    *,
+    enter: Callable[[str], None] | None = None,
+    parent_env_hook: Callable[[], None] | None = None,
+    on_progress: Callable[[float, int], None] | None = None,
+) -> list[ShardResult]:
     """Fork a worker per shard, start them together, wait for their results. `parent_env_hook` starts what
     the parent itself runs on its copy of the environment (the broker's faults) before the start instant."""
     ctx = multiprocessing.get_context("fork")
@@ -191,8 +211,12 @@ def run_sharded(live: LiveDeployment, shards: list[Shard], end_s: float, *,
     try:
         for shard in shards:
             parent_conn, child_conn = ctx.Pipe()
-            process = ctx.Process(target=_worker, args=(live, shard, len(shards), end_s, child_conn, enter),
-                                  name=f"iotbed-shard-{shard.index}", daemon=True)  # fmt: skip
+            process = ctx.Process(
+                target=_worker,
+                args=(live, shard, len(shards), end_s, child_conn, enter),
+                name=f"iotbed-shard-{shard.index}",
+                daemon=True,
+            )
             process.start()
             child_conn.close()
             runs.append(ShardRun(shard, process, parent_conn))
@@ -234,8 +258,9 @@ def _expect(run: ShardRun, kind: str, timeout_s: float) -> Any:
         message = run.conn.recv()
     except (EOFError, OSError):
         run.process.join(timeout=5)
-        raise IotbedError(f"worker {run.shard.index} ended before it was {kind} (exit code "
-                          f"{run.process.exitcode})") from None  # fmt: skip
+        raise IotbedError(
+            f"worker {run.shard.index} ended before it was {kind} (exit code {run.process.exitcode})"
+        ) from None
     if message[0] == "error":
         raise IotbedError(f"worker {run.shard.index}: {message[2]}")
     return message
@@ -255,8 +280,9 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
             except (EOFError, OSError):
                 del pending[conn]
                 run.process.join(timeout=5)
-                raise IotbedError(f"worker {run.shard.index} ended without a result (exit code "
-                                  f"{run.process.exitcode})") from None  # fmt: skip
+                raise IotbedError(
+                    f"worker {run.shard.index} ended without a result (exit code {run.process.exitcode})"
+                ) from None
             if message[0] == "progress":
                 run.sim_now, run.frames = message[2], message[3]
             elif message[0] == "result":
@@ -273,8 +299,10 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
         drain(0)
     while pending:  # workers that fell behind the wall clock finish later than the parent
         if time.monotonic() - heard[0] > SILENT_S:
-            raise IotbedError(f"worker(s) {sorted(r.shard.index for r in pending.values())} sent nothing for "
-                              f"{SILENT_S:.0f} s after the run's end; they were stopped")  # fmt: skip
+            raise IotbedError(
+                f"worker(s) {sorted(r.shard.index for r in pending.values())} sent nothing for "
+                f"{SILENT_S:.0f} s after the run's end; they were stopped"
+            )
         drain(0.2)
 
 

@@ -18,7 +18,6 @@ from torch import nn
 
 from iotbed.errors import ModelError
 
-
 # Bounds on architecture arguments read from model files (far above anything the testbed uses).
 _MAX_CHANNELS = 64
 _MAX_IMAGE_SIZE = 512

@@ -43,6 +43,4 @@ def default_train_config(arch: str, dataset_name: str = "") -> TrainConfig:
             epochs=4, batch_size=64, lr=1e-3, weight_decay=1e-4, lr_schedule="cosine", augmentation="shift"
         )
     # cifar_cnn (and anything new): untested guess in the usual range for small VGG-style nets.
-    return TrainConfig(
-        epochs=15, batch_size=64, lr=1e-3, weight_decay=5e-4, lr_schedule="cosine", augmentation="shift"
-    )
+    return TrainConfig(epochs=15, batch_size=64, lr=1e-3, weight_decay=5e-4, lr_schedule="cosine", augmentation="shift")

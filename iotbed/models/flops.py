@@ -48,8 +48,11 @@ def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
             handles.append(m.register_forward_hook(linear_hook))
     was_training = model.training
     first = next(model.parameters(), None)
-    dummy = torch.zeros((1, *shape), dtype=first.dtype if first is not None else torch.float32,
-                        device=first.device if first is not None else "cpu")
+    dummy = torch.zeros(
+        (1, *shape),
+        dtype=first.dtype if first is not None else torch.float32,
+        device=first.device if first is not None else "cpu",
+    )
     try:
         model.eval()
         with torch.inference_mode():

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
+from iotbed.attacks.network import AttackWindow
 from iotbed.broker.packets import publish_size, tcp_ip_size
 from iotbed.broker.transport import Transport
-from iotbed.attacks.network import AttackWindow
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.nodes.payloads import FRAME_HEADER, Frame, raw_frame_bytes
 from iotbed.sim.clock import wall_clock
@@ -41,10 +41,20 @@ def frame_payload_bytes(image_shape: tuple[int, int, int], drop: PixelDropCodec 
 
 
 class Camera:
-    def __init__(self, env: simpy.Environment, name: str, index: int, transport: Transport, config: CameraConfig,
-                 labels: np.ndarray, image_shape: tuple[int, int, int], rng: np.random.Generator,
-                 recorder: TraceRecorder, codec_rng: np.random.Generator | None = None,
-                 attacks: list[AttackWindow] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        name: str,
+        index: int,
+        transport: Transport,
+        config: CameraConfig,
+        labels: np.ndarray,
+        image_shape: tuple[int, int, int],
+        rng: np.random.Generator,
+        recorder: TraceRecorder,
+        codec_rng: np.random.Generator | None = None,
+        attacks: list[AttackWindow] | None = None,
+    ) -> None:
         self.env = env
         self.name = name
         self.index = index
@@ -96,10 +106,27 @@ class Camera:
             image_index, gap = next(draws)
             label = labels[image_index]
             captured = env.now if self._wall is None else self._wall()
-            record = self.recorder.new_frame(self.name, config.topic, image_index, label, self.payload_bytes,
-                                             self.publish_bytes, config.qos, captured)  # fmt: skip
-            frame = Frame(record.frame_id, self.index, captured, image_index, label, self.image_shape,
-                          self.payload_bytes, drop=config.drop, mask_seed=next(seeds))  # fmt: skip
+            record = self.recorder.new_frame(
+                self.name,
+                config.topic,
+                image_index,
+                label,
+                self.payload_bytes,
+                self.publish_bytes,
+                config.qos,
+                captured,
+            )
+            frame = Frame(
+                record.frame_id,
+                self.index,
+                captured,
+                image_index,
+                label,
+                self.image_shape,
+                self.payload_bytes,
+                drop=config.drop,
+                mask_seed=next(seeds),
+            )
             for attack in self.attacks:
                 if attack.strikes(env.now):
                     frame.pixels = attack.adversarial[image_index]

@@ -19,8 +19,15 @@ from iotbed.nodes.payloads import Frame
 
 
 class EdgeClassifier:
-    def __init__(self, model: nn.Module, version: int, flops_per_image: float, images: torch.Tensor,
-                 defense: DefenseChain | None = None, generator: torch.Generator | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        version: int,
+        flops_per_image: float,
+        images: torch.Tensor,
+        defense: DefenseChain | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.images = images  # the dataset the cameras capture from, (N, C, H, W) in [0, 1]
         self.defense = defense if defense is not None and defense.stages else None
         if self.defense is not None and self.defense.randomized and generator is None:
@@ -45,8 +52,11 @@ class EdgeClassifier:
     def predict(self, frames: list[Frame]) -> np.ndarray:
         n = len(frames)
         predictions = np.empty(n, dtype=np.int64)
-        pristine = np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool,
-                               count=n) if self._cacheable else np.zeros(n, dtype=bool)  # fmt: skip
+        pristine = (
+            np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool, count=n)
+            if self._cacheable
+            else np.zeros(n, dtype=bool)
+        )
         if pristine.any():
             indices = np.fromiter((f.image_index for f in frames), dtype=np.int64, count=n)[pristine]
             predictions[pristine] = self._cached[indices]
@@ -55,8 +65,9 @@ class EdgeClassifier:
         return predictions
 
     def _run_frames(self, frames: list[Frame]) -> np.ndarray:
-        x = torch.from_numpy(np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy()
-                                       for f in frames])).float()  # fmt: skip
+        x = torch.from_numpy(
+            np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
+        ).float()
         masks = [f.drop_mask() for f in frames]
         dropped = torch.tensor([m is not None for m in masks])
         mask_tensor = None

@@ -19,8 +19,8 @@ from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
-from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.payloads import Frame, ModelUpdate
+from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
@@ -39,10 +39,19 @@ class EdgeConfig:
 
 
 class EdgeServer:
-    def __init__(self, env: simpy.Environment, name: str, transport: Transport, config: EdgeConfig,
-                 classifier: EdgeClassifier, device: DeviceProfile, recorder: TraceRecorder,
-                 load_model: Callable[[bytes], nn.Module], repairer: CoDefendRepairer | None = None,
-                 model_to_bytes: Callable[[nn.Module, int], bytes] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        name: str,
+        transport: Transport,
+        config: EdgeConfig,
+        classifier: EdgeClassifier,
+        device: DeviceProfile,
+        recorder: TraceRecorder,
+        load_model: Callable[[bytes], nn.Module],
+        repairer: CoDefendRepairer | None = None,
+        model_to_bytes: Callable[[nn.Module, int], bytes] | None = None,
+    ) -> None:
         self.env = env
         self.name = name
         self.transport = transport
@@ -94,13 +103,18 @@ class EdgeServer:
 
     def _on_model(self, message: Publish) -> None:
         update = message.payload
-        if (not isinstance(update, ModelUpdate) or update.version <= self.classifier.version
-                or update.version in self.quarantined):  # fmt: skip
+        if (
+            not isinstance(update, ModelUpdate)
+            or update.version <= self.classifier.version
+            or update.version in self.quarantined
+        ):
             return
         model = self._load_model(update.blob)
         self.held[update.version] = model
         self.classifier.swap(model, update.version)
-        self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "adopted", update.version, update.nbytes))
+        self.recorder.model_events.append(
+            ModelEvent(self._stamp(), self.name, "adopted", update.version, update.nbytes)
+        )
 
     def _on_quarantine(self, message: Publish) -> None:
         notice = message.payload
@@ -124,9 +138,18 @@ class EdgeServer:
         yield self.env.timeout(outcome.sim_seconds)
         version = notice.version + 1000
         update = ModelUpdate(version, self._to_bytes(outcome.model, version))
-        self.repairs.append({"quarantined_version": notice.version, "version": version, "flagged": len(notice.flagged),
-                             "started_s": started, "published_s": self.env.now, "sim_seconds": outcome.sim_seconds,
-                             "wall_seconds": outcome.wall_seconds, "flops": outcome.flops})  # fmt: skip
+        self.repairs.append(
+            {
+                "quarantined_version": notice.version,
+                "version": version,
+                "flagged": len(notice.flagged),
+                "started_s": started,
+                "published_s": self.env.now,
+                "sim_seconds": outcome.sim_seconds,
+                "wall_seconds": outcome.wall_seconds,
+                "flops": outcome.flops,
+            }
+        )
         events.append(ModelEvent(self.env.now, self.name, "repaired", version, update.nbytes))
         self.transport.publish(self.config.models_topic, update, self.config.models_publish_qos, retain=True)
 

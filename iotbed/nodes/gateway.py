@@ -77,11 +77,24 @@ class GatewayStats:
 
 
 class ScreeningGateway:
-    def __init__(self, env: simpy.Environment, name: str, transport: Transport, models_topic: str, models_qos: int,
-                 settings: ScreenSettings, device: DeviceProfile, model_flops: float, images: torch.Tensor,
-                 calibration: torch.Tensor, overlays: torch.Tensor, initial: tuple[int, nn.Module],
-                 load_model: Callable[[bytes], nn.Module], generator: torch.Generator,
-                 recorder: TraceRecorder) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        name: str,
+        transport: Transport,
+        models_topic: str,
+        models_qos: int,
+        settings: ScreenSettings,
+        device: DeviceProfile,
+        model_flops: float,
+        images: torch.Tensor,
+        calibration: torch.Tensor,
+        overlays: torch.Tensor,
+        initial: tuple[int, nn.Module],
+        load_model: Callable[[bytes], nn.Module],
+        generator: torch.Generator,
+        recorder: TraceRecorder,
+    ) -> None:
         self.env = env
         self.name = name
         self.transport = transport
@@ -141,19 +154,41 @@ class ScreeningGateway:
             passes = (len(frames) + len(self.calibration)) * s.n_blends
             compute = self.device.seconds_for(passes, self.model_flops)
             yield self.env.timeout(compute)
-            x = torch.from_numpy(np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy()
-                                           for f in frames])).float()  # fmt: skip
-            verdict = screen_update(model, x, self.calibration, self.overlays, frr=s.frr, significance=s.significance,
-                                    n_blends=s.n_blends, generator=self.generator)  # fmt: skip
-            self.stats.screens.append(ScreenRecord(
-                self.env.now, self.name, version, verdict.n_frames, verdict.n_flagged, verdict.p_value,
-                verdict.backdoored, compute, verdict.entropies.numpy(), np.array([f.frame_id for f in frames]),
-                verdict.threshold.boundary))  # fmt: skip
+            x = torch.from_numpy(
+                np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
+            ).float()
+            verdict = screen_update(
+                model,
+                x,
+                self.calibration,
+                self.overlays,
+                frr=s.frr,
+                significance=s.significance,
+                n_blends=s.n_blends,
+                generator=self.generator,
+            )
+            self.stats.screens.append(
+                ScreenRecord(
+                    self.env.now,
+                    self.name,
+                    version,
+                    verdict.n_frames,
+                    verdict.n_flagged,
+                    verdict.p_value,
+                    verdict.backdoored,
+                    compute,
+                    verdict.entropies.numpy(),
+                    np.array([f.frame_id for f in frames]),
+                    verdict.threshold.boundary,
+                )
+            )
             if verdict.backdoored and version == self.version:
                 self._quarantined.add(version)
                 flagged = x[verdict.entropies <= verdict.threshold.boundary]
                 notice = Quarantine(version, flagged, self.name)
-                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "quarantined", version, notice.nbytes))
+                self.recorder.model_events.append(
+                    ModelEvent(self.env.now, self.name, "quarantined", version, notice.nbytes)
+                )
                 self.transport.publish(QUARANTINE_TOPIC, notice, 1)
             elif version not in self._screened_clean:
                 self._screened_clean.add(version)

@@ -59,8 +59,19 @@ def raw_frame_bytes(shape: tuple[int, int, int]) -> int:
 
 def encode_raw_frame(frame: Frame, pixels_u8: np.ndarray) -> bytes:
     c, h, w = frame.shape
-    header = FRAME_HEADER.pack(FRAME_MAGIC, 1, CODEC_RAW, c, h, w, frame.frame_id, frame.camera_index,
-                               frame.captured_at, frame.image_index, frame.label)  # fmt: skip
+    header = FRAME_HEADER.pack(
+        FRAME_MAGIC,
+        1,
+        CODEC_RAW,
+        c,
+        h,
+        w,
+        frame.frame_id,
+        frame.camera_index,
+        frame.captured_at,
+        frame.image_index,
+        frame.label,
+    )
     return header + np.ascontiguousarray(pixels_u8, dtype=np.uint8).tobytes()
 
 

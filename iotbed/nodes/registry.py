@@ -21,8 +21,16 @@ class ScheduledUpdate:
 
 
 class ModelRegistry:
-    def __init__(self, env: simpy.Environment, name: str, transport: Transport, topic: str, qos: int,
-                 updates: list[ScheduledUpdate], recorder: TraceRecorder) -> None:  # fmt: skip
+    def __init__(
+        self,
+        env: simpy.Environment,
+        name: str,
+        transport: Transport,
+        topic: str,
+        qos: int,
+        updates: list[ScheduledUpdate],
+        recorder: TraceRecorder,
+    ) -> None:
         self.env = env
         self.name = name
         self.transport = transport
@@ -39,6 +47,8 @@ class ModelRegistry:
                 yield self.env.timeout(scheduled.at_s - self.env.now)
             update = scheduled.update
             self.recorder.model_events.append(
-                ModelEvent(self.env.now if wall is None else wall(), self.name, "published", update.version, update.nbytes)
+                ModelEvent(
+                    self.env.now if wall is None else wall(), self.name, "published", update.version, update.nbytes
+                )
             )
             self.transport.publish(self.topic, update, self.qos, retain=True)

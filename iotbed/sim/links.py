@@ -8,8 +8,8 @@ the far end) and a few arithmetic operations. That keeps thousands of cameras ch
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np

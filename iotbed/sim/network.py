@@ -77,7 +77,9 @@ class Network:
             self._routes[key] = route
         return route
 
-    def send(self, sender: Endpoint, receiver: Endpoint, size: int, message: Any, frame: FrameAccount | None = None) -> None:
+    def send(
+        self, sender: Endpoint, receiver: Endpoint, size: int, message: Any, frame: FrameAccount | None = None
+    ) -> None:
         route = self._routes.get((sender.node, receiver.node))
         if route is None:
             route = self.route(sender.node, receiver.node)

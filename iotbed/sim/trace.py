@@ -25,14 +25,44 @@ TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full", "broker_down"})
 
 class FrameRecord:
     __slots__ = (
-        "frame_id", "camera", "topic", "image_index", "label", "payload_bytes", "publish_bytes", "qos",
-        "t_capture", "t_first_hop", "t_broker", "t_edge", "t_infer_start", "t_done", "wire_bytes",
-        "retries", "losses", "duplicates", "drop_reason", "drop_link", "edge", "model_version",
-        "prediction", "attack",
-    )  # fmt: skip
+        "frame_id",
+        "camera",
+        "topic",
+        "image_index",
+        "label",
+        "payload_bytes",
+        "publish_bytes",
+        "qos",
+        "t_capture",
+        "t_first_hop",
+        "t_broker",
+        "t_edge",
+        "t_infer_start",
+        "t_done",
+        "wire_bytes",
+        "retries",
+        "losses",
+        "duplicates",
+        "drop_reason",
+        "drop_link",
+        "edge",
+        "model_version",
+        "prediction",
+        "attack",
+    )
 
-    def __init__(self, frame_id: int, camera: str, topic: str, image_index: int, label: int, payload_bytes: int,
-                 publish_bytes: int, qos: int, t_capture: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        frame_id: int,
+        camera: str,
+        topic: str,
+        image_index: int,
+        label: int,
+        payload_bytes: int,
+        publish_bytes: int,
+        qos: int,
+        t_capture: float,
+    ) -> None:
         self.frame_id = frame_id
         self.camera = camera
         self.topic = topic
@@ -124,10 +154,28 @@ class TraceRecorder:
         self.first_id = first_id
         self.id_step = id_step
 
-    def new_frame(self, camera: str, topic: str, image_index: int, label: int, payload_bytes: int,
-                  publish_bytes: int, qos: int, t_capture: float) -> FrameRecord:  # fmt: skip
-        record = FrameRecord(self.first_id + self.id_step * len(self.records), camera, topic, image_index, label,
-                             payload_bytes, publish_bytes, qos, t_capture)  # fmt: skip
+    def new_frame(
+        self,
+        camera: str,
+        topic: str,
+        image_index: int,
+        label: int,
+        payload_bytes: int,
+        publish_bytes: int,
+        qos: int,
+        t_capture: float,
+    ) -> FrameRecord:
+        record = FrameRecord(
+            self.first_id + self.id_step * len(self.records),
+            camera,
+            topic,
+            image_index,
+            label,
+            payload_bytes,
+            publish_bytes,
+            qos,
+            t_capture,
+        )
         self.records.append(record)
         return record
 
@@ -168,10 +216,12 @@ class TraceRecorder:
         delivered = t_done >= 0
         # A QoS 1/2 frame whose last packet was lost is still being retransmitted: in flight, not dropped.
         has_reason = np.asarray(
-            [bool(reason) and (qos == 0 or reason not in TRANSIENT_LOSSES)
-             for reason, qos in zip(columns["drop_reason"], columns["qos"])],
+            [
+                bool(reason) and (qos == 0 or reason not in TRANSIENT_LOSSES)
+                for reason, qos in zip(columns["drop_reason"], columns["qos"])
+            ],
             dtype=bool,
-        )  # fmt: skip
+        )
         status = np.where(delivered, DELIVERED, np.where(has_reason, DROPPED, IN_FLIGHT))
         columns["status"] = status.tolist()
         columns["drop_reason"] = np.where(delivered, "", np.asarray(columns["drop_reason"], dtype=object)).tolist()
@@ -179,8 +229,9 @@ class TraceRecorder:
         columns["latency_s"] = np.where(delivered, t_done - t_capture, np.nan)
         prediction = np.asarray(columns["prediction"], dtype=np.int64)
         columns["correct"] = (delivered & (prediction == np.asarray(columns["label"], dtype=np.int64))).tolist()
-        return pa.table({field.name: pa.array(columns[field.name], type=field.type) for field in TRACE_SCHEMA},
-                        schema=TRACE_SCHEMA)  # fmt: skip
+        return pa.table(
+            {field.name: pa.array(columns[field.name], type=field.type) for field in TRACE_SCHEMA}, schema=TRACE_SCHEMA
+        )
 
     def model_events_table(self) -> pa.Table:
         events = self.model_events
