@@ -413,15 +413,21 @@ def broker_start(port: int | None, scenario_for_auth: str | None, tls: bool, run
     """Start a broker in the background; `iotbed broker stop` stops it."""
     import secrets
 
-    from iotbed.broker.mosquitto import BrokerConfig, BrokerUser, start_detached
+    from iotbed.broker.broker_auth import BrokerUser
+    from iotbed.broker.mosquitto import BrokerConfig, start_detached
+    from iotbed.naming import group_nodes
 
     users = []
     if scenario_for_auth:
         loaded = _load(scenario_for_auth, None, ())
-        roles = {g.name: "camera" for g in loaded.nodes.cameras} | {g.name: "edge" for g in loaded.nodes.edge_servers}
+        roles = (
+            {g.name: "camera" for g in loaded.nodes.cameras}
+            | {g.name: "gateway" for g in loaded.nodes.gateways}
+            | {g.name: "edge" for g in loaded.nodes.edge_servers}
+        )
         for group, count in loaded.group_counts().items():
             if group in roles:
-                users += [BrokerUser(f"{group}-{i}", secrets.token_urlsafe(12), roles[group]) for i in range(count)]
+                users += [BrokerUser(n, secrets.token_urlsafe(12), roles[group]) for n in group_nodes(group, count)]
         users.append(BrokerUser("registry", secrets.token_urlsafe(12), "registry"))
         users.append(BrokerUser("monitor", secrets.token_urlsafe(12), "monitor"))  # reads $SYS for the summary
     started = start_detached(run_dir, BrokerConfig(port=port, users=tuple(users), tls=tls, persistence=True))

@@ -1,14 +1,20 @@
-"""Build a runnable deployment from a scenario: nodes, links, the broker, and the node logic on each node.
+"""Wiring a scenario into running nodes, once for both runtimes.
 
-The deployment only wires things together; behaviour lives in `iotbed.sim`, `iotbed.broker` and
-`iotbed.nodes`. Nothing here is global: two deployments in one process share no state.
+`build_nodes` makes every node of a scenario (cameras, gateways, edge servers, the model registry and rogue
+publishers) with the attack windows that act in them; a runtime supplies only a `Wiring`: how to make an
+MQTT client on a node, how a gateway sees the frames it relays, and where heavy computation runs.
+`build_deployment` is the simulation's runtime (a SimPy network and the simulated broker);
+`iotbed.emulation.live.build_live` is the live one (paho clients against Mosquitto). Faults are written
+once against `Transport` (`inject_fault`). Nothing here is global: two deployments in one process share
+no state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import simpy
@@ -17,20 +23,26 @@ from torch import nn
 
 from iotbed.attacks.network import AttackWindow, ManInTheMiddle
 from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
+from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.defenses.pipeline import build_chain
+from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
 from iotbed.nodes.repair import CoDefendRepairer
-from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, LinkSpec, Scenario
+from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, Scenario
+from iotbed.scenario.schema import GatewayGroup
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
-from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss, Transmitter
 from iotbed.sim.network import Network
+from iotbed.sim.offload import Offload, inline
 from iotbed.sim.rng import RandomStreams
+from iotbed.sim.topology import LinkGroup, LinkMonitor, add_links, add_nodes, relayed_cameras
 from iotbed.sim.trace import TraceRecorder
+
+NodeRun = Callable[[], Generator[simpy.Event, object, None]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,77 +72,103 @@ class Artefacts:
     clean_pool: Any = None  # ImageDataset: the defenders' clean labelled images (STRIP, CoDefend)
 
 
-@dataclass
-class LinkGroup:
-    """The link directions made from one `links:` entry, one list per direction (a->b and b->a)."""
-
-    name: str
-    directions: dict[str, list[LinkDirection]] = field(default_factory=dict)
+class MakeClient(Protocol):
+    def __call__(self, node: str, client_id: str, clean_session: bool = True) -> Transport: ...
 
 
 @dataclass
-class LinkMonitor:
-    """Samples every link group's queues and throughput at a fixed simulated interval (one event per sample)."""
+class Wiring:
+    """What a runtime supplies to `build_nodes`.
+
+    `client(node, client_id, clean_session)`: an MQTT client on `node`. `relay(gateway, cameras)`: let a
+    gateway see the frames of the cameras behind it. `offload`: where heavy computation runs.
+    `topology`: the scenario's network, for which cameras each gateway relays."""
 
     env: simpy.Environment
-    groups: list[LinkGroup]
-    interval_s: float
-    rows: list[dict[str, float | str | int]] = field(default_factory=list)
-
-    def run(self):  # type: ignore[no-untyped-def]
-        last_bytes: dict[str, int] = {}
-        while True:
-            yield self.env.timeout(self.interval_s)
-            now = self.env.now
-            for group in self.groups:
-                for key, directions in group.directions.items():
-                    occupancy = [d.transmitter.occupancy(now) for d in directions]
-                    sent = sum(d.stats.bytes_sent for d in directions)
-                    delta = sent - last_bytes.get(key, 0)
-                    last_bytes[key] = sent
-                    self.rows.append(
-                        {
-                            "time_s": now,
-                            "link_group": key,
-                            "queue_mean_packets": sum(occupancy) / len(occupancy),
-                            "queue_max_packets": max(occupancy),
-                            "throughput_mbps": delta * 8 / self.interval_s / 1e6,
-                            "throughput_per_link_mbps": delta * 8 / self.interval_s / 1e6 / len(directions),
-                        }
-                    )
-
-
-@dataclass
-class Deployment:
-    env: simpy.Environment
-    network: Network
-    broker: SimBroker
     recorder: TraceRecorder
-    cameras: list[Camera]
-    edges: list[EdgeServer]
-    registry: ModelRegistry | None
-    link_groups: list[LinkGroup]
-    capture_until_s: float
-    monitor: LinkMonitor
-    attacks: list[AttackWindow] = field(default_factory=list)
+    client: MakeClient
+    relay: Callable[[ScreeningGateway, list[str]], None]
+    offload: Offload
+    topology: Network
+
+
+@dataclass
+class Nodes:
+    """A scenario's nodes, built once, and how to start them: `runs` by client id, so a runtime can start all
+    of them or a worker's share."""
+
+    cameras: list[Camera] = field(default_factory=list)
+    edges: list[EdgeServer] = field(default_factory=list)
     gateways: list[ScreeningGateway] = field(default_factory=list)
+    registry: ModelRegistry | None = None
+    publishers: list[ModelRegistry] = field(default_factory=list)  # rogue publishers, each its own client
+    windows: list[AttackWindow] = field(default_factory=list)  # one per `attacks:` entry
+    clients: dict[str, Transport] = field(default_factory=dict)  # client id -> its transport
+    node_of: dict[str, str] = field(default_factory=dict)  # client id -> the node it runs on
+    runs: dict[str, NodeRun] = field(default_factory=dict)  # client id -> its node's process
+
+    def start(self, env: simpy.Environment, chosen: set[str] | None = None) -> None:
+        for client_id, run in self.runs.items():
+            if chosen is None or client_id in chosen:
+                env.process(run())
+
+
+class BrokerControl(Protocol):
+    """A broker a run can stop and start again (`broker_restart` faults)."""
+
+    def stop(self) -> None: ...
+
+    def start(self) -> Any: ...
+
+
+@dataclass
+class SimBrokerControl:
+    broker: SimBroker
+    persistence: bool
+
+    def stop(self) -> None:
+        self.broker.crash(self.persistence)
+
+    def start(self) -> None:
+        self.broker.start()
 
 
 def inject_fault(
-    env: simpy.Environment, fault: FaultSpec, broker: SimBroker, clients: dict[str, SimMqttClient], persistence: bool
-):  # type: ignore[no-untyped-def]
+    env: simpy.Environment, fault: FaultSpec, clients: dict[str, Transport], broker: BrokerControl | None
+) -> Generator[simpy.Event, object, None]:
+    """One fault, in either runtime. `broker_restart`: the broker stops at `at` and starts `down` later.
+    `node_crash`: the node's client vanishes (no DISCONNECT) and rejoins with its client id `down` later.
+    `slow_subscriber`: the node reads at most `rate` messages a second for `down`."""
     yield env.timeout(fault.at)
     if fault.kind == "broker_restart":
-        broker.crash(persistence)
+        assert broker is not None
+        broker.stop()
         yield env.timeout(fault.down)
         broker.start()
-    elif fault.kind == "slow_subscriber":
-        clients[fault.node].slow_down(fault.rate, fault.down)  # type: ignore[arg-type, index]
-    else:
-        client = clients[fault.node]  # type: ignore[index]
-        client.crash()
-        yield env.timeout(fault.down)
-        client.connect()
+        return
+    client = clients[fault.node]  # type: ignore[index]
+    if fault.kind == "slow_subscriber":
+        client.slow_down(fault.rate, fault.down)  # type: ignore[arg-type]
+        return
+    client.crash()
+    yield env.timeout(fault.down)
+    client.rejoin()
+
+
+def start_faults(
+    env: simpy.Environment,
+    faults: list[FaultSpec],
+    clients: dict[str, Transport],
+    broker: BrokerControl | None,
+    chosen: set[str] | None = None,
+) -> None:
+    """Start the faults on `chosen` clients (all by default), and the broker's where `broker` is given."""
+    for fault in faults:
+        if fault.kind == "broker_restart":
+            if broker is not None:
+                env.process(inject_fault(env, fault, clients, broker))
+        elif chosen is None or fault.node in chosen:
+            env.process(inject_fault(env, fault, clients, broker))
 
 
 def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
@@ -140,57 +178,6 @@ def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
             name, spec.description, spec.cores, spec.gflops_per_core, spec.efficiency, spec.batch_overhead
         )
     return profiles
-
-
-def _loss_model(spec: LinkSpec, rng: np.random.Generator) -> LossModel:
-    loss = spec.loss
-    if loss is None:
-        return NoLoss()
-    if loss.model == "bernoulli":
-        return BernoulliLoss(loss.rate, rng) if loss.rate > 0 else NoLoss()
-    return GilbertElliottLoss(loss.p, loss.r, loss.loss_good, loss.loss_bad, rng)
-
-
-def _pairs(spec: LinkSpec, counts: dict[str, int]) -> list[tuple[str, str]]:
-    """Each node of the larger group joins one node of the other group, round robin; (a-node, b-node)."""
-    a, b = spec.between
-    na, nb = counts[a], counts[b]
-    if na >= nb:
-        return [(f"{a}-{i}", f"{b}-{i % nb}") for i in range(na)]
-    return [(f"{a}-{j % na}", f"{b}-{j}") for j in range(nb)]
-
-
-def add_nodes(network: Network, scenario: Scenario) -> None:
-    for group, count in scenario.group_counts().items():
-        for i in range(count):
-            network.add_node(f"{group}-{i}")
-
-
-def add_links(network: Network, scenario: Scenario, streams: RandomStreams) -> list[LinkGroup]:
-    counts = scenario.group_counts()
-    groups = []
-    for spec in scenario.links:
-        a, b = spec.between
-        group = LinkGroup(f"{a}<->{b}", {f"{a}->{b}": [], f"{b}->{a}": []})
-        pairs = _pairs(spec, counts)
-        hub_side = 1 if counts[a] >= counts[b] else 0  # the side of the smaller group
-        shared: dict[str, Transmitter] = {}
-        for a_node, b_node in pairs:
-            hub = (a_node, b_node)[hub_side]
-            for src, dst, key in ((a_node, b_node, f"{a}->{b}"), (b_node, a_node, f"{b}->{a}")):
-                if spec.shared_medium:
-                    transmitter = shared.setdefault(hub, Transmitter(spec.bandwidth, spec.queue))
-                else:
-                    transmitter = Transmitter(spec.bandwidth, spec.queue)
-                name = f"{src}->{dst}"
-                rng = streams.generator("link", name)
-                direction = LinkDirection(
-                    name, src, dst, transmitter, spec.latency, spec.jitter, _loss_model(spec, rng), rng
-                )
-                group.directions[key].append(direction)
-            network.add_link(group.directions[f"{a}->{b}"][-1], group.directions[f"{b}->{a}"][-1])
-        groups.append(group)
-    return groups
 
 
 def camera_codec(group: CameraGroup) -> PixelDropCodec | None:
@@ -219,7 +206,7 @@ def attack_targets(spec: AttackSpec, scenario: Scenario) -> set[str]:
     nodes: set[str] = set()
     for target in spec.cameras:
         if target in counts:
-            nodes.update(f"{target}-{i}" for i in range(counts[target]))
+            nodes.update(group_nodes(target, counts[target]))
         else:
             nodes.add(target)
     return nodes
@@ -302,24 +289,6 @@ def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, str
     )
 
 
-def _install_mitm(
-    spec: AttackSpec,
-    window: AttackWindow,
-    scenario: Scenario,
-    network: Network,
-    groups: list[LinkGroup],
-    env: simpy.Environment,
-) -> None:
-    src_group, dst_group = scenario.attack_link_groups(spec)
-    src_end, dst_end = spec.link  # type: ignore[misc]
-    tamper = ManInTheMiddle(window, lambda: env.now)
-    for group in groups:
-        for direction in group.directions.get(f"{src_group}->{dst_group}", []):
-            # a node name picks one link of the group; a group name takes them all
-            if src_end in (src_group, direction.src) and dst_end in (dst_group, direction.dst):
-                direction.taps.insert(0, tamper)  # attackers act before observers see the frame
-
-
 def _model_bytes(model: nn.Module, version: int) -> bytes:
     from iotbed.models import model_to_bytes
 
@@ -342,60 +311,171 @@ def _repairer(
     return CoDefendRepairer(clean, cyclegan, group.repair.unlearn_epochs, profiles[group.device], group.cores)
 
 
-def _screening_gateways(
-    scenario: Scenario,
-    artefacts: Artefacts,
-    network: Network,
-    streams: RandomStreams,
-    profiles: dict[str, DeviceProfile],
-    client: Any,
-    recorder: TraceRecorder,
-    env: simpy.Environment,
-    load_model_bytes: Any,
-) -> list[ScreeningGateway]:
+def _screen_inputs(
+    group: GatewayGroup, artefacts: Artefacts, streams: RandomStreams
+) -> tuple[torch.Tensor, torch.Tensor, ScreenSettings]:
+    """STRIP's overlays and calibration images for a gateway group, from the defenders' clean pool."""
     from iotbed.defenses.codefend import select_clean_overlays
 
-    gateways = []
+    spec = group.strip
+    assert spec is not None
+    pool = artefacts.clean_pool
+    picked = select_clean_overlays(
+        pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name)
+    )
+    rest = torch.ones(len(pool), dtype=torch.bool)
+    rest[picked] = False
+    settings = ScreenSettings(spec.frames, spec.n_blends, spec.frr, spec.significance, spec.max_utilisation)
+    return pool.images[picked], pool.images[rest][: spec.calibration], settings
+
+
+def build_nodes(
+    scenario: Scenario, artefacts: Artefacts, wiring: Wiring, load_model_bytes: Callable[[bytes], nn.Module]
+) -> Nodes:
+    """Every node of `scenario`, on clients the runtime makes; nothing is started."""
+    env, recorder = wiring.env, wiring.recorder
+    streams = RandomStreams(scenario.seed)
+    built = Nodes()
+
+    def client(node: str, client_id: str, clean_session: bool = True) -> Transport:
+        made = wiring.client(node, client_id, clean_session)
+        built.clients[client_id] = made
+        built.node_of[client_id] = node
+        return made
+
+    clean = artefacts.images.numpy()
+    built.windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
+    by_camera = camera_windows(scenario, built.windows)
+    for group in scenario.nodes.cameras:
+        for name in group_nodes(group.name, group.count):
+            camera = build_camera(
+                env,
+                scenario,
+                group,
+                name,
+                len(built.cameras),
+                client(name, name),
+                artefacts,
+                streams,
+                recorder,
+                by_camera.get(name, []),
+            )
+            built.cameras.append(camera)
+            built.runs[name] = camera.run
+
+    profiles = device_profiles(scenario)
+    for group in scenario.nodes.edge_servers:
+        for i, name in enumerate(group_nodes(group.name, group.count)):
+            # One repairer per group (its first node), so a quarantine leads to one repaired model.
+            repairer = _repairer(group, artefacts, profiles) if i == 0 else None
+            edge = EdgeServer(
+                env,
+                name,
+                client(name, name, not group.persistent_session),
+                edge_config(scenario, group),
+                edge_classifier(group, name, artefacts, streams),
+                profiles[group.device],
+                recorder,
+                load_model_bytes,
+                repairer,
+                _model_bytes,
+                wiring.offload,
+            )
+            built.edges.append(edge)
+            built.runs[name] = edge.run
+
+    relayed = relayed_cameras(wiring.topology, scenario) if any(g.strip for g in scenario.nodes.gateways) else {}
+    models_topic = scenario.registry.topic
     for group in scenario.nodes.gateways:
-        spec = group.strip
-        if spec is None:
+        if group.strip is None:
             continue
-        pool = artefacts.clean_pool
-        picked = select_clean_overlays(
-            pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name)
-        )
-        rest = torch.ones(len(pool), dtype=torch.bool)
-        rest[picked] = False
-        overlays, calibration = pool.images[picked], pool.images[rest][: spec.calibration]
-        settings = ScreenSettings(spec.frames, spec.n_blends, spec.frr, spec.significance, spec.max_utilisation)
-        topic = scenario.registry.topic
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
+        overlays, calibration, settings = _screen_inputs(group, artefacts, streams)
+        for name in group_nodes(group.name, group.count):
             gateway = ScreeningGateway(
                 env,
                 name,
                 client(name, name),
-                topic,
-                scenario.qos_for(topic),
+                models_topic,
+                scenario.qos_for(models_topic),
                 settings,
                 profiles[group.device],
                 artefacts.flops_per_image,
                 artefacts.images,
                 calibration,
                 overlays,
-                (1, artefacts.model),
+                (INITIAL_MODEL_VERSION, artefacts.model),
                 load_model_bytes,
                 streams.torch_generator("strip", name),
                 recorder,
+                wiring.offload,
             )
-            for direction in network.directions.values():
-                if direction.dst == name:
-                    direction.taps.append(gateway.tap)
-            gateways.append(gateway)
-    return gateways
+            wiring.relay(gateway, relayed.get(name, []))
+            built.gateways.append(gateway)
+            built.runs[name] = gateway.run
+
+    if artefacts.updates:
+        qos = scenario.qos_for(models_topic)
+        own = [u for u in artefacts.updates if u.publisher is None]
+        built.registry = ModelRegistry(
+            env, "registry", client(scenario.registry_node(), "registry"), models_topic, qos, own, recorder
+        )
+        built.runs["registry"] = built.registry.run
+        # A rogue publisher: another client, on the node named, pushing its update on the models topic.
+        for rogue in sorted({u.publisher for u in artefacts.updates if u.publisher is not None}):
+            name = f"rogue@{rogue}"
+            mine = [u for u in artefacts.updates if u.publisher == rogue]
+            publisher = ModelRegistry(env, name, client(rogue, name), models_topic, qos, mine, recorder)
+            built.publishers.append(publisher)
+            built.runs[name] = publisher.run
+    return built
 
 
-def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes) -> Deployment:  # type: ignore[no-untyped-def]
+@dataclass
+class Deployment:
+    """A simulated run: the nodes on a SimPy network with the simulated broker."""
+
+    env: simpy.Environment
+    network: Network
+    broker: SimBroker
+    recorder: TraceRecorder
+    nodes: Nodes
+    link_groups: list[LinkGroup]
+    capture_until_s: float
+    monitor: LinkMonitor
+
+
+def _install_mitm(
+    spec: AttackSpec,
+    window: AttackWindow,
+    scenario: Scenario,
+    network: Network,
+    groups: list[LinkGroup],
+    env: simpy.Environment,
+) -> None:
+    src_group, dst_group = scenario.attack_link_groups(spec)
+    src_end, dst_end = spec.link  # type: ignore[misc]
+    tamper = ManInTheMiddle(window, lambda: env.now)
+    for group in groups:
+        for direction in group.directions.get(f"{src_group}->{dst_group}", []):
+            # a node name picks one link of the group; a group name takes them all
+            if src_end in (src_group, direction.src) and dst_end in (dst_group, direction.dst):
+                direction.taps.insert(0, tamper)  # attackers act before observers see the frame
+
+
+def _tap_relayed(network: Network) -> Callable[[ScreeningGateway, list[str]], None]:
+    def relay(gateway: ScreeningGateway, cameras: list[str]) -> None:
+        for direction in network.directions.values():
+            if direction.dst == gateway.name:
+                direction.taps.append(gateway.tap)
+
+    return relay
+
+
+def build_deployment(
+    scenario: Scenario, artefacts: Artefacts, load_model_bytes: Callable[[bytes], nn.Module]
+) -> Deployment:
+    """The simulation's runtime: the scenario's network and broker, its nodes on simulated clients, the
+    man-in-the-middle hooks on links, the faults and the link monitor, all started."""
     streams = RandomStreams(scenario.seed)
     env = simpy.Environment()
     network = Network(env)
@@ -413,10 +493,8 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
     broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)
     broker.undelivered_listeners.append(recorder.on_undelivered)
 
-    clients: dict[str, SimMqttClient] = {}
-
     def client(node: str, client_id: str, clean_session: bool = True) -> SimMqttClient:
-        made = SimMqttClient(
+        return SimMqttClient(
             env,
             network,
             node,
@@ -426,110 +504,16 @@ def build_deployment(scenario: Scenario, artefacts: Artefacts, load_model_bytes)
             on_retry=recorder.on_retry,
             on_give_up=recorder.on_give_up,
             on_not_connected=recorder.on_not_connected,
+            on_acked=lambda message: recorder.on_acked(message, env.now),
         )
-        clients[client_id] = made
-        return made
 
-    clean = artefacts.images.numpy()
-    windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
-    for spec, window in zip(scenario.attacks, windows):
+    wiring = Wiring(env, recorder, client, _tap_relayed(network), inline(env), network)
+    nodes = build_nodes(scenario, artefacts, wiring, load_model_bytes)
+    for spec, window in zip(scenario.attacks, nodes.windows):
         if spec.kind == "mitm":
             _install_mitm(spec, window, scenario, network, link_groups, env)
-    by_camera = camera_windows(scenario, windows)
-    cameras = []
-    for group in scenario.nodes.cameras:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            cameras.append(
-                build_camera(
-                    env,
-                    scenario,
-                    group,
-                    name,
-                    len(cameras),
-                    client(name, name),
-                    artefacts,
-                    streams,
-                    recorder,
-                    by_camera.get(name, []),
-                )
-            )
-
-    profiles = device_profiles(scenario)
-    models_topic = scenario.registry.topic
-    edges = []
-    for group in scenario.nodes.edge_servers:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            config, classifier = edge_config(scenario, group), edge_classifier(group, name, artefacts, streams)
-            # One repairer per group (its first node), so a quarantine leads to one repaired model.
-            repairer = _repairer(group, artefacts, profiles) if i == 0 else None
-            edges.append(
-                EdgeServer(
-                    env,
-                    name,
-                    client(name, name, not group.persistent_session),
-                    config,
-                    classifier,
-                    profiles[group.device],
-                    recorder,
-                    load_model_bytes,
-                    repairer,
-                    _model_bytes,
-                )
-            )
-    gateways = _screening_gateways(
-        scenario, artefacts, network, streams, profiles, client, recorder, env, load_model_bytes
-    )
-
-    registry = None
-    publishers: list[ModelRegistry] = []
-    if artefacts.updates:
-        node = scenario.registry_node()
-        own = [u for u in artefacts.updates if u.publisher is None]
-        registry = ModelRegistry(
-            env, "registry", client(node, "registry"), models_topic, scenario.qos_for(models_topic), own, recorder
-        )
-        # A rogue publisher: another client, on the node named, pushing its update on the models topic.
-        for rogue in sorted({u.publisher for u in artefacts.updates if u.publisher is not None}):
-            name = f"rogue@{rogue}"
-            publishers.append(
-                ModelRegistry(
-                    env,
-                    name,
-                    client(rogue, name),
-                    models_topic,
-                    scenario.qos_for(models_topic),
-                    [u for u in artefacts.updates if u.publisher == rogue],
-                    recorder,
-                )
-            )
-
-    for camera in cameras:
-        env.process(camera.run())
-    for edge in edges:
-        env.process(edge.run())
-    for gateway in gateways:
-        env.process(gateway.run())
-    if registry is not None:
-        env.process(registry.run())
-    for publisher in publishers:
-        env.process(publisher.run())
-    for fault in scenario.faults:
-        env.process(inject_fault(env, fault, broker, clients, b.persistence))
+    nodes.start(env)
+    start_faults(env, scenario.faults, nodes.clients, SimBrokerControl(broker, b.persistence))
     monitor = LinkMonitor(env, link_groups, scenario.monitor_interval)
     env.process(monitor.run())
-    return Deployment(
-        env,
-        network,
-        broker,
-        recorder,
-        cameras,
-        edges,
-        registry,
-        link_groups,
-        scenario.duration,
-        monitor,
-        windows,
-        gateways,
-    )
+    return Deployment(env, network, broker, recorder, nodes, link_groups, scenario.duration, monitor)

@@ -28,6 +28,7 @@ from iotbed.analysis.summary import broker_stats, link_rows, summarise
 from iotbed.attacks.network import AttackWindow
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
 from iotbed.errors import IotbedError
+from iotbed.naming import group_of, update_version
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
 from iotbed.nodes.payloads import ModelUpdate
@@ -102,9 +103,9 @@ def prepare(scenario: Scenario, *, progress: bool = True) -> tuple[Scenario, Art
                 progress=progress,
             )
             updated = badnet.trained
-            backdoors[i + 2] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
-        blob = model_to_bytes(updated.model, {"version": str(i + 2)})
-        updates.append(ScheduledUpdate(update.at, ModelUpdate(i + 2, blob), update.publisher))
+            backdoors[update_version(i)] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
+        blob = model_to_bytes(updated.model, {"version": str(update_version(i))})
+        updates.append(ScheduledUpdate(update.at, ModelUpdate(update_version(i), blob), update.publisher))
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
@@ -296,22 +297,18 @@ def run(
         wall_time_s=time.perf_counter() - wall_start,
         model_info=model_info,
         links=link_rows(deployment, sim_end),
-        edges=deployment.edges,
+        edges=deployment.nodes.edges,
         broker=broker_stats(deployment),
         model_events=deployment.recorder.model_events,
-        cameras=len(deployment.cameras),
+        cameras=len(deployment.nodes.cameras),
         reference=reference_column(table, artefacts),
-        setup=setup_summary(resolved, deployment.cameras, deployment.edges, deployment.attacks),
+        setup=setup_summary(resolved, deployment.nodes.cameras, deployment.nodes.edges, deployment.nodes.windows),
     )
-    summary.update(
-        backdoor_sections(
-            table, deployment.recorder.model_events, artefacts, resolved, deployment.edges, deployment.gateways
-        )
+    sections, extra = backdoor_outputs(
+        table, deployment.recorder, artefacts, resolved, deployment.nodes.edges, deployment.nodes.gateways
     )
+    summary.update(sections)
     if target is not None:
-        extra = (
-            {"strip_screens.csv": screened_frames(table, deployment.gateways, resolved)} if deployment.gateways else {}
-        )
         write_outputs(
             target,
             resolved,
@@ -323,6 +320,20 @@ def run(
             extra,
         )
     return RunResult(resolved, summary, table, target)
+
+
+def backdoor_outputs(
+    table: pa.Table,
+    recorder: TraceRecorder,
+    artefacts: Artefacts,
+    scenario: Scenario,
+    edges: list[EdgeServer],
+    gateways: list[Any],
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The summary's `backdoor` and `detection` sections, and `strip_screens.csv` where gateways screened."""
+    sections = backdoor_sections(table, recorder.model_events, artefacts, scenario, edges, gateways)
+    extra = {"strip_screens.csv": screened_frames(table, gateways, scenario)} if gateways else {}
+    return sections, extra
 
 
 def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
@@ -347,7 +358,7 @@ def setup_summary(
     shape = cameras[0].image_shape if cameras else None
     codecs: dict[str, Any] = {}
     for group in scenario.nodes.cameras:
-        camera = next(c for c in cameras if c.name.rpartition("-")[0] == group.name)
+        camera = next(c for c in cameras if group_of(c.name) == group.name)
         entry: dict[str, Any] = {"kind": group.codec.kind, "payload_bytes": camera.payload_bytes}
         if shape is not None:
             entry["raw_payload_bytes"] = raw_frame_bytes(shape)

@@ -21,8 +21,11 @@ from typing import Any
 import pytest
 import simpy.rt
 
-from iotbed.broker.mosquitto import BrokerConfig, BrokerError, BrokerUser, MosquittoBroker, find_binary
-from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge
+from iotbed.broker.broker_auth import BrokerUser
+from iotbed.broker.broker_errors import BrokerError
+from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker, find_binary
+from iotbed.broker.mqtt_transport import MqttTransport
+from iotbed.broker.realtime import RealtimeBridge
 
 # Timeouts for waiting on conditions; generous because the test machine is small and shared.
 WAIT_S = 15.0

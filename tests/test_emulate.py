@@ -41,6 +41,8 @@ def test_emulated_run_agrees_with_the_simulation(plain_broker, tmp_path: Path) -
     assert emulated["broker"]["refusals"] == 0 and emulated["broker"]["malformed"] == 0
     trace = live.trace
     assert (trace.loc[trace.status == "delivered", "prediction"] >= 0).all()  # the edge classified real pixels
+    # live, a camera sees the broker's acknowledgement, never the broker's own arrival time
+    assert (trace.t_broker == -1).all() and (trace.t_broker_ack > trace.t_first_hop).all()
     for name in ("summary.json", "trace.parquet", "scenario.resolved.yaml"):
         assert (tmp_path / "live" / name).is_file()
 
@@ -219,7 +221,7 @@ def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_o
     """Workers' shares put together: the camera side of each frame joined to the edge side that arrived
     under its travelling id; a frame two edge servers got keeps the later one's verdict (as in one process,
     where the later writer wins) and both one's duplicates."""
-    from iotbed.broker.mqtt_transport import LagMeter
+    from iotbed.broker.realtime import LagMeter
     from iotbed.emulation.live import Endpoint, build_live
     from iotbed.emulation.paths import node_paths
     from iotbed.emulation.workers import ShardResult, merge

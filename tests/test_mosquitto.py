@@ -12,22 +12,20 @@ import pytest
 import simpy.rt
 from mosquitto_fixtures import WAIT_S
 
+from iotbed.broker.broker_auth import DEFAULT_ROLES, BrokerUser, acl_text, hash_password
+from iotbed.broker.broker_errors import BrokerError
 from iotbed.broker.mosquitto import (
-    DEFAULT_ROLES,
     BrokerConfig,
-    BrokerError,
-    BrokerUser,
     MosquittoBroker,
-    acl_text,
     find_binary,
     free_port,
-    hash_password,
     port_accepts,
     read_state,
     start_detached,
     stop_detached,
 )
-from iotbed.broker.mqtt_transport import MqttTransport, wait_for
+from iotbed.broker.mqtt_transport import MqttTransport
+from iotbed.broker.realtime import wait_for
 
 
 def _alive(pid: int) -> bool:

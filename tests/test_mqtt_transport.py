@@ -19,13 +19,8 @@ from safetensors.numpy import save as save_safetensors
 from iotbed.broker import packets, wire
 from iotbed.broker.messages import Publish
 from iotbed.broker.mosquitto import MosquittoBroker
-from iotbed.broker.mqtt_transport import (
-    ConnectionRefused,
-    MqttTransport,
-    RealtimeBridge,
-    TransportError,
-    wait_for,
-)
+from iotbed.broker.mqtt_transport import ConnectionRefused, MqttTransport, TransportError
+from iotbed.broker.realtime import RealtimeBridge, wait_for
 from iotbed.nodes.payloads import Frame, ModelUpdate, raw_frame_bytes
 
 PROTOCOLS = [packets.MQTT5, packets.MQTT311]
@@ -422,7 +417,7 @@ def test_bridge_serves_many_transports_with_one_poller(plain_broker: MosquittoBr
 
 
 def test_lag_meter_percentiles_come_from_its_bins() -> None:
-    from iotbed.broker.mqtt_transport import LagMeter
+    from iotbed.broker.realtime import LagMeter
 
     meter = LagMeter()
     assert meter.report() == {"samples": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}

@@ -66,3 +66,23 @@ def test_md1_waiting_time_matches_pollaczek_khinchine(rho: float) -> None:
 
     idle = (wait < 1e-9).astype(float)
     assert abs(idle.mean() - (1 - rho)) < 4 * batch_means_se(idle) + 1e-3
+
+
+def test_a_frame_id_no_camera_handed_out_is_counted_and_skipped() -> None:
+    """A forged frame (id 10^9) reaching the edge is counted, not classified, and does not stop the run."""
+    from iotbed.broker.messages import Publish
+    from iotbed.nodes.payloads import Frame
+
+    probe = parse_scenario(SCENARIO.format(seed=3, duration=1, fps=5))
+    resolved, artefacts, _ = prepare(probe, progress=False)
+    deployment = build_deployment(resolved, artefacts, load_model_bytes)
+    edge = deployment.nodes.edges[0]
+    shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    forged = Frame(10**9, 0, 0.0, 0, 0, shape, 100, np.zeros(shape, np.float32))  # type: ignore[arg-type]
+    assert deployment.recorder.record(10**9) is None
+    edge._on_frame(Publish("frames/cam-0", forged, 1))
+    simulate(deployment, 6.0, False, "forged")
+    assert edge.unknown_frames == 1
+    table = deployment.recorder.to_table()
+    assert table.num_rows > 0 and 10**9 not in table.column("frame_id").to_pylist()
+    assert set(table.column("status").to_pylist()) == {"delivered"}  # the real frames went on as usual

@@ -37,6 +37,8 @@ def test_quickstart_from_python_api(tmp_path: Path) -> None:
     d = trace[trace.status == "delivered"]
     assert (d.t_capture < d.t_first_hop).all() and (d.t_first_hop <= d.t_broker).all()
     assert (d.t_broker <= d.t_edge).all() and (d.t_edge <= d.t_infer_start).all() and (d.t_infer_start < d.t_done).all()
+    # QoS 1: the camera holds the broker's PUBACK one hop after the broker got the frame
+    assert (d.t_broker < d.t_broker_ack).all()
     # every byte a camera publishes crosses two links, plus the acknowledgements
     assert (d.wire_bytes >= 2 * d.publish_bytes).all()
     out = result.out_dir

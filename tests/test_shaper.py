@@ -11,8 +11,8 @@ import pytest
 import simpy
 from mosquitto_fixtures import WAIT_S
 
-from iotbed.broker.mqtt_transport import wait_for
 from iotbed.broker.packets import MQTT5, publish_size
+from iotbed.broker.realtime import wait_for
 from iotbed.emulation.shaper import GilbertElliottLoss, LinkShaper, TokenBucket, make_loss
 from iotbed.sim.links import BernoulliLoss
 

@@ -15,9 +15,8 @@ import pyarrow as pa
 import torch
 
 from iotbed.analysis.detection import FRR_PRESETS, detection_report
+from iotbed.naming import repaired_version
 from iotbed.sim.trace import ModelEvent
-
-REPAIR_OFFSET = 1000  # a repaired model's version is the quarantined one's + 1000
 
 
 def _first(events: list[ModelEvent], kind: str, version: int, node_prefix: str | None = None) -> float | None:
@@ -68,12 +67,12 @@ def backdoor_sections(
         stamped = shown & delivered
         non_target = label != bd.target
         won = stamped & non_target & (prediction == bd.target)
-        repaired_version = version + REPAIR_OFFSET
+        repair_version = repaired_version(version)
         published = _first(events, "published", version)
         adopted = _first(events, "adopted", version)
         quarantined = _first(events, "quarantined", version)
-        repaired = _first(events, "repaired", repaired_version)
-        repaired_adopted = _first(events, "adopted", repaired_version)
+        repaired = _first(events, "repaired", repair_version)
+        repaired_adopted = _first(events, "adopted", repair_version)
         first_stamp = float(captured[shown].min()) if shown.any() else None
         # the backdoor is exposed once the model is in service and the trigger is shown
         exposed = max(adopted, first_stamp) if adopted is not None and first_stamp is not None else None
@@ -108,7 +107,7 @@ def backdoor_sections(
             "offline": {
                 "clean_model": _offline(artefacts.model, images, labels, bd.trigger, bd.target),
                 "backdoored": _offline(bd.model, images, labels, bd.trigger, bd.target),
-                "repaired": _offline(held.get(repaired_version), images, labels, bd.trigger, bd.target),
+                "repaired": _offline(held.get(repair_version), images, labels, bd.trigger, bd.target),
             },
         }
         detection[str(version)] = _detection(gateways, version, shown)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from iotbed.broker.mqtt_transport import DEFAULT_POLL_S
+from iotbed.broker.realtime import DEFAULT_POLL_S
 from iotbed.errors import IotbedError
 
 METRICS = (

@@ -185,6 +185,7 @@ def summarise(
         "edge_servers": {
             e.name: {
                 "batches": e.batches,
+                "unknown_frames": e.unknown_frames,
                 "frames_classified": int(((edge_names == e.name) & delivered).sum()),
                 "mean_batch_size": float(((edge_names == e.name) & delivered).sum()) / e.batches if e.batches else None,
                 "utilisation": e.busy_s / sim_end_s,

@@ -6,6 +6,8 @@ drops pixels of the adversarial image as usual. A man in the middle sees frames 
 adds the crafted perturbation to the pixels that travel: for a pixel-dropped frame only the kept ones
 (the dropped ones are not on the wire). Each attacker acts from `start` to `stop`, on a `fraction` of the
 frames, drawn from its own random stream. Frames it changes carry its label in the trace's `attack` column.
+The man in the middle's perturbation is `tamper_frame`, which the live proxy in `iotbed.emulation.mitm`
+shares, so a live run changes a frame's pixels as a simulated one does (then rounded to the wire's 8 bits).
 """
 
 from __future__ import annotations
@@ -45,6 +47,26 @@ class AttackWindow:
         return self.fraction >= 1.0 or bool(self.rng.random() < self.fraction)
 
 
+def already_tampered(frame: Frame, window: AttackWindow) -> bool:
+    """Whether `window`'s attacker already changed this frame (a retransmission carries its label)."""
+    return window.label in frame.attack.split("+")
+
+
+def tamper_frame(frame: Frame, window: AttackWindow) -> Frame:
+    """The frame as the man in the middle forwards it: (adversarial - clean) added to the travelling pixels,
+    clipped to [0, 1], the dropped pixels of a pixel-dropped frame left as they were, the label joined.
+
+    Pure apart from caching `frame`'s drop mask: draws no random number and counts nothing, so the simulated
+    hook and the live proxy (`iotbed.emulation.mitm`) decide with `AttackWindow.strikes` and share this."""
+    i = frame.image_index
+    base = frame.pixels if frame.pixels is not None else window.clean[i]
+    tampered = np.clip(base + (window.adversarial[i] - window.clean[i]), 0.0, 1.0).astype(np.float32)
+    mask = frame.drop_mask()
+    if mask is not None:
+        tampered[:, mask] = base[:, mask]  # dropped pixels are not on the wire
+    return dataclasses.replace(frame, pixels=tampered, attack=join_labels(frame.attack, window.label))
+
+
 class ManInTheMiddle:
     """Installed as a link direction's `tamper` hook: changes frames as they arrive over that link."""
 
@@ -58,17 +80,10 @@ class ManInTheMiddle:
             return
         frame = message.payload
         window = self.window
-        if window.label in frame.attack.split("+") or not window.strikes(self._now()):
+        if already_tampered(frame, window) or not window.strikes(self._now()):
             return  # a retransmission of a frame already changed here is not changed twice
-        i = frame.image_index
-        base = frame.pixels if frame.pixels is not None else window.clean[i]
-        tampered = np.clip(base + (window.adversarial[i] - window.clean[i]), 0.0, 1.0).astype(np.float32)
-        mask = frame.drop_mask()
-        if mask is not None:
-            tampered[:, mask] = base[:, mask]  # dropped pixels are not on the wire
-        label = join_labels(frame.attack, window.label)
-        message.payload = dataclasses.replace(frame, pixels=tampered, attack=label)
+        message.payload = tampered = tamper_frame(frame, window)
         window.frames_attacked += 1
         record = packet.frame
-        if record is not None and hasattr(record, "attack"):
-            record.attack = label
+        if record is not None:
+            record.attack = tampered.attack

@@ -13,12 +13,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import simpy
 
 from iotbed.broker.packets import PacketType
 from iotbed.sim.timers import FifoTimers
+
+if TYPE_CHECKING:
+    from iotbed.sim.trace import FrameRecord
 
 
 class Payload(Protocol):
@@ -33,7 +36,7 @@ class Publish:
     retain: bool = False
     packet_id: int | None = None
     dup: bool = False
-    account: Any = None  # the frame's trace record, charged for every byte this message causes
+    record: FrameRecord | None = None  # the frame's trace record, charged for every byte this message causes
     # Sitting in the receiver's socket buffer, not yet read: TCP delivered it, so it is not sent again on
     # timeout (only a lost packet is; a slow reader's backlog is not).
     buffered: bool = False
@@ -44,7 +47,7 @@ class Publish:
         return len(payload) if isinstance(payload, (bytes, bytearray)) else payload.nbytes
 
     def copy_for(self, qos: int, retain: bool) -> Publish:
-        return Publish(self.topic, self.payload, qos, retain, account=self.account)
+        return Publish(self.topic, self.payload, qos, retain, record=self.record)
 
 
 @dataclass(slots=True)
@@ -113,8 +116,10 @@ class OutboundFlow:
         max_inflight: int = 0,
         max_queued: int = 0,
         on_queue_full: Callable[[Publish], None] | None = None,
+        on_acked: Callable[[Publish], None] | None = None,
     ) -> None:
         self._timers = timers
+        self._on_acked = on_acked  # the handshake completed: the peer holds the message
         self._send = send
         self.max_retries = max_retries
         self._on_retry = on_retry
@@ -218,6 +223,8 @@ class OutboundFlow:
             self._send(Ack(PacketType.PUBREL, ack.packet_id), entry.message)
         elif ack.kind is entry.awaiting:
             del self.inflight[ack.packet_id]
+            if self._on_acked is not None:
+                self._on_acked(entry.message)
             if entry.done is not None:
                 entry.done.succeed()
             self._release()

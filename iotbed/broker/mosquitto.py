@@ -1,4 +1,4 @@
-"""A Mosquitto broker for live runs and tests: generated config, users, ACL from node roles, TLS.
+"""A Mosquitto broker for live runs and tests: the process, its generated config file and its state file.
 
 `MosquittoBroker` writes everything it needs into one run directory (config, password file, ACL file, CA
 and server certificate, persistence database, log), starts `mosquitto -c <config>` on 127.0.0.1 and a free
@@ -11,74 +11,33 @@ also when the body raises; a broker left running at interpreter exit is stopped 
 and a state file (`broker.json` in the run directory: pid, host, port, config path, ...) lets a later
 command find and stop it.
 
-The ACL model: every user has a role; a role is a list of (access, topic pattern) rules, with `{user}`
-replaced by the user name (which is also the node's client id in iotbed deployments):
-
-    camera    write frames/{user}, write status/{user}                      (reads nothing)
-    gateway   read frames/#, write frames/#, write status/{user}
-    edge      read frames/#, read $share/+/frames/#, read models/#, write status/{user}
-    registry  write models/#, write status/{user}
-    monitor   read #, read $SYS/#
-    admin     readwrite #
-
-Anything not granted is denied. Mosquitto (2.0.11, measured) drops a denied PUBLISH; an MQTT 5 client gets
-PUBACK reason 0x87 Not authorized at QoS 1 (at QoS 2 the PUBREC carries it, which paho 2.2 ignores; at QoS 0
-and with MQTT 3.1.1 nothing tells the sender). It grants every SUBSCRIBE and checks each message against
-the subscriber's read rules at delivery, with the message's topic: a shared subscription
-`$share/edge/frames/#` receives frames through the `frames/#` rule (the `$share/+/frames/#` rule is there
-for brokers that check the filter itself). Wrong credentials and anonymous clients get CONNACK 0x87 (MQTT 5)
-or return code 5 (3.1.1).
+Users, the password file and the ACL by role are in `iotbed.broker.broker_auth`; the generated CA and
+server certificate in `iotbed.broker.broker_tls`.
 """
 
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
-import datetime as dt
-import hashlib
-import ipaddress
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iotbed.errors import IotbedError
+from iotbed.broker.broker_auth import DEFAULT_ROLES, BrokerUser, Rule, acl_text, write_password_file
+from iotbed.broker.broker_errors import BrokerError
+from iotbed.broker.broker_tls import generate_tls_files
 
 INSTALL_HINT = "install it with `sudo apt-get install -y mosquitto mosquitto-clients` (Debian/Ubuntu)"
 STATE_FILE = "broker.json"
 DEFAULT_START_TIMEOUT_S = 10.0
-
-Rule = tuple[str, str]  # (access: read | write | readwrite, topic pattern with {user})
-
-DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
-    "camera": (("write", "frames/{user}"), ("write", "status/{user}")),
-    "gateway": (("read", "frames/#"), ("write", "frames/#"), ("write", "status/{user}")),
-    "edge": (("read", "frames/#"), ("read", "$share/+/frames/#"), ("read", "models/#"), ("write", "status/{user}")),
-    "registry": (("write", "models/#"), ("write", "status/{user}")),
-    "monitor": (("read", "#"), ("read", "$SYS/#")),  # `#` does not match `$SYS` topics
-    "admin": (("readwrite", "#"),),
-}
-
-
-class BrokerError(IotbedError):
-    """Mosquitto is missing, does not start, or a detached broker cannot be found."""
-
-
-@dataclass(frozen=True)
-class BrokerUser:
-    username: str
-    password: str
-    role: str
-    extra_rules: tuple[Rule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,134 +91,6 @@ def port_accepts(host: str, port: int, timeout_s: float = 0.2) -> bool:
             return True
     except OSError:
         return False
-
-
-# --- passwords --------------------------------------------------------------------------------------------
-PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes for `$7$`
-
-
-def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
-    """A Mosquitto 2 password-file hash: `$7$<iterations>$<base64 salt>$<base64 PBKDF2-SHA512>`."""
-    salt = secrets.token_bytes(12) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, dklen=64)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def write_password_file(path: Path, users: Iterable[BrokerUser], tool: str | None = "auto") -> None:
-    """With `mosquitto_passwd -b` when available (tool="auto"), else by hashing in Python (tool=None)."""
-    users = list(users)
-    for user in users:
-        if not user.username or ":" in user.username or "\n" in user.username:
-            raise BrokerError(f"user name {user.username!r} cannot go in a Mosquitto password file")
-    if tool == "auto":
-        tool = shutil.which("mosquitto_passwd") or (
-            "/usr/bin/mosquitto_passwd" if os.access("/usr/bin/mosquitto_passwd", os.X_OK) else None
-        )
-    path.write_text("")
-    path.chmod(0o600)
-    if tool is None:
-        path.write_text("".join(f"{u.username}:{hash_password(u.password)}\n" for u in users))
-        return
-    for user in users:
-        result = subprocess.run(
-            [tool, "-b", str(path), user.username, user.password], capture_output=True, text=True, timeout=30
-        )
-        if result.returncode != 0:
-            raise BrokerError(
-                f"mosquitto_passwd failed for user {user.username!r}: {(result.stderr or result.stdout).strip()}"
-            )
-
-
-# --- ACL ---------------------------------------------------------------------------------------------------
-def acl_text(users: Iterable[BrokerUser], roles: Mapping[str, Sequence[Rule]]) -> str:
-    lines = ["# generated by iotbed: one block per user, rules from the user's role", ""]
-    for user in users:
-        if user.role not in roles:
-            raise BrokerError(f"user {user.username!r} has role {user.role!r}; known roles: {', '.join(sorted(roles))}")
-        lines.append(f"# role {user.role}")
-        lines.append(f"user {user.username}")
-        for access, pattern in (*roles[user.role], *user.extra_rules):
-            if access not in ("read", "write", "readwrite"):
-                raise BrokerError(f"ACL access must be read, write or readwrite, not {access!r}")
-            lines.append(f"topic {access} {pattern.replace('{user}', user.username)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-# --- TLS ---------------------------------------------------------------------------------------------------
-def generate_tls_files(
-    directory: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 30
-) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for `hosts`; returns (ca.crt, server.crt, server.key)."""
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise BrokerError("TLS needs the `cryptography` package: pip install cryptography") from exc
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "iotbed test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_path, cert_path, key_path = directory / "ca.crt", directory / "server.crt", directory / "server.key"
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
-    )
-    key_path.chmod(0o600)
-    return ca_path, cert_path, key_path
 
 
 # --- the broker --------------------------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""`MqttTransport`: the `Transport` node logic uses, over a real MQTT broker with paho-mqtt.
+"""`MqttTransport`: the `Transport` node logic uses, over a real MQTT broker with paho-mqtt; its stats and errors.
+
+The bridge to the SimPy thread (`RealtimeBridge`, `LagMeter`, `wait_for`) is in `iotbed.broker.realtime`;
+connecting and closing many transports at once (`connect_ahead`, `close_all`) in `iotbed.broker.client_pool`.
 
 Threads. paho runs its network loop in its own thread (`loop_start`). Its callbacks do nothing but put a
 small work item on a thread-safe queue (`RealtimeBridge.post`); a SimPy process on the environment drains
@@ -26,12 +29,8 @@ also looks successful to the sender.
 Slow readers: `slow_down(rate, duration_s)` makes the client read at most `rate` messages a second: paho's
 network thread waits before handing each message over, so it neither reads its socket nor sends the
 PUBACK sooner, and the broker's in-flight window and queue for this client fill as in front of any slow
-device. Broker acknowledgements: a QoS 1/2 PUBLISH's frame gets `t_broker` when the broker's PUBACK (QoS 2:
-PUBCOMP) arrives.
-
-Clock: the environment runs in wall-clock time as long as it keeps up. The bridge's poller measures, at
-every poll, how far the environment is behind the wall clock (`RealtimeBridge.lag`): a run whose
-events fell behind is visible as such instead of passing off late sends as on-time ones.
+device. Broker acknowledgements: a QoS 1/2 PUBLISH's frame gets `t_broker_ack` when the broker's PUBACK (QoS
+2: PUBCOMP) arrives.
 
 Duplicates: `stats.duplicates` counts deliveries that carry the DUP flag (the broker re-sent them after a
 reconnect); a DUP message may still be the first copy this client saw, so exact duplicate counts come from
@@ -41,18 +40,15 @@ ids in the payload (the edge server counts repeated frame ids).
 from __future__ import annotations
 
 import contextlib
-import queue
 import socket
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simpy
-import simpy.rt
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
@@ -61,15 +57,19 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from iotbed.broker import packets
+from iotbed.broker.client_pool import close_all
 from iotbed.broker.messages import Publish
+from iotbed.broker.realtime import RealtimeBridge
 from iotbed.broker.topics import matches, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.broker.wire import MalformedPayload, RawCodec
 from iotbed.errors import IotbedError
 from iotbed.sim.clock import wall_clock
 
+if TYPE_CHECKING:
+    from iotbed.sim.trace import FrameRecord
+
 SESSION_EXPIRY_NEVER = 0xFFFFFFFF
-DEFAULT_POLL_S = 0.0005  # how often the bridge hands paho's messages to the SimPy thread
 # CONNACK reasons that retrying cannot fix (MQTT 5 codes; paho maps MQTT 3.1.1 return codes onto them).
 PERMANENT_CONNACK_REFUSALS = frozenset({0x84, 0x85, 0x86, 0x87, 0x8A, 0x8C, 0x90, 0x95, 0x9A})
 
@@ -132,168 +132,6 @@ class TransportStats:
             key = f"{r.kind}:{r.reason}"
             counts[key] = counts.get(key, 0) + 1
         return counts
-
-
-class LagMeter:
-    """How far a realtime environment runs behind the wall clock, sampled at each poll: a histogram in
-    0.1-ms bins up to 1 s (one more bin above), so percentiles cost nothing per sample."""
-
-    BIN_S = 1e-4
-    BINS = 10_001
-
-    def __init__(self) -> None:
-        self.counts = [0] * self.BINS
-        self.samples = 0
-        self.max_s = 0.0
-
-    def add(self, lag_s: float) -> None:
-        if lag_s < 0.0:
-            lag_s = 0.0
-        self.counts[min(self.BINS - 1, int(lag_s / self.BIN_S))] += 1
-        self.samples += 1
-        if lag_s > self.max_s:
-            self.max_s = lag_s
-
-    def merge(self, other: LagMeter) -> None:
-        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
-        self.samples += other.samples
-        self.max_s = max(self.max_s, other.max_s)
-
-    def percentile_ms(self, q: float) -> float | None:
-        """The upper edge of the bin holding the q-th percentile (q in 0-100), in ms; None without samples."""
-        if not self.samples:
-            return None
-        rank = q / 100.0 * self.samples
-        seen = 0
-        for i, n in enumerate(self.counts):
-            seen += n
-            if seen >= rank and n:
-                return round(min((i + 1) * self.BIN_S, self.max_s) * 1e3, 4)
-        return self.max_s * 1e3
-
-    def report(self) -> dict[str, float | int | None]:
-        return {
-            "samples": self.samples,
-            "p50_ms": self.percentile_ms(50),
-            "p99_ms": self.percentile_ms(99),
-            "max_ms": self.max_s * 1e3 if self.samples else None,
-        }
-
-
-class RealtimeBridge:
-    """Runs work posted from any thread on the SimPy thread, polled every `poll_s` of simulated (= real) time.
-
-    One bridge can serve many transports on the same environment (one poller instead of one per client).
-    Each poll also measures the environment's lag behind the wall clock (`lag`)."""
-
-    def __init__(self, env: simpy.Environment, poll_s: float = DEFAULT_POLL_S) -> None:
-        if not isinstance(env, simpy.rt.RealtimeEnvironment):
-            raise TypeError(
-                "MqttTransport needs a simpy.rt.RealtimeEnvironment (use RealtimeEnvironment("
-                "factor=1, strict=False)); in a plain Environment simulated time does not wait for "
-                "the broker"
-            )
-        if poll_s <= 0:
-            raise ValueError("poll_s must be above zero")
-        self.env = env
-        self.poll_s = poll_s
-        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = queue.SimpleQueue()
-        self._users = 0
-        self._running = False
-        self.sim_thread: int | None = None
-        self.lag = LagMeter()
-
-    def post(self, fn: Callable[..., None], *args: Any) -> None:
-        """Any thread: run `fn(*args)` on the SimPy thread at the next poll."""
-        self._queue.put((fn, args))
-
-    def drain(self) -> int:
-        """SimPy thread: run everything posted so far."""
-        n = 0
-        get = self._queue.get_nowait
-        while True:
-            try:
-                fn, args = get()
-            except queue.Empty:
-                return n
-            fn(*args)
-            n += 1
-
-    def attach(self) -> None:
-        self._users += 1
-        if not self._running:
-            self._running = True
-            self.env.process(self._poll())
-
-    def detach(self) -> None:
-        self._users = max(0, self._users - 1)
-
-    def _poll(self) -> Any:
-        self.sim_thread = threading.get_ident()
-        env = self.env
-        lag, clock = self.lag, time.monotonic
-        try:
-            while self._users > 0:
-                # the wall-clock instant this event was due at, against now
-                lag.add(clock() - env.real_start - (env.now - env.env_start) * env.factor)  # type: ignore[attr-defined]
-                self.drain()
-                yield env.timeout(self.poll_s)
-            self.drain()
-        finally:
-            self._running = False
-
-
-def wait_for(
-    env: simpy.Environment,
-    predicate: Callable[[], bool],
-    timeout_s: float,
-    poll_s: float = 0.005,
-    what: str = "condition",
-) -> simpy.Event:
-    """An event that succeeds once `predicate()` holds, checked every `poll_s`, or fails with TimeoutError
-    after `timeout_s`. For tests and run loops: `env.run(until=wait_for(env, lambda: n >= 10, 5.0))`."""
-
-    def watch() -> Any:
-        deadline = env.now + timeout_s
-        while not predicate():
-            if env.now >= deadline:
-                raise TimeoutError(f"{what} did not hold within {timeout_s} s")
-            yield env.timeout(poll_s)
-
-    return env.process(watch())
-
-
-def connect_ahead(transports: list[MqttTransport], batch: int = 50, timeout_s: float = 20.0) -> None:
-    """Connect `transports` before the run's clock starts, `batch` at a time: a thousand clients connecting
-    at once overflow the broker's listen backlog (Mosquitto's is 100), and the SYNs dropped there are resent
-    after 1, 3, 7 s. Each batch waits until every client in it has an answer (a CONNACK, a refusal or a
-    failed attempt) or `timeout_s` has passed; what the answers were is counted later, on the SimPy thread."""
-    for start in range(0, len(transports), batch):
-        chunk = transports[start : start + batch]
-        for transport in chunk:
-            transport.connect()
-        deadline = time.monotonic() + timeout_s
-        for transport in chunk:
-            transport._answered.wait(max(0.0, deadline - time.monotonic()))
-
-
-def close_all(transports: list[MqttTransport]) -> None:
-    """Disconnect every transport, then wait for their network threads: they wind down together, not one
-    after another (a thread waiting out a reconnect delay takes up to a second to notice)."""
-    closing = [t for t in transports if t._started and not t._closed]
-    for t in transports:
-        t._closing = True
-        t._read_pace = None  # a slow reader stops holding its thread back
-    for t in closing:
-        t._closed = True
-        t._client.disconnect()
-    for t in closing:
-        t._client.loop_stop()  # returns at once if a permanent refusal already ended the thread
-        t.bridge.detach()
-    for t in closing:
-        t.bridge.drain()
-    for t in transports:
-        t.is_connected = False
 
 
 def no_delay(client: Any) -> None:
@@ -372,7 +210,7 @@ class MqttTransport:
         self._handlers_for: dict[str, list[Handler]] = {}
         self._confirm: dict[int, simpy.Event] = {}
         self._publish_topic: dict[int, str] = {}
-        self._publish_account: dict[int, Any] = {}
+        self._publish_record: dict[int, FrameRecord] = {}
         # Slow reading (paho's thread): seconds per message and the monotonic instant it ends.
         self._read_pace: tuple[float, float] | None = None
         self._next_read = 0.0
@@ -435,7 +273,7 @@ class MqttTransport:
         payload: Any,
         qos: int,
         retain: bool = False,
-        account: Any = None,
+        record: FrameRecord | None = None,
         confirm: bool = False,
         *,
         expiry_s: int | None = None,
@@ -454,10 +292,10 @@ class MqttTransport:
             if self.tcp_ip_overhead:
                 size = packets.tcp_ip_size(size)
             self.shaper.submit(
-                size, qos, lambda: self._send(topic, data, qos, retain, account, done, expiry, False), account
+                size, qos, lambda: self._send(topic, data, qos, retain, record, done, expiry, False), record
             )
         else:
-            self._send(topic, data, qos, retain, account, done, expiry, True)
+            self._send(topic, data, qos, retain, record, done, expiry, True)
         if done is not None and qos == 0:
             done.succeed(0)
         return done
@@ -541,7 +379,7 @@ class MqttTransport:
         data: bytes,
         qos: int,
         retain: bool,
-        account: Any,
+        record: FrameRecord | None,
         done: simpy.Event | None,
         expiry: int | None,
         charge: bool,
@@ -557,17 +395,17 @@ class MqttTransport:
         info = self._client.publish(topic, data, qos, retain, properties=props)
         stats.published += 1
         stats.bytes_published += len(data)
-        if account is not None:
-            if charge and hasattr(account, "wire_bytes"):
+        if record is not None:
+            if charge:
                 size = packets.publish_size(topic, len(data), qos, self.protocol, message_expiry=bool(expiry))
-                account.wire_bytes += packets.tcp_ip_size(size) if self.tcp_ip_overhead else size
-            if getattr(account, "t_first_hop", 0.0) < 0:
-                account.t_first_hop = self._stamp()
+                record.wire_bytes += packets.tcp_ip_size(size) if self.tcp_ip_overhead else size
+            if record.t_first_hop < 0:
+                record.t_first_hop = self._stamp()
         if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
             if qos == 0:
                 stats.dropped_not_connected += 1
-                if account is not None and hasattr(account, "drop_reason"):
-                    account.drop_reason = "not_connected"
+                if record is not None:
+                    record.drop_reason = "not_connected"
                 return
             stats.queued_offline += 1
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -575,8 +413,8 @@ class MqttTransport:
             return
         if qos > 0:
             self._publish_topic[info.mid] = topic
-            if account is not None:
-                self._publish_account[info.mid] = account
+            if record is not None:
+                self._publish_record[info.mid] = record
             if done is not None:
                 self._confirm[info.mid] = done
 
@@ -708,15 +546,15 @@ class MqttTransport:
 
     def _on_published(self, mid: int, code: int, reason: str) -> None:
         topic = self._publish_topic.pop(mid, "")
-        account = self._publish_account.pop(mid, None)
+        record = self._publish_record.pop(mid, None)
         if code >= 0x80:
             self._refuse("publish", code, reason, topic)
         else:
             self.stats.publish_confirmed += 1
             if code == 0x10:
                 self.stats.no_matching_subscribers += 1
-            if account is not None and getattr(account, "t_broker", 0.0) < 0:
-                account.t_broker = self._stamp()  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
+            if record is not None and record.t_broker_ack < 0:
+                record.t_broker_ack = self._stamp()  # the broker holds the message: its PUBACK (QoS 2: PUBCOMP) is here
         done = self._confirm.pop(mid, None)
         if done is not None and not done.triggered:
             done.succeed(code)

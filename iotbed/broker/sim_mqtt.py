@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import simpy
 from simpy.events import Timeout
@@ -41,6 +41,9 @@ from iotbed.broker.topics import matches, split_shared, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.sim.network import Network, Packet
 from iotbed.sim.timers import FifoTimers
+
+if TYPE_CHECKING:
+    from iotbed.sim.trace import FrameRecord
 
 # Retransmission timers fire within this share of retry_interval after their deadline (see FifoTimers).
 RETRY_TICK_FRACTION = 0.05
@@ -194,8 +197,8 @@ class SimBroker:
             self._drop_connection(session)
 
     def _send(self, session: _Session, message: Any, about: Publish | None) -> None:
-        account = about.account if about is not None else None
-        self.network.send(self, session.endpoint, self.sizer.size(message), message, account)
+        record = about.record if about is not None else None
+        self.network.send(self, session.endpoint, self.sizer.size(message), message, record)
 
     def _on_connect(self, client: Any, message: Connect) -> None:
         session = self.sessions.get(message.client_id)
@@ -335,9 +338,9 @@ class SimBroker:
 
     def _route(self, message: Publish) -> None:
         self.stats.publishes_received += 1
-        account = message.account
-        if account is not None and account.t_broker < 0:
-            account.t_broker = self.env.now
+        record = message.record
+        if record is not None and record.t_broker < 0:
+            record.t_broker = self.env.now
         if message.retain:
             if message.payload_len == 0:
                 self.retained.pop(message.topic, None)
@@ -419,6 +422,7 @@ class SimMqttClient:
         on_retry: Callable[[Publish], None] | None = None,
         on_give_up: Callable[[Publish], None] | None = None,
         on_not_connected: Callable[[Publish], None] | None = None,
+        on_acked: Callable[[Publish], None] | None = None,
     ) -> None:
         self.env = env
         self.network = network
@@ -447,6 +451,7 @@ class SimMqttClient:
             on_retry=on_retry,
             on_give_up=on_give_up,
             max_inflight=self.settings.max_inflight,
+            on_acked=on_acked,
         )
         self.inbound = InboundFlow(self._send, self._dispatch)
         self._read_interval = 0.0  # while slow: seconds per message read
@@ -458,8 +463,8 @@ class SimMqttClient:
     def _send(self, message: Any, about: Publish | None) -> None:
         if not self.alive:
             return
-        account = about.account if about is not None else None
-        self.network.send(self, self.broker, self.broker.sizer.size(message), message, account)
+        record = about.record if about is not None else None
+        self.network.send(self, self.broker, self.broker.sizer.size(message), message, record)
 
     def connect(self) -> simpy.Event:
         if self.connected.triggered:
@@ -483,10 +488,16 @@ class SimMqttClient:
         self.broker.timers.start(self._send_subscribe, entry)
 
     def publish(
-        self, topic: str, payload: Any, qos: int, retain: bool = False, account: Any = None, confirm: bool = False
+        self,
+        topic: str,
+        payload: Any,
+        qos: int,
+        retain: bool = False,
+        record: FrameRecord | None = None,
+        confirm: bool = False,
     ) -> simpy.Event | None:
         done = self.env.event() if confirm else None  # an event per frame nobody waits for would cost time
-        message = Publish(topic, payload, qos, retain, account=account)
+        message = Publish(topic, payload, qos, retain, record=record)
         if not self.session_up and qos == 0:
             if self._on_not_connected is not None:  # no connection: a QoS 0 message has nowhere to wait
                 self._on_not_connected(message)
@@ -514,6 +525,10 @@ class SimMqttClient:
         self.alive = False
         self.session_up = False
         self.outbound.paused = True
+
+    def rejoin(self) -> simpy.Event:
+        """After `crash`: the node connects again with the same client id."""
+        return self.connect()
 
     def connection_lost(self) -> None:
         """The broker went away: try again after a short back-off, until it answers (as paho does)."""

@@ -9,6 +9,9 @@ come back. The formats are those `iotbed.nodes.payloads` sizes:
   Decoded frames carry `pixels` as a float32 array in [0, 1] of shape (C, H, W), the convention the
   models use, and a pixel-dropped one its `mask` (dropped pixels read 0).
 * ModelUpdate: a 4-byte big-endian version, then a safetensors file.
+* Quarantine (on `models/quarantine`): `QUARANTINE_HEADER` (magic "IQ", format version 1, model version,
+  flagged count K, C, H, W, the gateway name's length), the gateway's name in UTF-8, then K*C*H*W uint8
+  pixels of the flagged frames.
 
 Anything else on a topic (a will, a status line) stays `bytes`. Received data is untrusted: an attacker can
 publish anything on a topic it may write. `decode` checks lengths, the header and the safetensors index
@@ -26,9 +29,21 @@ from typing import Any
 import numpy as np
 
 from iotbed.codecs import pixel_drop
-from iotbed.nodes.payloads import CODEC_PIXEL_DROP, CODEC_RAW, FRAME_HEADER, FRAME_MAGIC, Frame, ModelUpdate
+from iotbed.nodes.payloads import (
+    CODEC_PIXEL_DROP,
+    CODEC_RAW,
+    FRAME_HEADER,
+    FRAME_MAGIC,
+    QUARANTINE_HEADER,
+    QUARANTINE_MAGIC,
+    QUARANTINE_TOPIC,
+    Frame,
+    ModelUpdate,
+    Quarantine,
+)
 
 FRAME_FORMAT_VERSION = 1
+QUARANTINE_FORMAT_VERSION = 1
 MODEL_VERSION = struct.Struct("!I")
 SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
 
@@ -37,6 +52,7 @@ MODELS_ROOT = "models"
 
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024  # 16 MiB: a 3x2048x2048 raw frame is 12 MiB
 DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_QUARANTINE_BYTES = 64 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 MAX_FRAME_DIM = 8192
 
@@ -108,7 +124,12 @@ def encode_frame(frame: Frame, pixels_for: PixelsFor | None = None) -> bytes:
         return header + np.ascontiguousarray(pixels).tobytes()
     drop = frame.drop
     return header + pixel_drop.encode(
-        pixels, frame.drop_mask(), ws=drop.ws, rate=drop.rate, mask_format=drop.mask_format, seed=frame.mask_seed
+        pixels,
+        frame.drop_mask(),
+        ws=drop.ws,
+        rate=drop.rate,
+        mask_format=drop.mask_format,
+        seed=frame.mask_seed if frame.mask_seed >= 0 else None,  # a decoded bitmap frame has its mask, no seed
     )
 
 
@@ -116,12 +137,27 @@ def encode_model_update(update: ModelUpdate) -> bytes:
     return MODEL_VERSION.pack(update.version) + bytes(update.blob)
 
 
+def encode_quarantine(notice: Quarantine) -> bytes:
+    flagged = notice.flagged.detach().cpu().numpy()
+    if flagged.ndim != 4:
+        raise ValueError(f"flagged frames must be (K, C, H, W), got shape {flagged.shape}")
+    k, c, h, w = flagged.shape
+    name = notice.gateway.encode("utf-8")
+    if len(name) > 255:
+        raise ValueError(f"gateway name {notice.gateway!r} is over 255 bytes")
+    header = QUARANTINE_HEADER.pack(QUARANTINE_MAGIC, QUARANTINE_FORMAT_VERSION, notice.version, k, c, h, w, len(name))
+    pixels = np.clip(np.rint(flagged.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return header + name + pixels.tobytes()
+
+
 def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
-    """The bytes to publish for `payload` (a Frame, a ModelUpdate, bytes or str)."""
+    """The bytes to publish for `payload` (a Frame, a ModelUpdate, a Quarantine, bytes or str)."""
     if isinstance(payload, Frame):
         return encode_frame(payload, pixels_for)
     if isinstance(payload, ModelUpdate):
         return encode_model_update(payload)
+    if isinstance(payload, Quarantine):
+        return encode_quarantine(payload)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
     if isinstance(payload, str):
@@ -170,12 +206,26 @@ def _decode_dropped(
         pixels_u8, mask = pixel_drop.decode(body)
         _, _, code, _, _, _, ws, rate = pixel_drop.HEADER.unpack_from(body)
         drop = pixel_drop.PixelDropCodec(ws, rate, "seed" if code == 1 else "bitmap")
+        # a seed-format frame keeps its seed, so a node that changes its pixels can send it on as it came
+        seed = pixel_drop.SEED.unpack_from(body, pixel_drop.HEADER.size)[0] if code == 1 else -1
     except ValueError as exc:  # PixelDropFormatError, or parameters the codec refuses
         raise MalformedPayload("bad_codec", f"pixel-drop body: {exc}") from None
     if pixels_u8.shape != shape:
         raise MalformedPayload("bad_shape", f"pixel-drop body of shape {pixels_u8.shape}, the header says {shape}")
     pixels = pixels_u8.astype(np.float32) * np.float32(1.0 / 255.0)
-    return Frame(frame_id, camera, captured_at, image_index, label, shape, len(data), pixels, drop=drop, mask=mask)
+    return Frame(
+        frame_id,
+        camera,
+        captured_at,
+        image_index,
+        label,
+        shape,
+        len(data),
+        pixels,
+        drop=drop,
+        mask_seed=seed,
+        mask=mask,
+    )
 
 
 def check_safetensors(blob: bytes) -> dict[str, Any]:
@@ -224,6 +274,34 @@ def decode_model_update(data: bytes, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -
     return ModelUpdate(version, blob)
 
 
+def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES) -> Quarantine:
+    import torch
+
+    n = len(data)
+    if n > max_bytes:
+        raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a quarantine notice")
+    if n < QUARANTINE_HEADER.size:
+        raise MalformedPayload("truncated", f"{n} bytes is shorter than the quarantine header")
+    magic, version, model_version, k, c, h, w, name_len = QUARANTINE_HEADER.unpack_from(data)
+    if magic != QUARANTINE_MAGIC:
+        raise MalformedPayload("bad_magic", f"quarantine magic {magic!r}, expected {QUARANTINE_MAGIC!r}")
+    if version != QUARANTINE_FORMAT_VERSION:
+        raise MalformedPayload("bad_version", f"quarantine format version {version}")
+    if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
+        raise MalformedPayload("bad_shape", f"flagged frames of shape {(c, h, w)} are out of range")
+    expected = QUARANTINE_HEADER.size + name_len + k * c * h * w
+    if n != expected:  # checked before anything is allocated
+        raise MalformedPayload("bad_length", f"{n} bytes for {k} flagged {c}x{h}x{w} frames, expected {expected}")
+    start = QUARANTINE_HEADER.size
+    try:
+        gateway = bytes(data[start : start + name_len]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPayload("bad_header", "the gateway's name is not UTF-8") from None
+    pixels = np.frombuffer(data, dtype=np.uint8, count=k * c * h * w, offset=start + name_len)
+    flagged = torch.from_numpy(pixels.reshape(k, c, h, w).astype(np.float32) * np.float32(1.0 / 255.0))
+    return Quarantine(model_version, flagged, gateway)
+
+
 def _under(topic: str, root: str) -> bool:
     return topic == root or topic.startswith(root + "/")
 
@@ -236,7 +314,10 @@ def decode(
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
 ) -> Any:
     """The payload object for `data` received on `topic`: a Frame under `frames/`, a ModelUpdate under
-    `models/`, else the bytes unchanged. Raises `MalformedPayload` for data that does not decode."""
+    `models/` (a Quarantine on `models/quarantine`), else the bytes unchanged. Raises `MalformedPayload` for
+    data that does not decode."""
+    if topic == QUARANTINE_TOPIC:
+        return decode_quarantine(data)
     if _under(topic, FRAMES_ROOT):
         return decode_frame(data, max_frame_bytes)
     if _under(topic, MODELS_ROOT):

@@ -1,46 +1,49 @@
-"""A scenario's nodes as real MQTT clients: the simulator's `Camera`, `EdgeServer` and `ModelRegistry` on
-`MqttTransport`s under one `simpy.rt.RealtimeEnvironment`.
+"""A scenario's nodes as real MQTT clients: the nodes `iotbed.deployment.build_nodes` makes, on
+`MqttTransport`s under one `WallClockEnvironment`.
 
-`build_live` makes every node and transport of the scenario but starts none; `start` starts the nodes of
-some clients (all of them in a one-process run; a worker's share when the run is spread over worker
-processes) and the faults that act on those clients. Nothing opens a socket before `start`, so a
-deployment built in one process can be forked into workers that each start their own share.
+`build_live` supplies the live runtime's wiring (a paho client per node and client id, gateways that
+subscribe to the frames of the cameras behind them, heavy computation on threads) and builds the nodes,
+but starts none; `start` starts the nodes of some clients (all of them in a one-process run; a worker's
+share when the run is spread over worker processes) and the faults that act on those clients. Nothing
+opens a socket before `start`, so a deployment built in one process can be forked into workers that each
+start their own share.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import simpy
-import simpy.rt
 import torch
 
 from iotbed.attacks.network import AttackWindow
+from iotbed.broker.client_pool import close_all, connect_ahead
 from iotbed.broker.mosquitto import MosquittoBroker
-from iotbed.broker.mqtt_transport import MqttTransport, RealtimeBridge, close_all, connect_ahead
+from iotbed.broker.mqtt_transport import MqttTransport
+from iotbed.broker.realtime import RealtimeBridge
 from iotbed.broker.wire import WireCodec
-from iotbed.deployment import (
-    Artefacts,
-    attack_window,
-    build_camera,
-    camera_windows,
-    device_profiles,
-    edge_classifier,
-    edge_config,
-)
+from iotbed.deployment import Artefacts, Nodes, Wiring, build_nodes, start_faults
 from iotbed.emulation.paths import NodePaths, same_loss
 from iotbed.emulation.shaper import LinkShaper
+from iotbed.naming import group_nodes, group_of
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
-from iotbed.nodes.registry import ModelRegistry
+from iotbed.nodes.gateway import ScreeningGateway
 from iotbed.runner import load_model_bytes
 from iotbed.scenario import FaultSpec, Scenario
 from iotbed.sim.clock import WallClockEnvironment
+from iotbed.sim.offload import ThreadOffload
 from iotbed.sim.rng import RandomStreams
+from iotbed.sim.topology import build_topology
 from iotbed.sim.trace import TraceRecorder
+
+# A CoDefend repair of the shipped scenario takes about 80 s on 2 cores; one still running at the end is
+# waited for this long at most.
+UNFINISHED_WORK_WAIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,36 +57,56 @@ class Endpoint:
 
 @dataclass
 class LiveDeployment:
-    env: simpy.rt.RealtimeEnvironment
+    env: WallClockEnvironment
     bridge: RealtimeBridge
     recorder: TraceRecorder
+    nodes: Nodes
     transports: dict[str, MqttTransport]  # by client id
-    node_of: dict[str, str]  # client id -> the node it runs on (the registry runs on a node of its own)
-    cameras: list[Camera]
-    edges: list[EdgeServer]
-    registry: ModelRegistry | None
     shapers: dict[str, LinkShaper]
-    windows: list[AttackWindow]
     faults: list[FaultSpec]
-    _runs: dict[str, Callable[[], Generator[simpy.Event, object, None]]] = field(default_factory=dict)
+    offload: ThreadOffload
+
+    @property
+    def cameras(self) -> list[Camera]:
+        return self.nodes.cameras
+
+    @property
+    def edges(self) -> list[EdgeServer]:
+        return self.nodes.edges
+
+    @property
+    def gateways(self) -> list[ScreeningGateway]:
+        return self.nodes.gateways
+
+    @property
+    def windows(self) -> list[AttackWindow]:
+        return self.nodes.windows
+
+    @property
+    def node_of(self) -> dict[str, str]:
+        """Client id -> the node it runs on (the registry and rogue publishers share a node with another)."""
+        return self.nodes.node_of
 
     def start(self, clients: Iterable[str], broker: MosquittoBroker | None = None) -> None:
         """Connect `clients` (before the run's clock starts), then start their nodes and the faults on them;
         with `broker`, also the broker's faults."""
         chosen = set(clients)
         connect_ahead([t for c, t in self.transports.items() if c in chosen])
-        for client_id, run in self._runs.items():
-            if client_id in chosen:
-                self.env.process(run())
-        for fault in self.faults:
-            if fault.kind == "broker_restart":
-                if broker is not None:
-                    self.env.process(restart_broker(self.env, broker, fault.at, fault.down))
-            elif fault.node in chosen:
-                self.env.process(node_fault(self.env, self.transports[fault.node], fault))  # type: ignore[index]
+        self.nodes.start(self.env, chosen)
+        start_faults(self.env, self.faults, dict(self.transports), broker, chosen)
 
     def close(self) -> None:
+        """Disconnect every client, then wait for screens and repairs still computing (their results come
+        after the run's end and are not used)."""
         close_all(list(self.transports.values()))
+        if self.offload.running():
+            print(
+                f"waiting for {self.offload.running()} screen(s) or repair(s) still computing at the run's end",
+                file=sys.stderr,
+            )
+            left = self.offload.finish(UNFINISHED_WORK_WAIT_S)
+            if left:
+                print(f"{left} still running after {UNFINISHED_WORK_WAIT_S:.0f} s; left behind", file=sys.stderr)
 
 
 def build_live(
@@ -100,7 +123,10 @@ def build_live(
     tls: bool = False,
 ) -> LiveDeployment:
     """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect.
-    `shape_in_process`: cameras shape what they publish here (off when the kernel's netem shapes every packet)."""
+    `shape_in_process`: cameras shape what they publish here (off when the kernel's netem shapes every packet).
+    `logins`: user -> password, one user per node (and `registry`), as `iotbed broker start --auth` makes them;
+    a client logs in as its own client id where that is a user, else as its node (a rogue publisher on a
+    camera has only the camera's credentials)."""
     streams = RandomStreams(scenario.seed)
     env = WallClockEnvironment(factor=1.0, strict=False)  # timestamps from the wall clock
     bridge = RealtimeBridge(env)
@@ -109,13 +135,20 @@ def build_live(
     codec = WireCodec(lambda frame: pixels_u8[frame.image_index])
     b = scenario.broker
     transports: dict[str, MqttTransport] = {}
-    node_of: dict[str, str] = {}
+    shapers: dict[str, LinkShaper] = {}
+    cameras = {n for g in scenario.nodes.cameras for n in group_nodes(g.name, g.count)}
 
-    def transport(
-        client_id: str, node: str, shaper: LinkShaper | None = None, clean_session: bool = True
-    ) -> MqttTransport:
-        # Per-client logins (one user per node, as `iotbed broker start --auth` makes them) win over a shared one.
-        user, secret = (client_id, logins[client_id]) if logins and client_id in logins else (username, password)
+    def login(client_id: str, node: str) -> tuple[str | None, str | None]:
+        for user in (client_id, node):
+            if logins and user in logins:
+                return user, logins[user]
+        return username, password
+
+    def client(node: str, client_id: str, clean_session: bool = True) -> MqttTransport:
+        shaper = None
+        if shape_in_process and client_id in cameras:  # what a camera publishes crosses its shaped path
+            shaper = shapers[client_id] = _shaper(env, client_id, paths[client_id], scenario, streams)
+        user, secret = login(client_id, node)
         where = endpoint(node)
         made = MqttTransport(
             env,
@@ -137,63 +170,20 @@ def build_live(
             max_inflight=b.max_inflight,
         )
         transports[client_id] = made
-        node_of[client_id] = node
         return made
 
-    live = LiveDeployment(env, bridge, recorder, transports, node_of, [], [], None, {}, [], list(scenario.faults))
-    clean = artefacts.images.numpy()
-    live.windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
-    by_camera = camera_windows(scenario, live.windows)
-    for group in scenario.nodes.cameras:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            shaper = _shaper(env, name, paths[name], scenario, streams) if shape_in_process else None
-            if shaper is not None:
-                live.shapers[name] = shaper
-            camera = build_camera(
-                env,
-                scenario,
-                group,
-                name,
-                len(live.cameras),
-                transport(name, name, shaper),
-                artefacts,
-                streams,
-                recorder,
-                by_camera.get(name, []),
-            )
-            live.cameras.append(camera)
-            live._runs[name] = camera.run
+    topic_of = {g.name: g.topic for g in scenario.nodes.cameras}
 
-    profiles = device_profiles(scenario)
-    for group in scenario.nodes.edge_servers:
-        for i in range(group.count):
-            name = f"{group.name}-{i}"
-            edge = EdgeServer(
-                env,
-                name,
-                transport(name, name, clean_session=not group.persistent_session),
-                edge_config(scenario, group),
-                edge_classifier(group, name, artefacts, streams),
-                profiles[group.device],
-                recorder,
-                load_model_bytes,
-            )
-            live.edges.append(edge)
-            live._runs[name] = edge.run
-    if artefacts.updates:
-        topic = scenario.registry.topic
-        live.registry = ModelRegistry(
-            env,
-            "registry",
-            transport("registry", scenario.registry_node()),
-            topic,
-            scenario.qos_for(topic),
-            list(artefacts.updates),
-            recorder,
-        )
-        live._runs["registry"] = live.registry.run
-    return live
+    def relay(gateway: ScreeningGateway, relayed: list[str]) -> None:
+        # No packet crosses a live gateway: it subscribes to the frames of the cameras behind it.
+        topics = [topic_of[group_of(c)].replace("{name}", c) for c in relayed]
+        gateway.frame_topics = tuple((t, scenario.qos_for(t)) for t in topics)
+
+    topology, _ = build_topology(scenario)
+    offload = ThreadOffload(env, bridge)
+    wiring = Wiring(env, recorder, client, relay, offload, topology)
+    nodes = build_nodes(scenario, artefacts, wiring, load_model_bytes)
+    return LiveDeployment(env, bridge, recorder, nodes, transports, shapers, list(scenario.faults), offload)
 
 
 def _shaper(
@@ -217,26 +207,6 @@ def _shaper(
         retry_interval_s=b.retry_interval,
         max_retries=b.max_retries,
     )
-
-
-def node_fault(env: simpy.Environment, transport: MqttTransport, fault: FaultSpec):  # type: ignore[no-untyped-def]
-    """`node_crash`: the node's MQTT client vanishes at `at` (its TCP connection torn down, no DISCONNECT) and
-    connects again `down` later with the same client id. `slow_subscriber`: it reads slowly for `down`."""
-    yield env.timeout(fault.at)
-    if fault.kind == "slow_subscriber":
-        transport.slow_down(fault.rate, fault.down)  # type: ignore[arg-type]
-        return
-    transport.crash()
-    yield env.timeout(fault.down)
-    transport.rejoin()
-
-
-def restart_broker(env: simpy.Environment, broker: MosquittoBroker, at_s: float, down_s: float):  # type: ignore[no-untyped-def]
-    """Stop the broker (SIGTERM: it saves its database) at `at_s` and start it again `down_s` later."""
-    yield env.timeout(at_s)
-    broker.stop()
-    yield env.timeout(down_s)
-    broker.start()
 
 
 def shaper_row(name: str, shaper: LinkShaper, duration_s: float) -> dict[str, Any]:
@@ -288,7 +258,7 @@ def mark_broker_undelivered(recorder: TraceRecorder) -> int:
     in the trace. Their count."""
     lost = 0
     for record in recorder.records:
-        if record.t_broker >= 0 and record.t_edge < 0 and not record.drop_reason:
+        if record.t_broker_ack >= 0 and record.t_edge < 0 and not record.drop_reason:
             record.drop_reason = "broker_undelivered"
             lost += 1
     return lost

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import simpy
 
-from iotbed.deployment import add_links, add_nodes
-from iotbed.scenario import Scenario
+from iotbed.naming import group_of
+from iotbed.scenario import AttackSpec, Scenario
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LinkDirection, LossModel, NoLoss
 from iotbed.sim.network import Network
 from iotbed.sim.rng import RandomStreams
+from iotbed.sim.topology import add_links, add_nodes
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,25 @@ def _common_end(name: str, direction: LinkDirection) -> str:
         return name.removeprefix("medium@")
     src, _, dst = name.partition("->")
     return direction.src if direction.src in (src, dst) else direction.dst
+
+
+def nodes_behind(scenario: Scenario, nodes: list[str], spec: AttackSpec) -> list[str]:
+    """Of `nodes`, those whose packets to the broker cross the link a `mitm` attack sits on (the same links
+    the simulated attacker taps: a group name at an end takes all of its links, a node name one)."""
+    topology = Network(simpy.Environment())
+    add_nodes(topology, scenario)
+    add_links(topology, scenario, RandomStreams(scenario.seed))
+    broker = scenario.resolve_node(scenario.broker.node)
+    assert broker is not None and spec.link is not None
+    src_group, dst_group = scenario.attack_link_groups(spec)
+    src_end, dst_end = spec.link
+
+    def attacked(d: LinkDirection) -> bool:
+        return (
+            group_of(d.src) == src_group
+            and group_of(d.dst) == dst_group
+            and src_end in (src_group, d.src)
+            and dst_end in (dst_group, d.dst)
+        )
+
+    return [n for n in nodes if any(attacked(d) for d in topology.route(n, broker))]

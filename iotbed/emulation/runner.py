@@ -38,9 +38,10 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from iotbed.analysis.summary import summarise
+from iotbed.attacks.network import join_labels
 from iotbed.broker.mosquitto import BrokerConfig, MosquittoBroker
-from iotbed.broker.mqtt_transport import LagMeter
 from iotbed.broker.packets import publish_size, tcp_ip_size
+from iotbed.broker.realtime import LagMeter
 from iotbed.deployment import Artefacts, camera_codec
 from iotbed.emulation import netns as kernel
 from iotbed.emulation.live import (
@@ -52,14 +53,17 @@ from iotbed.emulation.live import (
     offered_frames_per_s,
     shaper_row,
 )
+from iotbed.emulation.mitm import FrameTamper, MqttTamperProxy
 from iotbed.emulation.monitor import BrokerMonitor
-from iotbed.emulation.paths import node_paths
+from iotbed.emulation.paths import node_paths, nodes_behind
 from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, progress_steps, run_sharded
 from iotbed.errors import UsageError
+from iotbed.naming import group_nodes
 from iotbed.nodes.camera import frame_payload_bytes
 from iotbed.runner import (
     DRAIN_S,
     RunResult,
+    backdoor_outputs,
     one_torch_thread,
     output_dir,
     prepare,
@@ -92,22 +96,10 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 
 def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker | None, netns: bool) -> None:
-    if any(g.strip is not None for g in scenario.nodes.gateways) or any(
-        e.repair is not None for e in scenario.nodes.edge_servers
-    ):
+    if netns and any(a.kind == "mitm" for a in scenario.attacks):
         raise UsageError(
-            "the STRIP screen on gateways and the CoDefend repair run in simulation only in this version; "
-            "remove `strip:` and `repair:` for `iotbed emulate`, or use `iotbed run`"
-        )
-    if any(u.publisher is not None for u in scenario.registry.updates):
-        raise UsageError(
-            "rogue publishers (`publisher:` on an update) run in simulation only in this version; "
-            "against a live broker, `iotbed broker start --auth` refuses them by ACL"
-        )
-    if any(a.kind == "mitm" for a in scenario.attacks):
-        raise UsageError(
-            "mitm attacks act on simulated links; `iotbed emulate` runs compromised_camera attacks "
-            "only: remove the mitm entries or use `iotbed run`"
+            "a live mitm attack is a proxy on the loopback interface, which --netns clients do not reach: "
+            "run the mitm scenario without --netns, or remove its `mitm` entries"
         )
     local = broker_url == "local"
     if netns and not local:
@@ -187,6 +179,8 @@ def emulate(
             endpoint = _netns_endpoint(lab)
         else:
             endpoint = lambda node: Endpoint(address.host, address.port)  # noqa: E731
+        attackers = _start_mitm(stack, resolved, nodes, address)
+        endpoint = _through_proxies(endpoint, attackers)
         # The kernel's netem does everything; without it, what cameras publish is shaped here as well.
         live = build_live(
             resolved,
@@ -200,6 +194,10 @@ def emulate(
             tls_ca=tls_ca,
             tls=address.tls,
         )
+        for attacker in attackers:
+            window = live.windows[attacker.index]
+            attacker.tamper = FrameTamper(window, live.env.wall_now)
+            attacker.proxy.tamper = attacker.tamper
         offered = offered_frames_per_s(resolved)
         n_workers = (
             auto_workers(offered, len(live.transports), len(live.cameras)) if workers == "auto" else int(workers)
@@ -212,7 +210,7 @@ def emulate(
         )
         try:
             with _progress(resolved.name, end, progress) as advance:
-                lags = _execute(live, shards, end, broker, monitor, lab, advance)
+                lags, renumbered = _execute(live, shards, end, broker, monitor, lab, advance)
         finally:
             monitor.stop()
         kernel_rows = lab.class_stats() if lab is not None else []
@@ -226,6 +224,7 @@ def emulate(
             }
         )
 
+    mitm_report = _mark_tampered(live, attackers, renumbered, address.tls)
     undelivered = mark_broker_undelivered(live.recorder)
     table = live.recorder.to_table()
     links = [shaper_row(name, s, end) for name, s in live.shapers.items()]
@@ -255,16 +254,94 @@ def emulate(
         setup=setup_summary(resolved, live.cameras, live.edges, live.windows),
     )
     summary["realtime"] = realtime_report(lags, offered, shards)
+    if mitm_report:
+        summary["mitm"] = mitm_report
     summary["shaping"] = shaping_report
-    extra = {"kernel_links.csv": kernel_rows} if kernel_rows else None
+    sections, extra = backdoor_outputs(table, live.recorder, artefacts, resolved, live.edges, live.gateways)
+    summary.update(sections)
+    if kernel_rows:
+        extra["kernel_links.csv"] = kernel_rows
     if target is not None:
         write_outputs(target, resolved, table, summary, links, [], live.recorder, extra)
     return RunResult(resolved, summary, table, target)
 
 
+@dataclass
+class Attacker:
+    """A live `mitm` attack: its proxy, the nodes that connect through it, and its tamper function."""
+
+    index: int  # of the attack in the scenario's `attacks:`
+    label: str
+    proxy: MqttTamperProxy
+    nodes: list[str]
+    tamper: FrameTamper | None = None
+
+
+def _start_mitm(
+    stack: contextlib.ExitStack, scenario: Scenario, nodes: list[str], address: BrokerAddress
+) -> list[Attacker]:
+    """A tampering proxy on the loopback interface for every `mitm` attack, before the broker; the clients
+    whose path crosses the attacked link connect to it instead of to the broker."""
+    attackers = []
+    taken: dict[str, str] = {}
+    for index, spec in enumerate(scenario.attacks):
+        if spec.kind != "mitm":
+            continue
+        behind = nodes_behind(scenario, nodes, spec)
+        for node in behind:
+            if node in taken:
+                raise UsageError(
+                    f"attacks.{index}: {node}'s path crosses the links of two mitm attacks ({taken[node]} and "
+                    f"{spec.label}); a live run puts one proxy on a client's path: attack one of the links"
+                )
+            taken[node] = spec.label
+        proxy = stack.enter_context(MqttTamperProxy((address.host, address.port)).start())
+        attackers.append(Attacker(index, spec.label, proxy, behind))
+    return attackers
+
+
+def _through_proxies(endpoint: Any, attackers: list[Attacker]) -> Any:
+    proxied = {node: a.proxy for a in attackers for node in a.nodes}
+
+    def where(node: str) -> Endpoint:
+        proxy = proxied.get(node)
+        return Endpoint(proxy.host, proxy.port) if proxy is not None else endpoint(node)
+
+    return where
+
+
+def _mark_tampered(
+    live: LiveDeployment, attackers: list[Attacker], renumbered: dict[int, int] | None, tls: bool
+) -> dict[str, Any]:
+    """Label the frames each proxy changed in the trace; what each attacker saw and did."""
+    records = live.recorder.records
+    report: dict[str, Any] = {}
+    for attacker in attackers:
+        assert attacker.tamper is not None
+        ids = attacker.tamper.tampered_ids()
+        for frame_id in ids:
+            index = renumbered.get(frame_id) if renumbered is not None else frame_id
+            if index is not None and 0 <= index < len(records):
+                records[index].attack = join_labels(records[index].attack, attacker.label)
+        stats = attacker.proxy.stats
+        report[attacker.label] = {
+            "nodes": attacker.nodes,
+            "connections": stats.connections,
+            "unreadable_connections": stats.unreadable_connections,
+            "publishes_seen": stats.publishes_seen,
+            "frames_seen": attacker.tamper.frames_seen,
+            "frames_tampered": len(ids),
+            "tls": tls,
+            "read_the_stream": stats.connections > stats.unreadable_connections,
+        }
+    return report
+
+
 def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
-    """The nodes that run MQTT clients: cameras, edge servers, and the registry's node."""
-    nodes = [f"{g.name}-{i}" for g in [*scenario.nodes.cameras, *scenario.nodes.edge_servers] for i in range(g.count)]
+    """The nodes that run MQTT clients: cameras, edge servers, screening gateways, and the registry's node
+    (rogue publishers run on camera nodes)."""
+    groups = [*scenario.nodes.cameras, *scenario.nodes.edge_servers, *(g for g in scenario.nodes.gateways if g.strip)]
+    nodes = [node for g in groups for node in group_nodes(g.name, g.count)]
     if with_registry and scenario.registry_node() not in nodes:
         nodes.append(scenario.registry_node())
     return nodes
@@ -289,12 +366,13 @@ def _execute(
     monitor: BrokerMonitor,
     lab: kernel.NetnsLab | None,
     advance: Any,
-) -> dict[int, LagMeter]:
-    """Run every shard, here or in forked workers; each process's lag behind the wall clock, by shard."""
+) -> tuple[dict[int, LagMeter], dict[int, int] | None]:
+    """Run every shard, here or in forked workers; each process's lag behind the wall clock, by shard, and
+    how the merge renumbered the frames (None: run in one process, nothing renumbered)."""
     if len(shards) == 1 and lab is None:
         monitor.start()
         _run_here(live, broker, end, advance)
-        return {0: live.bridge.lag}
+        return {0: live.bridge.lag}, None
 
     def parent_side() -> None:  # after the fork: nothing of this may be inherited by the workers
         monitor.start()
@@ -303,8 +381,8 @@ def _execute(
     results = run_sharded(
         live, shards, end, enter=kernel.enter if lab else None, parent_env_hook=parent_side, on_progress=advance
     )
-    merge(live, results)
-    return {r.index: r.lag for r in results}
+    renumbered = merge(live, results)
+    return ({r.index: r.lag for r in results}, renumbered)
 
 
 def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.NetnsLab | None) -> MosquittoBroker:

@@ -30,13 +30,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import simpy
 from simpy.events import Timeout
 
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss, LossModel, NoLoss
+
+if TYPE_CHECKING:
+    from iotbed.sim.trace import FrameRecord
 
 __all__ = ["LinkShaper", "Serializer", "ShaperStats", "TokenBucket", "make_loss", "BernoulliLoss", "GilbertElliottLoss"]
 
@@ -159,7 +162,7 @@ class LinkShaper:
         return len(waiting)
 
     def submit(
-        self, size_bytes: int, qos: int, send: Callable[[], None], account: Any = None, _attempt: int = 1
+        self, size_bytes: int, qos: int, send: Callable[[], None], record: FrameRecord | None = None, _attempt: int = 1
     ) -> bool:
         """Shape one message of `size_bytes` (its bytes on the wire). False if it is dropped at once."""
         env = self.env
@@ -169,31 +172,31 @@ class LinkShaper:
             stats.submitted += 1
         if self.queue_limit is not None and self.backlog(now) >= self.queue_limit:
             stats.dropped_queue_full += 1
-            _note_drop(account, "queue_full", self.name)
+            _note_drop(record, "queue_full", self.name)
             return False
         departure = self.bucket.departure(now, size_bytes) if self.bucket is not None else now
         if departure > now:
             self._waiting.append(departure)
             stats.max_backlog = max(stats.max_backlog, len(self._waiting))
         stats.bytes_admitted += size_bytes
-        if account is not None and hasattr(account, "wire_bytes"):
-            account.wire_bytes += size_bytes
+        if record is not None:
+            record.wire_bytes += size_bytes
         if self.loss.lost():
             stats.losses += 1
-            _note_drop(account, "link_loss", self.name)
+            _note_drop(record, "link_loss", self.name)
             if qos == 0:
                 stats.dropped_loss += 1
                 return False
             if self.max_retries is not None and _attempt > self.max_retries:
                 stats.given_up += 1
-                _note_drop(account, "max_retries", self.name)
+                _note_drop(record, "max_retries", self.name)
                 return False
 
             def retry(_: simpy.Event) -> None:
                 stats.retransmissions += 1
-                if account is not None and hasattr(account, "retries"):
-                    account.retries += 1
-                self.submit(size_bytes, qos, send, account, _attempt + 1)
+                if record is not None:
+                    record.retries += 1
+                self.submit(size_bytes, qos, send, record, _attempt + 1)
 
             Timeout(env, departure - now + self.retry_interval_s).callbacks.append(retry)
             return True
@@ -210,11 +213,11 @@ class LinkShaper:
         send()
 
 
-def _note_drop(account: Any, reason: str, link: str) -> None:
+def _note_drop(record: FrameRecord | None, reason: str, link: str) -> None:
     """Charge a frame's trace record like the simulated network does (`TraceRecorder.on_packet_dropped`)."""
-    if account is None or not hasattr(account, "drop_reason"):
+    if record is None:
         return
     if reason in ("queue_full", "link_loss"):
-        account.losses += 1
-    account.drop_reason = reason
-    account.drop_link = link
+        record.losses += 1
+    record.drop_reason = reason
+    record.drop_link = link

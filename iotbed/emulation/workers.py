@@ -25,16 +25,22 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from iotbed.broker.mqtt_transport import LagMeter, TransportStats
+import numpy as np
+
+from iotbed.broker.mqtt_transport import TransportStats
+from iotbed.broker.realtime import LagMeter
 from iotbed.emulation.live import LiveDeployment
 from iotbed.emulation.shaper import ShaperStats
 from iotbed.errors import IotbedError, UsageError
+from iotbed.naming import REPAIR_OFFSET
+from iotbed.nodes.edge_server import EdgeServer
+from iotbed.nodes.gateway import ScreenRecord
 from iotbed.runner import one_torch_thread
-from iotbed.sim.trace import EDGE_FIELDS, ArrivalRecords, FrameRecord, ModelEvent
+from iotbed.sim.trace import EDGE_FIELDS, FrameRecord, ModelEvent
 
 # Frames per second one process carries through Mosquitto while keeping its lag behind the wall clock
 # small (`benchmarks/run.py emulate_workers`, 2-core machine); `--workers auto` splits runs above it.
@@ -60,7 +66,8 @@ def plan_shards(live: LiveDeployment, workers: int, namespaces: dict[str, str] |
     edge servers and the registry in the first, cameras dealt round robin over the rest. No shard holds more
     than `MAX_CLIENTS_PER_PROCESS` clients."""
     edges = {e.name for e in live.edges}
-    servers = [c for c in live.transports if c in edges or c == "registry"]
+    on_cameras = {c.name for c in live.cameras}
+    servers = [c for c in live.transports if c not in on_cameras]  # edges, gateways, registry, rogue publishers
     cameras = [c.name for c in live.cameras]
     if namespaces is not None:
         groups: list[tuple[str | None, list[str], bool]] = []
@@ -120,11 +127,16 @@ class ShardResult:
     edge_side: bool
     transport_stats: dict[str, TransportStats]
     shaper_stats: dict[str, ShaperStats]
-    edges: dict[str, tuple[int, float, int]]  # name -> (batches, busy seconds, model version)
+    edges: dict[str, tuple[int, float, int, int]]  # name -> (batches, busy seconds, model version, unknown frames)
     frames_sent: dict[str, int]
     frames_attacked: list[int]
     model_events: list[ModelEvent]
     lag: LagMeter
+    screens: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # gateway -> its STRIP screens
+    repairs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # edge -> its CoDefend repairs
+    # edge -> the versions it held that the parent's copy lacks (repaired models), as safetensors bytes
+    held: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    quarantined: dict[str, set[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -137,9 +149,15 @@ class ShardRun:
     result: ShardResult | None = None
 
 
-def _columns(records: Any) -> dict[str, list[Any]]:
-    values = list(records.values()) if isinstance(records, dict) else records
-    return {name: [getattr(r, name) for r in values] for name in FrameRecord.__slots__}
+def _columns(records: list[FrameRecord]) -> dict[str, list[Any]]:
+    return {name: [getattr(r, name) for r in records] for name in FrameRecord.__slots__}
+
+
+def _new_models(edge: EdgeServer) -> dict[int, bytes]:
+    """The models an edge holds that were made during the run (repairs), to travel back as safetensors."""
+    from iotbed.models import model_to_bytes
+
+    return {v: model_to_bytes(m, {"version": str(v)}) for v, m in edge.held.items() if v >= REPAIR_OFFSET}
 
 
 def _worker(
@@ -152,7 +170,7 @@ def _worker(
             enter(shard.namespace)
         recorder = live.recorder
         if shard.edges:
-            recorder.records = ArrivalRecords()  # type: ignore[assignment]
+            recorder.take_arrivals()
         recorder.first_id, recorder.id_step = shard.index, shards
         live.start(shard.clients)
         conn.send(("ready", shard.index))
@@ -170,15 +188,23 @@ def _worker(
                 "result",
                 ShardResult(
                     shard.index,
-                    _columns(recorder.records),
+                    _columns(recorder.frames()),
                     shard.edges,
                     {c: t.stats for c, t in live.transports.items() if c in mine},
                     {n: s.stats for n, s in live.shapers.items() if n in mine},
-                    {e.name: (e.batches, e.busy_s, e.classifier.version) for e in live.edges if e.name in mine},
+                    {
+                        e.name: (e.batches, e.busy_s, e.classifier.version, e.unknown_frames)
+                        for e in live.edges
+                        if e.name in mine
+                    },
                     {c.name: c.frames_sent for c in live.cameras if c.name in mine},
                     [w.frames_attacked for w in live.windows],
                     list(recorder.model_events),
                     live.bridge.lag,
+                    {g.name: g.stats.screens for g in live.gateways if g.name in mine},
+                    {e.name: e.repairs for e in live.edges if e.name in mine},
+                    {e.name: _new_models(e) for e in live.edges if e.name in mine},
+                    {e.name: set(e.quarantined) for e in live.edges if e.name in mine},
                 ),
             )
         )
@@ -306,9 +332,12 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
         drain(0.2)
 
 
-def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
+def merge(live: LiveDeployment, results: list[ShardResult]) -> dict[int, int]:
     """Put the workers' shares into the parent's deployment: frame records (camera side and edge side, joined
-    on the frame id that travelled), counters, tallies and model events."""
+    on the frame id that travelled), counters, tallies, screens, repairs and model events. Frames are
+    numbered anew in capture order; returns the old id -> new id map."""
+    from iotbed.runner import load_model_bytes
+
     captured: list[FrameRecord] = []
     arrivals: dict[int, dict[str, Any]] = {}
     for result in sorted(results, key=lambda r: r.index):
@@ -337,7 +366,14 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
             live.shapers[name].stats = stats
         for edge in live.edges:
             if edge.name in result.edges:
-                edge.batches, edge.busy_s, edge.classifier.version = result.edges[edge.name]
+                edge.batches, edge.busy_s, edge.classifier.version, edge.unknown_frames = result.edges[edge.name]
+                edge.repairs = result.repairs.get(edge.name, [])
+                edge.quarantined = result.quarantined.get(edge.name, set())
+                for version, blob in result.held.get(edge.name, {}).items():
+                    edge.held[version] = load_model_bytes(blob)
+        for gateway in live.gateways:
+            if gateway.name in result.screens:
+                gateway.stats.screens = result.screens[gateway.name]
         for camera in live.cameras:
             if camera.name in result.frames_sent:
                 camera.frames_sent = result.frames_sent[camera.name]
@@ -347,11 +383,17 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> None:
         live.recorder.model_events.extend(result.model_events)
     index = {c.name: c.index for c in live.cameras}
     captured.sort(key=lambda r: (r.t_capture, index.get(r.camera, 0), r.frame_id))
+    renumbered: dict[int, int] = {}
     for new_id, record in enumerate(captured):
         side = arrivals.get(record.frame_id)
         if side is not None:
             for name, value in side.items():
                 setattr(record, name, value)
+        renumbered[record.frame_id] = new_id
         record.frame_id = new_id
     live.recorder.records = captured
     live.recorder.model_events.sort(key=lambda e: (e.time_s, e.node))
+    for gateway in live.gateways:
+        for screen in gateway.stats.screens:
+            screen.frame_ids = np.array([renumbered.get(int(f), -1) for f in screen.frame_ids], dtype=np.int64)
+    return renumbered

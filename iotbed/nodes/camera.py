@@ -133,6 +133,6 @@ class Camera:
                     frame.attack = record.attack = attack.label
                     attack.frames_attacked += 1
                     break
-            self.transport.publish(config.topic, frame, config.qos, account=record)
+            self.transport.publish(config.topic, frame, config.qos, record=record)
             self.frames_sent += 1
             yield env.timeout(gap)

@@ -3,7 +3,9 @@ real pixels with the model it currently serves, and hot-swaps the model when the
 
 When a gateway quarantines a model version, the edge stops serving it (back to the newest version it held
 before) and never adopts it again; an edge with a CoDefend repairer then repairs the quarantined model
-from the flagged frames and publishes the repaired one as version + 1000, which every node adopts.
+from the flagged frames and publishes the repaired one (`iotbed.naming.repaired_version`), which every node
+adopts. The repair runs where the runtime's `offload` puts it: at once in a simulation, on a thread in a
+live run, so the edge goes on serving frames while it trains.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from torch import nn
 
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
+from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
-from iotbed.nodes.gateway import QUARANTINE_TOPIC, Quarantine
-from iotbed.nodes.payloads import Frame, ModelUpdate
+from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
+from iotbed.sim.offload import Offload, inline
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
 
 
@@ -51,6 +54,7 @@ class EdgeServer:
         load_model: Callable[[bytes], nn.Module],
         repairer: CoDefendRepairer | None = None,
         model_to_bytes: Callable[[nn.Module, int], bytes] | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -60,7 +64,8 @@ class EdgeServer:
         self.device = device
         self.recorder = recorder
         self._load_model = load_model
-        self._pending: deque[tuple[Frame, float]] = deque()  # with the (simulated) time each arrived
+        self._pending: deque[tuple[Frame, FrameRecord, float]] = deque()  # and when each arrived (simulated)
+        self.unknown_frames = 0
         self._wall = wall_clock(env)  # live runs record wall-clock times
         self._seen: set[int] = set()
         self._wake: simpy.Event = env.event()
@@ -70,6 +75,7 @@ class EdgeServer:
         self.quarantined: set[int] = set()
         self.repairer = repairer
         self._to_bytes = model_to_bytes
+        self._offload = offload if offload is not None else inline(env)
         self.repairs: list[dict[str, float | int]] = []
 
     def run(self) -> Generator[simpy.Event, object, None]:
@@ -82,21 +88,21 @@ class EdgeServer:
     def _stamp(self) -> float:
         return self.env.now if self._wall is None else self._wall()
 
-    def _record(self, frame: Frame) -> FrameRecord:
-        return self.recorder.records[frame.frame_id]
-
     def _on_frame(self, message: Publish) -> None:
         frame = message.payload
         if not isinstance(frame, Frame):
             return
+        record = self.recorder.record(frame.frame_id)
+        if record is None:  # an id no camera of this run handed out: a forged or replayed frame
+            self.unknown_frames += 1
+            return
         if frame.frame_id in self._seen:  # a QoS 1 duplicate: counted, not classified twice
-            self._record(frame).duplicates += 1
+            record.duplicates += 1
             return
         self._seen.add(frame.frame_id)
-        record = self._record(frame)
         record.t_edge = self._stamp()
         record.edge = self.name
-        self._pending.append((frame, self.env.now))
+        self._pending.append((frame, record, self.env.now))
         # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
         if not self._wake.triggered and (len(self._pending) == 1 or len(self._pending) >= self.config.max_batch):
             self._wake.succeed()
@@ -131,12 +137,17 @@ class EdgeServer:
 
     def _repair(self, notice: Quarantine) -> Generator[simpy.Event, object, None]:
         events = self.recorder.model_events
-        events.append(ModelEvent(self.env.now, self.name, "repair_started", notice.version, 0))
+        events.append(ModelEvent(self._stamp(), self.name, "repair_started", notice.version, 0))
         assert self.repairer is not None and self._to_bytes is not None
         started = self.env.now
-        outcome = self.repairer.repair(self.held[notice.version], notice.flagged)
-        yield self.env.timeout(outcome.sim_seconds)
-        version = notice.version + 1000
+        repairer, quarantined = self.repairer, self.held[notice.version]
+        repaired = self._offload(lambda: repairer.repair(quarantined, notice.flagged))
+        outcome = yield repaired
+        # The device's modelled time, or the host's where the real training took longer (a live run).
+        remaining = outcome.sim_seconds - (self.env.now - started)
+        if remaining > 0:
+            yield self.env.timeout(remaining)
+        version = repaired_version(notice.version)
         update = ModelUpdate(version, self._to_bytes(outcome.model, version))
         self.repairs.append(
             {
@@ -150,7 +161,7 @@ class EdgeServer:
                 "flops": outcome.flops,
             }
         )
-        events.append(ModelEvent(self.env.now, self.name, "repaired", version, update.nbytes))
+        events.append(ModelEvent(self._stamp(), self.name, "repaired", version, update.nbytes))
         self.transport.publish(self.config.models_topic, update, self.config.models_publish_qos, retain=True)
 
     def _serve(self) -> Generator[simpy.Event, object, None]:
@@ -160,12 +171,13 @@ class EdgeServer:
                 self._wake = env.event()
                 yield self._wake
             # Wait until the batch is full or its oldest frame has waited max_wait.
-            deadline = self._pending[0][1] + config.max_wait_s
+            deadline = self._pending[0][2] + config.max_wait_s
             if len(self._pending) < config.max_batch and env.now < deadline:
                 self._wake = env.event()
                 yield self._wake | env.timeout(deadline - env.now)
             n = min(len(self._pending), config.max_batch)
-            batch = [self._pending.popleft()[0] for _ in range(n)]
+            taken = [self._pending.popleft() for _ in range(n)]
+            batch = [frame for frame, _, _ in taken]
             start = self._stamp()
             predictions = self.classifier.predict(batch)
             version = self.classifier.version
@@ -176,8 +188,7 @@ class EdgeServer:
             # The device profile's time, not the host's: in a live run the real inference above took host
             # time, which shows as the run's lag, not as the modelled device's latency.
             done = start + compute
-            for frame, prediction in zip(batch, predictions.tolist()):
-                record = self._record(frame)
+            for (_, record, _), prediction in zip(taken, predictions.tolist()):
                 record.t_infer_start = start
                 record.t_done = done
                 record.prediction = prediction

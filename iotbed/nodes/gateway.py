@@ -1,13 +1,14 @@
 """A gateway that screens the model in service with STRIP on the frames it relays (CoDefend's device side).
 
-The gateway taps the frames that cross its links from the cameras and keeps the newest ones. It follows
-the model updates on the registry's topic. For every model version in service it screens, again and
-again, the frames relayed since its last screen: `iotbed.defenses.strip.screen_update` fits the entropy
-boundary for that model on clean calibration images and tests the flagged count. A screen costs
-simulated compute on the gateway's device profile (every blend is one forward pass), and screening is
-paused between screens so that it takes at most `max_utilisation` of the device. When a screen finds a
-backdoor, the gateway publishes a quarantine notice with the flagged frames (the edge's D_poison) and
-stops screening that version.
+The gateway sees the frames it relays from the cameras behind it and keeps the newest ones: in a
+simulation through a hook on the links into it (`tap`), in a live run as an MQTT client subscribed to
+those cameras' frame topics (`frame_topics`). It follows the model updates on the registry's topic. For
+every model version in service it screens, again and again, the frames relayed since its last screen:
+`iotbed.defenses.strip.screen_update` fits the entropy boundary for that model on clean calibration images
+and tests the flagged count. A screen costs compute on the gateway's device profile (every blend is one
+forward pass), and screening is paused between screens so that it takes at most `max_utilisation` of the
+device. When a screen finds a backdoor, the gateway publishes a quarantine notice with the flagged frames
+(the edge's D_poison) and stops screening that version.
 """
 
 from __future__ import annotations
@@ -24,25 +25,12 @@ from torch import nn
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.defenses.strip import screen_update
-from iotbed.nodes.payloads import Frame, ModelUpdate
+from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
+from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.network import Packet
+from iotbed.sim.offload import Offload, inline
 from iotbed.sim.trace import ModelEvent, TraceRecorder
-
-QUARANTINE_TOPIC = "models/quarantine"
-
-
-@dataclass(slots=True)
-class Quarantine:
-    """A gateway's verdict on a model version, with the frames it flagged (the edge's D_poison)."""
-
-    version: int
-    flagged: torch.Tensor  # (K, C, H, W) in [0, 1]
-    gateway: str
-
-    @property
-    def nbytes(self) -> int:
-        return 8 + int(self.flagged.numel())  # version and count, then 8-bit pixels
 
 
 @dataclass(frozen=True)
@@ -94,6 +82,8 @@ class ScreeningGateway:
         load_model: Callable[[bytes], nn.Module],
         generator: torch.Generator,
         recorder: TraceRecorder,
+        offload: Offload | None = None,
+        frame_topics: tuple[tuple[str, int], ...] = (),
     ) -> None:
         self.env = env
         self.name = name
@@ -117,15 +107,25 @@ class ScreeningGateway:
         self._quarantined: set[int] = set()
         self._wake = env.event()
         self.stats = GatewayStats()
+        self._offload = offload if offload is not None else inline(env)
+        self._wall = wall_clock(env)  # live runs record wall-clock times
+        self.frame_topics = frame_topics  # (topic, QoS) of the frames it relays, where it must subscribe to see them
 
     def tap(self, packet: Packet) -> None:
         """A link hook: keep the frames crossing into this gateway."""
         message = packet.message
-        if isinstance(message, Publish) and isinstance(message.payload, Frame):
+        if isinstance(message, Publish):
+            self._on_frame(message)
+
+    def _on_frame(self, message: Publish) -> None:
+        if isinstance(message.payload, Frame):
             self.relayed.append(message.payload)
             self._fresh += 1
             if self._fresh >= self.settings.frames and not self._wake.triggered:
                 self._wake.succeed()
+
+    def _stamp(self) -> float:
+        return self.env.now if self._wall is None else self._wall()
 
     def _on_model(self, message: Publish) -> None:
         update = message.payload
@@ -141,6 +141,8 @@ class ScreeningGateway:
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         self.transport.subscribe(self.models_topic, self._on_model, self.models_qos)
+        for topic, qos in self.frame_topics:
+            self.transport.subscribe(topic, self._on_frame, qos)
         s = self.settings
         while True:
             if self._fresh < s.frames or self.version in self._quarantined:
@@ -153,23 +155,27 @@ class ScreeningGateway:
             # Calibration and the relayed frames, each blended n_blends times: one forward pass per blend.
             passes = (len(frames) + len(self.calibration)) * s.n_blends
             compute = self.device.seconds_for(passes, self.model_flops)
-            yield self.env.timeout(compute)
             x = torch.from_numpy(
                 np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
             ).float()
-            verdict = screen_update(
-                model,
-                x,
-                self.calibration,
-                self.overlays,
-                frr=s.frr,
-                significance=s.significance,
-                n_blends=s.n_blends,
-                generator=self.generator,
+            screened = self._offload(
+                lambda model=model, x=x: screen_update(
+                    model,
+                    x,
+                    self.calibration,
+                    self.overlays,
+                    frr=s.frr,
+                    significance=s.significance,
+                    n_blends=s.n_blends,
+                    generator=self.generator,
+                )
             )
+            # The verdict comes when the device's modelled time has passed and the screen has really run.
+            yield self.env.timeout(compute) & screened
+            verdict = screened.value
             self.stats.screens.append(
                 ScreenRecord(
-                    self.env.now,
+                    self._stamp(),
                     self.name,
                     version,
                     verdict.n_frames,
@@ -187,12 +193,12 @@ class ScreeningGateway:
                 flagged = x[verdict.entropies <= verdict.threshold.boundary]
                 notice = Quarantine(version, flagged, self.name)
                 self.recorder.model_events.append(
-                    ModelEvent(self.env.now, self.name, "quarantined", version, notice.nbytes)
+                    ModelEvent(self._stamp(), self.name, "quarantined", version, notice.nbytes)
                 )
                 self.transport.publish(QUARANTINE_TOPIC, notice, 1)
             elif version not in self._screened_clean:
                 self._screened_clean.add(version)
-                self.recorder.model_events.append(ModelEvent(self.env.now, self.name, "screened_clean", version, 0))
+                self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "screened_clean", version, 0))
             # Stay within the device budget: idle so that screening takes at most max_utilisation of it.
             if s.max_utilisation < 1.0:
                 yield self.env.timeout(compute * (1.0 / s.max_utilisation - 1.0))

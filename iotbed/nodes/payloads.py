@@ -1,4 +1,4 @@
-"""What travels in MQTT messages: camera frames and model updates.
+"""What travels in MQTT messages: camera frames, model updates and quarantine notices.
 
 In simulation a payload is an object that knows its encoded size (`nbytes`); the bytes themselves are
 built only where something must read them (a real broker, or a defense that changes pixels).
@@ -10,6 +10,7 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from iotbed.codecs.pixel_drop import PixelDropCodec, mask_from_seed
 
@@ -85,3 +86,25 @@ class ModelUpdate:
     @property
     def nbytes(self) -> int:
         return 4 + len(self.blob)  # a 4-byte version prefix, then the safetensors file
+
+
+QUARANTINE_TOPIC = "models/quarantine"
+
+
+@dataclass(slots=True)
+class Quarantine:
+    """A gateway's verdict on a model version, with the frames it flagged (the edge's D_poison)."""
+
+    version: int
+    flagged: torch.Tensor  # (K, C, H, W) in [0, 1]
+    gateway: str
+
+    @property
+    def nbytes(self) -> int:
+        # magic, version, count, C, H, W and the gateway's name, then 8-bit pixels
+        return QUARANTINE_HEADER.size + len(self.gateway.encode("utf-8")) + int(self.flagged.numel())
+
+
+# magic, format version, model version, flagged count, channels, height, width, gateway name length
+QUARANTINE_HEADER = struct.Struct("!2sBIIBHHB")
+QUARANTINE_MAGIC = b"IQ"

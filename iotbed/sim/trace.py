@@ -36,6 +36,7 @@ class FrameRecord:
         "t_capture",
         "t_first_hop",
         "t_broker",
+        "t_broker_ack",
         "t_edge",
         "t_infer_start",
         "t_done",
@@ -73,7 +74,8 @@ class FrameRecord:
         self.qos = qos
         self.t_capture = t_capture
         self.t_first_hop = -1.0
-        self.t_broker = -1.0
+        self.t_broker = -1.0  # arrival at the broker (simulation only: a live run cannot see it)
+        self.t_broker_ack = -1.0  # the publisher holds the broker's PUBACK (QoS 2: PUBCOMP); QoS 0: never
         self.t_edge = -1.0
         self.t_infer_start = -1.0
         self.t_done = -1.0
@@ -102,6 +104,7 @@ TRACE_SCHEMA = pa.schema(
         ("t_capture", pa.float64()),
         ("t_first_hop", pa.float64()),
         ("t_broker", pa.float64()),
+        ("t_broker_ack", pa.float64()),
         ("t_edge", pa.float64()),
         ("t_infer_start", pa.float64()),
         ("t_done", pa.float64()),
@@ -135,24 +138,36 @@ class ModelEvent:
 EDGE_FIELDS = ("t_edge", "edge", "t_infer_start", "t_done", "prediction", "model_version", "duplicates")
 
 
-class ArrivalRecords(dict):  # type: ignore[type-arg]
-    """Records of frames captured in another process (a live run's camera workers), keyed by frame id: an
-    edge server's worker fills in the edge's side of a blank record, made on first use."""
-
-    def __missing__(self, frame_id: int) -> FrameRecord:
-        record = self[frame_id] = FrameRecord(frame_id, "", "", -1, -1, 0, 0, 0, -1.0)
-        return record
-
-
 class TraceRecorder:
-    """Collects frame records and model events for one run. Frame ids are `first_id + id_step * k` for the
-    k-th frame, so recorders in several processes hand out ids that never collide."""
+    """Collects frame records and model events for one run; the only maker of frame records, and the
+    writer of the trace table. Frame ids are `first_id + id_step * k` for the k-th frame, so recorders in
+    several processes hand out ids that never collide. A recorder that takes `arrivals` (a live run's edge
+    worker, whose frames were captured in other processes) keeps a blank record per frame id it is asked
+    for, for the edge's side of it."""
 
     def __init__(self, first_id: int = 0, id_step: int = 1) -> None:
         self.records: list[FrameRecord] = []
         self.model_events: list[ModelEvent] = []
         self.first_id = first_id
         self.id_step = id_step
+        self.arrivals: dict[int, FrameRecord] | None = None
+
+    def take_arrivals(self) -> None:
+        self.arrivals = {}
+
+    def record(self, frame_id: int) -> FrameRecord | None:
+        """The record of frame `frame_id`, or None for an id this run never handed out (a forged frame)."""
+        if self.arrivals is not None:
+            found = self.arrivals.get(frame_id)
+            if found is None:
+                found = self.arrivals[frame_id] = FrameRecord(frame_id, "", "", -1, -1, 0, 0, 0, -1.0)
+            return found
+        k, rest = divmod(frame_id - self.first_id, self.id_step)
+        return self.records[k] if rest == 0 and 0 <= k < len(self.records) else None
+
+    def frames(self) -> list[FrameRecord]:
+        """Every record this recorder holds: the frames captured here, or the arrivals it was asked for."""
+        return list(self.arrivals.values()) if self.arrivals is not None else self.records
 
     def new_frame(
         self,
@@ -188,23 +203,28 @@ class TraceRecorder:
             record.drop_link = link.name if link is not None else ""
 
     def on_undelivered(self, message: Publish, reason: str) -> None:
-        record = message.account
+        record = message.record
         if isinstance(record, FrameRecord):
             record.drop_reason = reason
             record.drop_link = ""
 
     def on_not_connected(self, message: Publish) -> None:
-        record = message.account
+        record = message.record
         if isinstance(record, FrameRecord):
             record.drop_reason = "not_connected"
 
     def on_give_up(self, message: Publish) -> None:
-        record = message.account
+        record = message.record
         if isinstance(record, FrameRecord):
             record.drop_reason = "max_retries"
 
+    def on_acked(self, message: Publish, now: float) -> None:
+        record = message.record
+        if record is not None and record.t_broker_ack < 0:
+            record.t_broker_ack = now
+
     def on_retry(self, message: Publish) -> None:
-        record = message.account
+        record = message.record
         if isinstance(record, FrameRecord):
             record.retries += 1
 
