@@ -67,6 +67,13 @@ def test_backdoor_story_runs_live_as_in_simulation(plain_broker, tmp_path: Path)
     assert (tmp_path / "live" / "strip_screens.csv").is_file()
     written = json.loads((tmp_path / "live" / "summary.json").read_text())
     assert written["backdoor"]["2"]["quarantined_s"] == live["backdoor"]["2"]["quarantined_s"]
+    # `iotbed compare` sets the two stories side by side and says why they differ
+    from iotbed.analysis.compare import compare_runs, explain
+
+    rows = {r["metric"]: r for r in compare_runs(tmp_path / "sim", tmp_path / "live")}
+    assert rows["backdoor.2.time_to_detect_s"]["a"] == simulated["backdoor"]["2"]["time_to_detect_s"]
+    assert rows["backdoor.2.time_to_detect_s"]["b"] == live["backdoor"]["2"]["time_to_detect_s"]
+    assert any("STRIP screens and the CoDefend repair" in note for note in explain(tmp_path / "sim", tmp_path / "live"))
 
 
 def test_a_rogue_publisher_is_refused_by_the_brokers_acl(broker_factory) -> None:  # type: ignore[no-untyped-def]

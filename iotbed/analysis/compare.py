@@ -25,7 +25,18 @@ METRICS = (
     "latency_ms.p99",
     "bandwidth.bytes_per_frame_mean",
     "accuracy.overall",
+    "accuracy.clean",
+    "accuracy.attacked",
     "broker.queue_drops",
+)
+# Per backdoored version (the `backdoor` and `detection` sections), where either run has one.
+BACKDOOR_METRICS = (
+    "adopted_s",
+    "quarantined_s",
+    "time_to_detect_s",
+    "repaired_adopted_s",
+    "time_to_repair_s",
+    "frames_won_by_the_backdoor",
 )
 
 
@@ -50,10 +61,19 @@ def _get(summary: dict[str, Any], dotted: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _metrics(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    versions = sorted({*first.get("backdoor", {}), *second.get("backdoor", {})}, key=int)
+    extra = [f"backdoor.{v}.{m}" for v in versions for m in BACKDOOR_METRICS]
+    extra += [f"detection.by_version.{v}.auroc" for v in versions]
+    labels = sorted({*first.get("mitm", {}), *second.get("mitm", {})})
+    extra += [f"accuracy.by_attack.{label}.accuracy" for label in labels]
+    return [*METRICS, *extra]
+
+
 def compare_runs(a: str | Path, b: str | Path) -> list[dict[str, Any]]:
     first, second = _load(a), _load(b)
     rows: list[dict[str, Any]] = []
-    for metric in METRICS:
+    for metric in _metrics(first, second):
         x, y = _get(first, metric), _get(second, metric)
         rows.append(
             {
@@ -109,6 +129,33 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
         )
     elif lag.get("p99_ms") is not None:
         notes.append(f"the live run kept up with the wall clock (lag p99 {lag['p99_ms']} ms).")
+    if live.get("backdoor"):
+        notes.append(
+            "live, STRIP screens and the CoDefend repair run for real on threads: a verdict or a repaired model "
+            "is ready when the device's modelled time has passed and the host's computation is done, so where "
+            "this machine is slower than the modelled device they come later than in the simulation; a screen "
+            "whose count test sits at its threshold can go the other way and move detection by one screening "
+            "period."
+        )
+        for version, section in live["backdoor"].items():
+            repair = section.get("repair") or {}
+            if repair.get("wall_seconds", 0) > repair.get("sim_seconds", float("inf")):
+                notes.append(
+                    f"the repair of version {version} took {repair['wall_seconds']:.1f} s on this host against "
+                    f"{repair['sim_seconds']:.1f} s modelled for the edge's device: the live repair was published "
+                    "that much later."
+                )
+    for label, mitm in live.get("mitm", {}).items():
+        if not mitm.get("read_the_stream", True):
+            notes.append(
+                f"the live man in the middle {label} could not read its clients' stream (TLS): it changed no "
+                "frame, where the simulated one changes frames on the link."
+            )
+        else:
+            notes.append(
+                f"the live man in the middle {label} is a proxy that draws its fraction per frame it sees, and "
+                "frames travel as 8-bit pixels: which frames it changes differs from the simulated draw."
+            )
     broker = live.get("broker", {})
     if broker.get("queue_drops") is None:
         notes.append("the live broker's $SYS counters were not readable: its queue drops are unknown.")

@@ -42,6 +42,7 @@ from typing import Any
 
 from iotbed.emulation.paths import NodePaths, PathShape
 from iotbed.errors import IotbedError
+from iotbed.naming import group_of
 from iotbed.sim.links import BernoulliLoss, GilbertElliottLoss
 
 CLONE_NEWNET = 0x40000000
@@ -412,10 +413,6 @@ def _tc_json(args: list[str]) -> list[dict[str, Any]]:
 def _node_order(node: str) -> tuple[str, int]:
     group, _, index = node.rpartition("-")
     return (group, int(index)) if index.isdigit() else (node, -1)
-
-
-def group_of(node: str) -> str:
-    return node.rpartition("-")[0] or node
 
 
 def by_group(paths: dict[str, NodePaths], nodes: Iterable[str]) -> dict[str, dict[str, NodePaths]]:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from iotbed.naming import group_nodes, group_of, node_name
 from iotbed.units import format_bandwidth, format_duration, parse_bandwidth, parse_duration
 
 
@@ -489,11 +490,9 @@ class Scenario(Strict):
             for end in link.between:
                 if end not in groups:
                     raise ValueError(f"link end {end!r} is not a node group{_suggest(end, groups)}")
-        for node_name in (self.broker.node, self.registry.node):
-            if node_name is not None and self.resolve_node(node_name) is None:
-                raise ValueError(
-                    f"broker/registry node {node_name!r} is not a node group or node{_suggest(node_name, groups)}"
-                )
+        for named in (self.broker.node, self.registry.node):
+            if named is not None and self.resolve_node(named) is None:
+                raise ValueError(f"broker/registry node {named!r} is not a node group or node{_suggest(named, groups)}")
         profiles = set(BUILTIN_PROFILES) | set(self.devices)
         for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
             if group.device not in profiles:
@@ -506,7 +505,7 @@ class Scenario(Strict):
         for fault in self.faults:
             if fault.node is not None and self.resolve_node(fault.node) != fault.node:
                 raise ValueError(f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`")
-            if fault.node is not None and fault.node.rpartition("-")[0] not in with_client:
+            if fault.node is not None and group_of(fault.node) not in with_client:
                 raise ValueError(
                     f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
                     f"only forward packets); name a camera or edge server node"
@@ -536,7 +535,7 @@ class Scenario(Strict):
             labels.add(attack.label)
             for target in attack.cameras:
                 node = self.resolve_node(target)
-                if node is None or node.rpartition("-")[0] not in cameras:
+                if node is None or group_of(node) not in cameras:
                     raise ValueError(
                         f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}"
                     )
@@ -567,7 +566,7 @@ class Scenario(Strict):
             return [g.name for g in self.nodes.cameras]
         groups = []
         for target in attack.cameras:
-            group = target if target in self.group_counts() else target.rpartition("-")[0]
+            group = target if target in self.group_counts() else group_of(target)
             if group not in groups:
                 groups.append(group)
         return groups
@@ -582,7 +581,7 @@ class Scenario(Strict):
                 raise ValueError(
                     f"attack {attack.label!r}: link end {end!r} is not a node group or node{_suggest(end, self.group_names())}"
                 )
-            ends.append(end if end in self.group_counts() else node.rpartition("-")[0])
+            ends.append(end if end in self.group_counts() else group_of(node))
         if not any(set(link.between) == set(ends) for link in self.links):
             raise ValueError(
                 f"attack {attack.label!r}: there is no link between {ends[0]!r} and {ends[1]!r} in `links:`"
@@ -601,9 +600,9 @@ class Scenario(Strict):
         """A group name means its first node; `group-i` names node i."""
         counts = self.group_counts()
         if name in counts:
-            return f"{name}-0"
-        group, _, index = name.rpartition("-")
-        if group in counts and index.isdigit() and int(index) < counts[group]:
+            return node_name(name, 0)
+        group = group_of(name)
+        if group in counts and name in group_nodes(group, counts[group]):
             return name
         return None
 
