@@ -13,6 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mosquitto_fixtures import WAIT_S
 from safetensors.numpy import save as save_safetensors
 
@@ -432,3 +434,51 @@ def test_lag_meter_percentiles_come_from_its_bins() -> None:
     other.add(2.0)  # beyond the last bin: counted there, and its max kept
     meter.merge(other)
     assert meter.samples == 101 and meter.report()["max_ms"] == pytest.approx(2000.0)
+
+
+# --- quarantine notices on the wire --------------------------------------------------------------------------
+def test_wire_quarantine_round_trip_and_refusals() -> None:
+    import torch
+
+    from iotbed.nodes.payloads import QUARANTINE_TOPIC, Quarantine
+
+    flagged = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 1, 8, 8)).astype(np.float32) / 255.0)
+    notice = Quarantine(2, flagged, "gw-0")
+    data = wire.encode(notice)
+    assert len(data) == notice.nbytes
+    back = wire.decode(QUARANTINE_TOPIC, data)
+    assert isinstance(back, Quarantine) and back.version == 2 and back.gateway == "gw-0"
+    assert torch.equal((back.flagged * 255).round(), (flagged * 255).round())  # 8-bit pixels travel exactly
+    bad = {
+        "truncated": data[:5],
+        "bad_magic": b"XX" + data[2:],
+        "bad_length": data[:-1],
+        "oversized": data + bytes(64),
+    }
+    for reason, payload in bad.items():
+        with pytest.raises(wire.MalformedPayload) as info:
+            wire.decode_quarantine(payload, max_bytes=len(data) + 32)
+        assert info.value.reason == reason, reason
+    # a header that claims 2^32-1 frames of 4x8192x8192 is refused by its length, before any allocation
+    huge = wire.QUARANTINE_HEADER.pack(b"IQ", 1, 2, 2**32 - 1, 4, 8192, 8192, 0)
+    with pytest.raises(wire.MalformedPayload, match="bad_length"):
+        wire.decode(QUARANTINE_TOPIC, huge)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.binary(max_size=512), cut=st.integers(0, 600), flip=st.integers(0, 255))
+def test_wire_quarantine_decoder_refuses_garbage_and_mutations(data: bytes, cut: int, flip: int) -> None:
+    import torch
+
+    from iotbed.nodes.payloads import QUARANTINE_TOPIC, Quarantine
+
+    good = wire.encode(Quarantine(7, torch.zeros(2, 1, 4, 4), "gw-1"))
+    mutated = bytearray(good)
+    if mutated:
+        mutated[cut % len(mutated)] ^= flip
+    for payload in (data, bytes(mutated), good[: cut % (len(good) + 1)], data + good):
+        try:
+            decoded = wire.decode(QUARANTINE_TOPIC, payload)
+        except wire.MalformedPayload:
+            continue
+        assert isinstance(decoded, Quarantine) and decoded.flagged.ndim == 4
