@@ -6,6 +6,7 @@ and says plainly when the folder holds nothing it can draw.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,16 +57,75 @@ def _sweep_frame(folder: Path) -> pd.DataFrame:
 
 
 def _x_param(frame: pd.DataFrame, x: str | None) -> str:
+    """The x axis: --x, else the first swept numeric parameter, else the first swept parameter of any kind
+    (`20Mbps`, a codec, a QoS map: drawn as categories by `_categories`), else `point` for a sweep of
+    replications only."""
     params = [c for c in frame.columns if c.startswith("param.")]
     if x is not None:
         column = x if x.startswith("param.") else f"param.{x}"
         if column not in frame.columns:
-            raise IotbedError(f"--x {x}: the sweep varies {', '.join(p.removeprefix('param.') for p in params)}")
+            varied = ", ".join(p.removeprefix("param.") for p in params) or "nothing"
+            raise IotbedError(f"--x {x}: the sweep varies {varied}")
         return column
-    numeric = [p for p in params if pd.api.types.is_numeric_dtype(frame[p])]
-    if not numeric:
-        raise IotbedError("this sweep varies no numeric parameter to put on the x axis; pass --x PARAM")
-    return numeric[0]
+    varying = [p for p in params if frame[p].nunique(dropna=False) > 1] or params
+    numeric = [p for p in varying if pd.api.types.is_numeric_dtype(frame[p])]
+    if numeric:
+        return numeric[0]
+    return varying[0] if varying else "point"
+
+
+def _quantity_key(values: list[object]) -> Callable[[object], float] | None:
+    """A sort key for values written as one kind of quantity (`2Mbps`, `20ms`, `64KB`), else None."""
+    from iotbed.units import parse_bandwidth, parse_duration, parse_size
+
+    for parse in (parse_bandwidth, parse_duration, parse_size):
+        try:
+            for value in values:
+                parse(value)
+        except (TypeError, ValueError):
+            continue
+        return parse
+    return None
+
+
+def _categories(frame: pd.DataFrame, column: str) -> tuple[pd.DataFrame, list[str] | None]:
+    """A non-numeric x column replaced by positions 0..n-1, with the tick labels: values that are
+    quantities in order of size, others in the order the sweep lists them. Numeric columns pass as they are."""
+    if pd.api.types.is_numeric_dtype(frame[column]):
+        return frame, None
+    ordered = list(pd.unique(frame.sort_values("point", kind="stable")[column]))
+    key = _quantity_key(ordered)
+    if key is not None:
+        ordered.sort(key=key)
+    positions = {value: i for i, value in enumerate(ordered)}
+    return frame.assign(**{column: frame[column].map(positions)}), [value_label(v) for v in ordered]
+
+
+def _category_ticks(ax: plt.Axes, labels: list[str] | None) -> None:
+    if labels is None:
+        return
+    long = max((len(label) for label in labels), default=0) > 10
+    ax.set_xticks(range(len(labels)), labels, rotation=20 if long else 0, ha="right" if long else "center")
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+
+
+def value_label(value: object) -> str:
+    """A swept value as people read it: a mapping or list (kept in sweep.csv as JSON) without its brackets,
+    `{"frames/#": 0}` as `frames/#: 0`; anything else as written."""
+    if isinstance(value, str) and value.startswith(("{", "[")):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        if isinstance(parsed, dict):
+            return ", ".join(f"{k}: {_inline(v)}" for k, v in parsed.items()) or "none"
+        if isinstance(parsed, list):
+            return ", ".join(_inline(v) for v in parsed) or "none"
+    return str(value)
+
+
+def _inline(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
 
 
 def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
@@ -76,7 +136,8 @@ def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
     return [
         (
             ", ".join(
-                f"{o.removeprefix('param.')}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,))
+                f"{o.removeprefix('param.')}={value_label(v)}"
+                for o, v in zip(others, key if isinstance(key, tuple) else (key,))
             ),
             group,
         )
@@ -87,6 +148,20 @@ def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
 def _legend(ax: plt.Axes) -> None:
     if any(label for label in ax.get_legend_handles_labels()[1]):
         ax.legend(fontsize=8)
+
+
+def _sweep_legend(fig: plt.Figure, ax: plt.Axes) -> None:
+    """`ax`'s legend in the axes when its labels are short, else below the figure, where labels naming
+    several swept values (`codec=kind: pixel_drop, rate: 0.25, ...`) cover no curve."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not any(labels):
+        return
+    longest = max(len(label) for label in labels)
+    if longest <= 30 and len(labels) <= 4:
+        ax.legend(fontsize=8)
+        return
+    ncol = 1 if longest > 45 else min(len(labels), 3)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=8)
 
 
 def _errorbar(ax: plt.Axes, group: pd.DataFrame, x: str, metric: str, **style: object) -> None:
@@ -111,13 +186,15 @@ def plot_latency(folder: Path, out: Path, formats: tuple[str, ...], x: str | Non
         if is_sweep(folder):
             frame = _sweep_frame(folder)
             column = _x_param(frame, x)
+            frame, ticks = _categories(frame, column)
             fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=False)
             for ax, pct in zip(axes, ("p50", "p95", "p99")):
                 _errorbar_curves(ax, frame, column, f"latency_ms.{pct}")
+                _category_ticks(ax, ticks)
                 ax.set_xlabel(column.removeprefix("param."))
                 ax.set_ylabel(f"latency {pct} (ms)")
                 ax.set_title(f"{pct}, mean and 95% CI over replications")
-            _legend(axes[0])
+            _sweep_legend(fig, axes[0])
             return _save(fig, out, "latency", formats)
         trace = _trace(folder)
         latency = np.sort(trace.loc[trace.status == "delivered", "latency_s"].to_numpy() * 1e3)
@@ -143,14 +220,16 @@ def plot_throughput(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
         if is_sweep(folder):
             frame = _sweep_frame(folder)
             column = _x_param(frame, x)
+            frame, ticks = _categories(frame, column)
             fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
             _errorbar_curves(axes[0], frame, column, "throughput.frames_per_s")
             axes[0].set_ylabel("delivered frames per second")
             _errorbar_curves(axes[1], frame, column, "frames.delivery_ratio")
             axes[1].set_ylabel("delivered / captured")
             for ax in axes:
+                _category_ticks(ax, ticks)
                 ax.set_xlabel(column.removeprefix("param."))
-            _legend(axes[0])
+            _sweep_legend(fig, axes[0])
             return _save(fig, out, "throughput", formats)
         series = folder / "links_timeseries.csv"
         if not series.is_file():
@@ -180,7 +259,7 @@ def _is_codec_param(column: str) -> bool:
 
 def _curve_label(columns: list[str], key: object) -> str:
     values = key if isinstance(key, tuple) else (key,)
-    return ", ".join(f"{c.removeprefix('param.').split('.')[-1]}={v}" for c, v in zip(columns, values))
+    return ", ".join(f"{c.removeprefix('param.').split('.')[-1]}={value_label(v)}" for c, v in zip(columns, values))
 
 
 def plot_bandwidth_vs_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
@@ -248,6 +327,7 @@ def plot_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
     if x is None:
         x = next((c for c in frame.columns if c.startswith("param.") and c.endswith(".eps")), None)
     x_col = _x_param(frame, x)
+    frame, ticks = _categories(frame, x_col)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         ref = "accuracy.undefended_reference.attacked"
@@ -259,10 +339,12 @@ def plot_robustness(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
             for label, group in _series(frame, x_col):
                 curve = group.groupby(x_col, sort=True)[ref].mean()
                 ax.plot(curve.index, curve.to_numpy(), linestyle="--", marker="x", label=f"undefended {label}".strip())
-        ax.set_xlabel(f"{x_col.removeprefix('param.')} (attack budget)")
+        _category_ticks(ax, ticks)
+        budget = " (attack budget)" if x_col.endswith(".eps") else ""
+        ax.set_xlabel(f"{x_col.removeprefix('param.')}{budget}")
         ax.set_ylabel("accuracy on attacked frames")
         ax.set_ylim(-0.02, 1.02)
-        _legend(ax)
+        _sweep_legend(fig, ax)
         ax.set_title(f"robustness: {folder.name}", fontsize=11)
         return _save(fig, out, "robustness", formats)
 
@@ -278,8 +360,6 @@ def _screens(folder: Path) -> pd.DataFrame:
 
 
 def _backdoor_summary(folder: Path) -> dict:  # type: ignore[type-arg]
-    import json
-
     path = folder / "summary.json"
     summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     if not summary.get("backdoor"):
@@ -424,12 +504,46 @@ def plot(
 
 
 def available(folder: Path) -> list[str]:
-    """The kinds that can be drawn from this folder (for the report)."""
+    """The kinds this folder holds the data for, in `PLOTS` order (the report draws each of them):
+    a sweep's latency and throughput once a run succeeded, its robustness once a run had attacked frames,
+    and bandwidth_vs_robustness when the bandwidth per camera also differs between points; a run's latency
+    and throughput, STRIP's entropy and ROC when its gateways screened frames, the backdoor timeline when
+    it had a backdoored update."""
+    folder = Path(folder)
     if is_sweep(folder):
-        return [k for k in PLOTS if k not in BACKDOOR_ONLY]
+        return [k for k in PLOTS if k in _sweep_kinds(folder)]
     if not is_run(folder):
         return []
-    kinds = [k for k in PLOTS if k not in SWEEP_ONLY | BACKDOOR_ONLY]
+    kinds = {"latency"}
+    if (folder / "links_timeseries.csv").is_file():
+        kinds.add("throughput")
     if (folder / "strip_screens.csv").is_file():
-        kinds += ["strip_entropy", "roc", "backdoor"]
+        kinds |= {"strip_entropy", "roc"}
+    try:
+        _backdoor_summary(folder)
+        kinds.add("backdoor")
+    except (IotbedError, ValueError):
+        pass
+    return [k for k in PLOTS if k in kinds]
+
+
+def _sweep_kinds(folder: Path) -> set[str]:
+    frame = _sweep_frame(folder)
+    kinds: set[str] = set()
+
+    def has(column: str) -> bool:
+        return column in frame.columns and bool(frame[column].notna().any())
+
+    if frame.empty:
+        return kinds
+    if all(has(f"latency_ms.{pct}") for pct in ("p50", "p95", "p99")):
+        kinds.add("latency")
+    if has("throughput.frames_per_s") and has("frames.delivery_ratio"):
+        kinds.add("throughput")
+    if has("accuracy.attacked"):
+        kinds.add("robustness")
+        if has("bandwidth.per_camera_kbps"):
+            per_point = frame.groupby("point")["bandwidth.per_camera_kbps"].mean().dropna()
+            if per_point.max() > 1.01 * per_point.min():  # one bandwidth for all points: nothing to put on x
+                kinds.add("bandwidth_vs_robustness")
     return kinds
