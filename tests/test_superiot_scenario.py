@@ -322,12 +322,13 @@ def test_pixel_dropped_attacked_frames_through_a_real_broker(plain_broker, tmp_p
     assert live["accuracy"]["by_attack"]["compromised_camera-fgsm"]["frames"] > 0
 
 
-def test_emulation_refuses_a_man_in_the_middle() -> None:
+def test_emulation_refuses_a_man_in_the_middle_it_cannot_place() -> None:
+    """A live mitm is a proxy on the loopback interface: kernel-shaped clients in namespaces never reach it."""
     from iotbed.errors import IotbedError
 
     scenario = iotbed.load_scenario(BASE, ["attacks=[{kind: mitm, link: [gw, edge]}]"])
-    with pytest.raises(IotbedError, match="mitm attacks act on simulated links"):
-        emulate(scenario, "mqtt://127.0.0.1:1", progress=False, write=False)
+    with pytest.raises(IotbedError, match="mitm attack is a proxy on the loopback interface"):
+        emulate(scenario, "local", netns=True, progress=False, write=False)
 
 
 def test_model_digest_reads_batchnorm_counters_and_sees_weight_changes() -> None:
