@@ -4,13 +4,17 @@ Modelled on ART's `PreprocessorPyTorch`: `forward` is the real transform (possib
 not differentiable) and `estimate_forward` a differentiable surrogate for it, the identity by default
 (BPDA with g(x) = x). `DefendedModel` predicts with the real transform and lets gradients flow through
 the surrogate, so any gradient attack run against it is a BPDA attack on the whole pipeline.
+
+A defense an edge server can run from a scenario also declares the `kind` of `defenses:` entry it serves,
+builds itself from that entry (`from_spec`) and prices itself (`flops_per_image`); `iotbed.defenses.pipeline`
+looks kinds up among those classes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
@@ -30,11 +34,27 @@ class Preprocessor(ABC):
 
     Subclasses are small frozen dataclasses: their fields are their parameters (`params()` feeds
     reports and cache keys). A subclass whose `forward` draws random numbers sets `randomized = True`
-    and takes them all from the `generator` argument.
+    and takes them all from the `generator` argument. A subclass that serves a scenario's `defenses:`
+    entries sets `kind` to the entries' `kind` and implements `from_spec` and `flops_per_image`.
     """
 
     name: ClassVar[str] = "preprocessor"
+    kind: ClassVar[str | None] = None  # the scenario `defenses:` kind this class serves, if any
     randomized: ClassVar[bool] = False
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        """The defense a scenario `defenses:` entry of kind `cls.kind` describes (its schema model).
+        `drop_window`/`drop_rate`, when given, are the camera codec's pixel drop: a defense that drops pixels
+        itself takes them instead of its own, for crafting against what the camera really does; the others
+        ignore them."""
+        raise NotImplementedError(f"{cls.__name__} is not built from a scenario entry")
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        """Operations one (C, H, W) image costs, what the simulated edge charges for the defense: operation
+        counts of the algorithm as implemented (multiply-adds counted as 2), not timings, so they scale with
+        the device profile like the model's FLOPs do. 0 unless a subclass prices itself."""
+        return 0.0
 
     @abstractmethod
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -56,6 +76,20 @@ class Preprocessor(ABC):
             raise ValueError(f"{self.name} is random: pass a torch.Generator")
         with torch.no_grad():
             return self.forward(x.detach(), generator)
+
+    def defend_frames(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        masks: torch.Tensor | None = None,
+        dropped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The transform on frames as they reach the edge: `masks` (N, H, W) hold the drop masks of the
+        frames that arrived pixel-dropped and `dropped` (N,) says which those are. A defense that needs
+        the masks (one that recovers dropped pixels) overrides this; the default ignores them and runs
+        `self(x, generator)` on the frames as whole images."""
+        return self(x, generator)
 
 
 class DefendedModel(nn.Module):

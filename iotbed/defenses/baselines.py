@@ -8,15 +8,16 @@ adaptive attacks: each is close to the identity on natural images, which is what
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import torch
 from PIL import Image
 
 from iotbed.defenses.base import Preprocessor
-from iotbed.defenses.superiot import bayes_shrink_denoise
+from iotbed.defenses.superiot import bayes_shrink_denoise, denoise_from_spec, wavelet_flops
 
 
 def _check_positive_int(value: object, what: str, minimum: int = 1) -> None:
@@ -41,18 +42,31 @@ def median_filter(x: torch.Tensor, window: int) -> torch.Tensor:
     return patches.flatten(-2).kthvalue(window * window // 2 + 1, dim=-1).values
 
 
+# Operations per pixel and channel of a JPEG round trip (see `Preprocessor.flops_per_image`).
+JPEG_OPS_PER_PIXEL = 70.0  # colour transform, 8x8 DCT and inverse (separable), quantisation, Huffman coding
+
+
 @dataclass(frozen=True)
 class JpegCompression(Preprocessor):
     """JPEG round trip with Pillow at `quality` (1-95), as ART's JpegCompression; pixels are rounded to
     8 bits first. Grey (C = 1) and RGB (C = 3) only. One PIL call per image: JPEG has no batch API."""
 
     name: ClassVar[str] = "jpeg"
+    kind: ClassVar[str] = "jpeg"
     quality: int = 75
 
     def __post_init__(self) -> None:
         _check_positive_int(self.quality, "JPEG quality")
         if self.quality > 95:
             raise ValueError(f"JPEG quality must be at most 95 (Pillow's useful range), got {self.quality}")
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        return cls(quality=spec.quality)
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        c, h, w = shape
+        return JPEG_OPS_PER_PIXEL * float(c * h * w)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.shape[1] not in (1, 3):
@@ -76,6 +90,7 @@ class FeatureSqueezing(Preprocessor):
     filter (None or 1 skips it). Defaults are their CIFAR-10 joint squeezer (5 bits, 2x2 median)."""
 
     name: ClassVar[str] = "feature_squeezing"
+    kind: ClassVar[str] = "feature_squeezing"
     bit_depth: int = 5
     median_window: int | None = 2
 
@@ -85,6 +100,16 @@ class FeatureSqueezing(Preprocessor):
             raise ValueError(f"bit_depth must be at most 8, got {self.bit_depth}")
         if self.median_window is not None:
             _check_positive_int(self.median_window, "median_window")
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        return cls(bit_depth=spec.bit_depth, median_window=spec.median_window)
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        # per value: 2 for the bit-depth rounding, then the median's sort of its window (w^2 log2 w^2)
+        c, h, w = shape
+        window = self.median_window or 0
+        return float(c * h * w) * (2.0 + window * window * math.log2(max(window * window, 2)))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         levels = 2**self.bit_depth - 1
@@ -99,10 +124,20 @@ class MedianSmoothing(Preprocessor):
     """Local median filter of `window` x `window` per channel (ART's SpatialSmoothing, window 3)."""
 
     name: ClassVar[str] = "median_smoothing"
+    kind: ClassVar[str] = "median_smoothing"
     window: int = 3
 
     def __post_init__(self) -> None:
         _check_positive_int(self.window, "window")
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        return cls(window=spec.window)
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        # per value, a sort of its window (w^2 log2 w^2)
+        c, h, w = shape
+        return float(c * h * w) * self.window * self.window * math.log2(max(self.window * self.window, 2))
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return median_filter(x, self.window)
@@ -122,6 +157,7 @@ class PixelDeflection(Preprocessor):
     """
 
     name: ClassVar[str] = "pixel_deflection"
+    kind: ClassVar[str] = "pixel_deflection"
     randomized: ClassVar[bool] = True
     window: int = 8
     rate: float = 0.05
@@ -134,8 +170,17 @@ class PixelDeflection(Preprocessor):
         if self.denoise not in ("bayes_shrink", None):
             raise ValueError(f"denoise must be 'bayes_shrink' or None, got {self.denoise!r}")
 
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        return cls(window=spec.window, rate=spec.rate, denoise=denoise_from_spec(spec.denoise))
+
     def deflections(self, height: int, width: int) -> int:
         return round(height * width * self.rate)
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        # 10 per deflection and channel (drawing the target and source, clamping, the copy), then the denoising
+        c, h, w = shape
+        return 10.0 * self.deflections(h, w) * c + (wavelet_flops(shape) if self.denoise else 0.0)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n, c, h, w = x.shape

@@ -20,14 +20,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import pywt
 import scipy.fft
 import torch
 
-from iotbed.codecs.pixel_drop import check_drop_params, drop_mask, real_drop_rate
+from iotbed.codecs.pixel_drop import check_drop_params, drop_count, drop_mask, real_drop_rate
 from iotbed.defenses.base import Preprocessor, check_images
 
 Recovery = Literal["fast", "faithful"]
@@ -315,6 +315,9 @@ _RGB_FROM_YCBCR = np.linalg.inv(_YCBCR_FROM_RGB)
 _YCBCR_OFFSET = np.array([16.0, 128.0, 128.0])
 _MAD_TO_SIGMA = 0.6744897501960817  # scipy.stats.norm.ppf(0.75), skimage's denominator
 
+# Operations per pixel and channel of `bayes_shrink_denoise` (see `Preprocessor.flops_per_image`).
+WAVELET_OPS_PER_PIXEL = 40.0  # two Haar levels forward and back, the MAD of the finest band, YCbCr both ways
+
 
 def _soft(d: np.ndarray, t: np.ndarray) -> np.ndarray:
     # pywt.threshold(mode='soft')'s arithmetic, with per-array thresholds; 0/0 (t = 0 at d = 0) -> 0.
@@ -377,6 +380,17 @@ def bayes_shrink_denoise(x: torch.Tensor, *, wavelet: str = "db1", levels: int |
     return torch.from_numpy(np.clip(out, 0, 1)).to(dtype=x.dtype, device=x.device)
 
 
+def wavelet_flops(shape: tuple[int, int, int]) -> float:
+    """Operations `bayes_shrink_denoise` costs on one (C, H, W) image."""
+    c, h, w = shape
+    return WAVELET_OPS_PER_PIXEL * float(c * h * w)
+
+
+def denoise_from_spec(name: str) -> Denoise:
+    """A scenario entry's `denoise:` ("bayes_shrink" or "none") as the defenses take it."""
+    return None if name == "none" else name  # type: ignore[return-value]
+
+
 # --- the defense --------------------------------------------------------------------------------
 
 
@@ -390,6 +404,7 @@ class SuperIoT(Preprocessor):
     """
 
     name: ClassVar[str] = "superiot"
+    kind: ClassVar[str] = "superiot"
     randomized: ClassVar[bool] = True
 
     ws: int = 8
@@ -403,6 +418,28 @@ class SuperIoT(Preprocessor):
             raise ValueError(f"recovery must be 'fast' or 'faithful', got {self.recovery!r}")
         if self.denoise not in ("bayes_shrink", None):
             raise ValueError(f"denoise must be 'bayes_shrink' or None, got {self.denoise!r}")
+
+    @classmethod
+    def from_spec(cls, spec: Any, *, drop_window: int | None = None, drop_rate: float | None = None) -> Self:
+        """From a `superiot` entry; `drop_window`/`drop_rate` replace its own drop with the camera codec's."""
+        return cls(
+            ws=drop_window or spec.window,
+            rate=spec.rate if drop_rate is None else drop_rate,
+            recovery=spec.recovery,
+            denoise=denoise_from_spec(spec.denoise),
+        )
+
+    def flops_per_image(self, shape: tuple[int, int, int]) -> float:
+        c, h, w = shape
+        blocks = (h // self.ws) * (w // self.ws) * c
+        n = self.ws * self.ws
+        if self.recovery == "fast":
+            # per FISTA step two (n x n) GEMMs per block (the block DCT and its inverse) plus O(n) updates
+            recovery = FAST_ITERS * blocks * (4.0 * n * n + 10.0 * n)
+        else:
+            # per iteration and dropped pixel, two block DCTs (separable: 4 ws^3 each); iterations at their cap
+            recovery = FAITHFUL_MAX_ITERS * blocks * drop_count(self.ws, self.rate) * 2 * 4.0 * self.ws**3
+        return recovery + (wavelet_flops(shape) if self.denoise else 0.0)
 
     def drop(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The device's step: (x with dropped pixels at 0, masks (N, H, W)), one draw per image."""
@@ -430,6 +467,25 @@ class SuperIoT(Preprocessor):
         if generator is None:
             raise ValueError("SuperIoT.forward needs a generator to draw the drop, or the mask it was dropped with")
         return self.restore(*self.drop(x, generator))
+
+    def defend_frames(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        masks: torch.Tensor | None = None,
+        dropped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Frames that arrived pixel-dropped (`dropped`) are restored with their own `masks`; the others
+        are whole images, which this drops itself first (drawing from `generator`)."""
+        if masks is None or dropped is None or not bool(dropped.any()):
+            return self(x, generator)
+        if bool(dropped.all()):
+            return self.restore(x, masks)
+        out = x.clone()
+        out[dropped] = self.restore(x[dropped], masks[dropped])
+        out[~dropped] = self(x[~dropped], generator)
+        return out
 
     def eot_samples(self, x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
         """(n, N, C, H, W): n independent drop + restore draws of the batch, computed as one batch."""
