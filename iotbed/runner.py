@@ -24,8 +24,7 @@ import torch
 from tqdm import tqdm
 
 from iotbed.analysis.backdoor import backdoor_sections, screened_frames
-from iotbed.analysis.summary import broker_stats, link_rows, summarise
-from iotbed.attacks.network import AttackWindow
+from iotbed.analysis.summary import summarise
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
 from iotbed.errors import IotbedError
 from iotbed.naming import group_of, update_version
@@ -33,8 +32,10 @@ from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
 from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
+from iotbed.run_tables import RunTables
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
-from iotbed.sim.trace import TraceRecorder
+from iotbed.sim.trace import model_events_table
+from iotbed.tabulate import sim_tables
 
 # Frames still travelling when cameras stop get this long to arrive before the run ends.
 DRAIN_S = 5.0
@@ -287,52 +288,31 @@ def run(
     deployment = build_deployment(resolved, artefacts, load_model_bytes)
     sim_end = resolved.duration + DRAIN_S
     simulate(deployment, sim_end, progress, resolved.name)
-    table = deployment.recorder.to_table()
+    tables = sim_tables(deployment, artefacts, sim_end)
     summary = summarise(
-        table,
+        tables,
         scenario_name=resolved.name,
         seed=resolved.seed,
         duration_s=resolved.duration,
         sim_end_s=sim_end,
         wall_time_s=time.perf_counter() - wall_start,
         model_info=model_info,
-        links=link_rows(deployment, sim_end),
-        edges=deployment.nodes.edges,
-        broker=broker_stats(deployment),
-        model_events=deployment.recorder.model_events,
         cameras=len(deployment.nodes.cameras),
-        reference=reference_column(table, artefacts),
-        setup=setup_summary(resolved, deployment.nodes.cameras, deployment.nodes.edges, deployment.nodes.windows),
+        reference=reference_column(tables.trace, artefacts),
+        setup=setup_summary(resolved, deployment.nodes.cameras, deployment.nodes.edges, tables),
     )
-    sections, extra = backdoor_outputs(
-        table, deployment.recorder, artefacts, resolved, deployment.nodes.edges, deployment.nodes.gateways
-    )
+    sections, extra = backdoor_outputs(tables, resolved)
     summary.update(sections)
     if target is not None:
-        write_outputs(
-            target,
-            resolved,
-            table,
-            summary,
-            link_rows(deployment, sim_end),
-            deployment.monitor.rows,
-            deployment.recorder,
-            extra,
-        )
-    return RunResult(resolved, summary, table, target)
+        write_outputs(target, resolved, tables, summary, deployment.monitor.rows, extra)
+    return RunResult(resolved, summary, tables.trace, target)
 
 
-def backdoor_outputs(
-    table: pa.Table,
-    recorder: TraceRecorder,
-    artefacts: Artefacts,
-    scenario: Scenario,
-    edges: list[EdgeServer],
-    gateways: list[Any],
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+def backdoor_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """The summary's `backdoor` and `detection` sections, and `strip_screens.csv` where gateways screened."""
-    sections = backdoor_sections(table, recorder.model_events, artefacts, scenario, edges, gateways)
-    extra = {"strip_screens.csv": screened_frames(table, gateways, scenario)} if gateways else {}
+    sections = backdoor_sections(tables, scenario)
+    screening = any(g.strip is not None for g in scenario.nodes.gateways)
+    extra = {"strip_screens.csv": screened_frames(tables, scenario)} if screening else {}
     return sections, extra
 
 
@@ -349,7 +329,7 @@ def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
 
 
 def setup_summary(
-    scenario: Scenario, cameras: list[Camera], edges: list[EdgeServer], windows: list[AttackWindow]
+    scenario: Scenario, cameras: list[Camera], edges: list[EdgeServer], tables: RunTables
 ) -> dict[str, Any]:
     """What the summary reports about codecs, defenses and attacks, next to the figures they explain."""
     from iotbed.codecs.pixel_drop import real_drop_rate
@@ -387,9 +367,9 @@ def setup_summary(
             "crafted": "adaptive (BPDA" + (f" + EOT over {spec.eot_samples} draws)" if spec.eot_samples > 1 else ")")
             if spec.adaptive
             else "oblivious (bare model)",
-            "frames_attacked": window.frames_attacked,
+            "frames_attacked": tables.frames_attacked(spec.label),
         }
-        for spec, window in zip(scenario.attacks, windows)
+        for spec in scenario.attacks
     }
     return {"codecs": codecs, "defenses": defenses, "attacks": attacks}
 
@@ -423,11 +403,9 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 def write_outputs(
     target: Path,
     scenario: Scenario,
-    table: pa.Table,
+    tables: RunTables,
     summary: dict[str, Any],
-    links: list[dict[str, Any]],
     link_series: list[dict[str, Any]],
-    recorder: TraceRecorder,
     extra_csv: dict[str, list[dict[str, Any]]] | None = None,
 ) -> None:
     try:
@@ -435,11 +413,12 @@ def write_outputs(
     except OSError as exc:
         raise IotbedError(f"--out {target}: cannot create the folder ({exc})") from None
     _atomic_write(target / "scenario.resolved.yaml", lambda p: p.write_text(resolved_yaml(scenario), encoding="utf-8"))
-    _atomic_write(target / "trace.parquet", lambda p: pq.write_table(table, p, compression="zstd"))
-    _atomic_write(target / "links.csv", lambda p: pd.DataFrame(links).to_csv(p, index=False))
+    _atomic_write(target / "trace.parquet", lambda p: pq.write_table(tables.trace, p, compression="zstd"))
+    _atomic_write(target / "links.csv", lambda p: pd.DataFrame(tables.links).to_csv(p, index=False))
     _atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
     _atomic_write(
-        target / "model_events.csv", lambda p: recorder.model_events_table().to_pandas().to_csv(p, index=False)
+        target / "model_events.csv",
+        lambda p: model_events_table(tables.model_events).to_pandas().to_csv(p, index=False),
     )
     for name, rows in (extra_csv or {}).items():
         _atomic_write(target / name, lambda p, rows=rows: pd.DataFrame(rows).to_csv(p, index=False))

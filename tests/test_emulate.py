@@ -225,6 +225,7 @@ def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_o
     from iotbed.emulation.live import Endpoint, build_live
     from iotbed.emulation.paths import node_paths
     from iotbed.emulation.workers import ShardResult, merge
+    from iotbed.run_tables import NodeTables
     from iotbed.runner import prepare
     from iotbed.sim.trace import FrameRecord
 
@@ -254,7 +255,7 @@ def test_merge_joins_each_frame_with_its_arrival_and_numbers_frames_in_capture_o
         return record
 
     def result(index: int, records: list[FrameRecord], edge_side: bool) -> ShardResult:
-        return ShardResult(index, columns(records), edge_side, {}, {}, {}, {}, [0] * len(live.windows), [], LagMeter())
+        return ShardResult(index, columns(records), edge_side, NodeTables(), LagMeter())
 
     # shard 1 (cam-0) numbers its frames 1, 4, ...; shard 2 (cam-1) 2, 5, ...; shards 0 and 3 hold edges
     merge(

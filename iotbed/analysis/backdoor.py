@@ -3,7 +3,8 @@ was in service, when the gateways caught it, how long the repair took, and how w
 frames from clean ones on the frames the gateways really screened.
 
 Times are simulated seconds. "Live" means served by the edge: a stamped frame classified by the
-backdoored version as the attacker's target is a frame the backdoor won.
+backdoored version as the attacker's target is a frame the backdoor won. Everything comes from the run's
+tables; the offline scores and STRIP's calibration entropies were measured by the runtime.
 """
 
 from __future__ import annotations
@@ -11,11 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import torch
 
 from iotbed.analysis.detection import FRR_PRESETS, detection_report
 from iotbed.naming import repaired_version
+from iotbed.run_tables import OFFLINE_MODELS, RunTables
 from iotbed.sim.trace import ModelEvent
 
 
@@ -32,36 +32,26 @@ def _share(mask: np.ndarray, hit: np.ndarray) -> float | None:
     return float(hit[mask].mean()) if mask.any() else None
 
 
-def _offline(
-    model: torch.nn.Module | None, images: torch.Tensor, labels: torch.Tensor, trigger: Any, target: int
-) -> dict[str, Any] | None:
-    if model is None:
-        return None
-    from iotbed.attacks.backdoor import backdoor_metrics
-    from iotbed.data.dataset import ImageDataset
-
-    classes = tuple(str(c) for c in range(int(labels.max()) + 1))
-    ds = ImageDataset("test", images, labels, classes, "the cameras' test split")
-    return backdoor_metrics(model, ds, trigger, target).as_dict()
+def _offline(tables: RunTables, version: int, model: str) -> dict[str, Any] | None:
+    found = next((o for o in tables.offline if o.version == version and o.model == model), None)
+    return found.as_summary() if found is not None else None
 
 
-def backdoor_sections(
-    trace: pa.Table, events: list[ModelEvent], artefacts: Any, scenario: Any, edges: list[Any], gateways: list[Any]
-) -> dict[str, Any]:
+def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
     """`{"backdoor": ..., "detection": ...}` for a run with backdoored updates, else `{}`."""
-    if not artefacts.backdoors:
+    if not tables.backdoors:
         return {}
+    trace, events = tables.trace, tables.model_events
     attack = trace.column("attack").to_numpy(zero_copy_only=False)
     delivered = trace.column("status").to_numpy(zero_copy_only=False) == "delivered"
     version_col = trace.column("model_version").to_numpy()
     prediction = trace.column("prediction").to_numpy()
     label = trace.column("label").to_numpy()
     captured = trace.column("t_capture").to_numpy()
-    labels = torch.from_numpy(artefacts.labels)
-    held = {v: m for e in edges for v, m in e.held.items()}
     out: dict[str, Any] = {}
     detection: dict[str, Any] = {}
-    for version, bd in artefacts.backdoors.items():
+    for bd in tables.backdoors:
+        version = bd.version
         stamp_labels = [a.label for a in scenario.attacks if a.kind == "trigger" and a.update == bd.update_index]
         shown = _stamped(attack, stamp_labels)  # frames that showed the trigger, delivered or not
         stamped = shown & delivered
@@ -84,11 +74,10 @@ def backdoor_sections(
             }
             for v in sorted(set(version_col[delivered].tolist()))
         }
-        repairs = [r for e in edges for r in e.repairs if r["quarantined_version"] == version]
-        images = artefacts.images
+        repairs = [r.as_summary() for r in tables.repairs if r.quarantined_version == version]
         out[str(version)] = {
             "target": bd.target,
-            "trigger": bd.trigger.name,
+            "trigger": bd.trigger,
             "published_s": published,
             "published_by": next((e.node for e in events if e.event == "published" and e.version == version), None),
             "adopted_s": adopted,
@@ -104,27 +93,10 @@ def backdoor_sections(
             "stamped_frames": int(stamped.sum()),
             "frames_won_by_the_backdoor": int((won & (version_col == version)).sum()),
             "in_run_by_version": in_run,
-            "offline": {
-                "clean_model": _offline(artefacts.model, images, labels, bd.trigger, bd.target),
-                "backdoored": _offline(bd.model, images, labels, bd.trigger, bd.target),
-                "repaired": _offline(held.get(repair_version), images, labels, bd.trigger, bd.target),
-            },
+            "offline": {model: _offline(tables, version, model) for model in OFFLINE_MODELS},
         }
-        detection[str(version)] = _detection(gateways, version, shown)
-    screens = [
-        {
-            "time_s": s.time_s,
-            "gateway": s.gateway,
-            "version": s.version,
-            "frames": s.n_frames,
-            "flagged": s.n_flagged,
-            "p_value": s.p_value,
-            "backdoored": s.backdoored,
-            "compute_s": s.compute_s,
-        }
-        for g in gateways
-        for s in g.stats.screens
-    ]
+        detection[str(version)] = _detection(tables, version, shown)
+    screens = [s.as_summary() for s in tables.screens]
     return {"backdoor": out, "detection": {"screens": screens, "by_version": detection}}
 
 
@@ -134,56 +106,48 @@ def _stamped(attack: np.ndarray, stamp_labels: list[str] | set[str]) -> np.ndarr
     return np.fromiter((bool(labels.intersection(a.split("+"))) for a in attack), dtype=bool, count=len(attack))
 
 
-def _detection(gateways: list[Any], version: int, stamped_rows: np.ndarray) -> dict[str, Any] | None:
+def _detection(tables: RunTables, version: int, stamped_rows: np.ndarray) -> dict[str, Any] | None:
     """FAR at preset FRRs and AUROC of STRIP on the frames the gateways screened for `version`; thresholds
-    from the entropies of the gateway's clean calibration images under that model."""
-    from iotbed.defenses.strip import StripDetector
-
-    benign, trojaned = [], []
+    from the entropies of the first such gateway's clean calibration images under that model."""
+    screens = {(s.gateway, s.screen) for s in tables.screens if s.version == version}
+    frames = [f for f in tables.screened if (f.gateway, f.screen) in screens]
+    ids = np.array([f.frame_id for f in frames], dtype=np.int64)
+    entropies = np.array([f.entropy_bits for f in frames], dtype=np.float64)
+    stamped = stamped_rows[ids]  # a frame's id is its trace row (TraceRecorder.new_frame)
+    ben, tro = entropies[~stamped], entropies[stamped]
     calibration = None
-    for g in gateways:
-        for s in g.stats.screens:
-            if s.version != version:
-                continue
-            stamped = stamped_rows[s.frame_ids]  # a frame's id is its trace row (TraceRecorder.new_frame)
-            benign.append(s.entropies[~stamped])
-            trojaned.append(s.entropies[stamped])
-            if calibration is None:
-                model = g.model_for(version)
-                if model is not None:
-                    detector = StripDetector(
-                        model, g.overlays, n_blends=g.settings.n_blends, generator=torch.Generator().manual_seed(0)
-                    )
-                    calibration = detector.score(g.calibration).numpy()
-    ben = np.concatenate(benign) if benign else np.array([])
-    tro = np.concatenate(trojaned) if trojaned else np.array([])
+    for gateway in dict.fromkeys(s.gateway for s in tables.screens if s.version == version):
+        scores = [c.entropy_bits for c in tables.calibration if c.gateway == gateway and c.version == version]
+        if scores:
+            calibration = np.array(scores, dtype=np.float64)
+            break
     if calibration is None or ben.size == 0 or tro.size == 0:
         return None
     report = detection_report(calibration, ben, tro, FRR_PRESETS, method="quantile")
     return report.as_dict()
 
 
-def screened_frames(trace: pa.Table, gateways: list[Any], scenario: Any) -> list[dict[str, Any]]:
+def screened_frames(tables: RunTables, scenario: Any) -> list[dict[str, Any]]:
     """One row per frame a gateway screened (for `strip_screens.csv` and the entropy and ROC plots)."""
     stamped = _stamped(
-        trace.column("attack").to_numpy(zero_copy_only=False),
+        tables.trace.column("attack").to_numpy(zero_copy_only=False),
         {a.label for a in scenario.attacks if a.kind == "trigger"},
     )
+    screens = {(s.gateway, s.screen): s for s in tables.screens}
     rows = []
-    for g in gateways:
-        for n, s in enumerate(g.stats.screens):
-            for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
-                rows.append(
-                    {
-                        "screen": n,
-                        "time_s": s.time_s,
-                        "gateway": s.gateway,
-                        "version": s.version,
-                        "frame_id": frame_id,
-                        "entropy_bits": entropy,
-                        "boundary_bits": s.boundary,
-                        "stamped": bool(stamped[frame_id]),  # a frame's id is its trace row
-                        "screen_backdoored": s.backdoored,
-                    }
-                )
+    for f in tables.screened:
+        s = screens[(f.gateway, f.screen)]
+        rows.append(
+            {
+                "screen": f.screen,
+                "time_s": s.time_s,
+                "gateway": f.gateway,
+                "version": s.version,
+                "frame_id": f.frame_id,
+                "entropy_bits": f.entropy_bits,
+                "boundary_bits": s.boundary_bits,
+                "stamped": bool(stamped[f.frame_id]),  # a frame's id is its trace row
+                "screen_backdoored": s.backdoored,
+            }
+        )
     return rows

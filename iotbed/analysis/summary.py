@@ -1,16 +1,14 @@
-"""The run summary: figures computed from the trace and the network's counters, as plain JSON data."""
+"""The run summary: figures computed from a run's tables (`iotbed.run_tables`), as plain JSON data."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
-from iotbed.deployment import Deployment
-from iotbed.nodes.edge_server import EdgeServer
-from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT, ModelEvent
+from iotbed.run_tables import RunTables
+from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT
 
 
 def _percentiles_ms(latency_s: np.ndarray) -> dict[str, float | None]:
@@ -24,29 +22,6 @@ def _percentiles_ms(latency_s: np.ndarray) -> dict[str, float | None]:
 def _count_by(values: np.ndarray) -> dict[str, int]:
     keys, counts = np.unique(values, return_counts=True)
     return {str(k): int(c) for k, c in zip(keys, counts)}
-
-
-def link_rows(deployment: Deployment, sim_end_s: float) -> list[dict[str, Any]]:
-    """One row per link direction (for links.csv)."""
-    rows = []
-    for group in deployment.link_groups:
-        for key, directions in group.directions.items():
-            for d in directions:
-                rows.append(
-                    {
-                        "link": d.name,
-                        "group": key,
-                        "bandwidth_bps": d.transmitter.bandwidth_bps,
-                        "packets_sent": d.stats.packets_sent,
-                        "bytes_sent": d.stats.bytes_sent,
-                        "packets_delivered": d.stats.packets_delivered,
-                        "dropped_queue_full": d.stats.dropped_queue_full,
-                        "dropped_loss": d.stats.dropped_loss,
-                        "utilisation": d.stats.bytes_sent * 8.0 / d.transmitter.bandwidth_bps / sim_end_s,
-                        "max_queue_packets": d.transmitter.max_occupancy,
-                    }
-                )
-    return rows
 
 
 def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -68,23 +43,8 @@ def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def broker_stats(deployment: Deployment) -> dict[str, Any]:
-    stats = deployment.broker.stats
-    return {
-        "node": deployment.broker.node,
-        "publishes_received": stats.publishes_received,
-        "messages_routed": stats.messages_routed,
-        "no_subscriber": stats.no_subscriber,
-        "queued_offline": stats.queued_offline,
-        "queue_drops": stats.dropped_queue_full,
-        "deepest_queue": stats.max_session_queue,
-        "wills_published": stats.wills_published,
-        "restarts": stats.restarts,
-    }
-
-
 def summarise(
-    trace: pa.Table,
+    tables: RunTables,
     *,
     scenario_name: str,
     seed: int,
@@ -92,10 +52,6 @@ def summarise(
     sim_end_s: float,
     wall_time_s: float,
     model_info: dict[str, Any],
-    links: list[dict[str, Any]],
-    edges: list[EdgeServer],
-    broker: dict[str, Any],
-    model_events: list[ModelEvent],
     mode: str = "simulated",
     cameras: int | None = None,
     reference: np.ndarray | None = None,
@@ -104,6 +60,7 @@ def summarise(
     """The run's figures. `reference` is, per frame, whether the bare model classifies the frame's image as
     captured (or, for an attacked frame, the attack's oblivious version) right: the undefended reference
     (NaN where there is none). `setup` (codecs, defenses, attacks) is copied into the summary."""
+    trace = tables.trace
     status = trace.column("status").to_numpy(zero_copy_only=False)
     delivered = status == DELIVERED
     dropped = status == DROPPED
@@ -168,7 +125,7 @@ def summarise(
             "wire_bytes_per_frame_mean": float(trace.column("wire_bytes").to_numpy().mean()) if n else None,
             # what a camera offers its first link: MQTT PUBLISH with TCP/IP headers, first transmissions only
             "per_camera_kbps": float(publish.sum()) * 8.0 / duration_s / n_cameras / 1e3,
-            "links": _link_groups(links),
+            "links": _link_groups(tables.links),
         },
         "accuracy": {
             "overall": accuracy(np.ones(n, dtype=bool)),
@@ -189,14 +146,14 @@ def summarise(
                 "frames_classified": int(((edge_names == e.name) & delivered).sum()),
                 "mean_batch_size": float(((edge_names == e.name) & delivered).sum()) / e.batches if e.batches else None,
                 "utilisation": e.busy_s / sim_end_s,
-                "model_version": e.classifier.version,
+                "model_version": e.model_version,
             }
-            for e in edges
+            for e in tables.edges
         },
-        "broker": broker,
+        "broker": tables.broker,
         "model": model_info,
         "model_events": [
             {"time_s": e.time_s, "node": e.node, "event": e.event, "version": e.version, "size_bytes": e.size_bytes}
-            for e in model_events
+            for e in tables.model_events
         ],
     }

@@ -33,6 +33,7 @@ from iotbed.naming import group_nodes, group_of
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway
+from iotbed.run_tables import NodeTables
 from iotbed.runner import load_model_bytes
 from iotbed.scenario import FaultSpec, Scenario
 from iotbed.sim.clock import WallClockEnvironment
@@ -40,6 +41,7 @@ from iotbed.sim.offload import ThreadOffload
 from iotbed.sim.rng import RandomStreams
 from iotbed.sim.topology import build_topology
 from iotbed.sim.trace import TraceRecorder
+from iotbed.tabulate import tables_from
 
 # A CoDefend repair of the shipped scenario takes about 80 s on 2 cores; one still running at the end is
 # waited for this long at most.
@@ -65,6 +67,7 @@ class LiveDeployment:
     shapers: dict[str, LinkShaper]
     faults: list[FaultSpec]
     offload: ThreadOffload
+    artefacts: Artefacts  # what the nodes were built from, for measuring their models after the run
 
     @property
     def cameras(self) -> list[Camera]:
@@ -183,7 +186,17 @@ def build_live(
     offload = ThreadOffload(env, bridge)
     wiring = Wiring(env, recorder, client, relay, offload, topology)
     nodes = build_nodes(scenario, artefacts, wiring, load_model_bytes)
-    return LiveDeployment(env, bridge, recorder, nodes, transports, shapers, list(scenario.faults), offload)
+    return LiveDeployment(env, bridge, recorder, nodes, transports, shapers, list(scenario.faults), offload, artefacts)
+
+
+def live_tables(live: LiveDeployment, clients: Iterable[str], end_s: float) -> NodeTables:
+    """What the nodes of `clients` recorded, after `close`: `tables_from`'s tables with the shaped links of
+    those cameras and the counters of those MQTT clients."""
+    chosen = set(clients)
+    tables = tables_from(live.nodes, live.recorder, live.artefacts, chosen)
+    tables.links = [shaper_row(name, s, end_s) for name, s in live.shapers.items() if name in chosen]
+    tables.clients = [{"client": c, **t.stats.as_dict()} for c, t in live.transports.items() if c in chosen]
+    return tables
 
 
 def _shaper(
@@ -209,11 +222,16 @@ def _shaper(
     )
 
 
+def shaped_link(name: str) -> str:
+    """The name in links.csv of the shaped path of what camera `name` publishes."""
+    return f"{name}->broker (shaped path)"
+
+
 def shaper_row(name: str, shaper: LinkShaper, duration_s: float) -> dict[str, Any]:
     s = shaper.stats
     rate = shaper.bucket.rate if shaper.bucket is not None else math.inf
     return {
-        "link": f"{name}->broker (shaped path)",
+        "link": shaped_link(name),
         "group": "camera->broker",
         "bandwidth_bps": rate * 8,
         "packets_sent": s.submitted,
@@ -226,9 +244,9 @@ def shaper_row(name: str, shaper: LinkShaper, duration_s: float) -> dict[str, An
     }
 
 
-def broker_report(url: str, transports: Iterable[MqttTransport]) -> dict[str, Any]:
-    transports = list(transports)
-    totals: dict[str, Any] = {"url": url, "clients": len(transports)}
+def broker_report(url: str, clients: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the MQTT clients counted (`live_tables`' client rows), summed."""
+    totals: dict[str, Any] = {"url": url, "clients": len(clients)}
     for key in (
         "published",
         "delivered",
@@ -239,13 +257,13 @@ def broker_report(url: str, transports: Iterable[MqttTransport]) -> dict[str, An
         "dropped_not_connected",
         "refusals",
     ):
-        totals[key] = int(sum(getattr(t.stats, key) for t in transports))
+        totals[key] = int(sum(c[key] for c in clients))
     refusals: dict[str, int] = {}
     malformed: dict[str, int] = {}
-    for t in transports:
-        for reason, n in t.stats.refusal_reasons().items():
+    for c in clients:
+        for reason, n in c["refusal_reasons"].items():
             refusals[reason] = refusals.get(reason, 0) + n
-        for reason, n in t.stats.malformed_reasons.items():
+        for reason, n in c["malformed_reasons"].items():
             malformed[reason] = malformed.get(reason, 0) + n
     totals["refusal_reasons"] = refusals
     totals["malformed_reasons"] = malformed

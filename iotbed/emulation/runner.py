@@ -49,14 +49,22 @@ from iotbed.emulation.live import (
     LiveDeployment,
     broker_report,
     build_live,
+    live_tables,
     mark_broker_undelivered,
     offered_frames_per_s,
-    shaper_row,
 )
 from iotbed.emulation.mitm import FrameTamper, MqttTamperProxy
 from iotbed.emulation.monitor import BrokerMonitor
 from iotbed.emulation.paths import node_paths, nodes_behind
-from iotbed.emulation.workers import Shard, auto_workers, merge, plan_shards, progress_steps, run_sharded
+from iotbed.emulation.workers import (
+    Shard,
+    ShardResult,
+    auto_workers,
+    merge,
+    plan_shards,
+    progress_steps,
+    run_sharded,
+)
 from iotbed.errors import UsageError
 from iotbed.naming import group_nodes
 from iotbed.nodes.camera import frame_payload_bytes
@@ -72,6 +80,7 @@ from iotbed.runner import (
     write_outputs,
 )
 from iotbed.scenario import Scenario
+from iotbed.tabulate import run_tables_from
 
 # A process that stays within this of the wall clock at its 99th percentile kept up: its frames left when
 # they were due, to within what the network itself adds at these loads.
@@ -210,7 +219,7 @@ def emulate(
         )
         try:
             with _progress(resolved.name, end, progress) as advance:
-                lags, renumbered = _execute(live, shards, end, broker, monitor, lab, advance)
+                lags, results = _execute(live, shards, end, broker, monitor, lab, advance)
         finally:
             monitor.stop()
         kernel_rows = lab.class_stats() if lab is not None else []
@@ -224,11 +233,14 @@ def emulate(
             }
         )
 
+    # Split over workers, each sent its nodes' tables; this process adds its own (the mitm proxies' counts).
+    if results is None:
+        nodes, renumbered = live_tables(live, live.transports, end), None
+    else:
+        nodes, renumbered = merge(live, results, own=live_tables(live, (), end))
     mitm_report = _mark_tampered(live, attackers, renumbered, address.tls)
     undelivered = mark_broker_undelivered(live.recorder)
-    table = live.recorder.to_table()
-    links = [shaper_row(name, s, end) for name, s in live.shapers.items()]
-    report = broker_report(url, live.transports.values())
+    report = broker_report(url, nodes.clients)
     counted = monitor.report()
     report.update(
         queue_drops=counted["dropped"],
@@ -236,34 +248,31 @@ def emulate(
         sys_counters=counted["available"],
         acknowledged_not_delivered=undelivered,
     )
+    tables = run_tables_from(nodes, trace=live.recorder.to_table(), broker=report, artefacts=artefacts)
     summary = summarise(
-        table,
+        tables,
         scenario_name=resolved.name,
         seed=resolved.seed,
         duration_s=resolved.duration,
         sim_end_s=end,
         wall_time_s=time.perf_counter() - wall_start,
         model_info=model_info,
-        links=links,
-        edges=live.edges,
-        broker=report,
-        model_events=live.recorder.model_events,
         mode="emulated",
         cameras=len(live.cameras),
-        reference=reference_column(table, artefacts),
-        setup=setup_summary(resolved, live.cameras, live.edges, live.windows),
+        reference=reference_column(tables.trace, artefacts),
+        setup=setup_summary(resolved, live.cameras, live.edges, tables),
     )
     summary["realtime"] = realtime_report(lags, offered, shards)
     if mitm_report:
         summary["mitm"] = mitm_report
     summary["shaping"] = shaping_report
-    sections, extra = backdoor_outputs(table, live.recorder, artefacts, resolved, live.edges, live.gateways)
+    sections, extra = backdoor_outputs(tables, resolved)
     summary.update(sections)
     if kernel_rows:
         extra["kernel_links.csv"] = kernel_rows
     if target is not None:
-        write_outputs(target, resolved, table, summary, links, [], live.recorder, extra)
-    return RunResult(resolved, summary, table, target)
+        write_outputs(target, resolved, tables, summary, [], extra)
+    return RunResult(resolved, summary, tables.trace, target)
 
 
 @dataclass
@@ -366,9 +375,9 @@ def _execute(
     monitor: BrokerMonitor,
     lab: kernel.NetnsLab | None,
     advance: Any,
-) -> tuple[dict[int, LagMeter], dict[int, int] | None]:
+) -> tuple[dict[int, LagMeter], list[ShardResult] | None]:
     """Run every shard, here or in forked workers; each process's lag behind the wall clock, by shard, and
-    how the merge renumbered the frames (None: run in one process, nothing renumbered)."""
+    the workers' results (None: everything ran in this process)."""
     if len(shards) == 1 and lab is None:
         monitor.start()
         _run_here(live, broker, end, advance)
@@ -381,8 +390,7 @@ def _execute(
     results = run_sharded(
         live, shards, end, enter=kernel.enter if lab else None, parent_env_hook=parent_side, on_progress=advance
     )
-    renumbered = merge(live, results)
-    return ({r.index: r.lag for r in results}, renumbered)
+    return {r.index: r.lag for r in results}, results
 
 
 def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.NetnsLab | None) -> MosquittoBroker:

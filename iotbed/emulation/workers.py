@@ -11,13 +11,15 @@ model and the nodes, and starts only its own), and hands them one shared start i
 monotonic clock, so simulated time 0 is the same wall-clock instant in every worker and timestamps from
 different workers can be subtracted. Each worker sends back its share: the records of the frames it
 captured (camera workers number them `k * shards + shard`) or the edge's side of the frames it received
-(keyed by the frame id that travelled in the frame's header), its clients' counters, its edge servers'
-tallies and its lag behind the wall clock. The parent merges them into its own copies of the nodes, so
-the summary and the files are made exactly as for a one-process run.
+(keyed by the frame id that travelled in the frame's header), the tables of its nodes (`live_tables`:
+edge tallies, screens, repairs, its clients' counters, and the offline scores of the models it holds, so
+no model travels) and its lag behind the wall clock. The parent joins the frame records, concatenates the
+tables and numbers the frames anew, so the summary and the files are made as for a one-process run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -25,22 +27,16 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import numpy as np
-
-from iotbed.broker.mqtt_transport import TransportStats
 from iotbed.broker.realtime import LagMeter
-from iotbed.emulation.live import LiveDeployment
-from iotbed.emulation.shaper import ShaperStats
+from iotbed.emulation.live import UNFINISHED_WORK_WAIT_S, LiveDeployment, live_tables, shaped_link
 from iotbed.errors import IotbedError, UsageError
-from iotbed.naming import REPAIR_OFFSET
-from iotbed.nodes.edge_server import EdgeServer
-from iotbed.nodes.gateway import ScreenRecord
+from iotbed.run_tables import NodeTables
 from iotbed.runner import one_torch_thread
-from iotbed.sim.trace import EDGE_FIELDS, FrameRecord, ModelEvent
+from iotbed.sim.trace import EDGE_FIELDS, FrameRecord
 
 # Frames per second one process carries through Mosquitto while keeping its lag behind the wall clock
 # small (`benchmarks/run.py emulate_workers`, 2-core machine); `--workers auto` splits runs above it.
@@ -50,6 +46,8 @@ PROCESS_CAPACITY_FPS = 1500.0
 MAX_CLIENTS_PER_PROCESS = 250
 START_MARGIN_S = 0.3  # from "go" to simulated time 0: every worker has the start instant by then
 SILENT_S = 60.0  # a worker that reports nothing for this long has hung
+# A worker past the run's end waits for its unfinished screens and repairs, then measures its models.
+FINISHING_S = UNFINISHED_WORK_WAIT_S + 300.0
 
 
 @dataclass(frozen=True)
@@ -125,18 +123,8 @@ class ShardResult:
     # Frame records, column by column: 200,000 of them pickle and unpickle in 40% less time than as objects.
     columns: dict[str, list[Any]]
     edge_side: bool
-    transport_stats: dict[str, TransportStats]
-    shaper_stats: dict[str, ShaperStats]
-    edges: dict[str, tuple[int, float, int, int]]  # name -> (batches, busy seconds, model version, unknown frames)
-    frames_sent: dict[str, int]
-    frames_attacked: list[int]
-    model_events: list[ModelEvent]
+    tables: NodeTables
     lag: LagMeter
-    screens: dict[str, list[ScreenRecord]] = field(default_factory=dict)  # gateway -> its STRIP screens
-    repairs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # edge -> its CoDefend repairs
-    # edge -> the versions it held that the parent's copy lacks (repaired models), as safetensors bytes
-    held: dict[str, dict[int, bytes]] = field(default_factory=dict)
-    quarantined: dict[str, set[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,18 +134,12 @@ class ShardRun:
     conn: Connection
     sim_now: float = 0.0
     frames: int = 0
+    finishing: bool = False  # past the run's end, measuring its models
     result: ShardResult | None = None
 
 
 def _columns(records: list[FrameRecord]) -> dict[str, list[Any]]:
     return {name: [getattr(r, name) for r in records] for name in FrameRecord.__slots__}
-
-
-def _new_models(edge: EdgeServer) -> dict[int, bytes]:
-    """The models an edge holds that were made during the run (repairs), to travel back as safetensors."""
-    from iotbed.models import model_to_bytes
-
-    return {v: model_to_bytes(m, {"version": str(v)}) for v, m in edge.held.items() if v >= REPAIR_OFFSET}
 
 
 def _worker(
@@ -181,32 +163,13 @@ def _worker(
             for until in progress_steps(end_s):
                 env.run(until=until)
                 conn.send(("progress", shard.index, env.now, len(recorder.records)))
+        conn.send(("finishing", shard.index))
         live.close()
-        mine = set(shard.clients)
+        # One torch thread, as during the run: a forked child that starts torch's thread pool can hang in it.
+        with one_torch_thread():
+            tables = live_tables(live, shard.clients, end_s)
         conn.send(
-            (
-                "result",
-                ShardResult(
-                    shard.index,
-                    _columns(recorder.frames()),
-                    shard.edges,
-                    {c: t.stats for c, t in live.transports.items() if c in mine},
-                    {n: s.stats for n, s in live.shapers.items() if n in mine},
-                    {
-                        e.name: (e.batches, e.busy_s, e.classifier.version, e.unknown_frames)
-                        for e in live.edges
-                        if e.name in mine
-                    },
-                    {c.name: c.frames_sent for c in live.cameras if c.name in mine},
-                    [w.frames_attacked for w in live.windows],
-                    list(recorder.model_events),
-                    live.bridge.lag,
-                    {g.name: g.stats.screens for g in live.gateways if g.name in mine},
-                    {e.name: e.repairs for e in live.edges if e.name in mine},
-                    {e.name: _new_models(e) for e in live.edges if e.name in mine},
-                    {e.name: set(e.quarantined) for e in live.edges if e.name in mine},
-                ),
-            )
+            ("result", ShardResult(shard.index, _columns(recorder.frames()), shard.edges, tables, live.bridge.lag))
         )
     except KeyboardInterrupt:
         pass
@@ -311,6 +274,8 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
                 ) from None
             if message[0] == "progress":
                 run.sim_now, run.frames = message[2], message[3]
+            elif message[0] == "finishing":
+                run.finishing = True
             elif message[0] == "result":
                 run.result = message[1]
                 del pending[conn]
@@ -324,23 +289,26 @@ def _follow(runs: list[ShardRun], env: Any, end_s: float, on_progress: Callable[
         env.run(until=min(end_s, env.now + step))
         drain(0)
     while pending:  # workers that fell behind the wall clock finish later than the parent
-        if time.monotonic() - heard[0] > SILENT_S:
+        silent_s = FINISHING_S if any(r.finishing for r in pending.values()) else SILENT_S
+        if time.monotonic() - heard[0] > silent_s:
             raise IotbedError(
                 f"worker(s) {sorted(r.shard.index for r in pending.values())} sent nothing for "
-                f"{SILENT_S:.0f} s after the run's end; they were stopped"
+                f"{silent_s:.0f} s after the run's end; they were stopped"
             )
         drain(0.2)
 
 
-def merge(live: LiveDeployment, results: list[ShardResult]) -> dict[int, int]:
-    """Put the workers' shares into the parent's deployment: frame records (camera side and edge side, joined
-    on the frame id that travelled), counters, tallies, screens, repairs and model events. Frames are
-    numbered anew in capture order; returns the old id -> new id map."""
-    from iotbed.runner import load_model_bytes
-
+def merge(
+    live: LiveDeployment, results: list[ShardResult], own: NodeTables | None = None
+) -> tuple[NodeTables, dict[int, int]]:
+    """Put the workers' shares together: frame records (camera side and edge side, joined on the frame id
+    that travelled) into the parent's recorder, numbered anew in capture order; their tables, with `own`
+    (what this process itself recorded), concatenated in node order, the screened frames renumbered.
+    Returns the tables and the old id -> new id map."""
     captured: list[FrameRecord] = []
     arrivals: dict[int, dict[str, Any]] = {}
-    for result in sorted(results, key=lambda r: r.index):
+    ordered = sorted(results, key=lambda r: r.index)
+    for result in ordered:
         cols = result.columns
         n = len(cols["frame_id"])
         if result.edge_side:
@@ -360,27 +328,6 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> dict[int, int]:
                 for name in FrameRecord.__slots__:
                     setattr(record, name, cols[name][k])
                 captured.append(record)
-        for client, stats in result.transport_stats.items():
-            live.transports[client].stats = stats
-        for name, stats in result.shaper_stats.items():
-            live.shapers[name].stats = stats
-        for edge in live.edges:
-            if edge.name in result.edges:
-                edge.batches, edge.busy_s, edge.classifier.version, edge.unknown_frames = result.edges[edge.name]
-                edge.repairs = result.repairs.get(edge.name, [])
-                edge.quarantined = result.quarantined.get(edge.name, set())
-                for version, blob in result.held.get(edge.name, {}).items():
-                    edge.held[version] = load_model_bytes(blob)
-        for gateway in live.gateways:
-            if gateway.name in result.screens:
-                gateway.stats.screens = result.screens[gateway.name]
-        for camera in live.cameras:
-            if camera.name in result.frames_sent:
-                camera.frames_sent = result.frames_sent[camera.name]
-        if not result.edge_side:
-            for window, attacked in zip(live.windows, result.frames_attacked):
-                window.frames_attacked += attacked
-        live.recorder.model_events.extend(result.model_events)
     index = {c.name: c.index for c in live.cameras}
     captured.sort(key=lambda r: (r.t_capture, index.get(r.camera, 0), r.frame_id))
     renumbered: dict[int, int] = {}
@@ -392,8 +339,22 @@ def merge(live: LiveDeployment, results: list[ShardResult]) -> dict[int, int]:
         renumbered[record.frame_id] = new_id
         record.frame_id = new_id
     live.recorder.records = captured
-    live.recorder.model_events.sort(key=lambda e: (e.time_s, e.node))
-    for gateway in live.gateways:
-        for screen in gateway.stats.screens:
-            screen.frame_ids = np.array([renumbered.get(int(f), -1) for f in screen.frame_ids], dtype=np.int64)
-    return renumbered
+    tables = NodeTables.concat([own or NodeTables(), *(r.tables for r in ordered)])
+    _in_node_order(live, tables)
+    tables.screened = [dataclasses.replace(f, frame_id=renumbered.get(f.frame_id, -1)) for f in tables.screened]
+    return tables, renumbered
+
+
+def _in_node_order(live: LiveDeployment, tables: NodeTables) -> None:
+    """Sort merged rows as one process lists them: by node in the order the nodes were built (the sort is
+    stable, so each node's own rows keep their order); model events by time."""
+    rank = {client: i for i, client in enumerate(live.transports)}
+    links = {shaped_link(name): i for i, name in enumerate(live.shapers)}
+    tables.edges.sort(key=lambda e: rank[e.name])
+    tables.screens.sort(key=lambda s: rank[s.gateway])
+    tables.screened.sort(key=lambda f: rank[f.gateway])
+    tables.calibration.sort(key=lambda c: rank[c.gateway])
+    tables.repairs.sort(key=lambda r: rank[r.edge])
+    tables.clients.sort(key=lambda c: rank[c["client"]])
+    tables.links.sort(key=lambda row: links[row["link"]])
+    tables.model_events.sort(key=lambda e: (e.time_s, e.node))

@@ -253,14 +253,15 @@ class TraceRecorder:
             {field.name: pa.array(columns[field.name], type=field.type) for field in TRACE_SCHEMA}, schema=TRACE_SCHEMA
         )
 
-    def model_events_table(self) -> pa.Table:
-        events = self.model_events
-        return pa.table(
-            {
-                "time_s": pa.array([e.time_s for e in events], pa.float64()),
-                "node": pa.array([e.node for e in events], pa.string()),
-                "event": pa.array([e.event for e in events], pa.string()),
-                "version": pa.array([e.version for e in events], pa.int32()),
-                "size_bytes": pa.array([e.size_bytes for e in events], pa.int64()),
-            }
-        )
+
+def model_events_table(events: list[ModelEvent]) -> pa.Table:
+    """Model events as written to model_events.csv."""
+    return pa.table(
+        {
+            "time_s": pa.array([e.time_s for e in events], pa.float64()),
+            "node": pa.array([e.node for e in events], pa.string()),
+            "event": pa.array([e.event for e in events], pa.string()),
+            "version": pa.array([e.version for e in events], pa.int32()),
+            "size_bytes": pa.array([e.size_bytes for e in events], pa.int64()),
+        }
+    )

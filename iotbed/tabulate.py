@@ -1,0 +1,204 @@
+"""Turning a finished run's nodes into the tables analysis reads (`iotbed.run_tables`), for both runtimes.
+
+`tables_from` takes the nodes one process ran: a simulation's, a one-process live run's, or one live
+worker's share, so each worker measures the models it holds (a repaired model never leaves the process that
+made it). `run_tables_from` completes a run's tables with what needs no node: the backdoored updates and how
+the clean and the backdoored model score offline. `sim_tables` is the simulation's whole path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, Nodes
+from iotbed.naming import repaired_version
+from iotbed.nodes.edge_server import EdgeServer
+from iotbed.nodes.gateway import ScreeningGateway
+from iotbed.run_tables import (
+    AttackCount,
+    BackdoorUpdate,
+    CalibrationScore,
+    EdgeRow,
+    NodeTables,
+    OfflineScore,
+    RepairRow,
+    RunTables,
+    ScreenedFrame,
+    ScreenRow,
+)
+from iotbed.sim.trace import TraceRecorder
+
+
+def tables_from(
+    nodes: Nodes, recorder: TraceRecorder, artefacts: Artefacts, chosen: set[str] | None = None
+) -> NodeTables:
+    """What the nodes of the `chosen` clients (all by default) recorded, with the STRIP calibration scores
+    and the offline scores of the repaired models they hold. Attack counts come from every window: a
+    process counts only the frames its own cameras (or proxies) changed."""
+
+    def mine(name: str) -> bool:
+        return chosen is None or name in chosen
+
+    edges = [e for e in nodes.edges if mine(e.name)]
+    gateways = [g for g in nodes.gateways if mine(g.name)]
+    screens, screened = _screens(gateways)
+    return NodeTables(
+        edges=[EdgeRow(e.name, e.batches, e.busy_s, e.classifier.version, e.unknown_frames) for e in edges],
+        model_events=list(recorder.model_events),
+        screens=screens,
+        screened=screened,
+        calibration=_calibration(gateways, artefacts.backdoors),
+        repairs=[_repair_row(e.name, r) for e in edges for r in e.repairs],
+        offline=_repaired_scores(edges, artefacts),
+        attacks=[AttackCount(w.label, w.frames_attacked) for w in nodes.windows],
+    )
+
+
+def run_tables_from(nodes: NodeTables, *, trace: pa.Table, broker: dict[str, Any], artefacts: Artefacts) -> RunTables:
+    """A run's tables: its nodes' (one process's, or the workers' merged), with the backdoored updates and
+    the offline scores of the model the edge starts with and of each backdoored update."""
+    reference = [
+        score
+        for version, bd in artefacts.backdoors.items()
+        for score in (
+            _offline_score(artefacts.model, version, "clean_model", bd, artefacts),
+            _offline_score(bd.model, version, "backdoored", bd, artefacts),
+        )
+    ]
+    backdoors = [
+        BackdoorUpdate(v, bd.update_index, bd.target, bd.trigger.name) for v, bd in artefacts.backdoors.items()
+    ]
+    nodes = dataclasses.replace(nodes, offline=[*reference, *nodes.offline])
+    return RunTables.of(nodes, trace=trace, broker=broker, backdoors=backdoors)
+
+
+def sim_tables(deployment: Deployment, artefacts: Artefacts, sim_end_s: float) -> RunTables:
+    nodes = tables_from(deployment.nodes, deployment.recorder, artefacts)
+    nodes.links = link_rows(deployment, sim_end_s)
+    trace = deployment.recorder.to_table()
+    return run_tables_from(nodes, trace=trace, broker=broker_stats(deployment), artefacts=artefacts)
+
+
+def link_rows(deployment: Deployment, sim_end_s: float) -> list[dict[str, Any]]:
+    """One row per simulated link direction (for links.csv)."""
+    rows = []
+    for group in deployment.link_groups:
+        for key, directions in group.directions.items():
+            for d in directions:
+                rows.append(
+                    {
+                        "link": d.name,
+                        "group": key,
+                        "bandwidth_bps": d.transmitter.bandwidth_bps,
+                        "packets_sent": d.stats.packets_sent,
+                        "bytes_sent": d.stats.bytes_sent,
+                        "packets_delivered": d.stats.packets_delivered,
+                        "dropped_queue_full": d.stats.dropped_queue_full,
+                        "dropped_loss": d.stats.dropped_loss,
+                        "utilisation": d.stats.bytes_sent * 8.0 / d.transmitter.bandwidth_bps / sim_end_s,
+                        "max_queue_packets": d.transmitter.max_occupancy,
+                    }
+                )
+    return rows
+
+
+def broker_stats(deployment: Deployment) -> dict[str, Any]:
+    stats = deployment.broker.stats
+    return {
+        "node": deployment.broker.node,
+        "publishes_received": stats.publishes_received,
+        "messages_routed": stats.messages_routed,
+        "no_subscriber": stats.no_subscriber,
+        "queued_offline": stats.queued_offline,
+        "queue_drops": stats.dropped_queue_full,
+        "deepest_queue": stats.max_session_queue,
+        "wills_published": stats.wills_published,
+        "restarts": stats.restarts,
+    }
+
+
+def _screens(gateways: list[ScreeningGateway]) -> tuple[list[ScreenRow], list[ScreenedFrame]]:
+    screens: list[ScreenRow] = []
+    screened: list[ScreenedFrame] = []
+    for g in gateways:
+        for n, s in enumerate(g.stats.screens):
+            screens.append(
+                ScreenRow(
+                    g.name,
+                    n,
+                    s.time_s,
+                    s.version,
+                    s.n_frames,
+                    s.n_flagged,
+                    s.p_value,
+                    s.backdoored,
+                    s.compute_s,
+                    s.boundary,
+                )
+            )
+            for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
+                screened.append(ScreenedFrame(g.name, n, frame_id, entropy))
+    return screens, screened
+
+
+def _calibration(gateways: list[ScreeningGateway], backdoors: dict[int, BackdoorInUpdate]) -> list[CalibrationScore]:
+    """For each backdoored version, the entropies of the clean calibration images under it, at the first
+    gateway that screened it (a group's gateways share images, overlays and settings, and the seed is fixed)."""
+    from iotbed.defenses.strip import StripDetector
+
+    rows: list[CalibrationScore] = []
+    for version in backdoors:
+        for g in gateways:
+            model = g.model_for(version)
+            if model is None or not any(s.version == version for s in g.stats.screens):
+                continue
+            detector = StripDetector(
+                model, g.overlays, n_blends=g.settings.n_blends, generator=torch.Generator().manual_seed(0)
+            )
+            rows += [CalibrationScore(g.name, version, e) for e in detector.score(g.calibration).tolist()]
+            break
+    return rows
+
+
+def _repair_row(edge: str, repair: dict[str, Any]) -> RepairRow:
+    return RepairRow(
+        edge,
+        repair["quarantined_version"],
+        repair["version"],
+        repair["flagged"],
+        repair["started_s"],
+        repair["published_s"],
+        repair["sim_seconds"],
+        repair["wall_seconds"],
+        repair["flops"],
+    )
+
+
+def _repaired_scores(edges: list[EdgeServer], artefacts: Artefacts) -> list[OfflineScore]:
+    held = {v: m for e in edges for v, m in e.held.items()}
+    return [
+        _offline_score(held[repaired_version(version)], version, "repaired", bd, artefacts)
+        for version, bd in artefacts.backdoors.items()
+        if repaired_version(version) in held
+    ]
+
+
+def _offline_score(
+    model: nn.Module, version: int, kind: str, bd: BackdoorInUpdate, artefacts: Artefacts
+) -> OfflineScore:
+    """`model`'s clean accuracy, and success rate of `bd`'s trigger, on the cameras' test split."""
+    from iotbed.attacks.backdoor import backdoor_metrics
+    from iotbed.data.dataset import ImageDataset
+
+    labels = torch.from_numpy(artefacts.labels)
+    classes = tuple(str(c) for c in range(int(labels.max()) + 1))
+    ds = ImageDataset("test", artefacts.images, labels, classes, "the cameras' test split")
+    m = backdoor_metrics(model, ds, bd.trigger, bd.target)
+    return OfflineScore(
+        version, kind, m.clean_accuracy, m.attack_success_rate, m.robust_accuracy, m.n_clean, m.n_triggered
+    )
