@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from iotbed.attacks.network import AttackWindow, ManInTheMiddle
+from iotbed.broker.messages import Publish
 from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
 from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
@@ -493,6 +494,11 @@ def build_deployment(
     broker = SimBroker(env, network, broker_node, settings, recorder.on_retry, recorder.on_give_up)
     broker.undelivered_listeners.append(recorder.on_undelivered)
 
+    def acked(message: Publish) -> None:  # once per QoS 1/2 frame: inlined, not through the recorder
+        record = message.record
+        if record is not None and record.t_broker_ack < 0:
+            record.t_broker_ack = env.now
+
     def client(node: str, client_id: str, clean_session: bool = True) -> SimMqttClient:
         return SimMqttClient(
             env,
@@ -504,7 +510,7 @@ def build_deployment(
             on_retry=recorder.on_retry,
             on_give_up=recorder.on_give_up,
             on_not_connected=recorder.on_not_connected,
-            on_acked=lambda message: recorder.on_acked(message, env.now),
+            on_acked=acked,
         )
 
     wiring = Wiring(env, recorder, client, _tap_relayed(network), inline(env), network)
