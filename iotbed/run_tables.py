@@ -112,13 +112,9 @@ class OfflineScore:
     n_triggered: int
 
     def as_summary(self) -> dict[str, Any]:
-        return {
-            "clean_accuracy": self.clean_accuracy,
-            "attack_success_rate": self.attack_success_rate,
-            "robust_accuracy": self.robust_accuracy,
-            "n_clean": self.n_clean,
-            "n_triggered": self.n_triggered,
-        }
+        out = dataclasses.asdict(self)
+        del out["version"], out["model"]
+        return out
 
 
 @dataclass(frozen=True)
