@@ -56,7 +56,13 @@ def test_acl_from_roles() -> None:
     blocks = {block.split("\n")[1]: block.split("\n")[2:] for block in text.split("# role ")[1:]}
     assert [line for line in blocks["user cam-3"] if line] == ["topic write frames/cam-3", "topic write status/cam-3"]
     assert "topic read frames/#" in blocks["user edge-0"] and "topic read models/#" in blocks["user edge-0"]
-    assert not any(line.startswith("topic write models") for line in blocks["user edge-0"])
+    # an edge publishes the models it repairs (CoDefend), never frames
+    assert "topic write models/#" in blocks["user edge-0"]
+    assert not any(line.startswith("topic write frames") for line in blocks["user edge-0"])
+    # a gateway may publish quarantine notices and no model
+    assert [line for line in blocks["user gw"] if line.startswith("topic write models")] == [
+        "topic write models/quarantine"
+    ]
     assert "topic write models/#" in blocks["user registry"]
     assert "topic read status/#" in blocks["user gw"]
     with pytest.raises(BrokerError, match="known roles"):

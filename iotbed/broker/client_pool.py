@@ -21,22 +21,15 @@ def connect_ahead(transports: list[MqttTransport], batch: int = 50, timeout_s: f
             transport.connect()
         deadline = time.monotonic() + timeout_s
         for transport in chunk:
-            transport._answered.wait(max(0.0, deadline - time.monotonic()))
+            transport.wait_answered(max(0.0, deadline - time.monotonic()))
 
 
 def close_all(transports: list[MqttTransport]) -> None:
     """Disconnect every transport, then wait for their network threads: they wind down together, not one
     after another (a thread waiting out a reconnect delay takes up to a second to notice)."""
-    closing = [t for t in transports if t._started and not t._closed]
-    for t in transports:
-        t._closing = True
-        t._read_pace = None  # a slow reader stops holding its thread back
+    closing = [t for t in transports if t.begin_close()]
     for t in closing:
-        t._closed = True
-        t._client.disconnect()
-    for t in closing:
-        t._client.loop_stop()  # returns at once if a permanent refusal already ended the thread
-        t.bridge.detach()
+        t.stop_network()
     for t in closing:
         t.bridge.drain()
     for t in transports:

@@ -332,6 +332,26 @@ class MqttTransport:
         """Disconnect cleanly and stop paho's thread; what paho reported before is processed at once."""
         close_all([self])
 
+    # --- closing in steps, so that `client_pool.close_all` winds many transports down together -------------
+    def wait_answered(self, timeout_s: float) -> bool:
+        """Block until the broker answered a CONNECT (or an attempt failed), at most `timeout_s`."""
+        return self._answered.wait(timeout_s)
+
+    def begin_close(self) -> bool:
+        """Stop reconnecting and reading slowly; send DISCONNECT. Whether a network thread is left to stop."""
+        running = self._started and not self._closed
+        self._closing = True
+        self._read_pace = None  # a slow reader stops holding its thread back
+        if running:
+            self._closed = True
+            self._client.disconnect()
+        return running
+
+    def stop_network(self) -> None:
+        """Wait for paho's thread (at once if a permanent refusal already ended it) and leave the bridge."""
+        self._client.loop_stop()
+        self.bridge.detach()
+
     def crash(self) -> None:
         """Vanish without a DISCONNECT (the TCP connection is torn down): the broker publishes the will."""
         self._closing = True
