@@ -388,6 +388,13 @@ def emulate(
             f"latencies include that; use more --workers or a lighter scenario",
             highlight=False,
         )
+    for label, mitm in result.summary.get("mitm", {}).items():
+        read = "read and changed" if mitm["read_the_stream"] else "could not read (TLS) and changed"
+        err.print(
+            f"mitm {label}: a proxy on the path of {', '.join(mitm['nodes']) or 'no node'}; it {read} "
+            f"{mitm['frames_tampered']} of the frames it saw",
+            highlight=False,
+        )
     if result.out_dir is not None:
         err.print(f"results: {result.out_dir}/", highlight=False)
 
