@@ -8,10 +8,12 @@ groups, the broker and its QoS per topic, and the model registry. Quantities are
 from __future__ import annotations
 
 import difflib
+import math
 import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -25,9 +27,40 @@ from iotbed.naming import group_nodes, group_of, node_name
 from iotbed.units import format_bandwidth, format_duration, parse_bandwidth, parse_duration
 
 
+class LocatedError(ValueError):
+    """A model-wide check's error about one entry: `loc` (e.g. `("faults", 2, "at")`) is where it points,
+    relative to the model that raised it, so the message carries that entry's line."""
+
+    def __init__(self, message: str, *loc: str | int) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _finite(parser: Any, kind: str, example: str) -> Any:
+    """The unit parser, refusing NaN, infinities (`.inf`, `1e999s`) and negative quantities."""
+
+    def parse(value: Any) -> float:
+        try:
+            number = parser(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"{kind} {value!r} is not a finite number; write one such as `{example}`")
+        if number < 0:
+            raise ValueError(f"a {kind} must not be negative, got {value!r}")
+        return number
+
+    return parse
+
+
 def _quantity(parser: Any, formatter: Any, example: str, kind: str) -> Any:
     schema = {"anyOf": [{"type": "string", "examples": [example]}, {"type": "number"}], "description": kind}
-    return (BeforeValidator(parser), PlainSerializer(formatter, return_type=str), WithJsonSchema(schema))
+    name = kind.split(":")[0].removeprefix("a ")
+    return (
+        BeforeValidator(_finite(parser, name, example)),
+        PlainSerializer(formatter, return_type=str),
+        WithJsonSchema(schema),
+    )
 
 
 Duration = Annotated[float, *_quantity(parse_duration, format_duration, "5ms", "a duration: 250us, 5ms, 60s, 2min")]
@@ -37,9 +70,21 @@ Bandwidth = Annotated[
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 Qos = Literal[0, 1, 2]
 
+SEED_MAX = 2**63 - 1
+"""Seeds go to `numpy.random.SeedSequence` (non-negative) and torch's `manual_seed` (64 bits): 0..2**63-1."""
+
+
+def _seed_range(value: int) -> int:
+    if not 0 <= value <= SEED_MAX:
+        raise ValueError(f"a seed is a whole number from 0 to 2**63 - 1 ({SEED_MAX}), got {value}")
+    return value
+
+
+Seed = Annotated[int, AfterValidator(_seed_range)]
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BernoulliLossSpec(Strict):
@@ -196,7 +241,7 @@ class AttackSpec(Strict):
     ] = 1.0
     start: Duration = 0.0
     stop: Duration | None = None
-    seed: int = Field(
+    seed: Seed = Field(
         0,
         description="crafting seed (PGD's random start, EOT's draws); like the model, an input kept fixed while the scenario seed varies",
     )
@@ -279,7 +324,7 @@ class CoDefendRepairSpec(Strict):
     epochs: Annotated[int, Field(ge=1)] = 4
     decay_epochs: Annotated[int, Field(ge=0)] = 4
     unlearn_epochs: Annotated[int, Field(ge=1)] = 10
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EdgeServerGroup(Strict):
@@ -377,7 +422,7 @@ class TrainSpec(Strict):
     lr: Annotated[float | None, Field(gt=0)] = None
     optimizer: Literal["adam", "sgd"] | None = None
     augmentation: Literal["none", "shift"] | None = None
-    seed: int = Field(
+    seed: Seed = Field(
         0, description="training seed; the model is an input of the run, kept fixed while the scenario seed varies"
     )
 
@@ -385,7 +430,7 @@ class TrainSpec(Strict):
 class DatasetSpec(Strict):
     name: str = "digits"
     path: str | None = None
-    split_seed: int = Field(0, description="seed of the train/test split (kept fixed while the scenario seed varies)")
+    split_seed: Seed = Field(0, description="seed of the train/test split (kept fixed while the scenario seed varies)")
 
     @model_validator(mode="after")
     def _known(self) -> DatasetSpec:
@@ -425,7 +470,7 @@ class TriggerSpec(Strict):
     margin: Annotated[int, Field(ge=0)] = 1
     style: Literal["white", "black", "checkerboard"] = "white"
     alpha: Annotated[float, Field(gt=0.0, le=1.0, description="opacity (blended: the pattern's weight)")] = 1.0
-    seed: int = Field(0, description="the blended noise pattern's seed")
+    seed: Seed = Field(0, description="the blended noise pattern's seed")
 
 
 class BackdoorSpec(Strict):
@@ -435,7 +480,7 @@ class BackdoorSpec(Strict):
     trigger: TriggerSpec = TriggerSpec()
     target: Annotated[int, Field(ge=0)] = 0
     ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
-    poison_seed: int = 0
+    poison_seed: Seed = 0
 
 
 class ModelUpdateSpec(Strict):
@@ -456,7 +501,7 @@ class RegistrySpec(Strict):
 class Scenario(Strict):
     name: str
     description: str = ""
-    seed: int = 0
+    seed: Seed = 0
     duration: Duration
     dataset: DatasetSpec = DatasetSpec()
     model: ModelSpec = ModelSpec()
@@ -477,88 +522,160 @@ class Scenario(Strict):
         from iotbed.sim.devices import BUILTIN_PROFILES
 
         if self.duration <= 0:
-            raise ValueError("duration must be above zero, e.g. `60s`")
+            raise LocatedError("duration must be above zero, e.g. `60s`", "duration")
         if self.monitor_interval <= 0:
-            raise ValueError("monitor_interval must be above zero, e.g. `1s`")
+            raise LocatedError("monitor_interval must be above zero, e.g. `1s`", "monitor_interval")
         groups = self.group_names()
         seen: set[str] = set()
-        for group in groups:
-            if group in seen:
-                raise ValueError(f"node group name {group!r} is used twice; give each group its own name")
-            seen.add(group)
-        for link in self.links:
+        for kind in ("cameras", "gateways", "routers", "edge_servers"):
+            for i, group in enumerate(getattr(self.nodes, kind)):
+                if group.name in seen:
+                    raise LocatedError(
+                        f"node group name {group.name!r} is used twice; give each group its own name",
+                        "nodes",
+                        kind,
+                        i,
+                        "name",
+                    )
+                seen.add(group.name)
+        for i, link in enumerate(self.links):
             for end in link.between:
                 if end not in groups:
-                    raise ValueError(f"link end {end!r} is not a node group{_suggest(end, groups)}")
-        for named in (self.broker.node, self.registry.node):
+                    raise LocatedError(
+                        f"link end {end!r} is not a node group{_suggest(end, groups)}", "links", i, "between"
+                    )
+        for section, named in (("broker", self.broker.node), ("registry", self.registry.node)):
             if named is not None and self.resolve_node(named) is None:
-                raise ValueError(f"broker/registry node {named!r} is not a node group or node{_suggest(named, groups)}")
-        profiles = set(BUILTIN_PROFILES) | set(self.devices)
-        for group in [*self.nodes.gateways, *self.nodes.edge_servers]:
-            if group.device not in profiles:
-                raise ValueError(
-                    f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}"
+                raise LocatedError(
+                    f"broker/registry node {named!r} is not a node group or node{_suggest(named, groups)}",
+                    section,
+                    "node",
                 )
+        profiles = set(BUILTIN_PROFILES) | set(self.devices)
+        for kind in ("gateways", "edge_servers"):
+            for i, group in enumerate(getattr(self.nodes, kind)):
+                if group.device not in profiles:
+                    raise LocatedError(
+                        f"device {group.device!r} of group {group.name!r} is unknown{_suggest(group.device, profiles)}",
+                        "nodes",
+                        kind,
+                        i,
+                        "device",
+                    )
         # nodes that run an MQTT client: gateways without a screen and routers only forward packets
         with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers]}
         with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
-        for fault in self.faults:
-            if fault.node is not None and self.resolve_node(fault.node) != fault.node:
-                raise ValueError(f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`")
-            if fault.node is not None and group_of(fault.node) not in with_client:
-                raise ValueError(
-                    f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
-                    f"only forward packets); name a camera or edge server node"
+        for i, fault in enumerate(self.faults):
+            if fault.at >= self.duration:
+                raise LocatedError(
+                    f"fault {i} ({fault.kind}) comes at {format_duration(fault.at)}, at or after the end of the run "
+                    f"(duration: {format_duration(self.duration)}); move it earlier or drop it",
+                    "faults",
+                    i,
+                    "at",
                 )
-        for topic_filter in self.broker.qos:
-            validate_filter(topic_filter)
-        for camera in self.nodes.cameras:
-            validate_topic(camera.topic.replace("{name}", f"{camera.name}-0"))
-        validate_topic(self.registry.topic)
-        for edge in self.nodes.edge_servers:
-            validate_filter(edge.subscribe)
+            if fault.node is not None and self.resolve_node(fault.node) != fault.node:
+                raise LocatedError(
+                    f"fault node {fault.node!r} is not a node; name one like `{self.group_names()[0]}-0`",
+                    "faults",
+                    i,
+                    "node",
+                )
+            if fault.node is not None and group_of(fault.node) not in with_client:
+                raise LocatedError(
+                    f"fault node {fault.node!r} runs no MQTT client (gateways without `strip:` and routers "
+                    f"only forward packets); name a camera or edge server node",
+                    "faults",
+                    i,
+                    "node",
+                )
+        checks: list[tuple[Any, str, tuple[str | int, ...]]] = [
+            (validate_filter, f, ("broker", "qos", f)) for f in self.broker.qos
+        ]
+        checks += [
+            (validate_topic, c.topic.replace("{name}", f"{c.name}-0"), ("nodes", "cameras", i, "topic"))
+            for i, c in enumerate(self.nodes.cameras)
+        ]
+        checks.append((validate_topic, self.registry.topic, ("registry", "topic")))
+        checks += [
+            (validate_filter, e.subscribe, ("nodes", "edge_servers", i, "subscribe"))
+            for i, e in enumerate(self.nodes.edge_servers)
+        ]
+        for check, topic, loc in checks:
+            try:
+                check(topic)
+            except ValueError as exc:
+                raise LocatedError(str(exc), *loc) from None
+        for i, edge in enumerate(self.nodes.edge_servers):
             if sum(d.kind == "superiot" for d in edge.defenses) > 1:
-                raise ValueError(f"edge server group {edge.name!r}: one `superiot` defense at most")
+                raise LocatedError(
+                    f"edge server group {edge.name!r}: one `superiot` defense at most",
+                    "nodes",
+                    "edge_servers",
+                    i,
+                    "defenses",
+                )
         self._check_attacks()
         return self
 
     def _check_attacks(self) -> None:
         labels: set[str] = set()
         cameras = [g.name for g in self.nodes.cameras]
-        for attack in self.attacks:
+        for i, attack in enumerate(self.attacks):
             if attack.label in labels:
-                raise ValueError(f"two attacks are called {attack.label!r}; give each its own `name:`")
+                raise LocatedError(f"two attacks are called {attack.label!r}; give each its own `name:`", "attacks", i)
             if "+" in attack.label:
-                raise ValueError(
-                    f"attack name {attack.label!r}: `+` joins attack names in the trace; use another character"
+                raise LocatedError(
+                    f"attack name {attack.label!r}: `+` joins attack names in the trace; use another character",
+                    "attacks",
+                    i,
+                    "name",
                 )
             labels.add(attack.label)
-            for target in attack.cameras:
+            for j, target in enumerate(attack.cameras):
                 node = self.resolve_node(target)
                 if node is None or group_of(node) not in cameras:
-                    raise ValueError(
-                        f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}"
+                    raise LocatedError(
+                        f"attack {attack.label!r}: {target!r} is not a camera group or camera{_suggest(target, cameras)}",
+                        "attacks",
+                        i,
+                        "cameras",
+                        j,
                     )
             if attack.link is not None:
-                self.attack_link_groups(attack)
-            if attack.stop is not None and attack.start >= self.duration:
-                raise ValueError(
-                    f"attack {attack.label!r} starts after the run ends ({format_duration(self.duration)})"
+                try:
+                    self.attack_link_groups(attack)
+                except ValueError as exc:
+                    raise LocatedError(str(exc), "attacks", i, "link") from None
+            if attack.start >= self.duration:
+                raise LocatedError(
+                    f"attack {attack.label!r} starts at {format_duration(attack.start)}, at or after the end of the "
+                    f"run (duration: {format_duration(self.duration)}); start it earlier or drop it",
+                    "attacks",
+                    i,
+                    "start",
                 )
             if attack.kind == "trigger":
                 updates = self.registry.updates
                 if attack.update >= len(updates) or updates[attack.update].backdoor is None:
-                    raise ValueError(
+                    raise LocatedError(
                         f"attack {attack.label!r}: registry update {attack.update} is not a backdoored "
-                        "update; give it `backdoor:` or point `update:` at one"
+                        "update; give it `backdoor:` or point `update:` at one",
+                        "attacks",
+                        i,
+                        "update",
                     )
-        for update in self.registry.updates:
+        for i, update in enumerate(self.registry.updates):
             if update.publisher is not None and self.resolve_node(update.publisher) != update.publisher:
-                raise ValueError(
-                    f"update publisher {update.publisher!r} is not a node; name one like `{self.group_names()[0]}-0`"
+                raise LocatedError(
+                    f"update publisher {update.publisher!r} is not a node; name one like `{self.group_names()[0]}-0`",
+                    "registry",
+                    "updates",
+                    i,
+                    "publisher",
                 )
         if self.attacks and not self.nodes.edge_servers:
-            raise ValueError("attacks need an edge server whose model they target")
+            raise LocatedError("attacks need an edge server whose model they target", "attacks")
 
     def camera_groups_of(self, attack: AttackSpec) -> list[str]:
         """The camera groups an attack's frames come from: its targets, or (mitm) every camera group."""
