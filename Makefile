@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table fuzz clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ reproduce-backdoor: setup
 # about 16 min on 2 cores, under 2 min when the adversarial examples are cached).
 superiot-table: setup
 	$(PY) benchmarks/superiot_table.py
+
+# Every parser a client or a user can reach (scenario files, frames, pixel drop, model updates and the model
+# loader, quarantine notices) gets 10000 generated or mutated inputs; crashes and hangs land in fuzz/findings/
+# and fail the target (about a minute on 2 cores). Options: make fuzz FUZZ_ARGS='--n 300 --parsers frame'.
+fuzz: setup
+	$(PY) fuzz/run.py $(FUZZ_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache runs benchmarks/results

@@ -17,6 +17,10 @@ Anything else on a topic (a will, a status line) stays `bytes`. Received data is
 publish anything on a topic it may write. `decode` checks lengths, the header and the safetensors index
 before building an object, and raises `MalformedPayload` (with a short `reason`) for data that is
 truncated, oversized, of the wrong format or inconsistent; a subscriber counts it and skips the message.
+Every size a payload declares is bounded before anything is allocated: a frame's shape by `MAX_FRAME_DIM`
+(and, given the scenario's `frame_shape`, must be that shape), a pixel-drop body's own header by the frame
+header's shape, by its exact length and by a pixel budget (the decoded frame is never larger than a raw
+frame of `max_frame_bytes`, nor than `pixel_drop.MAX_DECODE_PIXELS`); no other exception escapes `decode`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ DEFAULT_MAX_MODEL_BYTES = 512 * 1024 * 1024
 DEFAULT_MAX_QUARANTINE_BYTES = 64 * 1024 * 1024
 MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 MAX_FRAME_DIM = 8192
+FRAME_BYTES_MARGIN = 64  # slack on top of the largest encoding of the scenario's frame shape
 
 _SAFETENSORS_DTYPE_BYTES = {
     "BOOL": 1,
@@ -79,7 +84,7 @@ PixelsFor = Callable[[Frame], np.ndarray]
 
 class MalformedPayload(ValueError):
     """Received bytes that are not a valid payload for their topic. `reason` is a short key for counters:
-    truncated, oversized, bad_magic, bad_version, bad_codec, bad_shape, bad_length, bad_model."""
+    truncated, oversized, bad_magic, bad_version, bad_codec, bad_shape, bad_length, bad_header, bad_model."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
@@ -165,7 +170,27 @@ def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
     raise TypeError(f"cannot put a {type(payload).__name__} on the wire; expected Frame, ModelUpdate, bytes or str")
 
 
-def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
+def max_frame_bytes_for(shape: tuple[int, int, int]) -> int:
+    """The largest frame of `shape` (C, H, W) `encode_frame` can write, plus `FRAME_BYTES_MARGIN`: a raw frame,
+    or a pixel-drop one with a bitmap mask that drops nothing (the frame header, the codec's header, the
+    bitmap, every pixel)."""
+    c, h, w = _check_frame_shape(shape)
+    dropped = FRAME_HEADER.size + pixel_drop.HEADER.size + max(-(-h * w // 8), pixel_drop.SEED.size) + c * h * w
+    return max(FRAME_HEADER.size + c * h * w, dropped) + FRAME_BYTES_MARGIN
+
+
+def _check_frame_shape(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    c, h, w = (int(x) for x in shape)
+    if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
+        raise ValueError(f"frame_shape must be (C, H, W) with 1 <= C <= 4, 1 <= H, W <= {MAX_FRAME_DIM}, got {shape}")
+    return c, h, w
+
+
+def decode_frame(
+    data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES, frame_shape: tuple[int, int, int] | None = None
+) -> Frame:
+    """A Frame from `encode_frame`'s bytes; `MalformedPayload` for anything else. With `frame_shape` (the
+    scenario's (C, H, W)), a frame of any other shape is refused (`bad_shape`)."""
     n = len(data)
     if n > max_bytes:
         raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a frame")
@@ -180,10 +205,14 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
         raise MalformedPayload("bad_codec", f"frame codec {codec}, this decoder reads raw (0) and pixel drop (1)")
     if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
         raise MalformedPayload("bad_shape", f"frame shape {(c, h, w)} is out of range")
+    if frame_shape is not None and (c, h, w) != tuple(frame_shape):
+        raise MalformedPayload("bad_shape", f"frame shape {(c, h, w)}, this run's frames are {tuple(frame_shape)}")
     if not np.isfinite(captured_at):
         raise MalformedPayload("bad_header", f"capture time {captured_at} is not finite")
     if codec == CODEC_PIXEL_DROP:
-        return _decode_dropped(data, (c, h, w), frame_id, camera, captured_at, image_index, label)
+        # The decoded frame may not hold more pixels than a raw frame of max_bytes (or the scenario's frame).
+        budget = c * h * w if frame_shape is not None else min(max_bytes, pixel_drop.MAX_DECODE_PIXELS)
+        return _decode_dropped(data, (c, h, w), budget, frame_id, camera, captured_at, image_index, label)
     expected = FRAME_HEADER.size + c * h * w
     if n != expected:
         raise MalformedPayload("bad_length", f"{n} bytes for a {c}x{h}x{w} frame, expected {expected}")
@@ -195,6 +224,7 @@ def decode_frame(data: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame
 def _decode_dropped(
     data: bytes,
     shape: tuple[int, int, int],
+    max_pixels: int,
     frame_id: int,
     camera: int,
     captured_at: float,
@@ -202,14 +232,22 @@ def _decode_dropped(
     label: int,
 ) -> Frame:
     body = bytes(data[FRAME_HEADER.size :])
+    if len(body) < pixel_drop.HEADER.size:
+        raise MalformedPayload("truncated", f"pixel-drop body of {len(body)} bytes is shorter than its header")
+    body_shape = tuple(pixel_drop.HEADER.unpack_from(body)[3:6])
+    if body_shape != shape:  # checked before the codec builds anything
+        raise MalformedPayload("bad_shape", f"pixel-drop body of shape {body_shape}, the header says {shape}")
     try:
-        pixels_u8, mask = pixel_drop.decode(body)
+        # The codec checks its own header (window, rate, mask format) and the exact length before allocating.
+        pixels_u8, mask = pixel_drop.decode(body, shape=shape, max_pixels=max_pixels)
         _, _, code, _, _, _, ws, rate = pixel_drop.HEADER.unpack_from(body)
         drop = pixel_drop.PixelDropCodec(ws, rate, "seed" if code == 1 else "bitmap")
         # a seed-format frame keeps its seed, so a node that changes its pixels can send it on as it came
         seed = pixel_drop.SEED.unpack_from(body, pixel_drop.HEADER.size)[0] if code == 1 else -1
-    except ValueError as exc:  # PixelDropFormatError, or parameters the codec refuses
+    except pixel_drop.PixelDropFormatError as exc:
         raise MalformedPayload("bad_codec", f"pixel-drop body: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else the codec raises on hostile input, never past here
+        raise MalformedPayload("bad_codec", f"pixel-drop body: {type(exc).__name__}: {exc}") from None
     if pixels_u8.shape != shape:
         raise MalformedPayload("bad_shape", f"pixel-drop body of shape {pixels_u8.shape}, the header says {shape}")
     pixels = pixels_u8.astype(np.float32) * np.float32(1.0 / 255.0)
@@ -238,7 +276,7 @@ def check_safetensors(blob: bytes) -> dict[str, Any]:
         raise MalformedPayload("bad_model", f"safetensors header length {header_len} does not fit {n} bytes")
     try:
         index = json.loads(blob[SAFETENSORS_HEADER_LEN.size : SAFETENSORS_HEADER_LEN.size + header_len])
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise MalformedPayload("bad_model", f"safetensors header is not JSON: {exc}") from None
     if not isinstance(index, dict):
         raise MalformedPayload("bad_model", "safetensors header is not a JSON object")
@@ -262,7 +300,23 @@ def check_safetensors(blob: bytes) -> dict[str, Any]:
     return index
 
 
-def decode_model_update(data: bytes, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -> ModelUpdate:
+def check_model_blob(blob: bytes) -> None:
+    """`MalformedPayload` ("bad_model") unless `blob` loads as an iotbed model: its metadata names an
+    architecture and every tensor has that architecture's names, shapes and dtypes and the stored checksum
+    (`iotbed.models.model_from_bytes`, which raises `ModelError` otherwise)."""
+    from iotbed.models import model_from_bytes
+
+    try:
+        model_from_bytes(blob)
+    except Exception as exc:  # noqa: BLE001 - ModelError, or whatever else hostile bytes make the loader raise
+        raise MalformedPayload("bad_model", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_model_update(
+    data: bytes, max_bytes: int = DEFAULT_MAX_MODEL_BYTES, check_model: bool = False
+) -> ModelUpdate:
+    """A ModelUpdate; with `check_model`, only one whose blob loads as an iotbed model (`check_model_blob`),
+    so that a node's loader never meets one it refuses."""
     n = len(data)
     if n > max_bytes:
         raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a model update")
@@ -271,6 +325,8 @@ def decode_model_update(data: bytes, max_bytes: int = DEFAULT_MAX_MODEL_BYTES) -
     (version,) = MODEL_VERSION.unpack_from(data)
     blob = bytes(data[MODEL_VERSION.size :])
     check_safetensors(blob)
+    if check_model:
+        check_model_blob(blob)
     return ModelUpdate(version, blob)
 
 
@@ -312,6 +368,8 @@ def decode(
     *,
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+    frame_shape: tuple[int, int, int] | None = None,
+    check_model: bool = False,
 ) -> Any:
     """The payload object for `data` received on `topic`: a Frame under `frames/`, a ModelUpdate under
     `models/` (a Quarantine on `models/quarantine`), else the bytes unchanged. Raises `MalformedPayload` for
@@ -319,23 +377,36 @@ def decode(
     if topic == QUARANTINE_TOPIC:
         return decode_quarantine(data)
     if _under(topic, FRAMES_ROOT):
-        return decode_frame(data, max_frame_bytes)
+        return decode_frame(data, max_frame_bytes, frame_shape)
     if _under(topic, MODELS_ROOT):
-        return decode_model_update(data, max_model_bytes)
+        return decode_model_update(data, max_model_bytes, check_model)
     return bytes(data)
 
 
 class WireCodec:
-    """`encode`/`decode` with fixed settings, as `MqttTransport(codec=...)` takes them."""
+    """`encode`/`decode` with fixed settings, as `MqttTransport(codec=...)` takes them.
+
+    `frame_shape`: the scenario's (C, H, W); a received frame of any other shape is refused (`bad_shape`),
+    and `max_frame_bytes` defaults to the largest encoding of that shape (`max_frame_bytes_for`) instead of
+    `DEFAULT_MAX_FRAME_BYTES`. `check_model`: a model update is only delivered if it loads as an iotbed
+    model (costs one extra load per received update); else a receiver's loader may meet one it refuses."""
 
     def __init__(
         self,
         pixels_for: PixelsFor | None = None,
         *,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_frame_bytes: int | None = None,
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        frame_shape: tuple[int, int, int] | None = None,
+        check_model: bool = False,
     ) -> None:
         self.pixels_for = pixels_for
+        self.check_model = check_model
+        self.frame_shape = _check_frame_shape(frame_shape) if frame_shape is not None else None
+        if max_frame_bytes is None:
+            max_frame_bytes = (
+                max_frame_bytes_for(self.frame_shape) if self.frame_shape is not None else DEFAULT_MAX_FRAME_BYTES
+            )
         self.max_frame_bytes = max_frame_bytes
         self.max_model_bytes = max_model_bytes
 
@@ -343,7 +414,14 @@ class WireCodec:
         return encode(payload, self.pixels_for)
 
     def decode(self, topic: str, data: bytes) -> Any:
-        return decode(topic, data, max_frame_bytes=self.max_frame_bytes, max_model_bytes=self.max_model_bytes)
+        return decode(
+            topic,
+            data,
+            max_frame_bytes=self.max_frame_bytes,
+            max_model_bytes=self.max_model_bytes,
+            frame_shape=self.frame_shape,
+            check_model=self.check_model,
+        )
 
 
 class RawCodec:

@@ -41,6 +41,9 @@ SEED = struct.Struct("!Q")
 _MASK_CODES: dict[str, int] = {"bitmap": 0, "seed": 1}
 _MASK_NAMES = {code: name for name, code in _MASK_CODES.items()}
 MAX_SEED = 2**64 - 1
+# `decode` refuses frames of more pixels (C*H*W) than a 3 x 2048 x 2048 one unless told otherwise: a header
+# may declare up to 255 x 65535 x 65535, and regenerating a seed-format mask costs ~24 bytes per position.
+MAX_DECODE_PIXELS = 3 * 2048 * 2048
 
 
 class PixelDropFormatError(IotbedError, ValueError):
@@ -191,20 +194,45 @@ def encode(
     return header + mask_part + np.ascontiguousarray(img[:, ~m]).tobytes()
 
 
-def decode(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels uint8 (C, H, W) with dropped pixels 0, mask bool (H, W)) from `encode`'s bytes."""
+def decode(
+    data: bytes,
+    *,
+    shape: tuple[int, int, int] | None = None,
+    max_pixels: int = MAX_DECODE_PIXELS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 (C, H, W) with dropped pixels 0, mask bool (H, W)) from `encode`'s bytes.
+
+    The bytes are untrusted: every field of the header is checked before anything is allocated. With
+    `shape`, a frame of another (C, H, W) is refused; C*H*W over `max_pixels` is refused in any case (the
+    header alone can declare 255 x 65535 x 65535, a seed-format frame that drops everything is 27 bytes).
+    Raises `PixelDropFormatError` (a ValueError) for anything that is not a valid frame."""
     view = memoryview(data)
     if len(view) < HEADER.size:
         raise PixelDropFormatError(f"a pixel-drop frame has at least {HEADER.size} bytes, got {len(view)}")
     magic, version, code, c, h, w, ws, rate = HEADER.unpack_from(view)
     if magic != MAGIC or version != VERSION:
         raise PixelDropFormatError(f"not a pixel-drop frame (magic {magic!r}, version {version})")
-    if code not in _MASK_NAMES or min(c, h, w, ws) < 1 or not 0.0 <= rate <= 1.0:
+    if code not in _MASK_NAMES or min(c, h, w, ws) < 1 or not 0.0 <= rate <= 1.0:  # a NaN rate fails too
         raise PixelDropFormatError(f"bad header: mask code {code}, shape {(c, h, w)}, ws {ws}, rate {rate}")
+    if shape is not None and (c, h, w) != tuple(shape):
+        raise PixelDropFormatError(f"frame of shape {(c, h, w)}, expected {tuple(shape)}")
+    if c * h * w > max_pixels:
+        raise PixelDropFormatError(f"frame of shape {(c, h, w)} is over the {max_pixels}-pixel limit")
     mask_format = _MASK_NAMES[code]
     expected = encoded_size((c, h, w), ws, rate, mask_format)  # type: ignore[arg-type]
     if len(view) != expected:
         raise PixelDropFormatError(f"frame of shape {(c, h, w)} should be {expected} bytes, got {len(view)}")
+    try:
+        return _decode_checked(view, mask_format, c, h, w, ws, rate)
+    except PixelDropFormatError:
+        raise
+    except (ValueError, RuntimeError, MemoryError, OverflowError) as exc:  # not expected after the checks above
+        raise PixelDropFormatError(f"cannot decode a {(c, h, w)} frame: {type(exc).__name__}: {exc}") from None
+
+
+def _decode_checked(
+    view: memoryview, mask_format: str, c: int, h: int, w: int, ws: int, rate: float
+) -> tuple[np.ndarray, np.ndarray]:
     offset = HEADER.size
     if mask_format == "bitmap":
         nbytes = _mask_bytes(h, w, "bitmap")
@@ -241,8 +269,8 @@ class PixelDropCodec:
         seed = draw_seed(generator)
         return encode(image, ws=self.ws, rate=self.rate, mask_format=self.mask_format, seed=seed)
 
-    def decode(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        return decode(data)
+    def decode(self, data: bytes, *, shape: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return decode(data, shape=shape)
 
     def encoded_size(self, shape: tuple[int, int, int]) -> int:
         return encoded_size(shape, self.ws, self.rate, self.mask_format)

@@ -135,7 +135,11 @@ def build_live(
     bridge = RealtimeBridge(env)
     recorder = TraceRecorder()
     pixels_u8 = (artefacts.images * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
-    codec = WireCodec(lambda frame: pixels_u8[frame.image_index])
+    codec = WireCodec(
+        lambda f: pixels_u8[f.image_index],
+        frame_shape=tuple(int(x) for x in artefacts.images.shape[1:]),
+        check_model=True,
+    )
     b = scenario.broker
     transports: dict[str, MqttTransport] = {}
     shapers: dict[str, LinkShaper] = {}

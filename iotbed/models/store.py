@@ -144,13 +144,20 @@ def _build_from(
         for k in sorted(own)
         if k in tensors and tensors[k].shape != own[k].shape
     ]
-    if missing or unexpected or mismatched:
+    # load_state_dict would silently cast an int or float64 tensor into a float32 parameter: refuse it instead
+    retyped = [
+        f"{k}: file {tensors[k].dtype} vs model {own[k].dtype}"
+        for k in sorted(own)
+        if k in tensors and tensors[k].dtype != own[k].dtype
+    ]
+    if missing or unexpected or mismatched or retyped:
         details = "; ".join(
             part
             for part in (
                 f"missing {', '.join(missing)}" if missing else "",
                 f"unexpected {', '.join(unexpected)}" if unexpected else "",
                 f"shape mismatch {', '.join(mismatched)}" if mismatched else "",
+                f"dtype mismatch {', '.join(retyped)}" if retyped else "",
             )
             if part
         )
