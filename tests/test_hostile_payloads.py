@@ -302,3 +302,58 @@ def test_decode_quarantine_random_bytes(data: bytes) -> None:
 def test_decode_quarantine_mutations(notice: bytes, flips, cut: int, header) -> None:  # type: ignore[no-untyped-def]
     data = _mutate(_mutate(notice, [(p % wire.QUARANTINE_HEADER.size, v & 0xFF) for p, v in header], 0), flips, cut)
     _decodes_or_refuses(wire.decode_quarantine, data)
+
+
+# --- regressions from `make fuzz` ------------------------------------------------------------------------------
+def test_model_loader_refuses_a_deeply_nested_index_or_metadata() -> None:
+    import json
+
+    from iotbed.errors import ModelError
+    from iotbed.models import model_from_bytes
+
+    nested = b"[" * 100_000
+    with pytest.raises(ModelError):
+        model_from_bytes(struct.pack("<Q", len(nested)) + nested)
+    blob = model_to_bytes(build_model("lenet5", in_channels=1, num_classes=10, image_size=28, mean=(0.5,), std=(0.25,)))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"]["std"] = "[" * 100_000
+    header.get("__metadata__", {}).pop("weights_sha256", None)
+    text = json.dumps(header).encode()
+    with pytest.raises(ModelError):
+        model_from_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n :])
+
+
+def test_scenario_loader_refuses_an_empty_tagged_int(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from iotbed import load_scenario
+    from iotbed.errors import ScenarioError
+
+    path = tmp_path / "fuzzed.yaml"
+    path.write_text("!!int : strip1", encoding="utf-8")
+    with pytest.raises(ScenarioError, match="fuzzed.yaml:1"):
+        load_scenario(path)
+
+
+def test_an_edge_server_counts_an_update_that_is_not_a_model() -> None:
+    """A safetensors update whose weights do not fit the architecture it names is refused and counted."""
+    import json
+
+    import iotbed
+    from iotbed.broker.messages import Publish
+    from iotbed.deployment import build_deployment
+    from iotbed.runner import load_model_bytes, prepare
+
+    scenario = iotbed.load_scenario(
+        __import__("conftest").SCENARIOS / "quickstart.yaml", ["duration=1s", "registry.updates=[]"]
+    )
+    resolved, artefacts, _ = prepare(scenario, progress=False)
+    deployment = build_deployment(resolved, artefacts, load_model_bytes)
+    edge = deployment.nodes.edges[0]
+    blob = model_to_bytes(build_model("lenet5", in_channels=1, num_classes=10, image_size=32, mean=(0.5,), std=(0.25,)))
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"]["num_classes"] = "43"  # the weights still have 10 outputs
+    header["__metadata__"].pop("weights_sha256", None)
+    text = json.dumps(header).encode()
+    edge._on_model(Publish("models/classifier", ModelUpdate(5, struct.pack("<Q", len(text)) + text + blob[8 + n :]), 1))
+    assert edge.refused_updates == 1 and edge.classifier.version == 1

@@ -62,7 +62,7 @@ class ModelSpec:
             spec = cls._parse(metadata)
         except KeyError as exc:
             raise ModelError(f"{source} lacks the key {exc.args[0]!r}; it was not written by iotbed") from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nesting past json's depth
             raise ModelError(f"{source} has a malformed architecture field: {exc}") from None
         # Model payloads may arrive from the network: refuse sizes that would make building the
         # module allocate gigabytes before the weights' shapes are even compared.

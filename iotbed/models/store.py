@@ -113,8 +113,8 @@ def _header_metadata(data: bytes, source: str) -> dict[str, str]:
         raise ModelError(f"{source} is corrupt or not a safetensors model (header length {n})")
     try:
         header = json.loads(data[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{source} is corrupt or not a safetensors model: bad header ({exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # nesting past the JSON parser's depth
+        raise ModelError(f"{source} is corrupt or not a safetensors model: bad header ({type(exc).__name__})") from None
     md = header.get("__metadata__") if isinstance(header, dict) else None
     return dict(md) if isinstance(md, dict) else {}
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
+from iotbed.errors import ModelError
 from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
@@ -66,6 +67,7 @@ class EdgeServer:
         self._load_model = load_model
         self._pending: deque[tuple[Frame, FrameRecord, float]] = deque()  # and when each arrived (simulated)
         self.unknown_frames = 0
+        self.refused_updates = 0
         self._wall = wall_clock(env)  # live runs record wall-clock times
         self._seen: set[int] = set()
         self._wake: simpy.Event = env.event()
@@ -115,7 +117,11 @@ class EdgeServer:
             or update.version in self.quarantined
         ):
             return
-        model = self._load_model(update.blob)
+        try:
+            model = self._load_model(update.blob)
+        except ModelError:  # well-formed on the wire, but not a model of this architecture: refused, counted
+            self.refused_updates += 1
+            return
         self.held[update.version] = model
         self.classifier.swap(model, update.version)
         self.recorder.model_events.append(

@@ -25,6 +25,7 @@ from torch import nn
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.defenses.strip import screen_update
+from iotbed.errors import ModelError
 from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
@@ -131,7 +132,11 @@ class ScreeningGateway:
         update = message.payload
         if not isinstance(update, ModelUpdate) or update.version <= self.version or update.version in self._quarantined:
             return
-        self.version, self.model = update.version, self._load_model(update.blob)
+        try:
+            model = self._load_model(update.blob)
+        except ModelError:  # not a model of this architecture: nothing to screen
+            return
+        self.version, self.model = update.version, model
         self.models[self.version] = self.model
         self._fresh = 0  # judge the new model on frames relayed from now on
 

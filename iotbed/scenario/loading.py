@@ -98,7 +98,7 @@ class _ScenarioLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2020-13-45
+        except (ValueError, TypeError, OverflowError, RecursionError, IndexError) as exc:  # 2020-13-45, `!!int` empty
             what = repr(node.value)[:60] if isinstance(node, yaml.ScalarNode) else node.tag
             raise _Refused(None, None, f"cannot read {what} ({exc})", node.start_mark) from None
 
