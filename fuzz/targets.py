@@ -400,9 +400,15 @@ def _model_update() -> Harness:
 
     seeds = _model_seeds()
 
+    metadata = [b"", *_signed_documents()[:2]]
+
     def generate(rng: random.Random) -> bytes:
-        version = struct.pack("!I", rng.choice((0, 1, 2**32 - 1)))
-        return version + _safetensors_input(seeds, rng) if rng.random() < 0.95 else mut.random_bytes(rng)
+        meta = rng.choice(metadata)
+        declared = rng.choice((len(meta), len(meta), 0, 4096, 4097, 65535))
+        head = struct.pack("!IH", rng.choice((0, 1, 2**32 - 1)), declared) + meta
+        if rng.random() < 0.1:
+            return head  # metadata only: a renewal
+        return head + _safetensors_input(seeds, rng) if rng.random() < 0.95 else mut.random_bytes(rng)
 
     def call(data: bytes) -> Any:
         if data[-1:] and data[-1] & 1:
@@ -421,6 +427,59 @@ def _model_loader() -> Harness:
     return Harness((ModelError,), lambda rng: _safetensors_input(seeds, rng), load_model_bytes)
 
 
+def _signed_documents() -> list[bytes]:
+    """Update metadata (by the registry, by an unknown key) and trust lists, as a run signs them."""
+    from iotbed.sim.rng import RandomStreams
+    from iotbed.trust.documents import Target as UpdateTarget
+    from iotbed.trust.documents import TrustedKey, sign_trust_list, sign_update
+    from iotbed.trust.keys import derive_key
+
+    streams = RandomStreams(0)
+    root, registry, other = (derive_key(streams, n) for n in ("root", "registry", "other"))
+    target = UpdateTarget("digits", "lenet5")
+    entries = [TrustedKey(registry.key_id, registry.public, "registry", "registry")]
+    return [
+        sign_update(registry, 2, "ab" * 32, target, 60.0),
+        sign_update(other, 2**32 - 1, "00" * 32, target, 1e300),
+        sign_trust_list(root, 1, entries),
+        sign_trust_list(root, 2, [*entries, TrustedKey(other.key_id, other.public, "gateway", "gw-0")]),
+    ]
+
+
+def _signed_document() -> Harness:
+    """What a device believes only after checking: update metadata and trust lists, through the verifier."""
+    from iotbed.nodes.payloads import ModelUpdate
+    from iotbed.sim.rng import RandomStreams
+    from iotbed.trust.documents import Target as UpdateTarget
+    from iotbed.trust.documents import TrustError, parse_trust_list
+    from iotbed.trust.keys import derive_key
+    from iotbed.trust.verifier import UpdateVerifier
+
+    seeds = _signed_documents()
+    root = derive_key(RandomStreams(0), "root")
+    junk = (b"[" * 5000, b'{"signed":' * 3000, b"1e999", b"NaN", b'{"signed":{},"sig":"' + b"0" * 128 + b'"}')
+
+    def generate(rng: random.Random) -> bytes:
+        seed = rng.choice(seeds)
+        return _pick(
+            rng,
+            [
+                (0.6, lambda: mut.mutate_bytes(seed, rng, seeds, max_len=70_000)),
+                (0.2, lambda: seed.replace(b'"', rng.choice((b"", b"'", b'""')), rng.randrange(1, 4))),
+                (0.1, lambda: rng.choice(junk)),
+                (0.1, lambda: mut.random_bytes(rng, [b'{"signed":'])),
+            ],
+        )
+
+    def call(data: bytes) -> Any:
+        verifier = UpdateVerifier(root.public, parse_trust_list(seeds[2]), UpdateTarget("digits", "lenet5"), 1, "")
+        if data[-1:] and data[-1] & 1:
+            return verifier.check_trust_list(data)
+        return verifier.check_update(ModelUpdate(2, b"\x00" * 8, data), 0.0)
+
+    return Harness((TrustError,), generate, call)
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -433,6 +492,12 @@ TARGETS: dict[str, Target] = {
         Target("model_loader", "iotbed.runner.load_model_bytes", "ModelError", _model_loader),
         Target(
             "quarantine", "wire.decode_quarantine / wire.decode('models/quarantine')", "MalformedPayload", _quarantine
+        ),
+        Target(
+            "signed_document",
+            "UpdateVerifier.check_update / check_trust_list (update metadata, trust lists)",
+            "TrustError",
+            _signed_document,
         ),
     )
 }

@@ -411,7 +411,8 @@ def broker() -> None:
     "scenario_for_auth",
     type=click.Path(dir_okay=False),
     metavar="SCENARIO",
-    help="require passwords and an ACL by node role, with one user per node of SCENARIO",
+    help="require passwords and an ACL by node role, with one user per client of SCENARIO (each node, each rogue"
+    " publisher), each user bound to the client id that is its name",
 )
 @click.option("--tls", is_flag=True, help="listen with TLS, with a generated CA")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), default=".cache/broker", show_default=True)
@@ -421,22 +422,14 @@ def broker_start(port: int | None, scenario_for_auth: str | None, tls: bool, run
     import secrets
 
     from iotbed.broker.broker_auth import BrokerUser
-    from iotbed.broker.mosquitto import BrokerConfig, start_detached
-    from iotbed.naming import group_nodes
+    from iotbed.broker.mosquitto import BrokerConfig, scenario_client_roles, start_detached
 
     users = []
     if scenario_for_auth:
-        loaded = _load(scenario_for_auth, None, ())
-        roles = (
-            {g.name: "camera" for g in loaded.nodes.cameras}
-            | {g.name: "gateway" for g in loaded.nodes.gateways}
-            | {g.name: "edge" for g in loaded.nodes.edge_servers}
-        )
-        for group, count in loaded.group_counts().items():
-            if group in roles:
-                users += [BrokerUser(n, secrets.token_urlsafe(12), roles[group]) for n in group_nodes(group, count)]
-        users.append(BrokerUser("registry", secrets.token_urlsafe(12), "registry"))
-        users.append(BrokerUser("monitor", secrets.token_urlsafe(12), "monitor"))  # reads $SYS for the summary
+        # One user per client id (each node, each extra client such as a rogue publisher, the registry and
+        # the $SYS monitor); the broker binds each user to the client id that is its name.
+        roles = scenario_client_roles(_load(scenario_for_auth, None, ()))
+        users = [BrokerUser(client_id, secrets.token_urlsafe(12), role) for client_id, role in roles.items()]
     started = start_detached(run_dir, BrokerConfig(port=port, users=tuple(users), tls=tls, persistence=True))
     scheme = "mqtts" if tls else "mqtt"
     click.echo(f"broker running: {scheme}://{started.host}:{started.port} (pid {started.pid}, files in {run_dir})")

@@ -34,6 +34,8 @@ from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
 from iotbed.nodes.repair import CoDefendRepairer
+from iotbed.nodes.update_attacker import UpdateChannelAttacker
+from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, Scenario
 from iotbed.scenario.schema import GatewayGroup
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
@@ -42,6 +44,8 @@ from iotbed.sim.offload import Offload, inline
 from iotbed.sim.rng import RandomStreams
 from iotbed.sim.topology import LinkGroup, LinkMonitor, add_links, add_nodes, relayed_cameras
 from iotbed.sim.trace import TraceRecorder
+from iotbed.trust.channel_setup import setup_channel
+from iotbed.trust.documents import blob_digest
 
 NodeRun = Callable[[], Generator[simpy.Event, object, None]]
 
@@ -103,6 +107,7 @@ class Nodes:
     gateways: list[ScreeningGateway] = field(default_factory=list)
     registry: ModelRegistry | None = None
     publishers: list[ModelRegistry] = field(default_factory=list)  # rogue publishers, each its own client
+    attackers: list[UpdateChannelAttacker] = field(default_factory=list)  # `security.attacks`, each its own client
     windows: list[AttackWindow] = field(default_factory=list)  # one per `attacks:` entry
     clients: dict[str, Transport] = field(default_factory=dict)  # client id -> its transport
     node_of: dict[str, str] = field(default_factory=dict)  # client id -> the node it runs on
@@ -176,7 +181,14 @@ def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
     profiles = dict(BUILTIN_PROFILES)
     for name, spec in scenario.devices.items():
         profiles[name] = DeviceProfile(
-            name, spec.description, spec.cores, spec.gflops_per_core, spec.efficiency, spec.batch_overhead
+            name,
+            spec.description,
+            spec.cores,
+            spec.gflops_per_core,
+            spec.efficiency,
+            spec.batch_overhead,
+            spec.sha256_bytes_per_s,
+            spec.ed25519_verify,
         )
     return profiles
 
@@ -344,6 +356,13 @@ def build_nodes(
         built.node_of[client_id] = node
         return made
 
+    channel = setup_channel(scenario, artefacts.updates, _initial_blob(scenario, artefacts), artefacts.images)
+    keys = channel.keys
+
+    def update_channel(node: str, device: DeviceProfile) -> UpdateChannel:
+        verifier = keys.verifier(INITIAL_MODEL_VERSION, channel.initial_blob) if keys is not None else None
+        return UpdateChannel(env, node, device, recorder, verifier)
+
     clean = artefacts.images.numpy()
     built.windows = [attack_window(spec, scenario, artefacts, clean, streams) for spec in scenario.attacks]
     by_camera = camera_windows(scenario, built.windows)
@@ -369,6 +388,10 @@ def build_nodes(
         for i, name in enumerate(group_nodes(group.name, group.count)):
             # One repairer per group (its first node), so a quarantine leads to one repaired model.
             repairer = _repairer(group, artefacts, profiles) if i == 0 else None
+            sign_repaired = None
+            if keys is not None and repairer is not None:
+                key = keys.repairers[name]
+                sign_repaired = lambda update, now, key=key: keys.sign(key, update, now)  # noqa: E731
             edge = EdgeServer(
                 env,
                 name,
@@ -381,6 +404,8 @@ def build_nodes(
                 repairer,
                 _model_bytes,
                 wiring.offload,
+                update_channel(name, profiles[group.device]),
+                sign_repaired,
             )
             built.edges.append(edge)
             built.runs[name] = edge.run
@@ -409,26 +434,48 @@ def build_nodes(
                 streams.torch_generator("strip", name),
                 recorder,
                 wiring.offload,
+                channel=update_channel(name, profiles[group.device]),
+                notice_key=keys.gateways[name] if keys is not None else None,
             )
             wiring.relay(gateway, relayed.get(name, []))
             built.gateways.append(gateway)
             built.runs[name] = gateway.run
 
-    if artefacts.updates:
-        qos = scenario.qos_for(models_topic)
-        own = [u for u in artefacts.updates if u.publisher is None]
+    qos = scenario.qos_for(models_topic)
+    if channel.updates or keys is not None:
+        own = [u for u in channel.updates if u.publisher is None]
         built.registry = ModelRegistry(
-            env, "registry", client(scenario.registry_node(), "registry"), models_topic, qos, own, recorder
+            env,
+            "registry",
+            client(scenario.registry_node(), "registry"),
+            models_topic,
+            qos,
+            own,
+            recorder,
+            keys,
+            scenario.security.refresh_interval,
+            channel.freezes,
+            (INITIAL_MODEL_VERSION, blob_digest(channel.initial_blob)),
         )
         built.runs["registry"] = built.registry.run
         # A rogue publisher: another client, on the node named, pushing its update on the models topic.
-        for rogue in sorted({u.publisher for u in artefacts.updates if u.publisher is not None}):
+        for rogue in sorted({u.publisher for u in channel.updates if u.publisher is not None}):
             name = f"rogue@{rogue}"
-            mine = [u for u in artefacts.updates if u.publisher == rogue]
+            mine = [u for u in channel.updates if u.publisher == rogue]
             publisher = ModelRegistry(env, name, client(rogue, name), models_topic, qos, mine, recorder)
             built.publishers.append(publisher)
             built.runs[name] = publisher.run
+    for client_id, node, message in channel.attackers:
+        attacker = UpdateChannelAttacker(env, client_id, client(node, client_id), message, 1, recorder)
+        built.attackers.append(attacker)
+        built.runs[client_id] = attacker.run
     return built
+
+
+def _initial_blob(scenario: Scenario, artefacts: Artefacts) -> bytes:
+    """The starting model's bytes, which devices hold signed metadata for; only made when something needs them."""
+    rollback = any(a.kind == "rollback" for a in scenario.security.attacks)
+    return _model_bytes(artefacts.model, INITIAL_MODEL_VERSION) if scenario.security.signing or rollback else b""
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from iotbed.analysis.backdoor import backdoor_sections, screened_frames
+from iotbed.analysis.security import security_section
 from iotbed.analysis.summary import summarise
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
 from iotbed.errors import IotbedError
@@ -308,16 +309,20 @@ def run(
         reference=reference_column(tables.trace, artefacts),
         setup=setup_summary(resolved, deployment.nodes.cameras, deployment.nodes.edges, tables),
     )
-    sections, extra = backdoor_outputs(tables, resolved)
+    sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
     if target is not None:
         write_outputs(target, resolved, tables, summary, deployment.monitor.rows, extra)
     return RunResult(resolved, summary, tables.trace, target)
 
 
-def backdoor_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """The summary's `backdoor` and `detection` sections, and `strip_screens.csv` where gateways screened."""
+def attack_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The summary's `backdoor`, `detection` and `security` sections, and `strip_screens.csv` where gateways
+    screened."""
     sections = backdoor_sections(tables, scenario)
+    security = security_section(tables, scenario)
+    if security is not None:
+        sections["security"] = security
     screening = any(g.strip is not None for g in scenario.nodes.gateways)
     extra = {"strip_screens.csv": screened_frames(tables, scenario)} if screening else {}
     return sections, extra

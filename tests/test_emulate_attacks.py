@@ -78,6 +78,7 @@ def test_backdoor_story_runs_live_as_in_simulation(plain_broker, tmp_path: Path)
 
 def test_a_rogue_publisher_is_refused_by_the_brokers_acl(broker_factory) -> None:  # type: ignore[no-untyped-def]
     from iotbed.broker.broker_auth import BrokerUser
+    from iotbed.broker.mosquitto import scenario_client_roles
 
     scenario = iotbed.load_scenario(
         STORY,
@@ -90,13 +91,16 @@ def test_a_rogue_publisher_is_refused_by_the_brokers_acl(broker_factory) -> None
             "broker.protocol=mqtt5",  # under MQTT 3.1.1 Mosquitto acknowledges a refused publish and drops it
         ],
     )
-    roles = {"cam": "camera", "gw": "gateway", "edge": "edge"}
-    logins = {f"{g}-{i}": f"pw-{g}-{i}" for g, n in (("cam", 8), ("gw", 2), ("edge", 1)) for i in range(n)}
-    users = tuple(BrokerUser(name, pw, roles[name.split("-")[0]]) for name, pw in logins.items())
+    # One user per client as `iotbed broker start --auth` makes them: `rogue@cam-7` is a camera user of its
+    # own (logging in as cam-7 it would take cam-7's session over: the broker binds client ids to users).
+    roles = scenario_client_roles(scenario)
+    assert roles["rogue@cam-7"] == roles["cam-7"] == "camera"
+    logins = {name: f"pw-{name}" for name in roles}
+    users = tuple(BrokerUser(name, pw, roles[name]) for name, pw in logins.items())
     broker = broker_factory("auth", users=users)
     summary = emulate(scenario, broker.url, logins=logins, write=False, progress=False).summary
     events = _events(summary)
-    assert ("rogue@cam-7", "published", 2) in events  # it tried, with the camera's credentials
+    assert ("rogue@cam-7", "published", 2) in events  # it tried, with a camera's rights
     assert not [e for e in events if e[0] == "edge-0" and e[1] == "adopted"]  # nothing reached the edge
     reasons = summary["broker"]["refusal_reasons"]
     assert sum(n for reason, n in reasons.items() if reason.startswith("publish:")) >= 1

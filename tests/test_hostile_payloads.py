@@ -281,7 +281,7 @@ def test_model_updates_that_do_not_fit_the_architecture(change: str) -> None:
     forged = safetensors.torch.save(tensors, metadata=metadata)
     with pytest.raises(ModelError):
         model_from_bytes(forged)
-    data = wire.MODEL_VERSION.pack(5) + forged
+    data = wire.MODEL_VERSION.pack(5, 0) + forged
     assert wire.decode_model_update(data).version == 5  # the index alone is well-formed
     with pytest.raises(MalformedPayload, match="bad_model"):
         wire.decode_model_update(data, check_model=True)

@@ -72,7 +72,7 @@ def test_wire_frame_round_trip() -> None:
 def test_wire_model_update_round_trip_and_other_topics() -> None:
     blob = save_safetensors({"w": np.ones((2, 3), np.float32)})
     update = wire.decode("models/classifier", wire.encode(ModelUpdate(5, blob)))
-    assert update == ModelUpdate(5, blob) and update.nbytes == 4 + len(blob)
+    assert update == ModelUpdate(5, blob) and update.nbytes == 6 + len(blob) == len(wire.encode(update))
     assert wire.decode("status/cam-0", b"offline") == b"offline"
     with pytest.raises(TypeError):
         wire.encode(object())
@@ -332,7 +332,7 @@ def test_camera_cannot_publish_model_updates(auth_broker: MosquittoBroker, rt_en
         return transports(auth_broker, kwargs.pop("client_id", name), username=user, password=password, **kwargs)
 
     edge, camera, registry = login("edge-0"), login("cam-0"), login("registry")
-    camera311 = login("cam-0", client_id="cam-0-v311", protocol=packets.MQTT311)
+    camera311 = login("cam-1", protocol=packets.MQTT311)  # its own user: bound client ids, one session each
     frames: list[bytes] = []
     models: list[bytes] = []
     camera_reads: list[Publish] = []

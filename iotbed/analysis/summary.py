@@ -153,7 +153,14 @@ def summarise(
         "broker": tables.broker,
         "model": model_info,
         "model_events": [
-            {"time_s": e.time_s, "node": e.node, "event": e.event, "version": e.version, "size_bytes": e.size_bytes}
+            {
+                "time_s": e.time_s,
+                "node": e.node,
+                "event": e.event,
+                "version": e.version,
+                "size_bytes": e.size_bytes,
+                "reason": e.reason,
+            }
             for e in tables.model_events
         ],
     }

@@ -30,10 +30,15 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iotbed.broker.broker_auth import DEFAULT_ROLES, BrokerUser, Rule, acl_text, write_password_file
 from iotbed.broker.broker_errors import BrokerError
 from iotbed.broker.broker_tls import generate_tls_files
+from iotbed.naming import group_nodes
+
+if TYPE_CHECKING:
+    from iotbed.scenario.schema import Scenario
 
 INSTALL_HINT = "install it with `sudo apt-get install -y mosquitto mosquitto-clients` (Debian/Ubuntu)"
 STATE_FILE = "broker.json"
@@ -52,6 +57,12 @@ class BrokerConfig:
     users: tuple[BrokerUser, ...] = ()  # empty: anonymous access, no ACL
     roles: Mapping[str, tuple[Rule, ...]] = field(default_factory=lambda: dict(DEFAULT_ROLES))
     acl: bool = True  # with users: also generate and enforce the role ACL
+    # With users: bind each user to one client id, its name (`use_username_as_clientid`): Mosquitto replaces
+    # the client id an authenticated client sends by its user name, so a user can only ever be the client
+    # whose id is its name. Without it, a client with a camera's credentials could connect as `edge-0` and
+    # Mosquitto would disconnect the real edge-0 (one session per client id). Clients that share a user then
+    # share one session too: each connect takes the session over from the previous one.
+    bind_client_ids: bool = True
     tls: bool = False  # the listener speaks TLS with a generated CA and server certificate
     max_queued_messages: int = 1000  # per client, QoS 1/2 messages queued while offline or beyond inflight
     max_inflight_messages: int | None = None
@@ -61,6 +72,39 @@ class BrokerConfig:
     netns: str | None = None  # run inside this network namespace (`ip netns exec`), for `iotbed emulate --netns`
     log_types: tuple[str, ...] = ("error", "warning", "notice", "information")
     extra_lines: tuple[str, ...] = ()
+
+
+def scenario_client_roles(scenario: Scenario) -> dict[str, str]:
+    """The MQTT client ids a live run of `scenario` connects as, each a user of its own -> that user's role.
+
+    One per camera, gateway and edge server node (routers are no MQTT clients), one per extra client the
+    scenario runs on such a node, with that node's role, and `registry` and `monitor` (the $SYS reader of
+    the run summary). Under `BrokerConfig.bind_client_ids` a client logs in as the user named like its
+    client id (`iotbed.emulation.live` does so where there is one, else as its node): an extra client
+    without a user of its own would log in as its node and take over the node's session.
+    """
+    n = scenario.nodes
+    group_roles = (
+        {g.name: "camera" for g in n.cameras}
+        | {g.name: "gateway" for g in n.gateways}
+        | {g.name: "edge" for g in n.edge_servers}
+    )
+    roles = {
+        node: group_roles[group]
+        for group, count in scenario.group_counts().items()
+        if group in group_roles
+        for node in group_nodes(group, count)
+    }
+    # Clients besides the node's own, as (client id, node); see `iotbed.deployment.build_nodes`.
+    from iotbed.trust.channel_setup import attacker_clients
+
+    extra = [(f"rogue@{u.publisher}", u.publisher) for u in scenario.registry.updates if u.publisher is not None]
+    extra += attacker_clients(scenario)
+    for client_id, node in extra:
+        resolved = scenario.resolve_node(node)
+        if resolved in roles:
+            roles.setdefault(client_id, roles[resolved])
+    return roles | {"registry": "registry", "monitor": "monitor"}
 
 
 def find_binary(name: str = "mosquitto") -> str:
@@ -184,6 +228,8 @@ class MosquittoBroker:
             lines += ["allow_anonymous false", f"password_file {self.run_dir / 'passwords'}"]
             if cfg.acl:
                 lines.append(f"acl_file {self.run_dir / 'acl'}")
+            if cfg.bind_client_ids:
+                lines.append("use_username_as_clientid true")
         else:
             lines.append("allow_anonymous true")
         if cfg.persistence:

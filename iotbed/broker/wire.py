@@ -8,10 +8,14 @@ come back. The formats are those `iotbed.nodes.payloads` sizes:
   the bytes of `iotbed.codecs.pixel_drop.encode` (its header, the mask as bitmap or seed, the kept pixels).
   Decoded frames carry `pixels` as a float32 array in [0, 1] of shape (C, H, W), the convention the
   models use, and a pixel-dropped one its `mask` (dropped pixels read 0).
-* ModelUpdate: a 4-byte big-endian version, then a safetensors file.
+* ModelUpdate: a 4-byte big-endian version, a 2-byte metadata length M (0: unsigned), M bytes of signed
+  metadata (`iotbed.trust.documents`), then a safetensors file (absent in a metadata-only renewal).
 * Quarantine (on `models/quarantine`): `QUARANTINE_HEADER` (magic "IQ", format version 1, model version,
   flagged count K, C, H, W, the gateway name's length), the gateway's name in UTF-8, then K*C*H*W uint8
-  pixels of the flagged frames.
+  pixels of the flagged frames; a signed notice ends with the gateway's 8-byte key id and a 64-byte
+  Ed25519 signature of everything before them.
+* SignedTrustList (on `models/trust`): the root-signed JSON document, at most
+  `iotbed.trust.documents.MAX_TRUST_LIST_BYTES`.
 
 Anything else on a topic (a will, a status line) stays `bytes`. Received data is untrusted: an attacker can
 publish anything on a topic it may write. `decode` checks lengths, the header and the safetensors index
@@ -41,14 +45,18 @@ from iotbed.nodes.payloads import (
     QUARANTINE_HEADER,
     QUARANTINE_MAGIC,
     QUARANTINE_TOPIC,
+    TRUST_TOPIC,
     Frame,
     ModelUpdate,
     Quarantine,
+    SignedTrustList,
 )
+from iotbed.trust.documents import MAX_METADATA_BYTES, MAX_TRUST_LIST_BYTES
 
 FRAME_FORMAT_VERSION = 1
 QUARANTINE_FORMAT_VERSION = 1
-MODEL_VERSION = struct.Struct("!I")
+MODEL_VERSION = struct.Struct("!IH")  # version, metadata length
+QUARANTINE_SIGNATURE_BYTES = 8 + 64  # key id, Ed25519 signature
 SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
 
 FRAMES_ROOT = "frames"
@@ -139,10 +147,22 @@ def encode_frame(frame: Frame, pixels_for: PixelsFor | None = None) -> bytes:
 
 
 def encode_model_update(update: ModelUpdate) -> bytes:
-    return MODEL_VERSION.pack(update.version) + bytes(update.blob)
+    if len(update.metadata) > MAX_METADATA_BYTES:
+        raise ValueError(f"update metadata of {len(update.metadata)} bytes is over {MAX_METADATA_BYTES}")
+    return MODEL_VERSION.pack(update.version, len(update.metadata)) + bytes(update.metadata) + bytes(update.blob)
 
 
 def encode_quarantine(notice: Quarantine) -> bytes:
+    if bool(notice.key) != bool(notice.signature) or len(notice.key) + len(notice.signature) not in (
+        0,
+        QUARANTINE_SIGNATURE_BYTES,
+    ):
+        raise ValueError("a signed quarantine notice needs an 8-byte key id and a 64-byte signature")
+    return quarantine_body(notice) + notice.key + notice.signature
+
+
+def quarantine_body(notice: Quarantine) -> bytes:
+    """A notice's bytes without its key id and signature: what a gateway signs."""
     flagged = notice.flagged.detach().cpu().numpy()
     if flagged.ndim != 4:
         raise ValueError(f"flagged frames must be (K, C, H, W), got shape {flagged.shape}")
@@ -163,6 +183,8 @@ def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
         return encode_model_update(payload)
     if isinstance(payload, Quarantine):
         return encode_quarantine(payload)
+    if isinstance(payload, SignedTrustList):
+        return bytes(payload.data)
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
     if isinstance(payload, str):
@@ -320,14 +342,24 @@ def decode_model_update(
     n = len(data)
     if n > max_bytes:
         raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a model update")
-    if n < MODEL_VERSION.size + SAFETENSORS_HEADER_LEN.size:
+    if n < MODEL_VERSION.size:
         raise MalformedPayload("truncated", f"{n} bytes is too short for a model update")
-    (version,) = MODEL_VERSION.unpack_from(data)
-    blob = bytes(data[MODEL_VERSION.size :])
-    check_safetensors(blob)
-    if check_model:
-        check_model_blob(blob)
-    return ModelUpdate(version, blob)
+    version, meta_len = MODEL_VERSION.unpack_from(data)
+    if meta_len > MAX_METADATA_BYTES:
+        raise MalformedPayload("bad_header", f"{meta_len} bytes of metadata is over {MAX_METADATA_BYTES}")
+    if n < MODEL_VERSION.size + meta_len:
+        raise MalformedPayload("truncated", f"{n} bytes cannot hold {meta_len} bytes of metadata")
+    metadata = bytes(data[MODEL_VERSION.size : MODEL_VERSION.size + meta_len])
+    blob = bytes(data[MODEL_VERSION.size + meta_len :])
+    if not blob and not metadata:
+        raise MalformedPayload("truncated", "a model update with neither metadata nor a model")
+    if blob:
+        if len(blob) < SAFETENSORS_HEADER_LEN.size:
+            raise MalformedPayload("truncated", f"{len(blob)} bytes is too short for a safetensors file")
+        check_safetensors(blob)
+        if check_model:
+            check_model_blob(blob)
+    return ModelUpdate(version, blob, metadata)
 
 
 def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES) -> Quarantine:
@@ -346,8 +378,9 @@ def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES
     if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
         raise MalformedPayload("bad_shape", f"flagged frames of shape {(c, h, w)} are out of range")
     expected = QUARANTINE_HEADER.size + name_len + k * c * h * w
-    if n != expected:  # checked before anything is allocated
+    if n not in (expected, expected + QUARANTINE_SIGNATURE_BYTES):  # checked before anything is allocated
         raise MalformedPayload("bad_length", f"{n} bytes for {k} flagged {c}x{h}x{w} frames, expected {expected}")
+    key, signature = bytes(data[expected : expected + 8]), bytes(data[expected + 8 :])
     start = QUARANTINE_HEADER.size
     try:
         gateway = bytes(data[start : start + name_len]).decode("utf-8")
@@ -355,7 +388,7 @@ def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES
         raise MalformedPayload("bad_header", "the gateway's name is not UTF-8") from None
     pixels = np.frombuffer(data, dtype=np.uint8, count=k * c * h * w, offset=start + name_len)
     flagged = torch.from_numpy(pixels.reshape(k, c, h, w).astype(np.float32) * np.float32(1.0 / 255.0))
-    return Quarantine(model_version, flagged, gateway)
+    return Quarantine(model_version, flagged, gateway, key, signature)
 
 
 def _under(topic: str, root: str) -> bool:
@@ -376,6 +409,10 @@ def decode(
     data that does not decode."""
     if topic == QUARANTINE_TOPIC:
         return decode_quarantine(data)
+    if topic == TRUST_TOPIC:
+        if len(data) > MAX_TRUST_LIST_BYTES:
+            raise MalformedPayload("oversized", f"{len(data)} bytes is over the trust list's {MAX_TRUST_LIST_BYTES}")
+        return SignedTrustList(bytes(data))
     if _under(topic, FRAMES_ROOT):
         return decode_frame(data, max_frame_bytes, frame_shape)
     if _under(topic, MODELS_ROOT):

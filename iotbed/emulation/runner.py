@@ -71,7 +71,7 @@ from iotbed.nodes.camera import frame_payload_bytes
 from iotbed.runner import (
     DRAIN_S,
     RunResult,
-    backdoor_outputs,
+    attack_outputs,
     one_torch_thread,
     output_dir,
     prepare,
@@ -266,7 +266,7 @@ def emulate(
     if mitm_report:
         summary["mitm"] = mitm_report
     summary["shaping"] = shaping_report
-    sections, extra = backdoor_outputs(tables, resolved)
+    sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
     if kernel_rows:
         extra["kernel_links.csv"] = kernel_rows

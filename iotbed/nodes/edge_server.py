@@ -22,8 +22,17 @@ from iotbed.broker.transport import Transport
 from iotbed.errors import ModelError
 from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
-from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
+from iotbed.nodes.payloads import (
+    QUARANTINE_TOPIC,
+    TRUST_TOPIC,
+    Frame,
+    ModelUpdate,
+    Quarantine,
+    SignedTrustList,
+    metadata_topic,
+)
 from iotbed.nodes.repair import CoDefendRepairer
+from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.offload import Offload, inline
@@ -56,6 +65,8 @@ class EdgeServer:
         repairer: CoDefendRepairer | None = None,
         model_to_bytes: Callable[[nn.Module, int], bytes] | None = None,
         offload: Offload | None = None,
+        channel: UpdateChannel | None = None,
+        sign_repaired: Callable[[ModelUpdate, float], ModelUpdate] | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -79,12 +90,18 @@ class EdgeServer:
         self._to_bytes = model_to_bytes
         self._offload = offload if offload is not None else inline(env)
         self.repairs: list[dict[str, float | int]] = []
+        self.channel = channel if channel is not None else UpdateChannel(env, name, device, recorder, None)
+        self._sign_repaired = sign_repaired
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         self.transport.subscribe(self.config.frames_filter, self._on_frame, self.config.frames_qos)
         self.transport.subscribe(self.config.models_topic, self._on_model, self.config.models_qos)
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
+        if self.channel.verifier is not None:
+            self.transport.subscribe(metadata_topic(self.config.models_topic), self._on_model, self.config.models_qos)
+            self.transport.subscribe(TRUST_TOPIC, self._on_trust, 1)
+            self.env.process(self.channel.watch_expiry())
         yield from self._serve()
 
     def _stamp(self) -> float:
@@ -110,29 +127,41 @@ class EdgeServer:
             self._wake.succeed()
 
     def _on_model(self, message: Publish) -> None:
-        update = message.payload
-        if (
-            not isinstance(update, ModelUpdate)
-            or update.version <= self.classifier.version
-            or update.version in self.quarantined
-        ):
-            return
+        if isinstance(message.payload, ModelUpdate):
+            self.channel.take_update(message.payload, self._adopt)
+
+    def _on_trust(self, message: Publish) -> None:
+        if isinstance(message.payload, SignedTrustList):
+            self.channel.take_trust_list(message.payload)
+
+    def _adopt(self, update: ModelUpdate) -> bool:
+        if update.version <= self.classifier.version or update.version in self.quarantined:
+            return False
         try:
             model = self._load_model(update.blob)
         except ModelError:  # well-formed on the wire, but not a model of this architecture: refused, counted
             self.refused_updates += 1
-            return
+            self.channel.refuse(update.version, update.nbytes, "not_a_model")
+            return False
         self.held[update.version] = model
         self.classifier.swap(model, update.version)
         self.recorder.model_events.append(
             ModelEvent(self._stamp(), self.name, "adopted", update.version, update.nbytes)
         )
+        return True
 
     def _on_quarantine(self, message: Publish) -> None:
         notice = message.payload
-        if not isinstance(notice, Quarantine) or notice.version in self.quarantined:
+        if isinstance(notice, Quarantine) and notice.version not in self.quarantined:
+            self.channel.take_quarantine(notice, self._believe)
+
+    def _believe(self, notice: Quarantine) -> None:
+        if notice.version in self.quarantined:
             return
         self.quarantined.add(notice.version)
+        self.recorder.model_events.append(
+            ModelEvent(self._stamp(), self.name, "quarantine_accepted", notice.version, notice.nbytes, notice.gateway)
+        )
         if self.classifier.version == notice.version:
             previous = max((v for v in self.held if v < notice.version and v not in self.quarantined), default=None)
             if previous is not None:
@@ -155,6 +184,8 @@ class EdgeServer:
             yield self.env.timeout(remaining)
         version = repaired_version(notice.version)
         update = ModelUpdate(version, self._to_bytes(outcome.model, version))
+        if self._sign_repaired is not None:
+            update = self._sign_repaired(update, self.channel.now())
         self.repairs.append(
             {
                 "quarantined_version": notice.version,

@@ -24,14 +24,25 @@ from torch import nn
 
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
+from iotbed.broker.wire import quarantine_body
 from iotbed.defenses.strip import screen_update
 from iotbed.errors import ModelError
-from iotbed.nodes.payloads import QUARANTINE_TOPIC, Frame, ModelUpdate, Quarantine
+from iotbed.nodes.payloads import (
+    QUARANTINE_TOPIC,
+    TRUST_TOPIC,
+    Frame,
+    ModelUpdate,
+    Quarantine,
+    SignedTrustList,
+    metadata_topic,
+)
+from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.network import Packet
 from iotbed.sim.offload import Offload, inline
 from iotbed.sim.trace import ModelEvent, TraceRecorder
+from iotbed.trust.keys import SigningKey
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,8 @@ class ScreeningGateway:
         recorder: TraceRecorder,
         offload: Offload | None = None,
         frame_topics: tuple[tuple[str, int], ...] = (),
+        channel: UpdateChannel | None = None,
+        notice_key: SigningKey | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -111,6 +124,8 @@ class ScreeningGateway:
         self._offload = offload if offload is not None else inline(env)
         self._wall = wall_clock(env)  # live runs record wall-clock times
         self.frame_topics = frame_topics  # (topic, QoS) of the frames it relays, where it must subscribe to see them
+        self.channel = channel if channel is not None else UpdateChannel(env, name, device, recorder, None)
+        self.notice_key = notice_key  # signs its quarantine notices
 
     def tap(self, packet: Packet) -> None:
         """A link hook: keep the frames crossing into this gateway."""
@@ -129,16 +144,25 @@ class ScreeningGateway:
         return self.env.now if self._wall is None else self._wall()
 
     def _on_model(self, message: Publish) -> None:
-        update = message.payload
-        if not isinstance(update, ModelUpdate) or update.version <= self.version or update.version in self._quarantined:
-            return
+        if isinstance(message.payload, ModelUpdate):
+            self.channel.take_update(message.payload, self._adopt)
+
+    def _on_trust(self, message: Publish) -> None:
+        if isinstance(message.payload, SignedTrustList):
+            self.channel.take_trust_list(message.payload)
+
+    def _adopt(self, update: ModelUpdate) -> bool:
+        if update.version <= self.version or update.version in self._quarantined:
+            return False
         try:
             model = self._load_model(update.blob)
         except ModelError:  # not a model of this architecture: nothing to screen
-            return
+            self.channel.refuse(update.version, update.nbytes, "not_a_model")
+            return False
         self.version, self.model = update.version, model
         self.models[self.version] = self.model
         self._fresh = 0  # judge the new model on frames relayed from now on
+        return True
 
     def model_for(self, version: int) -> nn.Module | None:
         return self.models.get(version)
@@ -148,6 +172,10 @@ class ScreeningGateway:
         self.transport.subscribe(self.models_topic, self._on_model, self.models_qos)
         for topic, qos in self.frame_topics:
             self.transport.subscribe(topic, self._on_frame, qos)
+        if self.channel.verifier is not None:
+            self.transport.subscribe(metadata_topic(self.models_topic), self._on_model, self.models_qos)
+            self.transport.subscribe(TRUST_TOPIC, self._on_trust, 1)
+            self.env.process(self.channel.watch_expiry())
         s = self.settings
         while True:
             if self._fresh < s.frames or self.version in self._quarantined:
@@ -197,6 +225,9 @@ class ScreeningGateway:
                 self._quarantined.add(version)
                 flagged = x[verdict.entropies <= verdict.threshold.boundary]
                 notice = Quarantine(version, flagged, self.name)
+                if self.notice_key is not None:
+                    key = self.notice_key
+                    notice = Quarantine(version, flagged, self.name, key.key_id, key.sign(quarantine_body(notice)))
                 self.recorder.model_events.append(
                     ModelEvent(self._stamp(), self.name, "quarantined", version, notice.nbytes)
                 )

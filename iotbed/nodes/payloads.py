@@ -78,14 +78,37 @@ def encode_raw_frame(frame: Frame, pixels_u8: np.ndarray) -> bytes:
 
 @dataclass(slots=True)
 class ModelUpdate:
-    """A versioned model: safetensors bytes, as the registry publishes them."""
+    """A versioned model: safetensors bytes, as the registry publishes them, and the signed metadata that
+    vouches for them (`iotbed.trust.documents`; empty when updates are not signed). A message with
+    metadata and no blob renews the metadata of a version already delivered."""
 
     version: int
     blob: bytes
+    metadata: bytes = b""
 
     @property
     def nbytes(self) -> int:
-        return 4 + len(self.blob)  # a 4-byte version prefix, then the safetensors file
+        # a 4-byte version and a 2-byte metadata length, the metadata, then the safetensors file
+        return 6 + len(self.metadata) + len(self.blob)
+
+
+TRUST_TOPIC = "models/trust"
+
+
+@dataclass(slots=True)
+class SignedTrustList:
+    """The root-signed list of keys devices trust (`iotbed.trust.documents`), as canonical JSON bytes."""
+
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+
+def metadata_topic(models_topic: str) -> str:
+    """Where the registry renews the metadata of the version in service (retained, beside the update)."""
+    return f"{models_topic}/metadata"
 
 
 QUARANTINE_TOPIC = "models/quarantine"
@@ -98,11 +121,14 @@ class Quarantine:
     version: int
     flagged: torch.Tensor  # (K, C, H, W) in [0, 1]
     gateway: str
+    key: bytes = b""  # the signing gateway's key id, when notices are signed
+    signature: bytes = b""  # Ed25519 over the notice's bytes without key and signature
 
     @property
     def nbytes(self) -> int:
-        # magic, version, count, C, H, W and the gateway's name, then 8-bit pixels
-        return QUARANTINE_HEADER.size + len(self.gateway.encode("utf-8")) + int(self.flagged.numel())
+        # magic, version, count, C, H, W and the gateway's name, then 8-bit pixels, then key id and signature
+        body = QUARANTINE_HEADER.size + len(self.gateway.encode("utf-8")) + int(self.flagged.numel())
+        return body + len(self.key) + len(self.signature)
 
 
 # magic, format version, model version, flagged count, channels, height, width, gateway name length

@@ -1,4 +1,11 @@
-"""The model registry: publishes versioned model updates, retained, for nodes to hot-swap."""
+"""The model registry: publishes versioned model updates, retained, for nodes to hot-swap.
+
+With signing on (`keys`), the updates it publishes carry metadata signed when they were scheduled (they
+age while held back), it renews the metadata of the version in service every `refresh_interval_s` on the
+metadata topic, including a repaired version a trusted edge published, and at each key rotation publishes
+the next root-signed trust list (retained) and signs with the new key from then on. A freeze attack holds
+back every message it would send inside a window and lets them through at the window's end.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +14,14 @@ from dataclasses import dataclass
 
 import simpy
 
+from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
-from iotbed.nodes.payloads import ModelUpdate
+from iotbed.nodes.payloads import TRUST_TOPIC, ModelUpdate, SignedTrustList, metadata_topic
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.trace import ModelEvent, TraceRecorder
+from iotbed.trust.documents import TrustError, blob_digest, parse_update_metadata
+from iotbed.trust.keys import signature_valid
+from iotbed.trust.provisioning import KeyRing
 
 
 @dataclass(frozen=True)
@@ -18,6 +29,14 @@ class ScheduledUpdate:
     at_s: float
     update: ModelUpdate
     publisher: str | None = None  # a node other than the registry's that pushes it (a rogue publisher)
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """A network attacker holds back the registry's messages from `start_s` and lets them through at `stop_s`."""
+
+    start_s: float
+    stop_s: float
 
 
 class ModelRegistry:
@@ -30,6 +49,10 @@ class ModelRegistry:
         qos: int,
         updates: list[ScheduledUpdate],
         recorder: TraceRecorder,
+        keys: KeyRing | None = None,
+        refresh_interval_s: float | None = None,
+        freezes: tuple[Freeze, ...] = (),
+        current: tuple[int, str] | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -38,17 +61,77 @@ class ModelRegistry:
         self.qos = qos
         self.updates = sorted(updates, key=lambda u: u.at_s)
         self.recorder = recorder
+        self.keys = keys
+        self.refresh_interval_s = refresh_interval_s
+        self.freezes = freezes
+        self.current = current  # (version, blob digest) in service, whose metadata it renews
+        self._period = 0  # the key period it signs in: the next starts once its trust list is out
+        self._wall = wall_clock(env)  # live runs record wall-clock times
+
+    def _stamp(self) -> float:
+        return self.env.now if self._wall is None else self._wall()
+
+    def _send(self, topic: str, payload: object, nbytes: int, retain: bool) -> Generator[simpy.Event, object, None]:
+        held = next((f for f in self.freezes if f.start_s <= self.env.now < f.stop_s), None)
+        if held is not None:
+            self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "held", 0, nbytes, "freeze"))
+            yield self.env.timeout(held.stop_s - self.env.now)
+        self.transport.publish(topic, payload, self.qos, retain=retain)
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
-        wall = wall_clock(self.env)  # live runs record wall-clock times
+        if self.keys is not None:
+            self.transport.subscribe(self.topic, self._on_model, self.qos)
+            for at in self.keys.rotations:
+                self.env.process(self._rotate(at))
+            if self.refresh_interval_s is not None:
+                self.env.process(self._renew())
         for scheduled in self.updates:
             if scheduled.at_s > self.env.now:
                 yield self.env.timeout(scheduled.at_s - self.env.now)
-            update = scheduled.update
-            self.recorder.model_events.append(
-                ModelEvent(
-                    self.env.now if wall is None else wall(), self.name, "published", update.version, update.nbytes
-                )
-            )
-            self.transport.publish(self.topic, update, self.qos, retain=True)
+            self.env.process(self._publish(scheduled.update))
+
+    def _publish(self, update: ModelUpdate) -> Generator[simpy.Event, object, None]:
+        events = self.recorder.model_events
+        events.append(ModelEvent(self._stamp(), self.name, "published", update.version, update.nbytes))
+        if self.keys is not None and update.blob:
+            self.current = (update.version, blob_digest(update.blob))
+        yield from self._send(self.topic, update, update.nbytes, retain=True)
+
+    def _on_model(self, message: Publish) -> None:
+        """Follow a repaired model a trusted edge published, to renew its metadata from then on."""
+        update, keys = message.payload, self.keys
+        if not isinstance(update, ModelUpdate) or keys is None or not update.metadata or not update.blob:
+            return
+        if self.current is not None and update.version <= self.current[0]:
+            return
+        try:
+            meta = parse_update_metadata(update.metadata)
+        except TrustError:
+            return
+        repairer = next((k for k in keys.repairers.values() if k.key_id == meta.key), None)
+        if (
+            repairer is not None
+            and signature_valid(repairer.public, meta.signature, meta.signed_bytes)
+            and meta.version == update.version
+            and meta.sha256 == blob_digest(update.blob)
+        ):
+            self.current = (meta.version, meta.sha256)
+
+    def _renew(self) -> Generator[simpy.Event, object, None]:
+        assert self.keys is not None and self.refresh_interval_s is not None
+        while True:
+            yield self.env.timeout(self.refresh_interval_s)
+            if self.current is not None:
+                renewal = self.keys.renewal(*self.current, self._stamp(), self._period)
+                self.env.process(self._send(metadata_topic(self.topic), renewal, renewal.nbytes, retain=True))
+
+    def _rotate(self, at: float) -> Generator[simpy.Event, object, None]:
+        assert self.keys is not None
+        if at > self.env.now:
+            yield self.env.timeout(at - self.env.now)
+        period = self.keys.rotations.index(at) + 1
+        trust = SignedTrustList(self.keys.trust_lists[period])
+        self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "key_rotated", period + 1, trust.nbytes))
+        yield from self._send(TRUST_TOPIC, trust, trust.nbytes, retain=True)
+        self._period = period

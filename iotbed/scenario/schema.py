@@ -347,6 +347,8 @@ class DeviceSpec(Strict):
     gflops_per_core: Annotated[float, Field(gt=0)]
     efficiency: Annotated[float, Field(gt=0, le=1)] = 0.1
     batch_overhead: Duration = 0.0
+    sha256_bytes_per_s: Annotated[float, Field(gt=0, description="hashing rate, for checking signed updates")] = 100e6
+    ed25519_verify: Duration = Field(0.33e-3, description="one Ed25519 signature verification")
 
 
 class FaultSpec(Strict):
@@ -490,6 +492,66 @@ class ModelUpdateSpec(Strict):
     publisher: str | None = Field(
         None, description="a node that pushes this update instead of the registry (a rogue publisher), e.g. cam-3"
     )
+    signed_by: Literal["registry", "self", "none"] | None = Field(
+        None,
+        description="with `security.signing`: who signs it. Default: the registry's key for the registry's own "
+        "updates, none for a rogue publisher's; `self` is a key of the publisher's own, `registry` on a rogue "
+        "publisher a stolen registry key",
+    )
+
+
+class UpdateChannelAttackSpec(Strict):
+    """An attack on the model-update channel, from a client on `node` (default: the first camera).
+
+    `replay`: sends registry update `update` again, exactly as it was signed. `rollback`: sends the model the
+    nodes started with, under a version above every scheduled one, with the metadata it was provisioned
+    with. `forged_quarantine`: a quarantine notice for update `update` in the name of `gateway` (default: the
+    first screening gateway), unsigned or signed with a key of the attacker's own (`signed_by: self`).
+    `freeze`: every message of the registry from `at` to `stop` is held back and delivered at `stop`."""
+
+    kind: Literal["replay", "rollback", "forged_quarantine", "freeze"]
+    at: Duration
+    stop: Duration | None = Field(None, description="freeze: when the held messages are let through")
+    update: Annotated[int, Field(ge=0)] = 0
+    node: str | None = None
+    gateway: str | None = None
+    signed_by: Literal["none", "self"] = "none"
+
+    @model_validator(mode="after")
+    def _shape(self) -> UpdateChannelAttackSpec:
+        if (self.kind == "freeze") != (self.stop is not None):
+            raise ValueError("freeze takes `stop:` (when the held messages go through); the other kinds do not")
+        if self.stop is not None and self.stop <= self.at:
+            raise ValueError("stop must come after at")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}@{format_duration(self.at)}"
+
+
+class SecuritySpec(Strict):
+    """Signed model updates and notices (`iotbed.trust`): the registry signs every update with a key the
+    devices' pinned root key delegates to; gateways sign their quarantine notices; the repairing edge signs
+    its repaired models. Devices refuse what does not verify, and say why in `model_events.csv`."""
+
+    signing: bool = False
+    metadata_expiry: Duration = Field(3600.0, description="how long a signed update's metadata is valid")
+    refresh_interval: Duration | None = Field(
+        None, description="the registry renews the metadata of the version in service this often"
+    )
+    key_rotations: list[Duration] = Field(
+        default_factory=list, description="times the root key hands the registry's role to a new key"
+    )
+    attacks: list[UpdateChannelAttackSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _positive(self) -> SecuritySpec:
+        if self.metadata_expiry <= 0:
+            raise ValueError("metadata_expiry must be above 0")
+        if self.refresh_interval is not None and not 0 < self.refresh_interval < self.metadata_expiry:
+            raise ValueError("refresh_interval must be above 0 and below metadata_expiry, or the metadata lapses")
+        return self
 
 
 class RegistrySpec(Strict):
@@ -515,6 +577,7 @@ class Scenario(Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)
     monitor_interval: Duration = Field(1.0, description="how often link queues and throughput are sampled")
     faults: list[FaultSpec] = Field(default_factory=list)
+    security: SecuritySpec = SecuritySpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
@@ -676,6 +739,47 @@ class Scenario(Strict):
                 )
         if self.attacks and not self.nodes.edge_servers:
             raise LocatedError("attacks need an edge server whose model they target", "attacks")
+        self._check_update_channel()
+
+    def _check_update_channel(self) -> None:
+        security = self.security
+        for i, at in enumerate(security.key_rotations):
+            if at >= self.duration:
+                raise LocatedError(
+                    f"key rotation at {format_duration(at)} is at or after the end of the run",
+                    "security",
+                    "key_rotations",
+                    i,
+                )
+        screening = [n for g in self.nodes.gateways if g.strip for n in group_nodes(g.name, g.count)]
+        for i, attack in enumerate(security.attacks):
+            where = ("security", "attacks", i)
+            if attack.at >= self.duration:
+                raise LocatedError(
+                    f"{attack.kind} at {format_duration(attack.at)} is at or after the end of the run "
+                    f"(duration: {format_duration(self.duration)})",
+                    *where,
+                    "at",
+                )
+            if attack.node is not None and self.resolve_node(attack.node) != attack.node:
+                raise LocatedError(
+                    f"{attack.kind}: {attack.node!r} is not a node; name one like `cam-0`", *where, "node"
+                )
+            if attack.kind in ("replay", "forged_quarantine") and attack.update >= len(self.registry.updates):
+                raise LocatedError(
+                    f"{attack.kind}: there is no registry update {attack.update} "
+                    f"({len(self.registry.updates)} in `registry.updates`)",
+                    *where,
+                    "update",
+                )
+            if attack.kind == "forged_quarantine":
+                if attack.gateway is None and not screening:
+                    raise LocatedError(
+                        "forged_quarantine: name the gateway it impersonates (`gateway:`); no gateway screens here",
+                        *where,
+                    )
+                if attack.gateway is not None and self.resolve_node(attack.gateway) != attack.gateway:
+                    raise LocatedError(f"forged_quarantine: {attack.gateway!r} is not a node", *where, "gateway")
 
     def camera_groups_of(self, attack: AttackSpec) -> list[str]:
         """The camera groups an attack's frames come from: its targets, or (mitm) every camera group."""

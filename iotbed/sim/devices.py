@@ -5,6 +5,12 @@ A batch of n images of a model costing F floating-point operations per image tak
 the vendors' specifications; `efficiency` is the share of peak that small-batch CNN inference sustains
 (small convolutions are memory bound), and is part of the profile so users can calibrate it against
 their own measurement.
+
+Checking a signed update costs one Ed25519 verification and a SHA-256 pass over the blob:
+`ed25519_verify_s + nbytes / sha256_bytes_per_s`. The built-in figures are estimates from cycle counts at
+the profile's clock (SHA-256 about 15 cycles/byte in software, 2 with the ARMv8 or x86 SHA instructions;
+an Ed25519 verification about 500k cycles on Cortex-A cores, 150k on x86 with AVX2); `openssl speed
+sha256 ed25519` on the device gives the figures to put in a scenario's `devices:` instead.
 """
 
 from __future__ import annotations
@@ -20,10 +26,16 @@ class DeviceProfile:
     gflops_per_core: float  # peak FP32 per core, from the vendor's specification
     efficiency: float  # share of peak sustained by small-batch CNN inference
     batch_overhead_s: float  # fixed cost per batch: framework dispatch, kernel launches
+    sha256_bytes_per_s: float = 100e6
+    ed25519_verify_s: float = 0.33e-3
 
     def seconds_for(self, n_images: int, flops_per_image: float, cores: int | None = None) -> float:
         usable = (cores or self.cores) * self.gflops_per_core * 1e9 * self.efficiency
         return self.batch_overhead_s + n_images * flops_per_image / usable
+
+    def verify_seconds(self, nbytes: int) -> float:
+        """One signature check and a hash of `nbytes`."""
+        return self.ed25519_verify_s + nbytes / self.sha256_bytes_per_s
 
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {
@@ -37,6 +49,8 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
             gflops_per_core=12.0,
             efficiency=0.10,
             batch_overhead_s=0.5e-3,
+            sha256_bytes_per_s=100e6,  # 1.5 GHz / 15 cycles per byte: the BCM2711 has no crypto extensions
+            ed25519_verify_s=0.33e-3,  # 500k cycles at 1.5 GHz
         ),
         DeviceProfile(
             name="jetson_nano",
@@ -46,6 +60,8 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
             gflops_per_core=236.0,
             efficiency=0.15,
             batch_overhead_s=2.0e-3,
+            sha256_bytes_per_s=700e6,  # 4x Cortex-A57 at 1.43 GHz with the ARMv8 SHA instructions, 2 cycles/byte
+            ed25519_verify_s=0.35e-3,  # 500k cycles at 1.43 GHz
         ),
         DeviceProfile(
             name="edge_server_8core",
@@ -55,6 +71,8 @@ BUILTIN_PROFILES: dict[str, DeviceProfile] = {
             gflops_per_core=80.0,
             efficiency=0.10,
             batch_overhead_s=0.2e-3,
+            sha256_bytes_per_s=1.25e9,  # SHA-NI, 2 cycles/byte at 2.5 GHz
+            ed25519_verify_s=0.06e-3,  # 150k cycles at 2.5 GHz
         ),
     )
 }

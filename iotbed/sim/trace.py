@@ -117,7 +117,7 @@ TRACE_SCHEMA = pa.schema(
         ("drop_reason", pa.string()),
         ("drop_link", pa.string()),
         ("edge", pa.string()),
-        ("model_version", pa.int32()),
+        ("model_version", pa.int64()),  # versions are 32-bit unsigned on the wire
         ("prediction", pa.int16()),
         ("correct", pa.bool_()),
         ("attack", pa.string()),
@@ -129,9 +129,10 @@ TRACE_SCHEMA = pa.schema(
 class ModelEvent:
     time_s: float
     node: str
-    event: str  # published | adopted
+    event: str  # published, adopted, refused, quarantined, rolled_back, repaired, stale, attack, ...
     version: int
     size_bytes: int
+    reason: str = ""  # why a message was refused (`iotbed.trust.verifier`), or which attack sent it
 
 
 # What an edge server writes into a frame's record; the camera's side writes the rest.
@@ -261,7 +262,8 @@ def model_events_table(events: list[ModelEvent]) -> pa.Table:
             "time_s": pa.array([e.time_s for e in events], pa.float64()),
             "node": pa.array([e.node for e in events], pa.string()),
             "event": pa.array([e.event for e in events], pa.string()),
-            "version": pa.array([e.version for e in events], pa.int32()),
+            "version": pa.array([e.version for e in events], pa.int64()),
             "size_bytes": pa.array([e.size_bytes for e in events], pa.int64()),
+            "reason": pa.array([e.reason for e in events], pa.string()),
         }
     )
