@@ -150,6 +150,12 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
             )
         )
+    security = summary.get("security")
+    if security:
+        refused = ", ".join(f"{k} {v}" for k, v in security["refused"].items()) or "none"
+        rows.append((f"update channel ({'signed' if security['signing'] else 'unsigned'}): refused", refused))
+        taken = [a["attack"] for a in security["attacks"] if a.get("taken_by")]
+        rows.append(("  attacks taken / stale devices", f"{', '.join(taken) or 'none'} / {len(security['stale'])}"))
     broker = summary.get("broker", {})
     if broker.get("queue_drops"):
         rows.append(("broker: messages dropped from full queues", str(broker["queue_drops"])))

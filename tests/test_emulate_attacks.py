@@ -43,7 +43,10 @@ def _events(summary: dict) -> list[tuple[str, str, int]]:  # type: ignore[type-a
 
 
 def test_backdoor_story_runs_live_as_in_simulation(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    scenario = iotbed.load_scenario(STORY, SHORT_STORY)
+    """With signed updates: the BadNet comes from the registry's own key (a compromised registry), so every
+    signature check passes it, and only the STRIP screen catches it; the gateways' notices and the edge's
+    repaired model are signed too, and nothing is refused."""
+    scenario = iotbed.load_scenario(STORY, [*SHORT_STORY, "security.signing=true"])
     simulated = iotbed.run(scenario, tmp_path / "sim", progress=False).summary
     live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary
     for summary in (simulated, live):
@@ -51,6 +54,7 @@ def test_backdoor_story_runs_live_as_in_simulation(plain_broker, tmp_path: Path)
         assert ("edge-0", "adopted", 2) in events
         assert any(node.startswith("gw-") and event == "quarantined" and v == 2 for node, event, v in events)
         assert ("edge-0", "rolled_back", 1) in events and ("edge-0", "adopted", 1002) in events
+        assert ("edge-0", "quarantine_accepted", 2) in events and summary["security"]["refused"] == {}
         b = summary["backdoor"]["2"]
         assert b["quarantined_s"] > b["first_stamped_frame_s"] >= 6.0
         assert b["repair"]["sim_seconds"] > 0 and b["repaired_adopted_s"] > b["quarantined_s"]

@@ -250,7 +250,7 @@ def test_decode_model_update_mutations(flips, cut: int) -> None:  # type: ignore
 def test_decode_model_update_deeply_nested_index() -> None:
     index = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(MalformedPayload, match="bad_model"):
-        wire.decode_model_update(b"\0\0\0\1" + struct.pack("<Q", len(index)) + index)
+        wire.decode_model_update(b"\0\0\0\1\0\0" + struct.pack("<Q", len(index)) + index)
 
 
 @pytest.mark.parametrize("change", ["shape", "dtype", "extra", "missing", "checksum"])
@@ -262,7 +262,7 @@ def test_model_updates_that_do_not_fit_the_architecture(change: str) -> None:
     from iotbed.models import model_from_bytes
     from iotbed.models.store import _digest
 
-    blob = VALID_MODEL[4:]
+    blob = VALID_MODEL[6:]
     metadata = wire.check_safetensors(blob)["__metadata__"]
     tensors = dict(safetensors.torch.load(blob))
     name = sorted(k for k in tensors if k.endswith("weight"))[0]

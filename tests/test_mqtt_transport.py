@@ -102,14 +102,14 @@ def test_wire_rejects_malformed_payloads_with_a_reason() -> None:
     blob = save_safetensors({"w": np.ones((4,), np.float32)})
     bad_models = {
         "truncated": b"\x00\x00",
-        "bad_model": struct.pack("!I", 1) + blob[:-3],  # a tensor past the end of the data
+        "bad_model": struct.pack("!IH", 1, 0) + blob[:-3],  # a tensor past the end of the data
     }
     for reason, data in bad_models.items():
         with pytest.raises(wire.MalformedPayload) as info:
             wire.decode("models/classifier", data)
         assert info.value.reason == reason
     with pytest.raises(wire.MalformedPayload, match="not JSON"):
-        wire.decode("models/classifier", struct.pack("!I", 1) + struct.pack("<Q", 4) + b"{{{{")
+        wire.decode("models/classifier", struct.pack("!IH", 1, 0) + struct.pack("<Q", 4) + b"{{{{")
 
 
 def test_transport_needs_a_realtime_environment() -> None:
