@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from iotbed.errors import IotbedError, ScenarioError
 from iotbed.scenario import Strict, load_scenario
+from iotbed.scenario.loading import load_yaml
 
 
 class SweepSpec(Strict):
@@ -85,11 +86,12 @@ def _override(path: str, value: Any) -> str:
 def load_sweep(path: str | Path) -> tuple[SweepSpec, Path]:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such sweep file") from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not UTF-8 text; save the sweep file as UTF-8") from None
+    _, data = load_yaml(text, str(path))  # the scenario loader's bounds: depth, aliases, size, duplicate keys
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as exc:

@@ -339,7 +339,6 @@ def test_an_edge_server_counts_an_update_that_is_not_a_model() -> None:
     import json
 
     import iotbed
-    from iotbed.broker.messages import Publish
     from iotbed.deployment import build_deployment
     from iotbed.runner import load_model_bytes, prepare
 
@@ -355,5 +354,5 @@ def test_an_edge_server_counts_an_update_that_is_not_a_model() -> None:
     header["__metadata__"]["num_classes"] = "43"  # the weights still have 10 outputs
     header["__metadata__"].pop("weights_sha256", None)
     text = json.dumps(header).encode()
-    edge._on_model(Publish("models/classifier", ModelUpdate(5, struct.pack("<Q", len(text)) + text + blob[8 + n :]), 1))
+    assert not edge._adopt(ModelUpdate(5, struct.pack("<Q", len(text)) + text + blob[8 + n :]))
     assert edge.refused_updates == 1 and edge.classifier.version == 1

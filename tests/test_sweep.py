@@ -68,6 +68,16 @@ def test_bad_sweep_files_are_explained(tmp_path: Path) -> None:
     path.write_text("name: x\nscenario: missing.yaml\n")
     with pytest.raises(ScenarioError, match="not found"):
         load_sweep(path)
+    # The scenario loader's bounds hold for sweep files too: duplicate keys, alias bombs, nesting.
+    path.write_text("name: x\nscenario: a.yaml\nscenario: b.yaml\n")
+    with pytest.raises(ScenarioError, match=r":3:1: duplicate key `scenario`"):
+        load_sweep(path)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdef", "bcdefg")
+    )
+    path.write_text(bomb)
+    with pytest.raises(ScenarioError, match="alias"):
+        load_sweep(path)
 
 
 def test_local_workers_and_dask_give_the_same_runs(tmp_path: Path) -> None:

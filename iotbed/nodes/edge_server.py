@@ -24,12 +24,9 @@ from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
-    TRUST_TOPIC,
     Frame,
     ModelUpdate,
     Quarantine,
-    SignedTrustList,
-    metadata_topic,
 )
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.update_channel import UpdateChannel
@@ -96,12 +93,8 @@ class EdgeServer:
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         self.transport.subscribe(self.config.frames_filter, self._on_frame, self.config.frames_qos)
-        self.transport.subscribe(self.config.models_topic, self._on_model, self.config.models_qos)
+        self.channel.subscribe(self.transport, self.config.models_topic, self.config.models_qos, self._adopt)
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
-        if self.channel.verifier is not None:
-            self.transport.subscribe(metadata_topic(self.config.models_topic), self._on_model, self.config.models_qos)
-            self.transport.subscribe(TRUST_TOPIC, self._on_trust, 1)
-            self.env.process(self.channel.watch_expiry())
         yield from self._serve()
 
     def _stamp(self) -> float:
@@ -125,14 +118,6 @@ class EdgeServer:
         # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
         if not self._wake.triggered and (len(self._pending) == 1 or len(self._pending) >= self.config.max_batch):
             self._wake.succeed()
-
-    def _on_model(self, message: Publish) -> None:
-        if isinstance(message.payload, ModelUpdate):
-            self.channel.take_update(message.payload, self._adopt)
-
-    def _on_trust(self, message: Publish) -> None:
-        if isinstance(message.payload, SignedTrustList):
-            self.channel.take_trust_list(message.payload)
 
     def _adopt(self, update: ModelUpdate) -> bool:
         if update.version <= self.classifier.version or update.version in self.quarantined:

@@ -29,12 +29,9 @@ from iotbed.defenses.strip import screen_update
 from iotbed.errors import ModelError
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
-    TRUST_TOPIC,
     Frame,
     ModelUpdate,
     Quarantine,
-    SignedTrustList,
-    metadata_topic,
 )
 from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.sim.clock import wall_clock
@@ -143,14 +140,6 @@ class ScreeningGateway:
     def _stamp(self) -> float:
         return self.env.now if self._wall is None else self._wall()
 
-    def _on_model(self, message: Publish) -> None:
-        if isinstance(message.payload, ModelUpdate):
-            self.channel.take_update(message.payload, self._adopt)
-
-    def _on_trust(self, message: Publish) -> None:
-        if isinstance(message.payload, SignedTrustList):
-            self.channel.take_trust_list(message.payload)
-
     def _adopt(self, update: ModelUpdate) -> bool:
         if update.version <= self.version or update.version in self._quarantined:
             return False
@@ -169,13 +158,9 @@ class ScreeningGateway:
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
-        self.transport.subscribe(self.models_topic, self._on_model, self.models_qos)
+        self.channel.subscribe(self.transport, self.models_topic, self.models_qos, self._adopt)
         for topic, qos in self.frame_topics:
             self.transport.subscribe(topic, self._on_frame, qos)
-        if self.channel.verifier is not None:
-            self.transport.subscribe(metadata_topic(self.models_topic), self._on_model, self.models_qos)
-            self.transport.subscribe(TRUST_TOPIC, self._on_trust, 1)
-            self.env.process(self.channel.watch_expiry())
         s = self.settings
         while True:
             if self._fresh < s.frames or self.version in self._quarantined:

@@ -11,8 +11,10 @@ from collections.abc import Callable, Generator
 
 import simpy
 
+from iotbed.broker.messages import Publish
+from iotbed.broker.transport import Transport
 from iotbed.broker.wire import quarantine_body
-from iotbed.nodes.payloads import ModelUpdate, Quarantine, SignedTrustList
+from iotbed.nodes.payloads import TRUST_TOPIC, ModelUpdate, Quarantine, SignedTrustList, metadata_topic
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import ModelEvent, TraceRecorder
@@ -54,6 +56,26 @@ class UpdateChannel:
     def refuse(self, version: int, nbytes: int, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._event("refused", version, nbytes, reason)
+
+    def subscribe(
+        self, transport: Transport, models_topic: str, qos: int, adopt: Callable[[ModelUpdate], bool]
+    ) -> None:
+        """Follow the models topic (and, when signing, the metadata renewals and the trust list), handing each
+        update that passes to `adopt`, which says whether the node took it."""
+
+        def on_model(message: Publish) -> None:
+            if isinstance(message.payload, ModelUpdate):
+                self.take_update(message.payload, adopt)
+
+        transport.subscribe(models_topic, on_model, qos)
+        if self.verifier is not None:
+            transport.subscribe(metadata_topic(models_topic), on_model, qos)
+            transport.subscribe(TRUST_TOPIC, self._on_trust, 1)
+            self.env.process(self.watch_expiry())
+
+    def _on_trust(self, message: Publish) -> None:
+        if isinstance(message.payload, SignedTrustList):
+            self.take_trust_list(message.payload)
 
     def take_update(self, update: ModelUpdate, adopt: Callable[[ModelUpdate], bool]) -> None:
         """Check `update` (when signing) and hand it to `adopt`, which says whether the node took it."""

@@ -120,7 +120,7 @@ class _ScenarioLoader(yaml.SafeLoader):
         return node
 
 
-def _load_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
+def load_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
     """The node tree (for line numbers) and the data of one YAML document, or a `ScenarioError`."""
     if len(text) > MAX_FILE_BYTES:
         raise ScenarioError(f"{source}:1: the text is over {MAX_FILE_BYTES:,} characters; a scenario is a few KB")
@@ -171,7 +171,7 @@ def load_scenario(path: str | Path, overrides: typing.Sequence[str] = ()) -> Sce
 
 
 def parse_scenario(text: str, source: str = "<scenario>", overrides: typing.Sequence[str] = ()) -> Scenario:
-    root, data = _load_yaml(text, source)
+    root, data = load_yaml(text, source)
     if not isinstance(data, dict):
         line = root.start_mark.line + 1 if root is not None else 1
         raise ScenarioError(f"{source}:{line}: a scenario is a mapping of keys such as `name`, `duration`, `nodes`")
@@ -198,7 +198,7 @@ def _apply_override(data: dict[str, Any], item: str, source: str) -> tuple[Any, 
     value: Any = ""
     if raw_value:
         try:
-            _, value = _load_yaml(raw_value, f"--set {key_path}")
+            _, value = load_yaml(raw_value, f"--set {key_path}")
         except ScenarioError as exc:
             if "not valid YAML" not in str(exc):
                 raise ScenarioError(f"--set {item!r}: {str(exc).split(': ', 1)[1]}") from None
