@@ -296,7 +296,7 @@ def run(
     deployment = build_deployment(resolved, artefacts, load_model_bytes)
     sim_end = resolved.duration + DRAIN_S
     simulate(deployment, sim_end, progress, resolved.name)
-    tables = sim_tables(deployment, artefacts, sim_end)
+    tables = sim_tables(deployment, artefacts)
     summary = summarise(
         tables,
         scenario_name=resolved.name,

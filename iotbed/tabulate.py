@@ -77,16 +77,18 @@ def run_tables_from(nodes: NodeTables, *, trace: pa.Table, broker: dict[str, Any
     return RunTables.of(nodes, trace=trace, broker=broker, backdoors=backdoors)
 
 
-def sim_tables(deployment: Deployment, artefacts: Artefacts, sim_end_s: float) -> RunTables:
+def sim_tables(deployment: Deployment, artefacts: Artefacts) -> RunTables:
     nodes = tables_from(deployment.nodes, deployment.recorder, artefacts)
-    nodes.links = link_rows(deployment, sim_end_s)
+    nodes.links = link_rows(deployment)
     trace = deployment.recorder.to_table()
     return run_tables_from(nodes, trace=trace, broker=broker_stats(deployment), artefacts=artefacts)
 
 
-def link_rows(deployment: Deployment, sim_end_s: float) -> list[dict[str, Any]]:
-    """One row per simulated link direction (for links.csv)."""
+def link_rows(deployment: Deployment) -> list[dict[str, Any]]:
+    """One row per simulated link direction (for links.csv). Utilisation is over the traffic period (the
+    scenario's duration), as offered load is, not over the drain after it, when the cameras are quiet."""
     rows = []
+    period = deployment.capture_until_s
     for group in deployment.link_groups:
         for key, directions in group.directions.items():
             for d in directions:
@@ -100,7 +102,7 @@ def link_rows(deployment: Deployment, sim_end_s: float) -> list[dict[str, Any]]:
                         "packets_delivered": d.stats.packets_delivered,
                         "dropped_queue_full": d.stats.dropped_queue_full,
                         "dropped_loss": d.stats.dropped_loss,
-                        "utilisation": d.stats.bytes_sent * 8.0 / d.transmitter.bandwidth_bps / sim_end_s,
+                        "utilisation": d.stats.bytes_sent * 8.0 / d.transmitter.bandwidth_bps / period,
                         "max_queue_packets": d.transmitter.max_occupancy,
                     }
                 )

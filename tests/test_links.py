@@ -100,6 +100,29 @@ def test_fifo_timers_never_fire_early_and_at_most_a_tick_late() -> None:
     assert lateness.min() >= -1e-9 and lateness.max() <= 0.05 + 1e-9
 
 
+def test_a_rearming_timer_does_not_postpone_the_timers_behind_it() -> None:
+    """Two timers due at 1.0 s and 1.3 s; the first re-arms when it fires (as every retransmission does).
+    The second must still fire at its own deadline (within a tick), not at the re-armed one's 2.0 s."""
+    env = simpy.Environment()
+    timers = FifoTimers(env, delay=1.0, tick=0.05)
+    fired: dict[str, list[float]] = {"a": [], "b": []}
+
+    def on(name: str) -> None:
+        fired[name].append(env.now)
+        if name == "a" and len(fired["a"]) < 3:
+            timers.start(on, "a")
+
+    def later() -> object:
+        yield env.timeout(0.3)
+        timers.start(on, "b")
+
+    timers.start(on, "a")
+    env.process(later())
+    env.run()
+    assert fired["a"] == pytest.approx([1.0, 2.0, 3.0])
+    assert fired["b"] == pytest.approx([1.3])
+
+
 def test_random_streams_depend_on_names_not_order() -> None:
     a = RandomStreams(5)
     b = RandomStreams(5)

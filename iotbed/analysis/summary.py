@@ -145,7 +145,7 @@ def summarise(
                 "unknown_frames": e.unknown_frames,
                 "frames_classified": int(((edge_names == e.name) & delivered).sum()),
                 "mean_batch_size": float(((edge_names == e.name) & delivered).sum()) / e.batches if e.batches else None,
-                "utilisation": e.busy_s / sim_end_s,
+                "utilisation": e.busy_s / duration_s,  # over the traffic period, as the links
                 "model_version": e.model_version,
             }
             for e in tables.edges

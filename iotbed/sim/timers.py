@@ -41,11 +41,13 @@ class FifoTimers:
         Timeout(self.env, wake - self.env.now).callbacks.append(self._fire)
 
     def _fire(self, _: simpy.Event) -> None:
-        self._wake_pending = False
         now = self.env.now
         queue = self._queue
+        # The wake stays pending while the callbacks run: one that re-arms only appends (its deadline is the
+        # latest), and the next wake is booked below for the earliest deadline left, not for the re-armed one.
         while queue and queue[0][0] <= now:
             _, callback, arg = queue.popleft()
             callback(arg)
-        if queue and not self._wake_pending:
+        self._wake_pending = False
+        if queue:
             self._schedule(queue[0][0])
