@@ -91,12 +91,18 @@ def bench_signed_updates() -> dict[str, Any]:
         "security.metadata_expiry=5s",
         "security.refresh_interval=1s",
     ]
-    unsigned = simulated_frames(quick, [*base, "security.signing=false"])
-    signed = simulated_frames(quick, [*base, "security.signing=true"])
+    # Interleaved, best of three each: a single pair on this noisy machine differs by up to 10% either way.
+    runs: dict[str, list[dict[str, Any]]] = {"false": [], "true": []}
+    for _ in range(3):
+        for signing in runs:
+            runs[signing].append(simulated_frames(quick, [*base, f"security.signing={signing}"]))
+    unsigned, signed = (max(runs[k], key=lambda r: r["frames_per_s"]) for k in ("false", "true"))
     return {
-        "target": "signing does not change frame throughput (ratio within the run-to-run noise, about 5%)",
+        "target": "signing does not change frame throughput (best-of-3 ratio within 5%)",
         "unsigned": unsigned,
         "signed": signed,
+        "unsigned_frames_per_s_each": [r["frames_per_s"] for r in runs["false"]],
+        "signed_frames_per_s_each": [r["frames_per_s"] for r in runs["true"]],
         "signed_over_unsigned_frames_per_s": signed["frames_per_s"] / unsigned["frames_per_s"],
         "host_ed25519_verify_us": _host_verify_us(),
     }

@@ -179,7 +179,12 @@ def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, s
             time.sleep(0.1)
         time.sleep(1.0)  # and running
         proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+            pytest.fail(f"still running 60 s after {sig.name}; its stderr ends with:\n{stderr[-4000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
