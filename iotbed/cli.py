@@ -315,7 +315,10 @@ def models_list() -> None:
     metavar="mqtt://HOST:PORT",
     help="the broker to run against, or `local` for a Mosquitto started (and restarted by faults) for this run",
 )
-@click.option("--username", help="one user name for every client")
+@click.option(
+    "--username",
+    help="one user name for every client (a broker that binds client ids to users, as `iotbed broker start --auth` makes it, needs --credentials instead)",
+)
 @click.option("--password", help="its password")
 @click.option(
     "--credentials", type=click.Path(dir_okay=False), help="per-client credentials (from `iotbed broker start --auth`)"

@@ -65,6 +65,21 @@ def test_alias_bomb_is_refused_quickly() -> None:
     assert f"more than {MAX_NODES:,} values once its aliases" in message
 
 
+@pytest.mark.timeout(60)
+def test_a_billion_nodes_are_checked_without_listing_them() -> None:
+    """A fuzzed file set a gateway group's count to 10^9 next to an update-channel attack; validation listed the
+    group's nodes and hung. Nodes are now named and checked by arithmetic."""
+    scenario = load_scenario(
+        SCENARIOS / "update_channel_attacks.yaml",
+        [
+            "nodes.gateways.0.count=1000000000",
+            "security.attacks=[{kind: forged_quarantine, at: 5s, gateway: gw-999999999}]",
+        ],
+    )
+    assert scenario.resolve_node("gw-999999999") == "gw-999999999"
+    assert scenario.resolve_node("gw-1000000000") is None and scenario.resolve_node("gw-01") is None
+
+
 def test_recursive_alias_is_refused() -> None:
     assert "inside its own anchor" in _error(NO_DESCRIPTION + "description: &d [*d]\n")
 

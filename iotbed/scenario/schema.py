@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from iotbed.naming import group_nodes, group_of, node_name
+from iotbed.naming import group_of, node_name
 from iotbed.units import format_bandwidth, format_duration, parse_bandwidth, parse_duration
 
 
@@ -751,7 +751,7 @@ class Scenario(Strict):
                     "key_rotations",
                     i,
                 )
-        screening = [n for g in self.nodes.gateways if g.strip for n in group_nodes(g.name, g.count)]
+        screening = any(g.strip for g in self.nodes.gateways)
         for i, attack in enumerate(security.attacks):
             where = ("security", "attacks", i)
             if attack.at >= self.duration:
@@ -823,7 +823,9 @@ class Scenario(Strict):
         if name in counts:
             return node_name(name, 0)
         group = group_of(name)
-        if group in counts and name in group_nodes(group, counts[group]):
+        index = name[len(group) + 1 :]
+        # By arithmetic, not by listing the group: a group may have millions of nodes.
+        if group in counts and index.isdigit() and node_name(group, int(index)) == name and int(index) < counts[group]:
             return name
         return None
 

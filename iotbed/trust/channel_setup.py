@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
+from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes, node_name
 from iotbed.nodes.payloads import QUARANTINE_TOPIC, ModelUpdate, Quarantine
 from iotbed.nodes.registry import Freeze, ScheduledUpdate
 from iotbed.nodes.update_attacker import CraftedMessage
@@ -33,7 +33,7 @@ class ChannelSetup:
 
 def attacker_clients(scenario: Scenario) -> list[tuple[str, str]]:
     """(client id, node) of each update-channel attacker that sends a message (a freeze sends none)."""
-    first_camera = group_nodes(scenario.nodes.cameras[0].name, 1)[0] if scenario.nodes.cameras else "registry"
+    first_camera = node_name(scenario.nodes.cameras[0].name, 0) if scenario.nodes.cameras else "registry"
     return [
         (f"{attack.kind}-{i}@{attack.node or first_camera}", attack.node or first_camera)
         for i, attack in enumerate(scenario.security.attacks)
@@ -47,7 +47,7 @@ def screening_gateways(scenario: Scenario) -> list[str]:
 
 def repairing_edges(scenario: Scenario) -> list[str]:
     """One repairer per edge group with `repair:`, its first node."""
-    return [group_nodes(g.name, g.count)[0] for g in scenario.nodes.edge_servers if g.repair is not None]
+    return [node_name(g.name, 0) for g in scenario.nodes.edge_servers if g.repair is not None]
 
 
 def _own_key(scenario: Scenario, holder: str) -> SigningKey:
