@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iotbed
+from iotbed.analysis.compare import compare_runs
 from iotbed.broker.wire import quarantine_body
 from iotbed.emulation.runner import emulate
 from iotbed.errors import ScenarioError
@@ -215,3 +216,6 @@ def test_the_same_attacks_are_refused_for_the_same_reasons_live(plain_broker, tm
         assert attacks["freeze@9s"]["stale"] == ["edge-0", "gw-0"]
         assert {e["version"] for e in summary["model_events"] if e["event"] == "adopted"} == {2, 3}
     assert live["broker"]["malformed"] == 0
+    rows = {r["metric"]: r for r in compare_runs(tmp_path / "sim", tmp_path / "live")}
+    refused = [m for m in rows if m.startswith("security.refused.")]
+    assert len(refused) >= 5 and all(rows[m]["diff"] == 0 for m in refused)

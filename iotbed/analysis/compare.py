@@ -67,6 +67,8 @@ def _metrics(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     extra += [f"detection.by_version.{v}.auroc" for v in versions]
     labels = sorted({*first.get("mitm", {}), *second.get("mitm", {})})
     extra += [f"accuracy.by_attack.{label}.accuracy" for label in labels]
+    reasons = sorted({*first.get("security", {}).get("refused", {}), *second.get("security", {}).get("refused", {})})
+    extra += [f"security.refused.{reason}" for reason in reasons]
     return [*METRICS, *extra]
 
 
@@ -144,6 +146,20 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
                     f"the repair of version {version} took {repair['wall_seconds']:.1f} s on this host against "
                     f"{repair['sim_seconds']:.1f} s modelled for the edge's device: the live repair was published "
                     "that much later."
+                )
+    if live.get("security"):
+        notes.append(
+            "live, the update channel's metadata expiry and renewals are timed on the wall clock: a message "
+            "that arrives within a few milliseconds of an expiry can be taken in one run and refused as "
+            "`expired` in the other."
+        )
+        simulated = first if live is second else second
+        taken = {a["attack"]: a.get("taken_by") for a in simulated.get("security", {}).get("attacks", [])}
+        for attack in live["security"].get("attacks", []):
+            if attack["attack"] in taken and attack.get("taken_by") != taken[attack["attack"]]:
+                notes.append(
+                    f"{attack['attack']} was taken by {attack.get('taken_by') or 'no node'} live and by "
+                    f"{taken[attack['attack']] or 'no node'} in the simulation."
                 )
     for label, mitm in live.get("mitm", {}).items():
         if not mitm.get("read_the_stream", True):
