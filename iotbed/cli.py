@@ -150,6 +150,13 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
             )
         )
+    for label, entry in accuracy.get("by_condition", {}).items():
+        rows.append(
+            (
+                f"condition {label}: n, acc. (undefended)",
+                f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
+            )
+        )
     security = summary.get("security")
     if security:
         refused = ", ".join(f"{k} {v}" for k, v in security["refused"].items()) or "none"

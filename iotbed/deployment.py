@@ -12,6 +12,7 @@ no state.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -28,7 +29,7 @@ from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.defenses.pipeline import build_chain
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
-from iotbed.nodes.camera import Camera, CameraConfig
+from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
@@ -75,6 +76,7 @@ class Artefacts:
     bare_correct: dict[str, np.ndarray] = field(default_factory=dict)
     backdoors: dict[int, BackdoorInUpdate] = field(default_factory=dict)  # model version -> its backdoor
     clean_pool: Any = None  # ImageDataset: the defenders' clean labelled images (STRIP, CoDefend)
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)  # condition label -> the images as seen
 
 
 class MakeClient(Protocol):
@@ -262,6 +264,10 @@ def build_camera(
         camera_codec(group),
     )
     image_shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    conditions = [
+        ConditionWindow(c.label, c.start, c.stop if c.stop is not None else math.inf, artefacts.conditions[c.label])
+        for c in group.conditions
+    ]
     return Camera(
         env,
         name,
@@ -274,6 +280,7 @@ def build_camera(
         recorder,
         streams.generator("codec", name),
         attacks,
+        conditions,
     )
 
 

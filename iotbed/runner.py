@@ -35,6 +35,7 @@ from iotbed.nodes.payloads import ModelUpdate
 from iotbed.nodes.registry import ScheduledUpdate
 from iotbed.run_tables import RunTables
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
+from iotbed.sim.rng import RandomStreams
 from iotbed.sim.trace import model_events_table
 from iotbed.tabulate import sim_tables
 
@@ -122,6 +123,13 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
     adversarial, bare_correct = craft_attacks(
         resolved, trained.model, captured, splits.test.labels, progress, backdoors
     )
+    conditions = camera_conditions(resolved, captured)
+    if conditions:
+        from iotbed.attacks.crafting import bare_predictions
+
+        truth = splits.test.labels.numpy()
+        for label, seen in conditions.items():  # the undefended reference under each condition
+            bare_correct[f"@{label}"] = bare_predictions(trained.model, torch.from_numpy(seen)) == truth
     artefacts = Artefacts(
         captured,
         splits.test.labels.numpy(),
@@ -132,6 +140,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         bare_correct,
         backdoors,
         pool,
+        conditions,
     )
     model_info = {
         "arch": trained.arch,
@@ -236,6 +245,20 @@ def craft_attacks(
     return adversarial, bare_correct
 
 
+def camera_conditions(scenario: Scenario, captured: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every test image as seen under each camera condition the scenario uses, on the cameras' 8-bit grid;
+    the noise and the fog are drawn from the scenario's seed."""
+    from iotbed.data.corruptions import corrupt
+
+    streams = RandomStreams(scenario.seed)
+    out: dict[str, np.ndarray] = {}
+    for spec in (c for g in scenario.nodes.cameras for c in g.conditions):
+        if spec.label not in out:
+            seen = corrupt(captured, spec.kind, spec.severity, streams.torch_generator("condition", spec.label))
+            out[spec.label] = ((seen * 255.0).round() / 255.0).numpy().astype(np.float32)
+    return out
+
+
 def load_model_bytes(blob: bytes) -> torch.nn.Module:
     from iotbed.models import model_from_bytes
 
@@ -330,12 +353,16 @@ def attack_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any
 
 def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
     """Per frame: does the bare model classify the frame's image right (the attack's oblivious version for an
-    attacked frame)? 1.0/0.0, NaN for a frame two attackers changed (no single reference)."""
+    attacked frame, the image as a camera condition made it)? 1.0/0.0, NaN for a frame two attackers changed
+    (no single reference)."""
     index = table.column("image_index").to_numpy()
     attack = table.column("attack").to_numpy(zero_copy_only=False)
+    condition = table.column("condition").to_numpy(zero_copy_only=False)
+    # An attacked frame's reference is its attack's; an unattacked one's is its condition's ("@fog-3").
+    key = np.where(attack != "", attack, np.where(condition != "", "@" + condition.astype(object), ""))
     out = np.full(len(index), np.nan)
     for label, correct in artefacts.bare_correct.items():
-        rows = attack == label
+        rows = key == label
         out[rows] = correct[index[rows]]
     return out
 

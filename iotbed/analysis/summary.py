@@ -96,6 +96,16 @@ def summarise(
         }
         for label in sorted(set(labels.tolist()) - {""})
     }
+    conditions = trace.column("condition").to_numpy(zero_copy_only=False)
+    by_condition = {
+        str(label): {
+            "frames": int((conditions == label).sum()),
+            "delivered": int((delivered & (conditions == label)).sum()),
+            "accuracy": accuracy(conditions == label),
+            "undefended_reference": reference_accuracy(conditions == label),
+        }
+        for label in sorted(set(conditions.tolist()) - {""})
+    }
     publish = trace.column("publish_bytes").to_numpy()
     return {
         "scenario": scenario_name,
@@ -137,6 +147,7 @@ def summarise(
                 "attacked": reference_accuracy(attacked),
             },
             "by_attack": by_attack,
+            "by_condition": by_condition,
         },
         **(setup or {}),
         "edge_servers": {

@@ -2,7 +2,8 @@
 
 With a pixel-drop codec every frame gets a fresh mask seed (from the camera's codec stream) and its
 payload shrinks to the kept pixels plus the mask. A compromised camera (`attacks`) captures the crafted
-adversarial version of the image instead, inside the attack's window.
+adversarial version of the image instead, inside the attack's window. Under a camera condition (fog, noise:
+`conditions`) it captures the image as corrupted by it, unless an attack replaces the image.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def frame_payload_bytes(image_shape: tuple[int, int, int], drop: PixelDropCodec 
     return raw_frame_bytes(image_shape) if drop is None else FRAME_HEADER.size + drop.encoded_size(image_shape)
 
 
+@dataclass(frozen=True)
+class ConditionWindow:
+    label: str  # e.g. fog-3
+    start_s: float
+    stop_s: float
+    images: np.ndarray  # every dataset image as seen under the condition, (N, C, H, W) float32 in [0, 1]
+
+
 class Camera:
     def __init__(
         self,
@@ -54,6 +63,7 @@ class Camera:
         recorder: TraceRecorder,
         codec_rng: np.random.Generator | None = None,
         attacks: list[AttackWindow] | None = None,
+        conditions: list[ConditionWindow] | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -66,6 +76,7 @@ class Camera:
         self.recorder = recorder
         self.codec_rng = codec_rng
         self.attacks = attacks or []
+        self.conditions = conditions or []
         if config.drop is not None and codec_rng is None:
             raise ValueError("a pixel-drop camera needs a codec random stream for its mask seeds")
         self.payload_bytes = frame_payload_bytes(image_shape, config.drop)
@@ -133,6 +144,12 @@ class Camera:
                     frame.attack = record.attack = attack.label
                     attack.frames_attacked += 1
                     break
+            else:
+                for condition in self.conditions:
+                    if condition.start_s <= env.now < condition.stop_s:
+                        frame.pixels = condition.images[image_index]
+                        record.condition = condition.label
+                        break
             self.transport.publish(config.topic, frame, config.qos, record=record)
             self.frames_sent += 1
             yield env.timeout(gap)

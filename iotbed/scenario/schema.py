@@ -270,6 +270,27 @@ class AttackSpec(Strict):
         return self.name or f"{self.kind}-{self.method}"
 
 
+class ConditionSpec(Strict):
+    """What the cameras see through, from `start` to `stop` (default: the end): a CIFAR-10-C corruption at one
+    of its five published severities, applied to the captured image before the codec
+    (`iotbed.data.corruptions`). Overlapping entries: the first listed applies."""
+
+    kind: Literal["gaussian_noise", "brightness", "contrast", "jpeg", "pixelate", "fog"]
+    severity: Annotated[int, Field(ge=1, le=5)] = 3
+    start: Duration = 0.0
+    stop: Duration | None = None
+
+    @model_validator(mode="after")
+    def _window(self) -> ConditionSpec:
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop must come after start")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}-{self.severity}"
+
+
 class CameraGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -278,6 +299,7 @@ class CameraGroup(Strict):
     codec: CodecSpec = RawCodecSpec()
     topic: str = Field("frames/{name}", description="`{name}` becomes the camera's name, e.g. cam-3")
     start: Duration = 0.0
+    conditions: list[ConditionSpec] = Field(default_factory=list, description="fog, night, noise... over time")
 
 
 class StripScreenSpec(Strict):

@@ -50,6 +50,7 @@ class FrameRecord:
         "model_version",
         "prediction",
         "attack",
+        "condition",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class FrameRecord:
         self.model_version = -1
         self.prediction = -1
         self.attack = ""
+        self.condition = ""  # the camera condition it was captured under (`fog-3`), if any
 
 
 TRACE_SCHEMA = pa.schema(
@@ -121,6 +123,7 @@ TRACE_SCHEMA = pa.schema(
         ("prediction", pa.int16()),
         ("correct", pa.bool_()),
         ("attack", pa.string()),
+        ("condition", pa.string()),
     ]
 )
 
