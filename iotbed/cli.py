@@ -157,6 +157,15 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
             )
         )
+    selective = summary.get("selective")
+    if selective:
+        rows.append(
+            (
+                "reject option: coverage / selective risk",
+                f"{_fmt(selective['coverage'], '.4f')} / {_fmt(selective['selective_risk'], '.4f')}",
+            )
+        )
+        rows.append(("  system accuracy (abstaining serves nothing)", _fmt(selective["system_accuracy"], ".4f")))
     security = summary.get("security")
     if security:
         refused = ", ".join(f"{k} {v}" for k, v in security["refused"].items()) or "none"

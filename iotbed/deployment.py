@@ -28,11 +28,14 @@ from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
 from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.defenses.pipeline import build_chain
+from iotbed.defenses.reject import Threshold
+from iotbed.errors import ScenarioError
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
+from iotbed.nodes.payloads import Frame
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.update_attacker import UpdateChannelAttacker
@@ -306,7 +309,43 @@ def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, str
         artefacts.images,
         build_chain(group.defenses),
         streams.torch_generator("defense", name),
+        group.reject.score if group.reject is not None else None,
     )
+
+
+def reject_threshold(group: EdgeServerGroup, artefacts: Artefacts, streams: RandomStreams) -> Threshold | None:
+    """The reject option's threshold for an edge group, fitted on held-out clean labelled images through the
+    group's own defenses and model (the frames it will score are never used)."""
+    spec = group.reject
+    if spec is None:
+        return None
+    from iotbed.defenses.reject import RejectTargetError, for_coverage, guaranteed_risk
+
+    pool = artefacts.clean_pool
+    n = min(spec.calibration, len(pool))
+    labels = np.asarray(pool.labels[:n])
+    calibration = EdgeClassifier(
+        artefacts.model,
+        INITIAL_MODEL_VERSION,
+        artefacts.flops_per_image,
+        pool.images[:n],
+        build_chain(group.defenses),
+        streams.torch_generator("reject", group.name),
+        spec.score,
+    )
+    shape = tuple(int(x) for x in pool.images.shape[1:])
+    frames = [Frame(i, 0, 0.0, i, int(labels[i]), shape, 0) for i in range(n)]  # type: ignore[arg-type]
+    correct = calibration.predict(frames) == labels
+    scores = calibration.last_scores
+    assert scores is not None
+    target = spec.target
+    if target.coverage is not None:
+        return for_coverage(spec.score, scores, correct, target.coverage)
+    assert target.risk is not None
+    try:
+        return guaranteed_risk(spec.score, scores, correct, target.risk, 1.0 - target.confidence)
+    except RejectTargetError as exc:
+        raise ScenarioError(f"edge server group {group.name!r}, `reject.target.risk`: {exc}") from None
 
 
 def _model_bytes(model: nn.Module, version: int) -> bytes:
@@ -392,6 +431,7 @@ def build_nodes(
 
     profiles = device_profiles(scenario)
     for group in scenario.nodes.edge_servers:
+        threshold = reject_threshold(group, artefacts, streams)
         for i, name in enumerate(group_nodes(group.name, group.count)):
             # One repairer per group (its first node), so a quarantine leads to one repaired model.
             repairer = _repairer(group, artefacts, profiles) if i == 0 else None
@@ -413,6 +453,7 @@ def build_nodes(
                 wiring.offload,
                 update_channel(name, profiles[group.device]),
                 sign_repaired,
+                threshold,
             )
             built.edges.append(edge)
             built.runs[name] = edge.run

@@ -173,12 +173,13 @@ def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
     on them put the boundary where a clean update's own frames were flagged."""
     sizes = [g.strip.calibration + g.strip.n_blends for g in scenario.nodes.gateways if g.strip is not None]
     sizes += [e.repair.clean_images for e in scenario.nodes.edge_servers if e.repair is not None]
+    sizes += [e.reject.calibration for e in scenario.nodes.edge_servers if e.reject is not None]
     if not sizes:
         return None, train
     n = max(sizes)
     if n > len(train) // 2:
         raise IotbedError(
-            f"the defenders' clean pool ({n} images for `strip:`/`repair:`) would take more than half of "
+            f"the defenders' clean pool ({n} images for `strip:`/`repair:`/`reject:`) would take more than half of "
             f"the {len(train)} training images of {scenario.dataset.name}; ask for fewer"
         )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(scenario.dataset.split_seed))
@@ -394,6 +395,7 @@ def setup_summary(
             "stages": edge.classifier.defense.params()["stages"] if edge.classifier.defense is not None else [],
             "defense_flops_per_image": edge.classifier.defense_flops,
             "model_flops_per_image": edge.classifier.model_flops,
+            **({"reject": dataclasses.asdict(edge.reject)} if edge.reject is not None else {}),
         }
         for edge in edges
     }

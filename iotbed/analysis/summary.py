@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from iotbed.analysis.selective import aurc, e_aurc
 from iotbed.run_tables import RunTables
 from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT
 
@@ -41,6 +42,42 @@ def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "max_queue_packets": int(max(r["max_queue_packets"] for r in members)),
         }
     return out
+
+
+def _selective(
+    trace: Any, delivered: np.ndarray, correct: np.ndarray, attacked: np.ndarray, conditions: np.ndarray
+) -> dict[str, Any] | None:
+    """The reject option's figures over the delivered frames an edge scored: coverage (the share accepted),
+    selective risk (the error rate on accepted frames), system accuracy (right and accepted, over all scored:
+    an abstention serves nothing), AURC and E-AURC of the score, and the rejection rate per kind of frame."""
+    score = trace.column("score").to_numpy(zero_copy_only=False)
+    scored = delivered & ~np.isnan(score)
+    if not scored.any():
+        return None
+    rejected = trace.column("rejected").to_numpy(zero_copy_only=False).astype(bool)
+    accepted = scored & ~rejected
+
+    def figures(mask: np.ndarray) -> dict[str, Any]:
+        m, a = scored & mask, accepted & mask
+        if not m.any():
+            return {"frames": 0}
+        return {
+            "frames": int(m.sum()),
+            "coverage": float(a.sum() / m.sum()),
+            "selective_risk": float(1.0 - correct[a].mean()) if a.any() else None,
+            "system_accuracy": float((correct & a).sum() / m.sum()),
+        }
+
+    everything = np.ones(len(score), dtype=bool)
+    return {
+        **figures(everything),
+        "accuracy_without_rejection": float(correct[scored].mean()),
+        "aurc": aurc(score[scored], correct[scored]),
+        "e_aurc": e_aurc(score[scored], correct[scored]),
+        "clean": figures(~attacked & (conditions == "")),
+        "attacked": figures(attacked),
+        "by_condition": {str(c): figures(conditions == c) for c in sorted(set(conditions.tolist()) - {""})},
+    }
 
 
 def summarise(
@@ -106,6 +143,7 @@ def summarise(
         }
         for label in sorted(set(conditions.tolist()) - {""})
     }
+    selective = _selective(trace, delivered, correct, attacked, conditions)
     publish = trace.column("publish_bytes").to_numpy()
     return {
         "scenario": scenario_name,
@@ -149,6 +187,7 @@ def summarise(
             "by_attack": by_attack,
             "by_condition": by_condition,
         },
+        **({"selective": selective} if selective else {}),
         **(setup or {}),
         "edge_servers": {
             e.name: {

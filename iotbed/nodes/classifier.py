@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from iotbed.defenses.pipeline import DefenseChain
+from iotbed.defenses.reject import confidence
 from iotbed.nodes.payloads import Frame
 
 
@@ -27,6 +28,7 @@ class EdgeClassifier:
         images: torch.Tensor,
         defense: DefenseChain | None = None,
         generator: torch.Generator | None = None,
+        score: str | None = None,
     ) -> None:
         self.images = images  # the dataset the cameras capture from, (N, C, H, W) in [0, 1]
         self.defense = defense if defense is not None and defense.stages else None
@@ -38,20 +40,26 @@ class EdgeClassifier:
         self.defense_flops = self.defense.flops_per_image(shape) if self.defense is not None else 0.0  # type: ignore[arg-type]
         self.flops_per_image = self.model_flops + self.defense_flops
         self._cacheable = self.defense is None or not self.defense.randomized
+        self.score = score  # the reject option's confidence score (`iotbed.defenses.reject`), if any
+        self.last_scores: np.ndarray | None = None  # the scores of the last `predict`'s frames
         self.swap(model, version)
 
     def swap(self, model: nn.Module, version: int) -> None:
         self.model = model.eval()
         self.version = version
         if self._cacheable:
-            self._cached = np.concatenate([self._run(self._defend(chunk)) for chunk in self.images.split(1024)])
+            runs = [self._run(self._defend(chunk)) for chunk in self.images.split(1024)]
+            self._cached = np.concatenate([labels for labels, _ in runs])
+            self._cached_scores = np.concatenate([scores for _, scores in runs]) if self.score else None
 
     def _defend(self, x: torch.Tensor) -> torch.Tensor:
         return self.defense(x, self.generator) if self.defense is not None else x
 
     def predict(self, frames: list[Frame]) -> np.ndarray:
+        """The predicted labels; with a score, their confidence scores are in `last_scores`."""
         n = len(frames)
         predictions = np.empty(n, dtype=np.int64)
+        scores = np.empty(n, dtype=np.float64) if self.score else None
         pristine = (
             np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool, count=n)
             if self._cacheable
@@ -60,11 +68,17 @@ class EdgeClassifier:
         if pristine.any():
             indices = np.fromiter((f.image_index for f in frames), dtype=np.int64, count=n)[pristine]
             predictions[pristine] = self._cached[indices]
+            if scores is not None and self._cached_scores is not None:
+                scores[pristine] = self._cached_scores[indices]
         if not pristine.all():
-            predictions[~pristine] = self._run_frames([f for f, p in zip(frames, pristine.tolist()) if not p])
+            labels, fresh = self._run_frames([f for f, p in zip(frames, pristine.tolist()) if not p])
+            predictions[~pristine] = labels
+            if scores is not None and fresh is not None:
+                scores[~pristine] = fresh
+        self.last_scores = scores
         return predictions
 
-    def _run_frames(self, frames: list[Frame]) -> np.ndarray:
+    def _run_frames(self, frames: list[Frame]) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.from_numpy(
             np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
         ).float()
@@ -81,6 +95,8 @@ class EdgeClassifier:
                 x = self.defense.forward(x, self.generator, masks=mask_tensor, dropped=dropped)
         return self._run(x)
 
-    def _run(self, images: torch.Tensor) -> np.ndarray:
+    def _run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
-            return self.model(images).argmax(dim=1).numpy()
+            logits = self.model(images)
+            scores = confidence(logits, self.score).numpy().astype(np.float64) if self.score else None
+            return logits.argmax(dim=1).numpy(), scores

@@ -19,6 +19,7 @@ from torch import nn
 
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
+from iotbed.defenses.reject import Threshold
 from iotbed.errors import ModelError
 from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
@@ -64,6 +65,7 @@ class EdgeServer:
         offload: Offload | None = None,
         channel: UpdateChannel | None = None,
         sign_repaired: Callable[[ModelUpdate, float], ModelUpdate] | None = None,
+        reject: Threshold | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -89,6 +91,7 @@ class EdgeServer:
         self.repairs: list[dict[str, float | int]] = []
         self.channel = channel if channel is not None else UpdateChannel(env, name, device, recorder, None)
         self._sign_repaired = sign_repaired
+        self.reject = reject  # the reject option's threshold on the classifier's score
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
@@ -215,3 +218,8 @@ class EdgeServer:
                 record.t_done = done
                 record.prediction = prediction
                 record.model_version = version
+            scores = self.classifier.last_scores
+            if scores is not None and self.reject is not None:
+                for (_, record, _), score in zip(taken, scores.tolist()):
+                    record.score = score
+                    record.rejected = score < self.reject.value

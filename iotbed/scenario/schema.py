@@ -349,6 +349,28 @@ class CoDefendRepairSpec(Strict):
     seed: Seed = 0
 
 
+class RejectTargetSpec(Strict):
+    coverage: Annotated[float | None, Field(gt=0.0, le=1.0, description="share of frames to accept")] = None
+    risk: Annotated[float | None, Field(gt=0.0, lt=1.0, description="error rate allowed on accepted frames")] = None
+    confidence: Annotated[float, Field(gt=0.0, lt=1.0, description="with risk: the guarantee's confidence")] = 0.999
+
+    @model_validator(mode="after")
+    def _one(self) -> RejectTargetSpec:
+        if (self.coverage is None) == (self.risk is None):
+            raise ValueError("give a target `coverage:` or a target `risk:` (with its `confidence:`), one of them")
+        return self
+
+
+class RejectSpec(Strict):
+    """The reject option (`iotbed.defenses.reject`): the edge abstains on frames whose confidence score is
+    below a threshold fitted on `calibration` held-out clean labelled images for the `target`."""
+
+    score: Literal["msp", "margin", "entropy"] = "msp"
+    target: RejectTargetSpec = RejectTargetSpec(coverage=0.9)
+    calibration: Annotated[int, Field(ge=20, description="held-out clean labelled images to fit it on")] = 500
+    action: Literal["abstain"] = Field("abstain", description="what happens to a rejected frame: left unserved")
+
+
 class EdgeServerGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -361,6 +383,7 @@ class EdgeServerGroup(Strict):
         default_factory=list, description="input defenses, applied in order before the model"
     )
     repair: CoDefendRepairSpec | None = Field(None, description="repair quarantined model updates (CoDefend)")
+    reject: RejectSpec | None = Field(None, description="abstain on frames the model is unsure of")
 
 
 class DeviceSpec(Strict):

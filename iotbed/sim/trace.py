@@ -7,6 +7,7 @@ that was lost once and then retransmitted counts as delivered, with its retry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,8 @@ class FrameRecord:
         "prediction",
         "attack",
         "condition",
+        "score",
+        "rejected",
     )
 
     def __init__(
@@ -91,6 +94,8 @@ class FrameRecord:
         self.prediction = -1
         self.attack = ""
         self.condition = ""  # the camera condition it was captured under (`fog-3`), if any
+        self.score = math.nan  # the edge's confidence score, with the reject option
+        self.rejected = False  # the edge abstained on it
 
 
 TRACE_SCHEMA = pa.schema(
@@ -124,6 +129,8 @@ TRACE_SCHEMA = pa.schema(
         ("correct", pa.bool_()),
         ("attack", pa.string()),
         ("condition", pa.string()),
+        ("score", pa.float64()),
+        ("rejected", pa.bool_()),
     ]
 )
 
@@ -139,7 +146,17 @@ class ModelEvent:
 
 
 # What an edge server writes into a frame's record; the camera's side writes the rest.
-EDGE_FIELDS = ("t_edge", "edge", "t_infer_start", "t_done", "prediction", "model_version", "duplicates")
+EDGE_FIELDS = (
+    "t_edge",
+    "edge",
+    "t_infer_start",
+    "t_done",
+    "prediction",
+    "model_version",
+    "duplicates",
+    "score",
+    "rejected",
+)
 
 
 class TraceRecorder:

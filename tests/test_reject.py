@@ -1,0 +1,116 @@
+"""The reject option: confidence scores, thresholds for a coverage and for a guaranteed risk (SGR), the
+risk-coverage metrics against brute force, and an edge server that abstains in a run, simulated and live."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SCENARIOS
+
+import iotbed
+from iotbed.analysis.selective import aurc, e_aurc, risk_coverage
+from iotbed.defenses.reject import RejectTargetError, confidence, for_coverage, guaranteed_risk
+from iotbed.emulation.runner import emulate
+from iotbed.errors import ScenarioError
+
+QUICKSTART = SCENARIOS / "quickstart.yaml"
+
+
+def test_scores_rank_a_confident_prediction_above_a_hesitant_one() -> None:
+    logits = torch.tensor([[8.0, 0.0, 0.0], [1.0, 0.9, 0.0], [0.0, 0.0, 0.0]])
+    for score in ("msp", "margin", "entropy"):
+        values = confidence(logits, score)
+        assert values[0] > values[1] > values[2] or (score == "margin" and values[0] > values[1] >= values[2])
+    assert confidence(logits, "msp")[2] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="unknown score"):
+        confidence(logits, "vibes")
+
+
+def _population(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Scores in [0, 1]; a frame with score s is right with probability 0.7 + 0.3 s (15% errors in all)."""
+    scores = rng.uniform(0, 1, n)
+    return scores, rng.uniform(0, 1, n) < 0.7 + 0.3 * scores
+
+
+def test_a_coverage_threshold_accepts_that_share() -> None:
+    scores, correct = _population(1000, np.random.default_rng(0))
+    threshold = for_coverage("msp", scores, correct, 0.8)
+    assert threshold.calibration_coverage == pytest.approx(0.8, abs=0.002)
+    assert threshold.calibration_risk < 1 - correct.mean()
+
+
+def test_guaranteed_risk_holds_on_new_data_in_all_but_about_delta_of_draws() -> None:
+    """Geifman and El-Yaniv's guarantee: P(test selective risk > r*) <= delta. 300 independent calibration and
+    test draws at r* = 0.12, delta = 0.1: at most delta of them, with a binomial margin (3 sigma = 0.05)."""
+    rng = np.random.default_rng(1)
+    risk, delta, draws, violations, refused = 0.12, 0.1, 300, 0, 0
+    for _ in range(draws):
+        try:
+            threshold = guaranteed_risk("msp", *_population(1000, rng), risk, delta)
+        except RejectTargetError:  # a draw whose best bound is above r*: refusing is safe, and rare here
+            refused += 1
+            continue
+        scores, correct = _population(20_000, rng)  # the population's risk above the threshold, closely
+        accepted = scores >= threshold.value
+        violations += float(1 - correct[accepted].mean()) > risk
+        assert threshold.risk_bound is not None and threshold.risk_bound < risk
+    assert refused < 0.05 * draws
+    assert violations / draws <= delta + 0.05
+
+
+def test_an_unreachable_risk_names_the_best_bound() -> None:
+    scores, correct = _population(100, np.random.default_rng(2))
+    with pytest.raises(RejectTargetError, match=r"tightest bound there is 0\.\d+"):
+        guaranteed_risk("msp", scores, correct, 1e-4, 0.001)
+
+
+def test_aurc_matches_brute_force_and_the_oracle_has_no_excess() -> None:
+    rng = np.random.default_rng(3)
+    scores, correct = _population(200, rng)
+    order = np.argsort(-scores, kind="stable")
+    brute = np.mean([1 - correct[order[:k]].mean() for k in range(1, 201)])
+    assert aurc(scores, correct) == pytest.approx(brute)
+    assert e_aurc(scores, correct) > 0
+    assert e_aurc(correct.astype(float), correct) == pytest.approx(0.0)
+    coverage, risk = risk_coverage(scores, correct)
+    assert coverage[-1] == 1.0 and risk[-1] == pytest.approx(1 - correct.mean())
+
+
+def test_an_unreachable_target_in_a_scenario_is_a_located_error() -> None:
+    scenario = iotbed.load_scenario(
+        QUICKSTART, ["nodes.edge_servers.0.reject={target: {risk: 0.0001, confidence: 0.999}, calibration: 50}"]
+    )
+    with pytest.raises(ScenarioError, match=r"edge server group 'edge', `reject.target.risk`: .* tightest bound"):
+        iotbed.run(scenario, write=False, progress=False)
+
+
+def test_bad_reject_entries_are_refused_at_validation() -> None:
+    with pytest.raises(ScenarioError, match="one of them"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={target: {coverage: 0.9, risk: 0.01}}"])
+    with pytest.raises(ScenarioError, match="msp"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={score: vibes}"])
+
+
+def test_the_edge_abstains_on_unsure_frames_simulated_and_live(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    overrides = [
+        "duration=12s",
+        "links.0.loss=0",
+        "nodes.edge_servers.0.reject={target: {coverage: 0.95}}",
+        "nodes.cameras.0.conditions=[{kind: fog, severity: 4, start: 6s}]",
+    ]
+    scenario = iotbed.load_scenario(QUICKSTART, overrides)
+    simulated = iotbed.run(scenario, tmp_path / "sim", progress=False)
+    selective = simulated.summary["selective"]
+    assert selective["clean"]["coverage"] == pytest.approx(0.95, abs=0.04)  # fitted on held-out images
+    fog = selective["by_condition"]["fog-4"]
+    assert fog["coverage"] < selective["clean"]["coverage"] - 0.2  # fog makes the model unsure
+    assert selective["selective_risk"] < 1 - selective["accuracy_without_rejection"]
+    trace = simulated.trace
+    threshold = simulated.summary["defenses"]["edge-0"]["reject"]["value"]
+    assert ((trace["score"] < threshold) == trace["rejected"]).all()
+    live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary["selective"]
+    assert live["coverage"] == pytest.approx(selective["coverage"], abs=0.03)
+    assert live["clean"]["coverage"] == pytest.approx(selective["clean"]["coverage"], abs=0.03)
