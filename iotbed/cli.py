@@ -166,6 +166,16 @@ def print_summary(summary: dict[str, Any]) -> None:
             )
         )
         rows.append(("  system accuracy (abstaining serves nothing)", _fmt(selective["system_accuracy"], ".4f")))
+        escalated = selective.get("escalated")
+        if escalated:
+            rows.append(
+                (
+                    "  escalated: resolved / accuracy / p50 ms",
+                    f"{escalated['resolved']} of {escalated['rejected']} / {_fmt(escalated['accuracy'], '.4f')} / "
+                    f"{_fmt(escalated['latency_ms']['p50'], '.1f')}",
+                )
+            )
+            rows.append(("  system accuracy with escalation", _fmt(escalated["system_accuracy"], ".4f")))
     security = summary.get("security")
     if security:
         refused = ", ".join(f"{k} {v}" for k, v in security["refused"].items()) or "none"

@@ -33,6 +33,7 @@ from iotbed.errors import ScenarioError
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
+from iotbed.nodes.cloud import ESCALATIONS_ROOT, CloudConfig, CloudServer, escalation_topic
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
 from iotbed.nodes.payloads import Frame
@@ -80,6 +81,7 @@ class Artefacts:
     backdoors: dict[int, BackdoorInUpdate] = field(default_factory=dict)  # model version -> its backdoor
     clean_pool: Any = None  # ImageDataset: the defenders' clean labelled images (STRIP, CoDefend)
     conditions: dict[str, np.ndarray] = field(default_factory=dict)  # condition label -> the images as seen
+    cloud_models: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)  # group -> (model, FLOPs)
 
 
 class MakeClient(Protocol):
@@ -109,6 +111,7 @@ class Nodes:
 
     cameras: list[Camera] = field(default_factory=list)
     edges: list[EdgeServer] = field(default_factory=list)
+    clouds: list[CloudServer] = field(default_factory=list)
     gateways: list[ScreeningGateway] = field(default_factory=list)
     registry: ModelRegistry | None = None
     publishers: list[ModelRegistry] = field(default_factory=list)  # rogue publishers, each its own client
@@ -289,6 +292,7 @@ def build_camera(
 
 def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
     topic = scenario.registry.topic
+    escalating = group.reject is not None and group.reject.action == "escalate"
     return EdgeConfig(
         group.subscribe,
         scenario.qos_for_filter(group.subscribe),
@@ -298,6 +302,7 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         group.batch.max_wait,
         group.cores,
         scenario.qos_for(topic),
+        scenario.qos_for(escalation_topic("x")) if escalating else None,
     )
 
 
@@ -457,6 +462,21 @@ def build_nodes(
             )
             built.edges.append(edge)
             built.runs[name] = edge.run
+
+    for group in scenario.nodes.clouds:
+        model, flops = artefacts.cloud_models.get(group.name, (artefacts.model, artefacts.flops_per_image))
+        config = CloudConfig(
+            f"$share/{group.name}/{ESCALATIONS_ROOT}/#",
+            scenario.qos_for(escalation_topic("x")),
+            group.batch.max_size,
+            group.batch.max_wait,
+            group.cores,
+        )
+        for name in group_nodes(group.name, group.count):
+            classifier = EdgeClassifier(model, INITIAL_MODEL_VERSION, flops, artefacts.images)
+            cloud = CloudServer(env, name, client(name, name), config, classifier, profiles[group.device], recorder)
+            built.clouds.append(cloud)
+            built.runs[name] = cloud.run
 
     relayed = relayed_cameras(wiring.topology, scenario) if any(g.strip for g in scenario.nodes.gateways) else {}
     models_topic = scenario.registry.topic

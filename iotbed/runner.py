@@ -116,6 +116,12 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
             backdoors[update_version(i)] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
         blob = model_to_bytes(updated.model, {"version": str(update_version(i))})
         updates.append(ScheduledUpdate(update.at, ModelUpdate(update_version(i), blob), update.publisher))
+    cloud_models = {}
+    for group in scenario.nodes.clouds:  # a cloud's own model, where it names one
+        if group.model is not None:
+            cloud_config = _train_config(group.model.train, group.model.arch, ds.name)
+            cloud = get_or_train(group.model.arch, train, cloud_config, test_ds=splits.test, progress=progress)
+            cloud_models[group.name] = (cloud.model, float(count_flops(cloud.model, (1, *image_shape))))
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
@@ -141,6 +147,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         backdoors,
         pool,
         conditions,
+        cloud_models,
     )
     model_info = {
         "arch": trained.arch,

@@ -114,3 +114,43 @@ def test_the_edge_abstains_on_unsure_frames_simulated_and_live(plain_broker, tmp
     live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary["selective"]
     assert live["coverage"] == pytest.approx(selective["coverage"], abs=0.03)
     assert live["clean"]["coverage"] == pytest.approx(selective["clean"]["coverage"], abs=0.03)
+
+
+ESCALATE = [
+    "duration=20s",
+    "nodes.edge_servers.0.reject={target: {coverage: 0.9}, action: escalate, to: cloud}",
+    "nodes.clouds=[{name: cloud, model: {arch: lenet5, train: {seed: 7, epochs: 30}}}]",
+    "links=[{between: [cam, gw], bandwidth: 20Mbps, latency: 2ms}, {between: [gw, edge], bandwidth: 100Mbps,"
+    " latency: 5ms}, {between: [edge, cloud], bandwidth: 10Mbps, latency: 40ms}]",
+    "nodes.cameras.0.conditions=[{kind: fog, severity: 4, start: 10s}]",
+]
+
+
+def test_rejected_frames_escalate_over_the_wan_to_the_cloud_simulated_and_live(plain_broker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    scenario = iotbed.load_scenario(QUICKSTART, ESCALATE)
+    simulated = iotbed.run(scenario, tmp_path / "sim", progress=False)
+    trace, summary = simulated.trace, simulated.summary
+    escalated = summary["selective"]["escalated"]
+    rejected = trace[trace["rejected"]]
+    assert escalated["rejected"] == len(rejected) > 100
+    assert escalated["resolved"] >= escalated["rejected"] - 5  # all but those still on their way at the end
+    assert (rejected["resolver"].isin(["", "cloud-0"])).all() and (
+        trace.loc[~trace["rejected"], "resolver"] == ""
+    ).all()
+    done = rejected[rejected["resolver"] != ""]
+    assert ((done["t_resolved"] - done["t_done"]) > 0.040).all()  # the WAN's 40 ms each way at least once
+    wan = summary["bandwidth"]["links"]["edge->cloud"]["bytes"]
+    assert wan >= escalated["resolved"] * trace["payload_bytes"].iloc[0]  # every escalated frame crossed the WAN
+    assert (
+        escalated["system_accuracy"] > summary["selective"]["system_accuracy"]
+    )  # the cloud serves what the edge did not
+    live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary["selective"]
+    assert live["escalated"]["resolved"] >= live["escalated"]["rejected"] - 5
+    assert live["escalated"]["accuracy"] == pytest.approx(escalated["accuracy"], abs=0.05)
+
+
+def test_escalation_to_a_group_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(ScenarioError, match="not a `clouds:` group; add one under nodes.clouds"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate, to: sky}"])
+    with pytest.raises(ScenarioError, match="needs `to:`"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate}"])

@@ -69,8 +69,23 @@ def _selective(
         }
 
     everything = np.ones(len(score), dtype=bool)
+    resolver = trace.column("resolver").to_numpy(zero_copy_only=False)
+    escalated: dict[str, Any] = {}
+    if (resolver != "").any() or (scored & rejected).any():
+        resolved = scored & rejected & (resolver != "")
+        final = trace.column("final_prediction").to_numpy() == trace.column("label").to_numpy()
+        waited = trace.column("t_resolved").to_numpy() - trace.column("t_capture").to_numpy()
+        escalated = {
+            "rejected": int((scored & rejected).sum()),
+            "resolved": int(resolved.sum()),
+            "accuracy": float(final[resolved].mean()) if resolved.any() else None,
+            "latency_ms": _percentiles_ms(waited[resolved]),
+            # right at the edge or right in the cloud, over every scored frame (unresolved serve nothing)
+            "system_accuracy": float(((correct & accepted) | (final & resolved)).sum() / scored.sum()),
+        }
     return {
         **figures(everything),
+        **({"escalated": escalated} if escalated else {}),
         "accuracy_without_rejection": float(correct[scored].mean()),
         "aurc": aurc(score[scored], correct[scored]),
         "e_aurc": e_aurc(score[scored], correct[scored]),

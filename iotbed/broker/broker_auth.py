@@ -6,7 +6,9 @@ replaced by the user name (which is also the node's client id in iotbed deployme
 
     camera    write frames/{user}, write status/{user}                      (reads nothing)
     gateway   read frames/#, write frames/#, write status/{user}
-    edge      read frames/#, read $share/+/frames/#, read models/#, write status/{user}
+    edge      read frames/#, read $share/+/frames/#, read models/#, write models/#, write escalations/#,
+              write status/{user}
+    cloud     read escalations/#, read $share/+/escalations/#, write status/{user}
     registry  write models/#, write status/{user}
     monitor   read #, read $SYS/#
     admin     readwrite #
@@ -46,14 +48,16 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
         ("write", "models/quarantine"),
         ("write", "status/{user}"),
     ),
-    # an edge server also publishes the models it repairs (CoDefend)
+    # an edge server also publishes the models it repairs (CoDefend) and the frames it escalates
     "edge": (
         ("read", "frames/#"),
         ("read", "$share/+/frames/#"),
         ("read", "models/#"),
         ("write", "models/#"),
+        ("write", "escalations/#"),
         ("write", "status/{user}"),
     ),
+    "cloud": (("read", "escalations/#"), ("read", "$share/+/escalations/#"), ("write", "status/{user}")),
     "registry": (("write", "models/#"), ("write", "status/{user}")),
     "monitor": (("read", "#"), ("read", "$SYS/#")),  # `#` does not match `$SYS` topics
     "admin": (("readwrite", "#"),),

@@ -60,6 +60,7 @@ QUARANTINE_SIGNATURE_BYTES = 8 + 64  # key id, Ed25519 signature
 SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
 
 FRAMES_ROOT = "frames"
+ESCALATIONS_ROOT = "escalations"  # frames an edge server sends on to a cloud (`iotbed.nodes.cloud`)
 MODELS_ROOT = "models"
 
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024  # 16 MiB: a 3x2048x2048 raw frame is 12 MiB
@@ -404,7 +405,7 @@ def decode(
     frame_shape: tuple[int, int, int] | None = None,
     check_model: bool = False,
 ) -> Any:
-    """The payload object for `data` received on `topic`: a Frame under `frames/`, a ModelUpdate under
+    """The payload object for `data` received on `topic`: a Frame under `frames/` and `escalations/`, a ModelUpdate under
     `models/` (a Quarantine on `models/quarantine`), else the bytes unchanged. Raises `MalformedPayload` for
     data that does not decode."""
     if topic == QUARANTINE_TOPIC:
@@ -413,7 +414,7 @@ def decode(
         if len(data) > MAX_TRUST_LIST_BYTES:
             raise MalformedPayload("oversized", f"{len(data)} bytes is over the trust list's {MAX_TRUST_LIST_BYTES}")
         return SignedTrustList(bytes(data))
-    if _under(topic, FRAMES_ROOT):
+    if _under(topic, FRAMES_ROOT) or _under(topic, ESCALATIONS_ROOT):
         return decode_frame(data, max_frame_bytes, frame_shape)
     if _under(topic, MODELS_ROOT):
         return decode_model_update(data, max_model_bytes, check_model)

@@ -349,7 +349,12 @@ def _mark_tampered(
 def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
     """The nodes that run MQTT clients: cameras, edge servers, screening gateways, and the registry's node
     (rogue publishers run on camera nodes)."""
-    groups = [*scenario.nodes.cameras, *scenario.nodes.edge_servers, *(g for g in scenario.nodes.gateways if g.strip)]
+    groups = [
+        *scenario.nodes.cameras,
+        *scenario.nodes.edge_servers,
+        *scenario.nodes.clouds,
+        *(g for g in scenario.nodes.gateways if g.strip),
+    ]
     nodes = [node for g in groups for node in group_nodes(g.name, g.count)]
     if with_registry and scenario.registry_node() not in nodes:
         nodes.append(scenario.registry_node())

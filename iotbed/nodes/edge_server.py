@@ -23,6 +23,7 @@ from iotbed.defenses.reject import Threshold
 from iotbed.errors import ModelError
 from iotbed.naming import repaired_version
 from iotbed.nodes.classifier import EdgeClassifier
+from iotbed.nodes.cloud import escalation_topic
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
     Frame,
@@ -47,6 +48,7 @@ class EdgeConfig:
     max_wait_s: float
     cores: int | None
     models_publish_qos: int = 1
+    escalate_qos: int | None = None  # the reject option escalates rejected frames at this QoS (None: abstains)
 
 
 class EdgeServer:
@@ -220,6 +222,8 @@ class EdgeServer:
                 record.model_version = version
             scores = self.classifier.last_scores
             if scores is not None and self.reject is not None:
-                for (_, record, _), score in zip(taken, scores.tolist()):
+                for (frame, record, _), score in zip(taken, scores.tolist()):
                     record.score = score
                     record.rejected = score < self.reject.value
+                    if record.rejected and config.escalate_qos is not None:  # on to the cloud, over the network
+                        self.transport.publish(escalation_topic(record.camera), frame, config.escalate_qos)

@@ -368,7 +368,30 @@ class RejectSpec(Strict):
     score: Literal["msp", "margin", "entropy"] = "msp"
     target: RejectTargetSpec = RejectTargetSpec(coverage=0.9)
     calibration: Annotated[int, Field(ge=20, description="held-out clean labelled images to fit it on")] = 500
-    action: Literal["abstain"] = Field("abstain", description="what happens to a rejected frame: left unserved")
+    action: Literal["abstain", "escalate"] = Field(
+        "abstain", description="what happens to a rejected frame: left unserved, or sent on to a cloud group"
+    )
+    to: str | None = Field(None, description="escalate: the `clouds:` group that classifies rejected frames")
+
+    @model_validator(mode="after")
+    def _where(self) -> RejectSpec:
+        if (self.action == "escalate") != (self.to is not None):
+            raise ValueError("`action: escalate` needs `to:` (a clouds group); `abstain` takes no `to:`")
+        return self
+
+
+class CloudGroup(Strict):
+    """Servers behind a WAN that classify the frames edge servers escalate (the reject option's `escalate`),
+    with their own device profile and model (default: the scenario's)."""
+
+    name: str
+    count: Annotated[int, Field(ge=1)] = 1
+    device: str = "edge_server_8core"
+    cores: Annotated[int | None, Field(ge=1)] = None
+    batch: BatchSpec = BatchSpec()
+    model: ModelSpec | None = Field(
+        None, description="the cloud's model; default: the edge's architecture and training"
+    )
 
 
 class EdgeServerGroup(Strict):
@@ -428,6 +451,7 @@ class NodesSpec(Strict):
     gateways: list[GatewayGroup] = Field(default_factory=list)
     routers: list[RouterGroup] = Field(default_factory=list)
     edge_servers: list[EdgeServerGroup] = Field(default_factory=list)
+    clouds: list[CloudGroup] = Field(default_factory=list)
 
 
 class BrokerSpec(Strict):
@@ -635,7 +659,7 @@ class Scenario(Strict):
             raise LocatedError("monitor_interval must be above zero, e.g. `1s`", "monitor_interval")
         groups = self.group_names()
         seen: set[str] = set()
-        for kind in ("cameras", "gateways", "routers", "edge_servers"):
+        for kind in ("cameras", "gateways", "routers", "edge_servers", "clouds"):
             for i, group in enumerate(getattr(self.nodes, kind)):
                 if group.name in seen:
                     raise LocatedError(
@@ -660,7 +684,7 @@ class Scenario(Strict):
                     "node",
                 )
         profiles = set(BUILTIN_PROFILES) | set(self.devices)
-        for kind in ("gateways", "edge_servers"):
+        for kind in ("gateways", "edge_servers", "clouds"):
             for i, group in enumerate(getattr(self.nodes, kind)):
                 if group.device not in profiles:
                     raise LocatedError(
@@ -671,7 +695,7 @@ class Scenario(Strict):
                         "device",
                     )
         # nodes that run an MQTT client: gateways without a screen and routers only forward packets
-        with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers]}
+        with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers, *self.nodes.clouds]}
         with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
         for i, fault in enumerate(self.faults):
             if fault.at >= self.duration:
@@ -714,7 +738,18 @@ class Scenario(Strict):
                 check(topic)
             except ValueError as exc:
                 raise LocatedError(str(exc), *loc) from None
+        clouds = [c.name for c in self.nodes.clouds]
         for i, edge in enumerate(self.nodes.edge_servers):
+            if edge.reject is not None and edge.reject.to is not None and edge.reject.to not in clouds:
+                raise LocatedError(
+                    f"edge server group {edge.name!r} escalates to {edge.reject.to!r}, which is not a `clouds:` group"
+                    f"{_suggest(edge.reject.to, clouds) if clouds else '; add one under nodes.clouds'}",
+                    "nodes",
+                    "edge_servers",
+                    i,
+                    "reject",
+                    "to",
+                )
             if sum(d.kind == "superiot" for d in edge.defenses) > 1:
                 raise LocatedError(
                     f"edge server group {edge.name!r}: one `superiot` defense at most",
@@ -856,11 +891,11 @@ class Scenario(Strict):
 
     def group_names(self) -> list[str]:
         n = self.nodes
-        return [g.name for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers]]
+        return [g.name for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds]]
 
     def group_counts(self) -> dict[str, int]:
         n = self.nodes
-        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers]}
+        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds]}
 
     def resolve_node(self, name: str) -> str | None:
         """A group name means its first node; `group-i` names node i."""

@@ -54,6 +54,9 @@ class FrameRecord:
         "condition",
         "score",
         "rejected",
+        "resolver",
+        "final_prediction",
+        "t_resolved",
     )
 
     def __init__(
@@ -96,6 +99,9 @@ class FrameRecord:
         self.condition = ""  # the camera condition it was captured under (`fog-3`), if any
         self.score = math.nan  # the edge's confidence score, with the reject option
         self.rejected = False  # the edge abstained on it
+        self.resolver = ""  # the cloud node that classified it after the edge escalated it
+        self.final_prediction = -1  # that cloud's verdict
+        self.t_resolved = -1.0
 
 
 TRACE_SCHEMA = pa.schema(
@@ -131,6 +137,9 @@ TRACE_SCHEMA = pa.schema(
         ("condition", pa.string()),
         ("score", pa.float64()),
         ("rejected", pa.bool_()),
+        ("resolver", pa.string()),
+        ("final_prediction", pa.int64()),
+        ("t_resolved", pa.float64()),
     ]
 )
 
@@ -156,6 +165,9 @@ EDGE_FIELDS = (
     "duplicates",
     "score",
     "rejected",
+    "resolver",  # a cloud runs beside the edge servers, in the same worker
+    "final_prediction",
+    "t_resolved",
 )
 
 
