@@ -540,7 +540,9 @@ def sweep(sweep_file: str, workers: int, cluster: str | None, out_dir: str | Non
 @click.option("--format", "formats", multiple=True, type=click.Choice(["png", "svg", "pdf"]), default=("png", "svg"))
 @_user_errors
 def plot(kind: str, folder: str, out_dir: str | None, x_param: str | None, formats: tuple[str, ...]) -> None:
-    """Draw KIND (latency, throughput; bandwidth_vs_robustness from a sweep) from a run or sweep FOLDER."""
+    """Draw KIND from a run or sweep FOLDER: latency, throughput; bandwidth_vs_robustness and robustness from a
+    sweep; strip_entropy, roc and backdoor from a screened run; selective and conditions from a run with the
+    reject option or camera conditions."""
     from iotbed.analysis.plots import plot as draw
 
     for path in draw(kind, folder, out_dir, tuple(formats), x_param):

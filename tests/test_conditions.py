@@ -13,7 +13,7 @@ from conftest import SCENARIOS
 import iotbed
 from iotbed.data.corruptions import CORRUPTIONS, SEVERITIES, corrupt, plasma_fractal
 from iotbed.emulation.runner import emulate
-from iotbed.errors import ScenarioError
+from iotbed.errors import IotbedError, ScenarioError
 from iotbed.runner import prepare
 
 QUICKSTART = SCENARIOS / "quickstart.yaml"
@@ -94,3 +94,21 @@ def test_cameras_see_through_their_conditions_in_simulation_and_live(plain_broke
     live = emulate(scenario, plain_broker.url, out_dir=tmp_path / "live", progress=False).summary
     for label, entry in by_condition.items():  # the same frames, the same 8-bit pixels, the same predictions
         assert live["accuracy"]["by_condition"][label]["accuracy"] == pytest.approx(entry["accuracy"], abs=0.02)
+
+
+def test_the_report_draws_the_conditions_and_risk_coverage_figures(tmp_path: Path) -> None:
+    from iotbed.analysis import plots
+
+    scenario = iotbed.load_scenario(
+        QUICKSTART, ["duration=15s", "nodes.edge_servers.0.reject={target: {coverage: 0.9}}", FOG]
+    )
+    iotbed.run(scenario, tmp_path / "run", progress=False)
+    assert {"selective", "conditions"} <= set(plots.available(tmp_path / "run"))
+    for kind in ("selective", "conditions"):
+        (png,) = plots.plot(kind, tmp_path / "run", formats=("png",))
+        assert png.stat().st_size > 10_000
+    plain = iotbed.load_scenario(QUICKSTART, ["duration=5s"])
+    iotbed.run(plain, tmp_path / "plain", progress=False)
+    assert not {"selective", "conditions"} & set(plots.available(tmp_path / "plain"))
+    with pytest.raises(IotbedError, match="needs an edge with `reject:`"):
+        plots.plot("selective", tmp_path / "plain", formats=("png",))

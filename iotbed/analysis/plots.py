@@ -465,6 +465,102 @@ def plot_backdoor(folder: Path, out: Path, formats: tuple[str, ...], x: str | No
         return _save(fig, out, "backdoor", formats)
 
 
+def _kinds_of_frames(trace: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """Clean frames (no attack, no condition), each condition, and attacked frames: (label, row mask)."""
+    kinds = [("clean", (trace["attack"] == "") & (trace["condition"] == ""))]
+    kinds += [(f"condition {c}", trace["condition"] == c) for c in sorted(set(trace["condition"]) - {""})]
+    if (trace["attack"] != "").any():
+        kinds.append(("attacked", trace["attack"] != ""))
+    return kinds
+
+
+def plot_selective(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """Risk-coverage curves of the edge's confidence score on the frames it scored, for clean frames, each
+    camera condition and attacked frames; a dot marks where the reject option's threshold put each."""
+    from iotbed.analysis.selective import risk_coverage
+
+    trace = _trace(folder)
+    scored = trace[(trace["status"] == "delivered") & trace["score"].notna()]
+    if scored.empty:
+        raise IotbedError(f"{folder}: no frame was scored; the selective plot needs an edge with `reject:`")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for label, mask in _kinds_of_frames(scored):
+            frames = scored[mask]
+            if frames.empty:
+                continue
+            coverage, risk = risk_coverage(frames["score"].to_numpy(), frames["correct"].to_numpy())
+            (line,) = ax.plot(coverage, risk, label=f"{label} ({len(frames)} frames)")
+            accepted = ~frames["rejected"].to_numpy()
+            if accepted.any():
+                ax.plot(accepted.mean(), 1 - frames["correct"].to_numpy()[accepted].mean(), "o", color=line.get_color())
+        ax.set_xlabel("coverage (share of frames accepted)")
+        ax.set_ylabel("selective risk (error rate on accepted frames)")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(bottom=0)
+        ax.set_title("risk-coverage of the edge's score; dots: the operating point", fontsize=10)
+        _legend(ax)
+        return _save(fig, out, "selective", formats)
+
+
+def plot_conditions(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """The run over time in 5-second bins of capture time: accuracy (right at the edge, or right in the cloud
+    after escalation), the share of frames rejected, the traffic toward clouds (the WAN) and the p99 latency
+    until a frame's final verdict; the camera conditions shaded."""
+    trace = _trace(folder)
+    delivered = trace[trace["status"] == "delivered"].copy()
+    if delivered.empty:
+        raise IotbedError(f"{folder}: no frame was delivered; nothing to draw over time")
+    delivered["bin"] = (delivered["t_capture"] // 5.0) * 5.0
+    resolved = delivered["resolver"] != ""
+    final = delivered["t_resolved"].where(resolved, delivered["t_done"])
+    delivered["latency_final_ms"] = (final - delivered["t_capture"]) * 1e3
+    delivered["served_right"] = (delivered["correct"] & ~delivered["rejected"]) | (
+        resolved & (delivered["final_prediction"] == delivered["label"])
+    )
+    bins = delivered.groupby("bin")
+    scenario = _scenario_yaml(folder)
+    clouds = {g["name"] for g in scenario.get("nodes", {}).get("clouds", [])}
+    wan = pd.DataFrame()
+    series_path = folder / "links_timeseries.csv"
+    if clouds and series_path.is_file():
+        series = pd.read_csv(series_path)
+        toward = series["link_group"].str.split("->").str[1].isin(clouds)
+        wan = series[toward].groupby("time_s")["throughput_mbps"].sum()
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
+        (acc, rej), (load, lat) = axes
+        acc.plot(bins["served_right"].mean(), marker=".", label="served right (edge or cloud)")
+        acc.plot(bins["correct"].mean(), marker=".", linestyle=":", label="the edge's model alone")
+        acc.set_ylabel("accuracy")
+        acc.set_ylim(0, 1.05)
+        _legend(acc)
+        rej.plot(bins["rejected"].mean(), marker=".", color="tab:orange")
+        rej.set_ylabel("share of frames rejected")
+        rej.set_ylim(0, 1.05)
+        if not wan.empty:
+            load.plot(wan.index, wan.to_numpy(), color="tab:green")
+        load.set_ylabel("traffic toward the cloud (Mbit/s)")
+        lat.plot(bins["latency_final_ms"].quantile(0.99), marker=".", color="tab:red")
+        lat.set_ylabel("p99 latency to the final verdict (ms)")
+        for label, group in delivered[delivered["condition"] != ""].groupby("condition"):
+            start, stop = group["t_capture"].min(), group["t_capture"].max()
+            for ax in axes.flat:
+                ax.axvspan(start, stop, color="0.5", alpha=0.08 + 0.04 * int(str(label).rsplit("-", 1)[-1]), lw=0)
+            acc.text(start, 0.02, str(label), fontsize=7, rotation=90, va="bottom")
+        for ax in axes[1]:
+            ax.set_xlabel("capture time (s, 5-s bins)")
+        fig.suptitle("camera conditions, the reject option and escalation over time", fontsize=11)
+        return _save(fig, out, "conditions", formats)
+
+
+def _scenario_yaml(folder: Path) -> dict:  # type: ignore[type-arg]
+    import yaml
+
+    path = folder / "scenario.resolved.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _trace(folder: Path) -> pd.DataFrame:
     if not is_run(folder):
         raise IotbedError(f"{folder}: neither a run folder (trace.parquet) nor a sweep folder (sweep.csv)")
@@ -479,6 +575,8 @@ PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]
     "strip_entropy": plot_strip_entropy,
     "roc": plot_roc,
     "backdoor": plot_backdoor,
+    "selective": plot_selective,
+    "conditions": plot_conditions,
 }
 SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness"})
 BACKDOOR_ONLY = frozenset({"strip_entropy", "roc", "backdoor"})
@@ -508,7 +606,8 @@ def available(folder: Path) -> list[str]:
     a sweep's latency and throughput once a run succeeded, its robustness once a run had attacked frames,
     and bandwidth_vs_robustness when the bandwidth per camera also differs between points; a run's latency
     and throughput, STRIP's entropy and ROC when its gateways screened frames, the backdoor timeline when
-    it had a backdoored update."""
+    it had a backdoored update, the risk-coverage curves when an edge scored frames (reject option) and the
+    timeline of conditions, rejection and escalation when cameras had conditions or an edge rejected."""
     folder = Path(folder)
     if is_sweep(folder):
         return [k for k in PLOTS if k in _sweep_kinds(folder)]
@@ -524,7 +623,19 @@ def available(folder: Path) -> list[str]:
         kinds.add("backdoor")
     except (IotbedError, ValueError):
         pass
+    summary = _summary(folder)
+    if summary.get("selective"):
+        kinds |= {"selective", "conditions"}
+    elif summary.get("accuracy", {}).get("by_condition"):
+        kinds.add("conditions")
     return [k for k in PLOTS if k in kinds]
+
+
+def _summary(folder: Path) -> dict:  # type: ignore[type-arg]
+    try:
+        return json.loads((folder / "summary.json").read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return {}
 
 
 def _sweep_kinds(folder: Path) -> set[str]:
