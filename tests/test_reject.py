@@ -154,3 +154,46 @@ def test_escalation_to_a_group_that_does_not_exist_is_refused() -> None:
         iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate, to: sky}"])
     with pytest.raises(ScenarioError, match="needs `to:`"):
         iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate}"])
+
+
+def test_the_reject_option_stops_minimal_adversarial_frames_but_not_high_confidence_ones() -> None:
+    """DeepFool stops just past the decision boundary, where the softmax is unsure: the edge rejects nearly all
+    of those frames. PGD with a large budget (and PGD on Carlini-Wagner's margin with kappa) ends far past it:
+    the edge accepts most of them, and they are wrong, so MSP rejection is no defense against an attacker who
+    knows it is there."""
+    outcome = {}
+    for name, attack in {
+        "deepfool": "method: deepfool, steps: 20",
+        "pgd": "method: pgd, eps: 0.15, steps: 20",
+        "pgd_kappa": "method: pgd, eps: 0.15, steps: 20, confidence: 10",
+    }.items():
+        scenario = iotbed.load_scenario(
+            QUICKSTART,
+            [
+                "duration=20s",
+                "nodes.edge_servers.0.reject={target: {coverage: 0.95}}",
+                f"attacks=[{{kind: compromised_camera, cameras: [cam-0, cam-1, cam-2], {attack}}}]",
+            ],
+        )
+        outcome[name] = iotbed.run(scenario, write=False, progress=False).summary["selective"]["attacked"]
+    assert outcome["deepfool"]["coverage"] < 0.1
+    for name in ("pgd", "pgd_kappa"):
+        assert outcome[name]["coverage"] > 0.8 and outcome[name]["selective_risk"] > 0.9
+
+
+def test_pgd_with_kappa_wins_by_the_margin() -> None:
+    from iotbed.attacks.evasion import pgd
+    from iotbed.runner import prepare
+
+    _, artefacts, _ = prepare(iotbed.load_scenario(QUICKSTART), progress=False)
+    model = artefacts.model.eval()
+    x, y = artefacts.images[:64], torch.as_tensor(artefacts.labels[:64])
+    adv = pgd(model, x, y, eps=0.3, steps=40, kappa=5.0, random_start=False)
+    with torch.no_grad():
+        logits = model(adv)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.masked_fill(torch.nn.functional.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    assert float(((wrong - true) >= 5.0 - 1e-3).float().mean()) > 0.9
+    assert float((adv - x).abs().max()) <= 0.3 + 1e-6
+    with pytest.raises(ValueError, match="untargeted"):
+        pgd(model, x, y, eps=0.3, kappa=5.0, random_start=False, targeted=True)

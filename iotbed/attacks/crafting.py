@@ -38,10 +38,12 @@ def method_call(spec: Any, num_classes: int) -> tuple[Callable[..., torch.Tensor
         return bim, {"eps": eps, "alpha": spec.alpha, "steps": steps}
     if method == "mi_fgsm":
         return mi_fgsm, {"eps": eps, "alpha": spec.alpha, "steps": steps}
+    # A confidence margin (kappa) only where asked, so that the cache keys of other attacks stay as they were.
+    kappa = {"kappa": float(spec.confidence)} if getattr(spec, "confidence", 0.0) > 0 else {}
     if method == "pgd":
-        return pgd, {"eps": eps, "alpha": spec.alpha, "steps": steps, "norm": spec.norm}
+        return pgd, {"eps": eps, "alpha": spec.alpha, "steps": steps, "norm": spec.norm, **kappa}
     if method == "cw_l2":
-        return carlini_wagner_l2, {"max_iter": steps}
+        return carlini_wagner_l2, {"max_iter": steps, **kappa}
     if method == "deepfool":
         return deepfool, {"max_iter": steps, "num_classes": min(10, num_classes)}
     raise ValueError(f"unknown attack method {method!r}")

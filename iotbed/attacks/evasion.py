@@ -87,6 +87,18 @@ def loss_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, targete
     return grad
 
 
+def margin_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, kappa: float) -> torch.Tensor:
+    """Gradient w.r.t. x of Carlini and Wagner's logit margin, the best wrong logit minus the true one, capped
+    at `kappa`: ascending it makes a wrong class win by `kappa` (a high-confidence adversarial example)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        true = logits.gather(1, y.long()[:, None]).squeeze(1)
+        wrong = logits.masked_fill(F.one_hot(y.long(), logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+        (grad,) = torch.autograd.grad((wrong - true).clamp(max=kappa).sum(), x)
+    return grad
+
+
 def _grad_fn(model: nn.Module, grad_fn: GradFn | None, targeted: bool) -> GradFn:
     if grad_fn is not None:
         return grad_fn
@@ -146,9 +158,11 @@ def pgd(
     generator: torch.Generator | None = None,
     targeted: bool = False,
     grad_fn: GradFn | None = None,
+    kappa: float | None = None,
 ) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) in L-inf or L2, step `alpha` (default eps/10),
-    optionally from a uniform random start in the ball drawn from `generator`."""
+    optionally from a uniform random start in the ball drawn from `generator`. With `kappa` it ascends the
+    logit margin capped at kappa (`margin_gradient`) instead of the cross-entropy: high-confidence examples."""
     _check_inputs(model, x, y)
     eps = _check_number(eps, "eps")
     alpha = eps / 10 if alpha is None else _check_number(alpha, "alpha")
@@ -166,7 +180,13 @@ def pgd(
             radius = torch.rand((x.shape[0], 1, 1, 1), generator=generator, dtype=x.dtype) * eps
             noise = direction / _flat_norm(direction).clamp(min=1e-12) * radius
         x_adv = _project(x + noise.to(x.device), x, eps, norm)
-    gradient = _grad_fn(model, grad_fn, targeted)
+    if kappa is not None:
+        if grad_fn is not None or targeted:
+            raise ValueError("kappa (the margin loss) is for untargeted PGD on the model itself, without grad_fn")
+        kappa = _check_number(kappa, "kappa")
+        gradient: GradFn = lambda x_, y_: margin_gradient(model, x_, y_, kappa)  # noqa: E731
+    else:
+        gradient = _grad_fn(model, grad_fn, targeted)
     with eval_mode(model):
         for _ in range(steps):
             x_adv = _project(_step(x_adv, gradient(x_adv, y), alpha, norm), x, eps, norm)

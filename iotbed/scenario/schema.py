@@ -235,6 +235,14 @@ class AttackSpec(Strict):
     ] = None
     norm: Literal["inf", "2"] = "inf"
     adaptive: bool = Field(False, description="craft through the edge's defenses (BPDA, EOT) instead of the bare model")
+    confidence: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            description="kappa: the logit margin a wrong class must win by (pgd: Carlini-Wagner's margin loss instead "
+            "of cross-entropy; cw_l2: its kappa); high-confidence examples, against a reject option",
+        ),
+    ] = 0.0
     eot_samples: Annotated[int, Field(ge=1)] = 8
     fraction: Annotated[
         float, Field(gt=0.0, le=1.0, description="share of the frames in the window that are attacked")
@@ -255,6 +263,8 @@ class AttackSpec(Strict):
             raise ValueError(f"{self.kind} needs `cameras:` (groups or nodes) and takes no `link:`")
         if self.kind == "mitm" and (self.link is None or self.cameras):
             raise ValueError("mitm needs `link: [from, to]` and takes no `cameras:`")
+        if self.confidence > 0 and (self.method not in ("pgd", "cw_l2") or self.adaptive):
+            raise ValueError("confidence (kappa) is for oblivious pgd and cw_l2 attacks")
         if self.adaptive and self.method not in GRADIENT_METHODS:
             raise ValueError(f"adaptive attacks use gradients: method must be one of {', '.join(GRADIENT_METHODS)}")
         if self.norm == "2" and self.method not in ("pgd",):
