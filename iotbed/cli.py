@@ -5,7 +5,9 @@ User mistakes (exit 2) and other user-facing problems print one clear message, n
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import signal
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -43,6 +45,9 @@ def _user_errors(func: F) -> F:
 @click.version_option(package_name="iotbed")
 def main() -> None:
     """iotbed: simulate IoT camera deployments over MQTT and measure deep-learning inference under attack."""
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a stuck run is stuck.
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
 
 def _load(scenario: str, seed: int | None, overrides: tuple[str, ...]):  # type: ignore[no-untyped-def]

@@ -182,9 +182,13 @@ def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, s
         try:
             _, stderr = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)  # the CLI prints every thread's stack (faulthandler)
+            time.sleep(2.0)
             proc.kill()
             _, stderr = proc.communicate()
-            pytest.fail(f"still running 60 s after {sig.name}; its stderr ends with:\n{stderr[-4000:]}")
+            pytest.fail(
+                f"still running 60 s after {sig.name}; its stderr (with its stacks) ends with:\n{stderr[-8000:]}"
+            )
     finally:
         if proc.poll() is None:
             proc.kill()
