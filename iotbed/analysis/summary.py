@@ -139,25 +139,20 @@ def summarise(
         values = values[~np.isnan(values)]
         return float(values.mean()) if values.size else None
 
-    by_attack = {
-        str(label): {
-            "frames": int((labels == label).sum()),
-            "delivered": int((delivered & (labels == label)).sum()),
-            "accuracy": accuracy(labels == label),
-            "undefended_reference": reference_accuracy(labels == label),
+    def breakdown(column: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Frames, delivered, accuracy and the undefended reference per non-empty value of `column`."""
+        return {
+            str(label): {
+                "frames": int((column == label).sum()),
+                "delivered": int((delivered & (column == label)).sum()),
+                "accuracy": accuracy(column == label),
+                "undefended_reference": reference_accuracy(column == label),
+            }
+            for label in sorted(set(column.tolist()) - {""})
         }
-        for label in sorted(set(labels.tolist()) - {""})
-    }
+
     conditions = trace.column("condition").to_numpy(zero_copy_only=False)
-    by_condition = {
-        str(label): {
-            "frames": int((conditions == label).sum()),
-            "delivered": int((delivered & (conditions == label)).sum()),
-            "accuracy": accuracy(conditions == label),
-            "undefended_reference": reference_accuracy(conditions == label),
-        }
-        for label in sorted(set(conditions.tolist()) - {""})
-    }
+    by_attack, by_condition = breakdown(labels), breakdown(conditions)
     selective = _selective(trace, delivered, correct, attacked, conditions)
     publish = trace.column("publish_bytes").to_numpy()
     return {
