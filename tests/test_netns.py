@@ -166,6 +166,9 @@ def test_an_interrupted_kernel_run_cleans_up(mosquitto_binary, tmp_path: Path, s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test run started in the background (`make test &`) ignores SIGINT, and a child
+        # inherits that, so Python would never raise KeyboardInterrupt in it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     prefix = f"iotbed-{proc.pid}-"
     try:
