@@ -151,20 +151,15 @@ def print_summary(summary: dict[str, Any]) -> None:
                 f"{_fmt(reference.get('clean'), '.4f')} / {_fmt(reference.get('attacked'), '.4f')}",
             )
         )
-    for label, entry in accuracy.get("by_attack", {}).items():
-        rows.append(
-            (
-                f"  {label}: n, acc. (undefended)",
-                f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
+    for prefix, breakdown in (("  ", "by_attack"), ("condition ", "by_condition")):
+        for label, entry in accuracy.get(breakdown, {}).items():
+            rows.append(
+                (
+                    f"{prefix}{label}: n, acc. (undefended)",
+                    f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} "
+                    f"({_fmt(entry['undefended_reference'], '.4f')})",
+                )
             )
-        )
-    for label, entry in accuracy.get("by_condition", {}).items():
-        rows.append(
-            (
-                f"condition {label}: n, acc. (undefended)",
-                f"{entry['delivered']}, {_fmt(entry['accuracy'], '.4f')} ({_fmt(entry['undefended_reference'], '.4f')})",
-            )
-        )
     selective = summary.get("selective")
     if selective:
         rows.append(

@@ -33,7 +33,7 @@ from iotbed.errors import ScenarioError
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
-from iotbed.nodes.cloud import ESCALATIONS_ROOT, CloudConfig, CloudServer, escalation_topic
+from iotbed.nodes.cloud import ESCALATIONS_FILTER, CloudConfig, CloudServer
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
 from iotbed.nodes.payloads import Frame
@@ -302,7 +302,7 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         group.batch.max_wait,
         group.cores,
         scenario.qos_for(topic),
-        scenario.qos_for(escalation_topic("x")) if escalating else None,
+        scenario.qos_for_filter(ESCALATIONS_FILTER) if escalating else None,
     )
 
 
@@ -466,8 +466,8 @@ def build_nodes(
     for group in scenario.nodes.clouds:
         model, flops = artefacts.cloud_models.get(group.name, (artefacts.model, artefacts.flops_per_image))
         config = CloudConfig(
-            f"$share/{group.name}/{ESCALATIONS_ROOT}/#",
-            scenario.qos_for(escalation_topic("x")),
+            f"$share/{group.name}/{ESCALATIONS_FILTER}",
+            scenario.qos_for_filter(ESCALATIONS_FILTER),
             group.batch.max_size,
             group.batch.max_wait,
             group.cores,

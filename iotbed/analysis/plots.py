@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 
 from iotbed.analysis.stats import mean_ci  # noqa: E402
 from iotbed.errors import IotbedError  # noqa: E402
+from iotbed.naming import group_of  # noqa: E402
 
 STYLE = {
     "figure.dpi": 110,
@@ -360,8 +361,7 @@ def _screens(folder: Path) -> pd.DataFrame:
 
 
 def _backdoor_summary(folder: Path) -> dict:  # type: ignore[type-arg]
-    path = folder / "summary.json"
-    summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    summary = _summary(folder)
     if not summary.get("backdoor"):
         raise IotbedError(f"{folder}: no `backdoor` section in summary.json; run a scenario with a backdoored update")
     return summary
@@ -519,8 +519,7 @@ def plot_conditions(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
         resolved & (delivered["final_prediction"] == delivered["label"])
     )
     bins = delivered.groupby("bin")
-    scenario = _scenario_yaml(folder)
-    clouds = {g["name"] for g in scenario.get("nodes", {}).get("clouds", [])}
+    clouds = {group_of(node) for node in set(delivered["resolver"]) - {""}}  # the groups that resolved frames
     wan = pd.DataFrame()
     series_path = folder / "links_timeseries.csv"
     if clouds and series_path.is_file():
@@ -552,13 +551,6 @@ def plot_conditions(folder: Path, out: Path, formats: tuple[str, ...], x: str | 
             ax.set_xlabel("capture time (s, 5-s bins)")
         fig.suptitle("camera conditions, the reject option and escalation over time", fontsize=11)
         return _save(fig, out, "conditions", formats)
-
-
-def _scenario_yaml(folder: Path) -> dict:  # type: ignore[type-arg]
-    import yaml
-
-    path = folder / "scenario.resolved.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _trace(folder: Path) -> pd.DataFrame:

@@ -17,8 +17,6 @@ from iotbed.scenario import Scenario
 from iotbed.sim.trace import ModelEvent
 from iotbed.units import format_duration
 
-TAKEN = {"adopted", "quarantine_accepted"}
-
 
 def _outcome(events: list[ModelEvent], sender: str, at: float, version: int, quarantine: bool) -> dict[str, Any]:
     after = [e for e in events if e.time_s >= at and e.version == version and e.node != sender]

@@ -52,11 +52,12 @@ from iotbed.nodes.payloads import (
     SignedTrustList,
 )
 from iotbed.trust.documents import MAX_METADATA_BYTES, MAX_TRUST_LIST_BYTES
+from iotbed.trust.keys import KEY_ID_BYTES, SIGNATURE_BYTES
 
 FRAME_FORMAT_VERSION = 1
 QUARANTINE_FORMAT_VERSION = 1
 MODEL_VERSION = struct.Struct("!IH")  # version, metadata length
-QUARANTINE_SIGNATURE_BYTES = 8 + 64  # key id, Ed25519 signature
+QUARANTINE_SIGNATURE_BYTES = KEY_ID_BYTES + SIGNATURE_BYTES
 SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
 
 FRAMES_ROOT = "frames"
@@ -381,7 +382,7 @@ def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES
     expected = QUARANTINE_HEADER.size + name_len + k * c * h * w
     if n not in (expected, expected + QUARANTINE_SIGNATURE_BYTES):  # checked before anything is allocated
         raise MalformedPayload("bad_length", f"{n} bytes for {k} flagged {c}x{h}x{w} frames, expected {expected}")
-    key, signature = bytes(data[expected : expected + 8]), bytes(data[expected + 8 :])
+    key, signature = bytes(data[expected : expected + KEY_ID_BYTES]), bytes(data[expected + KEY_ID_BYTES :])
     start = QUARANTINE_HEADER.size
     try:
         gateway = bytes(data[start : start + name_len]).decode("utf-8")

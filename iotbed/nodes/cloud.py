@@ -7,7 +7,6 @@ like any other message (the WAN link's bytes, queueing and delay); the cloud loo
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -16,11 +15,14 @@ import simpy
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.broker.wire import ESCALATIONS_ROOT
+from iotbed.nodes.batching import FrameBatcher
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.payloads import Frame
-from iotbed.sim.clock import wall_clock
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.devices import DeviceProfile
-from iotbed.sim.trace import FrameRecord, TraceRecorder
+from iotbed.sim.trace import TraceRecorder
+
+ESCALATIONS_FILTER = f"{ESCALATIONS_ROOT}/#"
 
 
 def escalation_topic(camera: str) -> str:
@@ -54,9 +56,8 @@ class CloudServer:
         self.classifier = classifier
         self.device = device
         self.recorder = recorder
-        self._pending: deque[tuple[Frame, FrameRecord, float]] = deque()
-        self._wake: simpy.Event = env.event()
-        self._wall = wall_clock(env)
+        self._batch = FrameBatcher(env, config.max_batch, config.max_wait_s)
+        self._now = recording_clock(env)
         self.unknown_frames = 0
         self.batches = 0
         self.busy_s = 0.0
@@ -65,21 +66,14 @@ class CloudServer:
         yield self.transport.connect()
         self.transport.subscribe(self.config.subscribe, self._on_frame, self.config.qos)
         while True:
-            if not self._pending:
-                self._wake = self.env.event()
-                yield self._wake
-            deadline = self._pending[0][2] + self.config.max_wait_s
-            if len(self._pending) < self.config.max_batch and self.env.now < deadline:
-                self._wake = self.env.event()
-                yield self._wake | self.env.timeout(deadline - self.env.now)
-            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self.config.max_batch))]
-            predictions = self.classifier.predict([frame for frame, _, _ in taken])
+            taken = yield from self._batch.next_batch()
+            predictions = self.classifier.predict([frame for frame, _ in taken])
             compute = self.device.seconds_for(len(taken), self.classifier.flops_per_image, self.config.cores)
-            started = self.env.now if self._wall is None else self._wall()
+            started = self._now()
             yield self.env.timeout(compute)
             self.batches += 1
             self.busy_s += compute
-            for (_, record, _), prediction in zip(taken, predictions.tolist()):
+            for (_, record), prediction in zip(taken, predictions.tolist()):
                 record.final_prediction = prediction
                 record.resolver = self.name
                 record.t_resolved = started + compute
@@ -94,6 +88,4 @@ class CloudServer:
             return
         if record.resolver:  # a QoS 1 duplicate of one already classified
             return
-        self._pending.append((frame, record, self.env.now))
-        if not self._wake.triggered and (len(self._pending) == 1 or len(self._pending) >= self.config.max_batch):
-            self._wake.succeed()
+        self._batch.add(frame, record)

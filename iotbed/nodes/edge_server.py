@@ -10,10 +10,10 @@ live run, so the edge goes on serving frames while it trains.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
+import numpy as np
 import simpy
 from torch import nn
 
@@ -22,6 +22,7 @@ from iotbed.broker.transport import Transport
 from iotbed.defenses.reject import Threshold
 from iotbed.errors import ModelError
 from iotbed.naming import repaired_version
+from iotbed.nodes.batching import FrameBatcher
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.cloud import escalation_topic
 from iotbed.nodes.payloads import (
@@ -77,12 +78,11 @@ class EdgeServer:
         self.device = device
         self.recorder = recorder
         self._load_model = load_model
-        self._pending: deque[tuple[Frame, FrameRecord, float]] = deque()  # and when each arrived (simulated)
+        self._batch = FrameBatcher(env, config.max_batch, config.max_wait_s)
         self.unknown_frames = 0
         self.refused_updates = 0
         self._wall = wall_clock(env)  # live runs record wall-clock times
         self._seen: set[int] = set()
-        self._wake: simpy.Event = env.event()
         self.batches = 0
         self.busy_s = 0.0
         self.held: dict[int, nn.Module] = {classifier.version: classifier.model}  # versions it served
@@ -119,10 +119,7 @@ class EdgeServer:
         self._seen.add(frame.frame_id)
         record.t_edge = self._stamp()
         record.edge = self.name
-        self._pending.append((frame, record, self.env.now))
-        # Wake the worker for the first frame of a batch, or when the batch is full; not for every frame.
-        if not self._wake.triggered and (len(self._pending) == 1 or len(self._pending) >= self.config.max_batch):
-            self._wake.succeed()
+        self._batch.add(frame, record)
 
     def _adopt(self, update: ModelUpdate) -> bool:
         if update.version <= self.classifier.version or update.version in self.quarantined:
@@ -194,17 +191,9 @@ class EdgeServer:
     def _serve(self) -> Generator[simpy.Event, object, None]:
         env, config = self.env, self.config
         while True:
-            if not self._pending:
-                self._wake = env.event()
-                yield self._wake
-            # Wait until the batch is full or its oldest frame has waited max_wait.
-            deadline = self._pending[0][2] + config.max_wait_s
-            if len(self._pending) < config.max_batch and env.now < deadline:
-                self._wake = env.event()
-                yield self._wake | env.timeout(deadline - env.now)
-            n = min(len(self._pending), config.max_batch)
-            taken = [self._pending.popleft() for _ in range(n)]
-            batch = [frame for frame, _, _ in taken]
+            taken = yield from self._batch.next_batch()
+            n = len(taken)
+            batch = [frame for frame, _ in taken]
             start = self._stamp()
             predictions = self.classifier.predict(batch)
             version = self.classifier.version
@@ -215,15 +204,20 @@ class EdgeServer:
             # The device profile's time, not the host's: in a live run the real inference above took host
             # time, which shows as the run's lag, not as the modelled device's latency.
             done = start + compute
-            for (_, record, _), prediction in zip(taken, predictions.tolist()):
+            for (_, record), prediction in zip(taken, predictions.tolist()):
                 record.t_infer_start = start
                 record.t_done = done
                 record.prediction = prediction
                 record.model_version = version
             scores = self.classifier.last_scores
             if scores is not None and self.reject is not None:
-                for (frame, record, _), score in zip(taken, scores.tolist()):
-                    record.score = score
-                    record.rejected = score < self.reject.value
-                    if record.rejected and config.escalate_qos is not None:  # on to the cloud, over the network
-                        self.transport.publish(escalation_topic(record.camera), frame, config.escalate_qos)
+                self._reject(taken, scores, self.reject.value)
+
+    def _reject(self, taken: list[tuple[Frame, FrameRecord]], scores: np.ndarray, threshold: float) -> None:
+        """Mark the frames scored below the reject option's threshold, and escalate them where the edge does."""
+        escalate_qos = self.config.escalate_qos
+        for (frame, record), score, rejected in zip(taken, scores.tolist(), (scores < threshold).tolist()):
+            record.score = score
+            record.rejected = rejected
+            if rejected and escalate_qos is not None:  # on to the cloud, over the network
+                self.transport.publish(escalation_topic(record.camera), frame, escalate_qos)

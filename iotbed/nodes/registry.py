@@ -17,11 +17,11 @@ import simpy
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.nodes.payloads import TRUST_TOPIC, ModelUpdate, SignedTrustList, metadata_topic
-from iotbed.sim.clock import wall_clock
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.trace import ModelEvent, TraceRecorder
-from iotbed.trust.documents import TrustError, blob_digest, parse_update_metadata
-from iotbed.trust.keys import signature_valid
+from iotbed.trust.documents import TrustError, blob_digest, parse_trust_list
 from iotbed.trust.provisioning import KeyRing
+from iotbed.trust.verifier import authenticate
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,7 @@ class ModelRegistry:
         self.freezes = freezes
         self.current = current  # (version, blob digest) in service, whose metadata it renews
         self._period = 0  # the key period it signs in: the next starts once its trust list is out
-        self._wall = wall_clock(env)  # live runs record wall-clock times
-
-    def _stamp(self) -> float:
-        return self.env.now if self._wall is None else self._wall()
+        self._stamp = recording_clock(env)  # live runs record wall-clock times
 
     def _send(self, topic: str, payload: object, nbytes: int, retain: bool) -> Generator[simpy.Event, object, None]:
         held = next((f for f in self.freezes if f.start_s <= self.env.now < f.stop_s), None)
@@ -101,22 +98,15 @@ class ModelRegistry:
     def _on_model(self, message: Publish) -> None:
         """Follow a repaired model a trusted edge published, to renew its metadata from then on."""
         update, keys = message.payload, self.keys
-        if not isinstance(update, ModelUpdate) or keys is None or not update.metadata or not update.blob:
+        if not isinstance(update, ModelUpdate) or keys is None or not update.blob:
             return
         if self.current is not None and update.version <= self.current[0]:
             return
-        try:
-            meta = parse_update_metadata(update.metadata)
+        try:  # repair keys stand in every trust list, so the first one says who may repair
+            meta = authenticate(update, parse_trust_list(keys.trust_lists[0]), keys.target, ("repair",))
         except TrustError:
             return
-        repairer = next((k for k in keys.repairers.values() if k.key_id == meta.key), None)
-        if (
-            repairer is not None
-            and signature_valid(repairer.public, meta.signature, meta.signed_bytes)
-            and meta.version == update.version
-            and meta.sha256 == blob_digest(update.blob)
-        ):
-            self.current = (meta.version, meta.sha256)
+        self.current = (meta.version, meta.sha256)
 
     def _renew(self) -> Generator[simpy.Event, object, None]:
         assert self.keys is not None and self.refresh_interval_s is not None

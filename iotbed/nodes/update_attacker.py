@@ -11,7 +11,7 @@ import simpy
 
 from iotbed.broker.transport import Transport
 from iotbed.nodes.payloads import ModelUpdate, Quarantine
-from iotbed.sim.clock import wall_clock
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 
 
@@ -40,13 +40,14 @@ class UpdateChannelAttacker:
         self.message = message
         self.qos = qos
         self.recorder = recorder
-        self._wall = wall_clock(env)
+        self._now = recording_clock(env)
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         m = self.message
         if m.at_s > self.env.now:
             yield self.env.timeout(m.at_s - self.env.now)
-        stamp = self.env.now if self._wall is None else self._wall()
-        self.recorder.model_events.append(ModelEvent(stamp, self.name, "attack", m.version, m.payload.nbytes, m.label))
+        self.recorder.model_events.append(
+            ModelEvent(self._now(), self.name, "attack", m.version, m.payload.nbytes, m.label)
+        )
         self.transport.publish(m.topic, m.payload, self.qos)

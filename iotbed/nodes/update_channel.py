@@ -15,7 +15,7 @@ from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.broker.wire import quarantine_body
 from iotbed.nodes.payloads import TRUST_TOPIC, ModelUpdate, Quarantine, SignedTrustList, metadata_topic
-from iotbed.sim.clock import wall_clock
+from iotbed.sim.clock import recording_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 from iotbed.trust.documents import TrustError
@@ -38,23 +38,18 @@ class UpdateChannel:
         self.device = device
         self.recorder = recorder
         self.verifier = verifier
-        self._wall = wall_clock(env)
-        self.refused: dict[str, int] = {}
+        # Live, the wall clock: metadata expiry is signed in run seconds, comparable across worker processes.
+        self.now = recording_clock(env)
         self._pending: deque[tuple[int, Callable[[UpdateVerifier], None]]] = deque()
         self._wake = env.event()
         self._behind: set[int] = set()
         if verifier is not None:
             env.process(self._checker())
 
-    def now(self) -> float:
-        # Live, the wall clock: metadata expiry is signed in run seconds, comparable across worker processes.
-        return self.env.now if self._wall is None else self._wall()
-
     def _event(self, event: str, version: int, nbytes: int = 0, reason: str = "") -> None:
         self.recorder.model_events.append(ModelEvent(self.now(), self.node, event, version, nbytes, reason))
 
     def refuse(self, version: int, nbytes: int, reason: str) -> None:
-        self.refused[reason] = self.refused.get(reason, 0) + 1
         self._event("refused", version, nbytes, reason)
 
     def subscribe(

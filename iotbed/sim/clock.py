@@ -26,3 +26,10 @@ def wall_clock(env: simpy.Environment) -> Callable[[], float] | None:
     """The wall clock of a live run's environment, or None in a simulation; nodes record
     `env.now if wall is None else wall()`, which costs a simulation no call."""
     return getattr(env, "wall_now", None)
+
+
+def recording_clock(env: simpy.Environment) -> Callable[[], float]:
+    """What a node stamps its records with: the wall clock live, simulated time in a simulation. For nodes
+    off the per-frame path; a per-frame path keeps `wall_clock` and its inline test, which costs no call."""
+    wall = wall_clock(env)
+    return wall if wall is not None else (lambda: env.now)

@@ -57,26 +57,17 @@ class UpdateVerifier:
     version: int  # the highest version accepted (a rollback after a quarantine does not lower it)
     sha256: str  # its blob's digest
     expires: float = math.inf  # when the metadata of that version runs out
-    seen: set[str] = field(default_factory=set)  # digests of every blob accepted or refused as stale
+    seen: set[str] = field(default_factory=set)  # digests of every blob this device has held
 
     def check_update(self, update: ModelUpdate, now: float) -> Verdict:
         """What to do with `update` at run time `now`; raises `TrustError` with the reason it is refused."""
-        if not update.metadata:
-            raise TrustError("unsigned", f"version {update.version} carries no signed metadata")
-        meta = parse_update_metadata(update.metadata)
-        self._check_signer(meta.key, meta.signature, meta.signed_bytes, UPDATE_SIGNERS)
-        if meta.version != update.version:
-            raise TrustError("version_mismatch", f"message says version {update.version}, signed {meta.version}")
-        if meta.target != self.target:
-            raise TrustError("wrong_target", f"signed for {meta.target}, this device serves {self.target}")
+        meta = authenticate(update, self.trust, self.target)
         if not update.blob:  # metadata only: renews the version served
             if meta.version == self.version and meta.sha256 == self.sha256:
                 self._fresh(meta, now)
                 return Verdict("renew", meta)
             return Verdict("ignore", meta)
-        digest = blob_digest(update.blob)
-        if digest != meta.sha256:
-            raise TrustError("hash_mismatch", f"blob SHA-256 {digest[:16]}..., signed {meta.sha256[:16]}...")
+        digest = meta.sha256  # the blob's, checked
         if meta.version == self.version and digest == self.sha256:
             return Verdict("current", meta)
         if digest in self.seen:
@@ -116,15 +107,38 @@ class UpdateVerifier:
         signature) under its own name."""
         if not notice.signature:
             raise TrustError("unsigned", f"quarantine of version {notice.version} is not signed")
-        trusted = self._check_signer(notice.key, notice.signature, body, ("gateway",))
+        trusted = check_signer(self.trust, notice.key, notice.signature, body, ("gateway",))
         if trusted.holder != notice.gateway:
             raise TrustError("untrusted_key", f"{trusted.holder}'s key signed a notice in {notice.gateway}'s name")
 
-    def _check_signer(self, key_id: bytes, signature: bytes, data: bytes, roles: tuple[str, ...]) -> TrustedKey:
-        trusted = self.trust.keys.get(key_id)
-        if trusted is None or trusted.role not in roles:
-            what = "no key of" if trusted is None else f"a {trusted.role} key, not one of"
-            raise TrustError("untrusted_key", f"signed by {key_id.hex()}: {what} the trust list's {'/'.join(roles)}")
-        if not signature_valid(trusted.public, signature, data):
-            raise TrustError("bad_signature", f"the signature by {key_id.hex()} ({trusted.holder}) does not verify")
-        return trusted
+
+def authenticate(
+    update: ModelUpdate, trust: TrustList, target: Target, roles: tuple[str, ...] = UPDATE_SIGNERS
+) -> UpdateMetadata:
+    """`update`'s metadata once it is known to be signed by a key of `trust` with one of `roles`, for this
+    version, this target and (when the message carries one) this blob; else `TrustError`, with the first of
+    unsigned, malformed_metadata, untrusted_key, bad_signature, version_mismatch, wrong_target, hash_mismatch."""
+    if not update.metadata:
+        raise TrustError("unsigned", f"version {update.version} carries no signed metadata")
+    meta = parse_update_metadata(update.metadata)
+    check_signer(trust, meta.key, meta.signature, meta.signed_bytes, roles)
+    if meta.version != update.version:
+        raise TrustError("version_mismatch", f"message says version {update.version}, signed {meta.version}")
+    if meta.target != target:
+        raise TrustError("wrong_target", f"signed for {meta.target}, this device serves {target}")
+    if update.blob:
+        digest = blob_digest(update.blob)
+        if digest != meta.sha256:
+            raise TrustError("hash_mismatch", f"blob SHA-256 {digest[:16]}..., signed {meta.sha256[:16]}...")
+    return meta
+
+
+def check_signer(trust: TrustList, key_id: bytes, signature: bytes, data: bytes, roles: tuple[str, ...]) -> TrustedKey:
+    """The key of `trust` that signed `data`, if it has one of `roles` and the signature verifies."""
+    trusted = trust.keys.get(key_id)
+    if trusted is None or trusted.role not in roles:
+        what = "no key of" if trusted is None else f"a {trusted.role} key, not one of"
+        raise TrustError("untrusted_key", f"signed by {key_id.hex()}: {what} the trust list's {'/'.join(roles)}")
+    if not signature_valid(trusted.public, signature, data):
+        raise TrustError("bad_signature", f"the signature by {key_id.hex()} ({trusted.holder}) does not verify")
+    return trusted
