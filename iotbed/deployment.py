@@ -35,12 +35,16 @@ from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.cloud import ESCALATIONS_FILTER, CloudConfig, CloudServer
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
+from iotbed.nodes.encrypted import CameraPrivacy, EncryptedService, EncryptingCamera
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
-from iotbed.nodes.payloads import Frame
+from iotbed.nodes.payloads import Frame, results_topic
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.update_attacker import UpdateChannelAttacker
 from iotbed.nodes.update_channel import UpdateChannel
+from iotbed.privacy.ckks import generate_keys
+from iotbed.privacy.costs import HeCosts
+from iotbed.privacy.encrypted_cnn import EncryptedCnn
 from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, Scenario
 from iotbed.scenario.schema import GatewayGroup
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
@@ -82,6 +86,14 @@ class Artefacts:
     clean_pool: Any = None  # ImageDataset: the defenders' clean labelled images (STRIP, CoDefend)
     conditions: dict[str, np.ndarray] = field(default_factory=dict)  # condition label -> the images as seen
     cloud_models: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)  # group -> (model, FLOPs)
+    he: HeArtefacts | None = None  # where cameras encrypt: the compiled network and its measured costs
+
+
+@dataclass(frozen=True, eq=False)
+class HeArtefacts:
+    net: EncryptedCnn
+    costs: HeCosts
+    cost_file: str
 
 
 class MakeClient(Protocol):
@@ -197,6 +209,7 @@ def device_profiles(scenario: Scenario) -> dict[str, DeviceProfile]:
             spec.batch_overhead,
             spec.sha256_bytes_per_s,
             spec.ed25519_verify,
+            spec.he_core_speed,
         )
     return profiles
 
@@ -274,7 +287,24 @@ def build_camera(
         ConditionWindow(c.label, c.start, c.stop if c.stop is not None else math.inf, artefacts.conditions[c.label])
         for c in group.conditions
     ]
-    return Camera(
+    privacy = {}
+    if group.privacy is not None:
+        he = artefacts.he
+        assert he is not None  # prepared for every scenario with encrypting cameras
+        keys_rng = streams.generator("he-keys", name)
+        owner = generate_keys(he.net.params, he.net.rotations, int(keys_rng.integers(0, 2**63 - 1)))
+        profiles = device_profiles(scenario)
+        privacy["privacy"] = CameraPrivacy(
+            owner,
+            he.net,
+            he.costs,
+            profiles[group.privacy.device],
+            artefacts.images.numpy(),
+            streams.generator("he-encrypt", name),
+            1,  # the context upload must arrive: frames wait for its acknowledgement
+            scenario.qos_for(results_topic(name)),
+        )
+    return (EncryptingCamera if privacy else Camera)(
         env,
         name,
         index,
@@ -287,6 +317,7 @@ def build_camera(
         streams.generator("codec", name),
         attacks,
         conditions,
+        **privacy,
     )
 
 
@@ -303,6 +334,7 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         group.cores,
         scenario.qos_for(topic),
         scenario.qos_for_filter(ESCALATIONS_FILTER) if escalating else None,
+        scenario.qos_for(results_topic("_")),
     )
 
 
@@ -459,6 +491,7 @@ def build_nodes(
                 update_channel(name, profiles[group.device]),
                 sign_repaired,
                 threshold,
+                _encrypted_service(scenario, artefacts),
             )
             built.edges.append(edge)
             built.runs[name] = edge.run
@@ -538,6 +571,14 @@ def build_nodes(
         built.attackers.append(attacker)
         built.runs[client_id] = attacker.run
     return built
+
+
+def _encrypted_service(scenario: Scenario, artefacts: Artefacts) -> EncryptedService | None:
+    he = artefacts.he
+    if he is None:
+        return None
+    params = he.net.params
+    return EncryptedService(lambda model: EncryptedCnn(model, params), he.costs)  # type: ignore[arg-type]
 
 
 def _initial_blob(scenario: Scenario, artefacts: Artefacts) -> bytes:

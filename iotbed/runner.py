@@ -26,8 +26,8 @@ from tqdm import tqdm
 from iotbed.analysis.backdoor import backdoor_sections, screened_frames
 from iotbed.analysis.security import security_section
 from iotbed.analysis.summary import summarise
-from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, build_deployment
-from iotbed.errors import IotbedError
+from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, HeArtefacts, build_deployment
+from iotbed.errors import IotbedError, ModelError, ScenarioError
 from iotbed.naming import group_of, update_version
 from iotbed.nodes.camera import Camera
 from iotbed.nodes.edge_server import EdgeServer
@@ -136,6 +136,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         truth = splits.test.labels.numpy()
         for label, seen in conditions.items():  # the undefended reference under each condition
             bare_correct[f"@{label}"] = bare_predictions(trained.model, torch.from_numpy(seen)) == truth
+    he = _he_artefacts(resolved, trained, captured)
     artefacts = Artefacts(
         captured,
         splits.test.labels.numpy(),
@@ -148,6 +149,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         pool,
         conditions,
         cloud_models,
+        he,
     )
     model_info = {
         "arch": trained.arch,
@@ -160,6 +162,23 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         "test_images": len(splits.test),
     }
     return resolved, artefacts, model_info
+
+
+def _he_artefacts(scenario: Scenario, trained: Any, captured: torch.Tensor) -> HeArtefacts | None:
+    """The served model compiled for the cameras' CKKS parameters, and its measured cost (cached)."""
+    privacy = next((c.privacy for c in scenario.nodes.cameras if c.privacy is not None), None)
+    if privacy is None:
+        return None
+    from iotbed.models.cache import resolve_cache_dir
+    from iotbed.privacy.costs import cached_costs
+    from iotbed.privacy.encrypted_cnn import EncryptedCnn
+
+    try:
+        net = EncryptedCnn(trained.model, privacy.params())
+    except ModelError as exc:
+        raise ScenarioError(f"{scenario.name}: `privacy:` {exc}") from None
+    costs, path = cached_costs(net, captured[:4].numpy(), trained.key, resolve_cache_dir())
+    return HeArtefacts(net, costs, str(path))
 
 
 def build_trigger(spec: Any, image_shape: tuple[int, int, int]) -> Any:
@@ -342,6 +361,8 @@ def run(
     )
     sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
+    if artefacts.he is not None:
+        summary["privacy"] = privacy_summary(tables.trace, artefacts, deployment)
     if target is not None:
         write_outputs(target, resolved, tables, summary, deployment.monitor.rows, extra)
     return RunResult(resolved, summary, tables.trace, target)
@@ -357,6 +378,27 @@ def attack_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any
     screening = any(g.strip is not None for g in scenario.nodes.gateways)
     extra = {"strip_screens.csv": screened_frames(tables, scenario)} if screening else {}
     return sections, extra
+
+
+def privacy_summary(trace: pa.Table, artefacts: Artefacts, deployment: Deployment) -> dict[str, Any]:
+    """The `privacy` section, with the plaintext model's prediction on every encrypted frame's image."""
+    from iotbed.analysis.privacy import privacy_section
+    from iotbed.nodes.payloads import raw_frame_bytes
+
+    index = trace.column("image_index").to_numpy()
+    attack = trace.column("attack").to_numpy(zero_copy_only=False)
+    condition = trace.column("condition").to_numpy(zero_copy_only=False)
+    plain = np.full(len(index), -1, dtype=np.int64)
+    sources = {"": artefacts.images.numpy()} | artefacts.adversarial
+    with torch.inference_mode():
+        for key in set(zip(attack.tolist(), condition.tolist())):
+            rows = (attack == key[0]) & (condition == key[1])
+            images = sources[key[0]] if key[0] or not key[1] else artefacts.conditions[key[1]]
+            batch = torch.from_numpy(np.asarray(images[index[rows]], dtype=np.float32))
+            plain[rows] = artefacts.model(batch).argmax(dim=1).numpy() if len(batch) else []
+    shape = tuple(int(x) for x in artefacts.images.shape[1:])
+    nodes = deployment.nodes
+    return privacy_section(trace, nodes.cameras, nodes.edges, artefacts.he, plain, raw_frame_bytes(shape))  # type: ignore[arg-type]
 
 
 def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -333,6 +334,58 @@ class CifarCnn(ImageClassifier):
         return self.classifier(self.features(self.normalize(x)))
 
 
+class Square(nn.Module):
+    """x -> x^2: the activation a CKKS ciphertext can evaluate with one multiplication."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+
+def he_conv_geometry(image_size: int) -> tuple[int, int]:
+    """(kernel, stride) of `HeCnn`'s convolution: at most 8x8 windows, so that the windows and the kernel
+    elements of one channel fit in one ciphertext. 28 px gives TenSEAL's tutorial (7, 3); 32 px (8, 4)."""
+    kernel = max(3, round(image_size / 4))
+    stride = max(1, math.ceil((image_size - kernel) / 7))
+    return kernel, stride
+
+
+class HeCnn(ImageClassifier):
+    """A network a CKKS ciphertext can carry through: conv (4 kernels, no padding) -> square -> fc 64 ->
+    square -> fc classes. On 28x28 MNIST it is the network of TenSEAL's encrypted-MNIST tutorial
+    (conv 7x7 stride 3, 17,298 parameters); other sizes take `he_conv_geometry`'s kernel and stride.
+    Squares instead of ReLU and no pooling: every layer is a polynomial of degree at most 2."""
+
+    arch = "he_cnn"
+    kernels: ClassVar[int] = 4
+    hidden: ClassVar[int] = 64
+
+    def __init__(
+        self,
+        *,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        image_size: int = 28,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(in_channels=in_channels, num_classes=num_classes, image_size=image_size, mean=mean, std=std)
+        if image_size < 8:
+            raise ModelError(f"he_cnn needs images of at least 8x8 pixels (got {image_size}x{image_size})")
+        kernel, stride = he_conv_geometry(image_size)
+        side = (image_size - kernel) // stride + 1
+        self.conv = nn.Conv2d(in_channels, self.kernels, kernel_size=kernel, stride=stride)
+        self.classifier = nn.Sequential(
+            Square(),
+            nn.Flatten(),
+            nn.Linear(self.kernels * side * side, self.hidden),
+            Square(),
+            nn.Linear(self.hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.conv(self.normalize(x)))
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     """A registry entry: the class that builds the architecture and a one-line description."""
@@ -346,6 +399,9 @@ ARCHITECTURES: Mapping[str, ArchInfo] = MappingProxyType(
         "lenet5": ArchInfo(LeNet5, "LeNet-5 (ReLU, max-pool), ~62k params; grey digits, 28 or 32 px"),
         "tutorial_net": ArchInfo(TutorialNet, "PyTorch FGSM tutorial's MNIST net: 2 conv, dropout, fc 50; ~22k params"),
         "gtsrb_cnn": ArchInfo(GtsrbCnn, "3 conv+BN blocks (16-32-64), fc 256, dropout; ~0.30M params; 32x32 signs"),
+        "he_cnn": ArchInfo(
+            HeCnn, "conv (4 kernels) -> x^2 -> fc 64 -> x^2 -> fc: evaluable under CKKS; ~17k params on MNIST"
+        ),
         "cifar_cnn": ArchInfo(CifarCnn, "VGG-style 3x(2 conv+BN), fc 256, dropout; ~0.82M params; 32x32 colour"),
     }
 )

@@ -20,7 +20,7 @@ from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.nodes.payloads import FRAME_HEADER, Frame, raw_frame_bytes
 from iotbed.sim.clock import wall_clock
-from iotbed.sim.trace import TraceRecorder
+from iotbed.sim.trace import FrameRecord, TraceRecorder
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class Camera:
     def run(self) -> Generator[simpy.Event, object, None]:
         env, config = self.env, self.config
         yield self.transport.connect()
+        yield from self._ready()
         # A random phase, so that periodic cameras do not all fire at the same instant.
         first = config.start_s + float(self.rng.uniform(0.0, 1.0 / config.fps))
         if first > env.now:
@@ -150,6 +151,13 @@ class Camera:
                         frame.pixels = condition.images[image_index]
                         record.condition = condition.label
                         break
-            self.transport.publish(config.topic, frame, config.qos, record=record)
+            self._send(frame, record)
             self.frames_sent += 1
             yield env.timeout(gap)
+
+    def _ready(self) -> Generator[simpy.Event, object, None]:
+        """What must happen between connecting and the first frame (nothing for a plain camera)."""
+        yield from ()
+
+    def _send(self, frame: Frame, record: FrameRecord) -> None:
+        self.transport.publish(self.config.topic, frame, self.config.qos, record=record)

@@ -25,11 +25,15 @@ from iotbed.naming import repaired_version
 from iotbed.nodes.batching import FrameBatcher
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.cloud import escalation_topic
+from iotbed.nodes.encrypted import EncryptedService
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
+    EncryptedFrame,
     Frame,
     ModelUpdate,
     Quarantine,
+    context_topic,
+    results_topic,
 )
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.update_channel import UpdateChannel
@@ -50,6 +54,7 @@ class EdgeConfig:
     cores: int | None
     models_publish_qos: int = 1
     escalate_qos: int | None = None  # the reject option escalates rejected frames at this QoS (None: abstains)
+    results_qos: int = 1  # encrypted results back to their cameras
 
 
 class EdgeServer:
@@ -69,6 +74,7 @@ class EdgeServer:
         channel: UpdateChannel | None = None,
         sign_repaired: Callable[[ModelUpdate, float], ModelUpdate] | None = None,
         reject: Threshold | None = None,
+        encrypted: EncryptedService | None = None,
     ) -> None:
         self.env = env
         self.name = name
@@ -94,12 +100,15 @@ class EdgeServer:
         self.channel = channel if channel is not None else UpdateChannel(env, name, device, recorder, None)
         self._sign_repaired = sign_repaired
         self.reject = reject  # the reject option's threshold on the classifier's score
+        self.encrypted = encrypted  # classifies CKKS-encrypted frames, where cameras send them
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
         self.transport.subscribe(self.config.frames_filter, self._on_frame, self.config.frames_qos)
         self.channel.subscribe(self.transport, self.config.models_topic, self.config.models_qos, self._adopt)
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
+        if self.encrypted is not None:
+            self.transport.subscribe(context_topic("+"), self.encrypted.on_context, 1)
         yield from self._serve()
 
     def _stamp(self) -> float:
@@ -107,7 +116,7 @@ class EdgeServer:
 
     def _on_frame(self, message: Publish) -> None:
         frame = message.payload
-        if not isinstance(frame, Frame):
+        if not isinstance(frame, Frame | EncryptedFrame):
             return
         record = self.recorder.record(frame.frame_id)
         if record is None:  # an id no camera of this run handed out: a forged or replayed frame
@@ -192,11 +201,18 @@ class EdgeServer:
         env, config = self.env, self.config
         while True:
             taken = yield from self._batch.next_batch()
+            start = self._stamp()
+            version = self.classifier.version
+            sealed = [(frame, record) for frame, record in taken if isinstance(frame, EncryptedFrame)]
+            if sealed:
+                taken = [(frame, record) for frame, record in taken if not isinstance(frame, EncryptedFrame)]
+                yield from self._serve_encrypted(sealed, start, version)
+                if not taken:
+                    continue
+                start = self._stamp()
             n = len(taken)
             batch = [frame for frame, _ in taken]
-            start = self._stamp()
             predictions = self.classifier.predict(batch)
-            version = self.classifier.version
             compute = self.device.seconds_for(n, self.classifier.flops_per_image, config.cores)
             yield env.timeout(compute)
             self.batches += 1
@@ -212,6 +228,26 @@ class EdgeServer:
             scores = self.classifier.last_scores
             if scores is not None and self.reject is not None:
                 self._reject(taken, scores, self.reject.value)
+
+    def _serve_encrypted(
+        self, taken: list[tuple[Frame, FrameRecord]], start: float, version: int
+    ) -> Generator[simpy.Event, object, None]:
+        """Evaluate encrypted frames for real, charge the device's time for them, and send each camera its
+        encrypted result; the camera decrypts it and records the prediction."""
+        service = self.encrypted
+        assert service is not None
+        results = [
+            (record, service.evaluate(frame, record.camera, self.classifier.model, version)) for frame, record in taken
+        ]  # type: ignore[arg-type]
+        compute = self.device.he_seconds(service.costs.evaluate_s, len(taken), self.config.cores)
+        yield self.env.timeout(compute)
+        self.batches += 1
+        self.busy_s += compute
+        for record, result in results:
+            record.t_infer_start = start
+            record.model_version = version
+            if result is not None:
+                self.transport.publish(results_topic(record.camera), result, self.config.results_qos)
 
     def _reject(self, taken: list[tuple[Frame, FrameRecord]], scores: np.ndarray, threshold: float) -> None:
         """Mark the frames scored below the reject option's threshold, and escalate them where the edge does."""

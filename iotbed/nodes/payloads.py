@@ -134,3 +134,49 @@ class Quarantine:
 # magic, format version, model version, flagged count, channels, height, width, gateway name length
 QUARANTINE_HEADER = struct.Struct("!2sBIIBHHB")
 QUARANTINE_MAGIC = b"IQ"
+
+
+@dataclass(slots=True)
+class EncryptedFrame:
+    """A frame as a CKKS-encrypting camera sends it: the image's ciphertexts, one per channel, as SEAL
+    serialised them. The edge never sees `image_index` or `label`: they ride along for the trace only and
+    are not counted in `nbytes` (a real camera would not send them)."""
+
+    frame_id: int
+    camera_index: int
+    captured_at: float
+    image_index: int
+    label: int
+    ciphertexts: list[bytes]
+    attack: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return ENCRYPTED_HEADER.size + sum(4 + len(c) for c in self.ciphertexts)
+
+
+@dataclass(slots=True)
+class EncryptedResult:
+    """The encrypted logits of one frame, on their way back to the key owner."""
+
+    frame_id: int
+    model_version: int
+    ciphertext: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return ENCRYPTED_HEADER.size + 4 + len(self.ciphertext)
+
+
+# magic, format version, frame id, camera index or model version, ciphertext count (each then length-prefixed)
+ENCRYPTED_HEADER = struct.Struct("!2sBQIB")
+
+
+def context_topic(camera: str) -> str:
+    """Where a camera publishes (retained) the public context others compute on its ciphertexts with."""
+    return f"privacy/context/{camera}"
+
+
+def results_topic(camera: str) -> str:
+    """Where the edge sends a camera's encrypted results."""
+    return f"privacy/results/{camera}"

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -301,6 +302,33 @@ class ConditionSpec(Strict):
         return f"{self.kind}-{self.severity}"
 
 
+class CkksPrivacySpec(Strict):
+    """Encrypted frames: the camera encrypts each image under CKKS (its own keys), the edge classifies the
+    ciphertext with an `he_cnn` model, and the camera decrypts the result (`iotbed.privacy`). Parameters as
+    TenSEAL names them; the defaults are its encrypted-MNIST tutorial's."""
+
+    kind: Literal["ckks"]
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [31, 26, 26, 26, 26, 26, 26, 31],
+        description="bits of each prime: the first keeps the result, the last is for key switching",
+    )
+    global_scale: Annotated[int, Field(gt=1, description="a power of two, e.g. 67108864 (2**26)")] = 2**26
+    device: str = Field("raspberry_pi_4", description="the camera's device profile: prices encryption and decryption")
+
+    @field_validator("global_scale")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"global_scale must be a power of two such as 67108864 (2**26); got {value}")
+        return value
+
+    def params(self):  # type: ignore[no-untyped-def]
+        from iotbed.privacy.ckks import CkksParams
+
+        return CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.global_scale.bit_length() - 1)
+
+
 class CameraGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -310,6 +338,7 @@ class CameraGroup(Strict):
     topic: str = Field("frames/{name}", description="`{name}` becomes the camera's name, e.g. cam-3")
     start: Duration = 0.0
     conditions: list[ConditionSpec] = Field(default_factory=list, description="fog, night, noise... over time")
+    privacy: CkksPrivacySpec | None = Field(None, description="send CKKS-encrypted frames (`kind: ckks`)")
 
 
 class StripScreenSpec(Strict):
@@ -427,6 +456,9 @@ class DeviceSpec(Strict):
     batch_overhead: Duration = 0.0
     sha256_bytes_per_s: Annotated[float, Field(gt=0, description="hashing rate, for checking signed updates")] = 100e6
     ed25519_verify: Duration = Field(0.33e-3, description="one Ed25519 signature verification")
+    he_core_speed: Annotated[
+        float, Field(gt=0, description="one core on homomorphic encryption, relative to the host that measured it")
+    ] = 1.0
 
 
 class FaultSpec(Strict):
@@ -769,7 +801,85 @@ class Scenario(Strict):
                     "defenses",
                 )
         self._check_attacks()
+        self._check_privacy()
         return self
+
+    def _check_privacy(self) -> None:
+        """Encrypted frames need a model the encrypted path can evaluate, parameters that are secure and deep
+        enough, and nodes that do not need to see the pixels."""
+        from iotbed.privacy.encrypted_cnn import MULTIPLICATIONS
+        from iotbed.sim.devices import BUILTIN_PROFILES
+
+        encrypting = [(i, c) for i, c in enumerate(self.nodes.cameras) if c.privacy is not None]
+        if not encrypting:
+            return
+        for i, camera in encrypting:
+            where = ("nodes", "cameras", i, "privacy")
+            assert camera.privacy is not None
+            problems = camera.privacy.params().problems(MULTIPLICATIONS)
+            if problems:
+                raise LocatedError("; ".join(problems), *where)
+            if camera.codec.kind != "raw":
+                raise LocatedError(
+                    f"camera group {camera.name!r} encrypts its frames: a ciphertext has the same size whatever "
+                    "pixels are dropped, so pixel drop saves nothing; set `codec: {kind: raw}` or remove `privacy:`",
+                    "nodes",
+                    "cameras",
+                    i,
+                    "codec",
+                )
+            if camera.privacy.device not in set(BUILTIN_PROFILES) | set(self.devices):
+                raise LocatedError(
+                    f"device {camera.privacy.device!r} is unknown"
+                    f"{_suggest(camera.privacy.device, set(BUILTIN_PROFILES) | set(self.devices))}",
+                    *where,
+                    "device",
+                )
+        first = encrypting[0][1].privacy
+        for i, camera in encrypting[1:]:
+            if camera.privacy.params() != first.params():  # type: ignore[union-attr]
+                raise LocatedError(
+                    f"camera groups {encrypting[0][1].name!r} and {camera.name!r} use different CKKS parameters; the "
+                    "edge evaluates one layout, so give every encrypting group the same parameters",
+                    "nodes",
+                    "cameras",
+                    i,
+                    "privacy",
+                )
+        if self.model.arch.strip().lower().replace("-", "_") != "he_cnn":
+            raise LocatedError(
+                f"camera group {encrypting[0][1].name!r} sends encrypted frames, which only an `he_cnn` model can "
+                f"classify (convolution, square, dense, square, dense); set `model: {{arch: he_cnn}}`",
+                "model",
+                "arch",
+            )
+        for i, edge in enumerate(self.nodes.edge_servers):
+            for field_name, present in (("defenses", bool(edge.defenses)), ("reject", edge.reject is not None)):
+                if present:
+                    raise LocatedError(
+                        f"edge server group {edge.name!r} receives encrypted frames and cannot see their pixels or "
+                        f"scores, so `{field_name}:` cannot act; remove it (or the cameras' `privacy:`)",
+                        "nodes",
+                        "edge_servers",
+                        i,
+                        field_name,
+                    )
+        for i, gateway in enumerate(self.nodes.gateways):
+            if gateway.strip is not None:
+                raise LocatedError(
+                    f"gateway group {gateway.name!r} screens relayed frames with STRIP, but the cameras encrypt "
+                    "them; remove `strip:` (or the cameras' `privacy:`)",
+                    "nodes",
+                    "gateways",
+                    i,
+                    "strip",
+                )
+        if any(a.kind == "mitm" for a in self.attacks):
+            raise LocatedError(
+                "a man-in-the-middle changes pixels, and encrypted frames carry none it can read; attack the "
+                "cameras (`compromised_camera`) or remove the cameras' `privacy:`",
+                "attacks",
+            )
 
     def _check_attacks(self) -> None:
         labels: set[str] = set()

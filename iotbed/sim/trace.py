@@ -57,6 +57,10 @@ class FrameRecord:
         "resolver",
         "final_prediction",
         "t_resolved",
+        "encrypted",
+        "t_encrypted",
+        "t_result",
+        "result_bytes",
     )
 
     def __init__(
@@ -102,6 +106,10 @@ class FrameRecord:
         self.resolver = ""  # the cloud node that classified it after the edge escalated it
         self.final_prediction = -1  # that cloud's verdict
         self.t_resolved = -1.0
+        self.encrypted = False  # sent as CKKS ciphertexts (`privacy:`)
+        self.t_encrypted = -1.0  # the camera finished encrypting it
+        self.t_result = -1.0  # its encrypted result reached the camera (then decrypted: t_done)
+        self.result_bytes = 0  # the encrypted result's payload
 
 
 TRACE_SCHEMA = pa.schema(
@@ -140,6 +148,10 @@ TRACE_SCHEMA = pa.schema(
         ("resolver", pa.string()),
         ("final_prediction", pa.int64()),
         ("t_resolved", pa.float64()),
+        ("encrypted", pa.bool_()),
+        ("t_encrypted", pa.float64()),
+        ("t_result", pa.float64()),
+        ("result_bytes", pa.int32()),
     ]
 )
 

@@ -1,0 +1,114 @@
+"""What encrypted inference costs in device time: measured once on this host, cached, scaled per device.
+
+HE cost does not follow the plaintext FLOP count (it is NTTs and key switching on 64-bit integers), so a
+node's simulated time for an encryption, an encrypted evaluation or a decryption is the median of real runs
+on this host divided by the device profile's `he_core_speed` (one of its cores running SEAL, against one
+core of the host that measured). The measurement is cached beside the models under a key of the model and
+the parameters, so a run's simulated times are the same every time it runs on that cache; `rm` the file
+(printed in the summary) to measure again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from iotbed.privacy.ckks import CkksParams, generate_keys
+from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeCosts:
+    """Host seconds per image (medians), and the sizes they came with."""
+
+    encrypt_s: float
+    evaluate_s: float
+    decrypt_s: float
+    keygen_s: float
+    input_bytes: int  # the ciphertexts of one image
+    result_bytes: int
+    context_bytes: int  # the public context a key owner uploads
+    samples: int
+    host: str
+    measured_at: str
+
+
+def _host() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(net: EncryptedCnn, images: np.ndarray, samples: int = 3) -> HeCosts:
+    """Encrypt, evaluate and decrypt `samples` images for real (after one warm-up) and take the medians."""
+    started = time.perf_counter()
+    owner = generate_keys(net.params, net.rotations, seed=0)
+    keygen = time.perf_counter() - started
+    context = evaluation_context(net.params)
+    times: dict[str, list[float]] = {"encrypt": [], "evaluate": [], "decrypt": []}
+    sizes = (0, 0)
+    for i in range(samples + 1):
+        image = images[i % len(images)]
+        t0 = time.perf_counter()
+        inputs = net.encrypt(owner.public_key, image, seed=i + 1)
+        t1 = time.perf_counter()
+        result = net.evaluate(context, owner.public, inputs)
+        t2 = time.perf_counter()
+        net.decrypt(owner, result)
+        t3 = time.perf_counter()
+        if i:  # the first pass encodes the weight plaintexts and warms caches
+            times["encrypt"].append(t1 - t0)
+            times["evaluate"].append(t2 - t1)
+            times["decrypt"].append(t3 - t2)
+        sizes = (sum(len(c) for c in inputs), len(result))
+    return HeCosts(
+        statistics.median(times["encrypt"]),
+        statistics.median(times["evaluate"]),
+        statistics.median(times["decrypt"]),
+        keygen,
+        sizes[0],
+        sizes[1],
+        owner.public.nbytes,
+        samples,
+        _host(),
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+
+
+def cost_key(model_key: str, params: CkksParams) -> str:
+    text = json.dumps({"model": model_key, "params": params.to_dict(), "v": 1}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def cached_costs(net: EncryptedCnn, images: np.ndarray, model_key: str, cache_dir: Path) -> tuple[HeCosts, Path]:
+    """The cached measurement for this model and these parameters, or a new one (then cached)."""
+    path = cache_dir / "he_costs" / f"{cost_key(model_key, net.params)}.json"
+    if path.exists():
+        try:
+            return HeCosts(**json.loads(path.read_text())), path
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("HE cost file %s is unusable (%s); measuring again", path, exc)
+    costs = measure(net, images)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(asdict(costs), indent=2))
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("could not cache HE costs at %s: %s", path, exc)
+    return costs, path

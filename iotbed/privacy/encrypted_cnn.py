@@ -1,0 +1,319 @@
+"""`HeCnn` evaluated on CKKS ciphertexts: the camera encrypts, the edge computes without the key, the key owner
+decrypts the logits.
+
+Layout (S = poly_modulus_degree / 2 slots; P windows, K kernel elements, each padded to a power of two):
+- The camera encrypts one ciphertext per channel: window p's element j in slot j*P2 + p, the block of
+  K2*P2 slots repeated to fill S.
+- Convolution: one plaintext multiplication per kernel and channel, then log2(K2) rotate-and-adds sum the
+  kernel elements. Every kernel's output comes out repeated with period P2.
+- A 0/1 mask per kernel packs the kernels side by side (period X2 = kernels * P2). Then the square.
+- Dense layers: the diagonal method of Halevi and Shoup on that periodic vector, with baby-step giant-step
+  rotations (about 2*sqrt(rows) of them instead of one per input), then rotate-and-adds fold the columns.
+  The square between them costs one relinearisation.
+
+That is six multiplications, as in TenSEAL's tutorial: conv, mask, square, dense, square, dense. Scales stay
+exact: every plaintext that multiplies is encoded at the prime the next rescaling removes.
+The input normalisation (`Normalize`) is folded into the convolution, so the camera encrypts raw pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from iotbed.errors import ModelError
+from iotbed.models.architectures import HeCnn
+from iotbed.privacy.ckks import CkksParams, KeyOwner, PublicContext, require_seal, seal_bytes, seal_context, seal_load
+
+MULTIPLICATIONS = 6  # conv, mask, square, dense, square, dense
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(n)))
+
+
+@dataclass(frozen=True)
+class Dense:
+    """A dense layer laid out for the diagonal method: `diagonals[g][b]` multiplies the input rotated by b,
+    and the giant step g's sum is rotated by g * baby."""
+
+    rows: int  # outputs, padded to a power of two
+    cols: int  # the input's period
+    baby: int
+    giant: int
+    diagonals: list[list[np.ndarray | None]]  # None: an all-zero diagonal, skipped
+    fold: list[int]  # rotations that add the column blocks together
+    bias: np.ndarray  # per slot, period `rows`
+
+    @property
+    def rotations(self) -> set[int]:
+        return set(range(1, self.baby)) | {g * self.baby for g in range(1, self.giant)} | set(self.fold)
+
+
+def _dense_layout(weight: np.ndarray, bias: np.ndarray, cols: int, slots: int) -> Dense:
+    """Diagonals of `weight` (out x cols, already embedded in the input's slot order) for a vector that
+    repeats with period `cols` in `slots` slots."""
+    out = weight.shape[0]
+    rows = _pow2(out)
+    cols = max(cols, rows)
+    embedded = np.zeros((rows, cols))
+    embedded[:out, : weight.shape[1]] = weight
+    baby = 1 << (int(math.log2(rows)) + 1) // 2
+    giant = rows // baby
+    j = np.arange(cols)
+    diagonals: list[list[np.ndarray | None]] = []
+    for g in range(giant):
+        row: list[np.ndarray | None] = []
+        for b in range(baby):
+            i = g * baby + b
+            diagonal = embedded[j % rows, (j + i) % cols]
+            tiled = np.roll(np.tile(diagonal, slots // cols), g * baby)
+            row.append(tiled if np.any(tiled) else None)
+        diagonals.append(row)
+    fold = [cols >> k for k in range(1, int(math.log2(cols // rows)) + 1)]
+    bias_slots = np.zeros(rows)
+    bias_slots[:out] = bias
+    return Dense(rows, cols, baby, giant, diagonals, fold, np.tile(bias_slots, slots // rows))
+
+
+class EncryptedCnn:
+    """A trained `HeCnn` compiled for CKKS parameters. Checks at construction that the network fits them."""
+
+    def __init__(self, model: HeCnn, params: CkksParams) -> None:
+        if not isinstance(model, HeCnn):
+            raise ModelError(
+                f"encrypted inference evaluates he_cnn models only (conv, square, dense, square, dense); "
+                f"got {type(model).__name__}: serve arch he_cnn on the encrypted camera groups' edge"
+            )
+        problems = params.problems(MULTIPLICATIONS)
+        if problems:
+            raise ModelError("CKKS parameters: " + "; ".join(problems))
+        self.params = params
+        slots = params.slots
+        conv = model.conv
+        weight = conv.weight.detach().double().numpy()  # (O, C, k, k)
+        bias = conv.bias.detach().double().numpy()
+        mean = model.normalize.mean.detach().double().flatten().numpy()
+        std = model.normalize.std.detach().double().flatten().numpy()
+        # Fold (x - mean) / std into the convolution.
+        folded = weight / std[None, :, None, None]
+        bias = bias - (weight * (mean / std)[None, :, None, None]).sum(axis=(1, 2, 3))
+        self.kernels, self.channels, self.k, _ = weight.shape
+        self.stride = int(conv.stride[0])
+        self.image_size = model.image_size
+        self.side = (self.image_size - self.k) // self.stride + 1
+        self.windows = self.side * self.side
+        self.p2, self.k2 = _pow2(self.windows), _pow2(self.k * self.k)
+        self.block = self.p2 * self.k2
+        self.x2 = _pow2(self.kernels * self.p2)
+        if self.block > slots or self.x2 > slots:
+            raise ModelError(
+                f"he_cnn on {self.image_size}px images needs {max(self.block, self.x2)} slots per ciphertext, "
+                f"above the {slots} of poly_modulus_degree {params.poly_modulus_degree}: raise it"
+            )
+        self.num_classes = model.num_classes
+        # Convolution plaintexts: kernel element j in block j, every window.
+        flat = folded.reshape(self.kernels, self.channels, -1)
+        self.conv_weights = [
+            [
+                np.tile(np.repeat(np.pad(flat[o, c], (0, self.k2 - flat.shape[2])), self.p2), slots // self.block)
+                for c in range(self.channels)
+            ]
+            for o in range(self.kernels)
+        ]
+        self.conv_tree = [self.block >> s for s in range(1, int(math.log2(self.k2)) + 1)]
+        period = np.arange(slots) % self.x2
+        self.masks = [
+            ((period >= o * self.p2) & (period < o * self.p2 + self.windows)).astype(float) for o in range(self.kernels)
+        ]
+        self.conv_bias = sum((mask * bias[o] for o, mask in enumerate(self.masks)), np.zeros(slots))
+        fc1, fc2 = model.classifier[2], model.classifier[4]
+        w1 = fc1.weight.detach().double().numpy()  # (hidden, O * windows), conv output flattened as (o, window)
+        embedded = np.zeros((w1.shape[0], self.x2))
+        for o in range(self.kernels):
+            embedded[:, o * self.p2 : o * self.p2 + self.windows] = w1[:, o * self.windows : (o + 1) * self.windows]
+        self.fc1 = _dense_layout(embedded, fc1.bias.detach().double().numpy(), self.x2, slots)
+        self.fc2 = _dense_layout(
+            fc2.weight.detach().double().numpy(), fc2.bias.detach().double().numpy(), self.fc1.rows, slots
+        )
+        self.rotations = sorted(set(self.conv_tree) | self.fc1.rotations | self.fc2.rotations)
+        self._plaintexts: dict[int, dict[str, Any]] = {}
+
+    # Camera side --------------------------------------------------------------------------------------
+
+    def encode_image(self, image: np.ndarray) -> list[np.ndarray]:
+        """Slot vectors (one per channel) of a (C, H, W) image in [0, 1]."""
+        image = np.asarray(image, dtype=np.float64)
+        expected = (self.channels, self.image_size, self.image_size)
+        if image.shape != expected:
+            raise ValueError(f"image of shape {image.shape}, the model takes {expected}")
+        windows = torch.from_numpy(image).unfold(1, self.k, self.stride).unfold(2, self.k, self.stride)
+        windows = windows.reshape(self.channels, self.windows, self.k * self.k).numpy()  # (C, P, K)
+        vectors = []
+        for c in range(self.channels):
+            block = np.zeros((self.k2, self.p2))
+            block[: self.k * self.k, : self.windows] = windows[c].T
+            vectors.append(np.tile(block.reshape(-1), self.params.slots // self.block))
+        return vectors
+
+    def encrypt(self, public_key: Any, image: np.ndarray, seed: int) -> list[bytes]:
+        """The image's ciphertexts (one per channel) as bytes. `seed` must differ for every encryption."""
+        s = require_seal()
+        context = seal_context(self.params, seed)
+        encoder = s.CKKSEncoder(context)
+        encryptor = s.Encryptor(context, public_key)
+        out = []
+        for vector in self.encode_image(image):
+            plain = s.Plaintext()
+            encoder.encode(vector.tolist(), self.params.scale, plain)
+            ciphertext = s.Ciphertext()
+            encryptor.encrypt(plain, ciphertext)
+            out.append(seal_bytes(ciphertext))
+        return out
+
+    def decrypt(self, owner: KeyOwner, result: bytes) -> np.ndarray:
+        """The logits in an evaluated ciphertext; ValueError if it is not one."""
+        s = require_seal()
+        ciphertext = seal_load(s.Ciphertext(), owner.context, result)
+        plain = s.Plaintext()
+        s.Decryptor(owner.context, owner.secret_key).decrypt(ciphertext, plain)
+        return np.asarray(s.CKKSEncoder(owner.context).decode_double(plain)[: self.num_classes])
+
+    # Server side --------------------------------------------------------------------------------------
+
+    def evaluate(self, context: Any, public: PublicContext, inputs: list[bytes]) -> bytes:
+        """The encrypted logits of the encrypted image `inputs`, computed with `public`'s keys only.
+        ValueError for ciphertexts that are not fresh encryptions under these parameters."""
+        s = require_seal()
+        if len(inputs) != self.channels:
+            raise ValueError(f"{len(inputs)} ciphertexts, the model takes {self.channels} (one per channel)")
+        _, relin, galois = public.keys(context)
+        fresh = []
+        for data in inputs:
+            ciphertext = seal_load(s.Ciphertext(), context, data)
+            if ciphertext.parms_id() != context.first_parms_id() or ciphertext.size() != 2:
+                raise ValueError("ciphertext not at the first level of the modulus chain")
+            if ciphertext.scale != self.params.scale:
+                raise ValueError(f"ciphertext at scale {ciphertext.scale}, not 2^{self.params.global_scale_bits}")
+            fresh.append(ciphertext)
+        return seal_bytes(self._run(context, fresh, relin, galois))
+
+    def _plain(self, context: Any) -> dict[str, Any]:
+        """Every weight plaintext, encoded once per context at its level and the scale that keeps the
+        product's scale after rescaling."""
+        key = id(context)
+        if key not in self._plaintexts:
+            s = require_seal()
+            encoder = s.CKKSEncoder(context)
+            levels = []
+            data = context.first_context_data()
+            while data is not None:
+                levels.append((data.parms_id(), float(data.parms().coeff_modulus()[-1].value())))
+                data = data.next_context_data()
+
+            def encode(values: np.ndarray, level: int) -> Any:
+                plain = s.Plaintext()
+                parms_id, prime = levels[level]
+                encoder.encode(values.tolist(), parms_id, prime, plain)
+                return plain
+
+            self._plaintexts[key] = {
+                "context": context,  # keeps id(context) from being reused while the cache holds it
+                "encoder": encoder,
+                "evaluator": s.Evaluator(context),
+                "conv": [[encode(w, 0) for w in per_kernel] for per_kernel in self.conv_weights],
+                "mask": [encode(m, 1) for m in self.masks],
+                "fc1": [[None if d is None else encode(d, 3) for d in row] for row in self.fc1.diagonals],
+                "fc2": [[None if d is None else encode(d, 5) for d in row] for row in self.fc2.diagonals],
+            }
+        return self._plaintexts[key]
+
+    def _add_bias(self, plain: dict[str, Any], ciphertext: Any, values: np.ndarray) -> None:
+        s = require_seal()
+        bias = s.Plaintext()
+        plain["encoder"].encode(values.tolist(), ciphertext.parms_id(), ciphertext.scale, bias)
+        plain["evaluator"].add_plain_inplace(ciphertext, bias)
+
+    def _run(self, context: Any, inputs: list[Any], relin: Any, galois: Any) -> Any:
+        s = require_seal()
+        plain = self._plain(context)
+        ev = plain["evaluator"]
+        packed = None
+        for o in range(self.kernels):
+            conv = None
+            for c, ciphertext in enumerate(inputs):
+                product = s.Ciphertext()
+                ev.multiply_plain(ciphertext, plain["conv"][o][c], product)
+                if conv is None:
+                    conv = product
+                else:
+                    ev.add_inplace(conv, product)
+            ev.rescale_to_next_inplace(conv)
+            for step in self.conv_tree:
+                ev.add_inplace(conv, _rotated(ev, conv, step, galois))
+            ev.multiply_plain_inplace(conv, plain["mask"][o])
+            if packed is None:
+                packed = conv
+            else:
+                ev.add_inplace(packed, conv)
+        ev.rescale_to_next_inplace(packed)
+        self._add_bias(plain, packed, self.conv_bias)
+        hidden = self._square_dense(plain, packed, self.fc1, plain["fc1"], relin, galois)
+        return self._square_dense(plain, hidden, self.fc2, plain["fc2"], relin, galois)
+
+    def _square_dense(
+        self, plain: dict[str, Any], x: Any, layer: Dense, diagonals: list, relin: Any, galois: Any
+    ) -> Any:
+        s = require_seal()
+        ev = plain["evaluator"]
+        ev.square_inplace(x)
+        ev.relinearize_inplace(x, relin)
+        ev.rescale_to_next_inplace(x)
+        babies = [x] + [_rotated(ev, x, b, galois) for b in range(1, layer.baby)]
+        total = None
+        for g, row in enumerate(diagonals):
+            inner = None
+            for b, diagonal in enumerate(row):
+                if diagonal is None:
+                    continue
+                product = s.Ciphertext()
+                ev.multiply_plain(babies[b], diagonal, product)
+                if inner is None:
+                    inner = product
+                else:
+                    ev.add_inplace(inner, product)
+            if inner is None:
+                continue
+            if g:
+                ev.rotate_vector_inplace(inner, g * layer.baby, galois)
+            if total is None:
+                total = inner
+            else:
+                ev.add_inplace(total, inner)
+        if total is None:
+            raise ModelError("a dense layer of the he_cnn model has only zero weights")
+        ev.rescale_to_next_inplace(total)
+        for step in layer.fold:
+            ev.add_inplace(total, _rotated(ev, total, step, galois))
+        self._add_bias(plain, total, layer.bias)
+        return total
+
+    def plaintext_logits(self, images: torch.Tensor, model: HeCnn) -> np.ndarray:
+        """The same model's logits in plaintext, for agreement checks."""
+        with torch.inference_mode():
+            return model(images).double().numpy()
+
+
+def _rotated(evaluator: Any, ciphertext: Any, step: int, galois: Any) -> Any:
+    out = require_seal().Ciphertext()
+    evaluator.rotate_vector(ciphertext, step, galois, out)
+    return out
+
+
+def evaluation_context(params: CkksParams) -> Any:
+    """A context for computing on others' ciphertexts (no randomness is drawn there)."""
+    return seal_context(params)
