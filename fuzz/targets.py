@@ -480,6 +480,67 @@ def _signed_document() -> Harness:
     return Harness((TrustError,), generate, call)
 
 
+# --- encrypted frames -----------------------------------------------------------------------------------------
+
+
+def _ciphertext() -> Harness:
+    """What an edge parses from an encrypting camera: SEAL ciphertexts, and the public context it computes with."""
+    import numpy as np
+
+    from iotbed.models import build_model
+    from iotbed.privacy.ckks import CkksParams, PublicContext, generate_keys
+    from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
+
+    model = build_model("he_cnn", in_channels=1, num_classes=10, image_size=28, mean=[0.0], std=[1.0]).eval()
+    net = EncryptedCnn(model, CkksParams())
+    owner = generate_keys(net.params, net.rotations, seed=1)
+    context = evaluation_context(net.params)
+    fresh = net.encrypt(owner.public_key, np.full((1, 28, 28), 0.5), seed=2)[0]
+    seeds = [fresh, net.evaluate(context, owner.public, [fresh])]
+    public = owner.public.to_bytes()
+    # SEAL's header: magic, header size, version major/minor, compression, reserved, then the size (little-endian)
+    fields = [(0, "H"), (2, "B"), (3, "B"), (4, "B"), (5, "B"), (6, "H"), (8, "Q")]
+
+    def generate(rng: random.Random) -> bytes:
+        seed = rng.choice(seeds)
+        return _pick(
+            rng,
+            [
+                (0.40, lambda: mut.mutate_bytes(seed, rng, seeds, max_len=1 << 21)),
+                (0.30, lambda: bytes(_le_fields(seed, fields, rng))),
+                (0.15, lambda: mut.random_bytes(rng, [b"\x5e\xa1", b"IK\x01"])),
+                (0.15, lambda: _flip_or_fields(public, rng)),
+            ],
+        )
+
+    def call(data: bytes) -> Any:
+        if data[:2] == b"IK":
+            return PublicContext.from_bytes(data, net.params, 64 << 20).keys(context)
+        return net.load_inputs(context, [data])
+
+    return Harness((ValueError,), generate, call)
+
+
+def _flip_or_fields(data: bytes, rng: random.Random) -> bytes:
+    """A public context with its lengths changed, or a few bytes flipped where the keys are."""
+    from iotbed.privacy.ckks import _CONTEXT_HEAD
+
+    if rng.random() < 0.5:
+        return mut.mutate_fields(data, mut.struct_fields(_CONTEXT_HEAD.format), rng)
+    buf = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+    return bytes(buf)
+
+
+def _le_fields(data: bytes, fields: Sequence[tuple[int, str]], rng: random.Random) -> bytearray:
+    buf = bytearray(data)
+    for offset, code in rng.sample(list(fields), k=rng.randint(1, 3)):
+        if offset + struct.calcsize(code) <= len(buf):
+            mut.set_field(buf, offset, code, mut.interesting_value(rng, code), order="<")
+    return buf
+
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -499,5 +560,6 @@ TARGETS: dict[str, Target] = {
             "TrustError",
             _signed_document,
         ),
+        Target("ciphertext", "EncryptedCnn.load_inputs / PublicContext (SEAL bytes)", "ValueError", _ciphertext),
     )
 }

@@ -168,10 +168,19 @@ def seal_bytes(obj: Any) -> bytes:
         return Path(path).read_bytes()
 
 
+SEAL_MAGIC = b"\x5e\xa1"
+_SEAL_HEADER_BYTES = 16
+
+
 def seal_load(obj: Any, context: Any, data: bytes) -> Any:
     """Load SEAL bytes into `obj` (a fresh Ciphertext or key object) and check them against `context`.
     Raises ValueError for anything SEAL refuses or that is not valid for these parameters."""
     s = require_seal()
+    # SEAL's header: magic 0xA15E, then at offset 8 the object's size in bytes (little-endian).
+    if len(data) < _SEAL_HEADER_BYTES or data[:2] != SEAL_MAGIC:
+        raise ValueError("not a SEAL object (no SEAL header)")
+    if int.from_bytes(data[8:16], "little") != len(data):
+        raise ValueError("SEAL object's size does not match the message")
     with _scratch_file() as path:
         Path(path).write_bytes(data)
         try:

@@ -27,7 +27,16 @@ import torch
 
 from iotbed.errors import ModelError
 from iotbed.models.architectures import HeCnn
-from iotbed.privacy.ckks import CkksParams, KeyOwner, PublicContext, require_seal, seal_bytes, seal_context, seal_load
+from iotbed.privacy.ckks import (
+    CkksParams,
+    KeyOwner,
+    PublicContext,
+    ciphertext_size_bound,
+    require_seal,
+    seal_bytes,
+    seal_context,
+    seal_load,
+)
 
 MULTIPLICATIONS = 6  # conv, mask, square, dense, square, dense
 
@@ -188,19 +197,28 @@ class EncryptedCnn:
     def evaluate(self, context: Any, public: PublicContext, inputs: list[bytes]) -> bytes:
         """The encrypted logits of the encrypted image `inputs`, computed with `public`'s keys only.
         ValueError for ciphertexts that are not fresh encryptions under these parameters."""
+        fresh = self.load_inputs(context, inputs)
+        _, relin, galois = public.keys(context)
+        return seal_bytes(self._run(context, fresh, relin, galois))
+
+    def load_inputs(self, context: Any, inputs: list[bytes]) -> list[Any]:
+        """Parse an image's ciphertexts as a client sent them: their count and sizes are checked before SEAL
+        reads them, and SEAL checks them against the parameters; anything else is a ValueError."""
         s = require_seal()
         if len(inputs) != self.channels:
             raise ValueError(f"{len(inputs)} ciphertexts, the model takes {self.channels} (one per channel)")
-        _, relin, galois = public.keys(context)
+        bound = ciphertext_size_bound(self.params)
         fresh = []
         for data in inputs:
+            if len(data) > bound:
+                raise ValueError(f"ciphertext of {len(data)} bytes, above the {bound} these parameters allow")
             ciphertext = seal_load(s.Ciphertext(), context, data)
             if ciphertext.parms_id() != context.first_parms_id() or ciphertext.size() != 2:
                 raise ValueError("ciphertext not at the first level of the modulus chain")
             if ciphertext.scale != self.params.scale:
                 raise ValueError(f"ciphertext at scale {ciphertext.scale}, not 2^{self.params.global_scale_bits}")
             fresh.append(ciphertext)
-        return seal_bytes(self._run(context, fresh, relin, galois))
+        return fresh
 
     def _plain(self, context: Any) -> dict[str, Any]:
         """Every weight plaintext, encoded once per context at its level and the scale that keeps the

@@ -1,0 +1,193 @@
+"""Encrypted inference: CKKS parameters are checked, the encrypted network computes what the plaintext one
+does, ciphertexts are reproducible but never share randomness, hostile bytes are refused, and a simulated
+run carries the real ciphertexts' sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iotbed.errors import ModelError, ScenarioError
+from iotbed.models import build_model, get_or_train
+from iotbed.privacy.ckks import CkksParams, PublicContext, generate_keys
+from iotbed.privacy.encrypted_cnn import MULTIPLICATIONS, EncryptedCnn, evaluation_context
+from iotbed.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIO = REPO / "scenarios" / "encrypted_inference.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained():
+    from iotbed.data import load_splits
+
+    splits = load_splits("digits", seed=0)
+    model = get_or_train("he_cnn", splits.train, test_ds=splits.test, progress=False)
+    return model, splits.test
+
+
+@pytest.fixture(scope="module")
+def compiled(trained):
+    model, _ = trained
+    net = EncryptedCnn(model.model, CkksParams())
+    return net, generate_keys(net.params, net.rotations, seed=3), evaluation_context(net.params)
+
+
+def test_default_parameters_are_tutorials_and_pass():
+    params = CkksParams()
+    assert params.poly_modulus_degree == 8192 and params.depth == MULTIPLICATIONS
+    assert params.problems(MULTIPLICATIONS) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "needle"),
+    [
+        (CkksParams(4096), "raise poly_modulus_degree to 8192"),  # 218 bits > 109 allowed at N=4096
+        (CkksParams(8192, (31, 26, 26, 31)), "needs 6 multiplications"),
+        (CkksParams(8192, (31, 30, 26, 26, 26, 26, 26, 31)), "must equal global_scale"),
+        (CkksParams(8192, (27, 26, 26, 26, 26, 26, 26, 31)), "first prime"),
+        (CkksParams(3000), "one of"),
+    ],
+)
+def test_bad_parameters_are_refused_with_the_fix(params, needle):
+    problems = " ".join(params.problems(MULTIPLICATIONS))
+    assert needle in problems
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["nodes.cameras.0.privacy.poly_modulus_degree=4096"],
+            "nodes.cameras.0.privacy: coeff_mod_bit_sizes sum to 218",
+        ),
+        (["nodes.cameras.0.privacy.coeff_mod_bit_sizes=[31,26,26,31]"], "multiplications"),
+        (["model.arch=lenet5"], "he_cnn"),
+        (["nodes.cameras.0.codec={kind: pixel_drop}"], "pixel drop saves nothing"),
+        (["nodes.edge_servers.0.defenses=[{kind: jpeg}]"], "cannot see their pixels"),
+        (["nodes.cameras.0.privacy.global_scale=1000"], "power of two"),
+    ],
+)
+def test_scenario_refuses_what_encrypted_frames_cannot_do(overrides, needle):
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(SCENARIO, overrides)
+    assert needle in str(info.value)
+
+
+def test_shipped_scenario_validates():
+    scenario = load_scenario(SCENARIO)
+    assert scenario.nodes.cameras[0].privacy is not None
+
+
+def test_only_he_cnn_models_compile():
+    lenet = build_model("lenet5", in_channels=1, num_classes=10, image_size=32, mean=[0.0], std=[1.0])
+    with pytest.raises(ModelError, match="he_cnn"):
+        EncryptedCnn(lenet, CkksParams())
+
+
+def test_encrypted_predictions_agree_with_plaintext(trained, compiled):
+    model, test = trained
+    net, owner, context = compiled
+    images = test.images[:24]
+    with torch.inference_mode():
+        plain = model.model(images).double().numpy()
+    logits = np.stack(
+        [
+            net.decrypt(owner, net.evaluate(context, owner.public, net.encrypt(owner.public_key, img.numpy(), seed=i)))
+            for i, img in enumerate(images)
+        ]
+    )
+    # CKKS at scale 2^26 keeps these logits (magnitudes up to ~30) to within about 1e-2.
+    assert np.abs(logits - plain).max() < 0.05
+    assert (logits.argmax(1) == plain.argmax(1)).all()
+
+
+def test_encryption_is_reproducible_and_never_reuses_randomness(compiled):
+    net, owner, _ = compiled
+    image = np.full((1, 32, 32), 0.5, dtype=np.float32)
+    first = net.encrypt(owner.public_key, image, seed=42)
+    assert net.encrypt(owner.public_key, image, seed=42) == first  # same seed, same bytes
+    assert net.encrypt(owner.public_key, image, seed=43) != first  # each encryption draws fresh noise
+    again = generate_keys(net.params, net.rotations, seed=3)
+    assert again.public.to_bytes() == owner.public.to_bytes()
+
+
+def test_galois_keys_cover_only_the_rotations_used(compiled):
+    net, owner, _ = compiled
+    full_set = 2 * 12  # SEAL's default: every power-of-two step, both ways, for N = 8192
+    assert len(net.rotations) < full_set
+    assert owner.public.nbytes < 20e6  # TenSEAL's context with every Galois key is ~97 MB
+
+
+def test_hostile_ciphertexts_are_refused(compiled):
+    net, owner, context = compiled
+    good = net.encrypt(owner.public_key, np.zeros((1, 32, 32)), seed=1)[0]
+    rng = np.random.default_rng(0)
+    bad = [b"", b"\x00" * 16, good[:100], good[:-1], good + b"x", rng.bytes(len(good))]
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    bad.append(bytes(flipped))
+    result = net.evaluate(context, owner.public, [good])
+    bad.append(result)  # a ciphertext at the last level is no fresh input
+    for data in bad:
+        with pytest.raises(ValueError):
+            net.evaluate(context, owner.public, [data])
+    with pytest.raises(ValueError):
+        net.evaluate(context, owner.public, [good, good])  # one channel only
+    with pytest.raises(ValueError):
+        net.decrypt(owner, good[:50])
+
+
+def test_public_context_bounds():
+    owner_bytes = b"IK\x01" + (5).to_bytes(4, "big") * 3 + b"x" * 15
+    assert PublicContext.from_bytes(owner_bytes, CkksParams(), 1000).public_key == b"xxxxx"
+    for data, limit in ((owner_bytes, 10), (owner_bytes[:-1], 1000), (b"IK", 1000), (b"ZZ" + owner_bytes[2:], 1000)):
+        with pytest.raises(ValueError):
+            PublicContext.from_bytes(data, CkksParams(), limit)
+
+
+@pytest.mark.slow
+def test_simulated_run_carries_real_ciphertexts(monkeypatch):
+    from iotbed.nodes.payloads import ENCRYPTED_HEADER
+    from iotbed.runner import run
+
+    sizes: list[int] = []
+    results: list[int] = []
+    encrypt, evaluate = EncryptedCnn.encrypt, EncryptedCnn.evaluate
+
+    def recording_encrypt(self, *args, **kwargs):
+        out = encrypt(self, *args, **kwargs)
+        sizes.append(ENCRYPTED_HEADER.size + sum(4 + len(c) for c in out))
+        return out
+
+    def recording_evaluate(self, *args, **kwargs):
+        out = evaluate(self, *args, **kwargs)
+        results.append(ENCRYPTED_HEADER.size + 4 + len(out))
+        return out
+
+    overrides = ["duration=12s", "nodes.cameras.0.fps=1"]
+    scenario = load_scenario(SCENARIO, overrides)
+    first = run(scenario, write=False, progress=False)
+    monkeypatch.setattr(EncryptedCnn, "encrypt", recording_encrypt)
+    monkeypatch.setattr(EncryptedCnn, "evaluate", recording_evaluate)
+    again = run(load_scenario(SCENARIO, overrides), write=False, progress=False)
+    trace = again.trace
+    assert len(trace) > 10 and trace["encrypted"].all()
+    # The camera publishes the bytes SEAL wrote (frames in capture order, results in evaluation order).
+    assert sorted(trace["payload_bytes"]) == sorted(sizes[-len(trace) :])
+    assert sorted(trace["result_bytes"]) == sorted(results[-len(trace) :])
+    assert (trace["payload_bytes"] > 400_000).all()  # a fresh ciphertext at N = 8192, not the 1 KB raw frame
+    assert (trace["status"] == "delivered").all()
+    privacy = again.summary["privacy"]
+    assert privacy["frames_evaluated"] == privacy["results_decrypted"] == len(trace)
+    assert privacy["agreement_with_plaintext"] >= 0.99
+    # No frame leaves before the camera's context is uploaded: ~11 MB over 20 Mbit/s is over 4 s.
+    ready = min(privacy["cameras_ready_s"].values())
+    assert ready > 4.0 and (trace["t_first_hop"] > ready).all()
+    assert (trace["t_done"] > trace["t_result"]).all() and (trace["t_result"] > trace["t_edge"]).all()
+    # Same seed, same run: the ciphertexts themselves are reproducible.
+    assert first.trace["payload_bytes"].tolist() == trace["payload_bytes"].tolist()
+    assert first.trace["prediction"].tolist() == trace["prediction"].tolist()
