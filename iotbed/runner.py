@@ -362,7 +362,7 @@ def run(
     sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
     if artefacts.he is not None:
-        summary["privacy"] = privacy_summary(tables.trace, artefacts, deployment)
+        summary["privacy"] = privacy_summary(tables.trace, artefacts, deployment.nodes.cameras, deployment.nodes.edges)
     if target is not None:
         write_outputs(target, resolved, tables, summary, deployment.monitor.rows, extra)
     return RunResult(resolved, summary, tables.trace, target)
@@ -380,7 +380,7 @@ def attack_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any
     return sections, extra
 
 
-def privacy_summary(trace: pa.Table, artefacts: Artefacts, deployment: Deployment) -> dict[str, Any]:
+def privacy_summary(trace: pa.Table, artefacts: Artefacts, cameras: list[Any], edges: list[Any]) -> dict[str, Any]:
     """The `privacy` section, with the plaintext model's prediction on every encrypted frame's image."""
     from iotbed.analysis.privacy import privacy_section
     from iotbed.nodes.payloads import raw_frame_bytes
@@ -397,8 +397,7 @@ def privacy_summary(trace: pa.Table, artefacts: Artefacts, deployment: Deploymen
             batch = torch.from_numpy(np.asarray(images[index[rows]], dtype=np.float32))
             plain[rows] = artefacts.model(batch).argmax(dim=1).numpy() if len(batch) else []
     shape = tuple(int(x) for x in artefacts.images.shape[1:])
-    nodes = deployment.nodes
-    return privacy_section(trace, nodes.cameras, nodes.edges, artefacts.he, plain, raw_frame_bytes(shape))  # type: ignore[arg-type]
+    return privacy_section(trace, cameras, edges, artefacts.he, plain, raw_frame_bytes(shape))
 
 
 def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:

@@ -191,3 +191,66 @@ def test_simulated_run_carries_real_ciphertexts(monkeypatch):
     # Same seed, same run: the ciphertexts themselves are reproducible.
     assert first.trace["payload_bytes"].tolist() == trace["payload_bytes"].tolist()
     assert first.trace["prediction"].tolist() == trace["prediction"].tolist()
+
+
+def test_encrypted_payloads_round_trip_and_refuse_bad_lengths():
+    from iotbed.broker import wire
+    from iotbed.nodes.payloads import EncryptedFrame, EncryptedResult
+
+    frame = EncryptedFrame(7, 1, "cam-1", [b"\x5e\xa1abc", b"xyz"])
+    data = wire.encode(frame)
+    assert len(data) == frame.nbytes
+    back = wire.decode("frames/cam-1", data, encrypted=(2, 100))
+    assert (back.frame_id, back.key_owner, back.ciphertexts) == (7, "cam-1", frame.ciphertexts)
+    result = EncryptedResult(7, 3, b"r" * 50)
+    assert wire.decode("privacy/results/cam-1", wire.encode(result), encrypted=(2, 100)) == result
+    bad = {
+        "truncated": data[:-1],
+        "bad_length": data + b"\x00",
+        "oversized": wire.encode(EncryptedFrame(7, 1, "cam-1", [b"a" * 101])),
+        "bad_header": wire.encode(EncryptedFrame(7, 1, "cam-1", [b"a"] * 3)),  # more ciphertexts than channels
+    }
+    # a length field claiming 4 GB is refused before anything is allocated
+    huge = bytearray(data)
+    at = len(data) - len(b"xyz") - 4
+    huge[at : at + 4] = (2**32 - 1).to_bytes(4, "big")
+    bad["oversized "] = bytes(huge)
+    owner = bytearray(data)
+    owner[17:22] = b"cam/#"  # a topic wildcard as the key owner would steer the result anywhere
+    bad["bad_header "] = bytes(owner)
+    for reason, payload in bad.items():
+        with pytest.raises(wire.MalformedPayload) as info:
+            wire.decode("frames/cam-1", payload, encrypted=(2, 100))
+        assert info.value.reason == reason.strip()
+    with pytest.raises(wire.MalformedPayload):
+        wire.decode("privacy/context/cam-1", b"IK\x01" + b"\xff" * 12, encrypted=(2, 100))
+
+
+@pytest.mark.slow
+def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_path):
+    """The same scenario against a real Mosquitto whose ACLs give each node only its role's topics: a camera
+    may upload its context and read its results, the edge read contexts and write results."""
+    import json
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "iotbed.cli", *args], capture_output=True, text=True, timeout=300)
+
+    broker_dir = tmp_path / "broker"
+    assert cli("broker", "start", "--auth", str(SCENARIO), "--dir", str(broker_dir)).returncode == 0
+    try:
+        port = json.loads((broker_dir / "broker.json").read_text())["port"]
+        out = tmp_path / "live"
+        args = ["--broker", f"mqtt://127.0.0.1:{port}", "--credentials", str(broker_dir / "credentials.json")]
+        done = cli("emulate", str(SCENARIO), *args, "--set", "duration=14s", "--out", str(out), "--quiet")
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "summary.json").read_text())
+    finally:
+        cli("broker", "stop", "--dir", str(broker_dir))
+    privacy = summary["privacy"]
+    assert summary["broker"]["refusals"] == 0 and summary["broker"]["malformed"] == 0
+    assert privacy["frames_encrypted"] == summary["frames"]["captured"] > 5
+    assert privacy["results_decrypted"] == privacy["frames_encrypted"]
+    assert privacy["agreement_with_plaintext"] >= 0.99
+    assert 400_000 < privacy["bytes"]["up_per_frame"] < 600_000

@@ -40,6 +40,18 @@ BACKDOOR_METRICS = (
 )
 
 
+PRIVACY_METRICS = (
+    "frames_evaluated",
+    "agreement_with_plaintext",
+    "bytes.up_per_frame",
+    "bytes.down_per_frame",
+    "latency_ms_p50.encrypt",
+    "latency_ms_p50.uplink",
+    "latency_ms_p50.edge_and_downlink",
+    "latency_ms_p50.decrypt",
+)
+
+
 def _load(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     try:
@@ -69,6 +81,8 @@ def _metrics(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     extra += [f"accuracy.by_attack.{label}.accuracy" for label in labels]
     reasons = sorted({*first.get("security", {}).get("refused", {}), *second.get("security", {}).get("refused", {})})
     extra += [f"security.refused.{reason}" for reason in reasons]
+    if "privacy" in first or "privacy" in second:
+        extra += [f"privacy.{m}" for m in PRIVACY_METRICS]
     return [*METRICS, *extra]
 
 
@@ -161,6 +175,12 @@ def explain(a: str | Path, b: str | Path) -> list[str]:
                     f"{attack['attack']} was taken by {attack.get('taken_by') or 'no node'} live and by "
                     f"{taken[attack['attack']] or 'no node'} in the simulation."
                 )
+    if live.get("privacy"):
+        notes.append(
+            "live, every frame is encrypted, evaluated and decrypted on this host in wall-clock time while the "
+            "nodes wait the modelled device time as well: the host's seconds show as lag, not in the simulated "
+            "figures; ciphertext sizes differ by a few bytes per frame (SEAL compresses each one)."
+        )
     for label, mitm in live.get("mitm", {}).items():
         if not mitm.get("read_the_stream", True):
             notes.append(

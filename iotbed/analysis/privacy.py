@@ -20,7 +20,9 @@ def privacy_section(
     plaintext_predictions: np.ndarray,
     raw_payload_bytes: int,
 ) -> dict[str, Any]:
-    """`plaintext_predictions`: per trace row, the same model's prediction on the image the camera encrypted."""
+    """`plaintext_predictions`: per trace row, the same model's prediction on the image the camera encrypted.
+    Counts come from the trace; refusals and readiness from the node objects, which a live run split over
+    worker processes does not have in this process (then they are empty)."""
     encrypted = trace.column("encrypted").to_numpy(zero_copy_only=False)
     t = {
         name: trace.column(name).to_numpy()[encrypted]
@@ -45,7 +47,7 @@ def privacy_section(
         "scheme": "ckks",
         "params": he.net.params.to_dict(),
         "frames_encrypted": int(encrypted.sum()),
-        "frames_evaluated": int(sum(e.encrypted.evaluated for e in edges if e.encrypted is not None)),
+        "frames_evaluated": int((trace.column("t_infer_start").to_numpy()[encrypted] >= 0).sum()),
         "results_decrypted": int(done.sum()),
         "sampled": False,  # every encrypted frame was encrypted, evaluated and decrypted for real
         "refused_at_edge": refused,
@@ -60,7 +62,7 @@ def privacy_section(
             "expansion_up": up / raw_payload_bytes if up else None,
             "context_per_camera": int(sealed[0].context_bytes) if sealed else None,
         },
-        "cameras_ready_s": {c.name: c.ready_at for c in sealed},
+        "cameras_ready_s": {c.name: c.ready_at for c in sealed if c.ready_at is not None},
         "latency_ms_p50": {
             "encrypt": _median_ms((t["t_encrypted"] - t["t_capture"])[done]),
             "uplink": _median_ms((t["t_edge"] - t["t_encrypted"])[done]),

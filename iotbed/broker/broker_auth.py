@@ -4,10 +4,11 @@ PBKDF2 hashes written in Python) and the ACL file generated from each user's rol
 The ACL model: every user has a role; a role is a list of (access, topic pattern) rules, with `{user}`
 replaced by the user name (which is also the node's client id in iotbed deployments):
 
-    camera    write frames/{user}, write status/{user}                      (reads nothing)
+    camera    write frames/{user}, write status/{user}, write privacy/context/{user},
+              read privacy/results/{user}
     gateway   read frames/#, write frames/#, write status/{user}
     edge      read frames/#, read $share/+/frames/#, read models/#, write models/#, write escalations/#,
-              write status/{user}
+              read privacy/context/#, write privacy/results/#, write status/{user}
     cloud     read escalations/#, read $share/+/escalations/#, write status/{user}
     registry  write models/#, write status/{user}
     monitor   read #, read $SYS/#
@@ -39,7 +40,13 @@ from iotbed.broker.broker_errors import BrokerError
 Rule = tuple[str, str]  # (access: read | write | readwrite, topic pattern with {user})
 
 DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
-    "camera": (("write", "frames/{user}"), ("write", "status/{user}")),
+    # an encrypting camera also uploads its public context and reads its encrypted results
+    "camera": (
+        ("write", "frames/{user}"),
+        ("write", "status/{user}"),
+        ("write", "privacy/context/{user}"),
+        ("read", "privacy/results/{user}"),
+    ),
     # a gateway relays frames, screens the models in service and publishes its quarantine notices
     "gateway": (
         ("read", "frames/#"),
@@ -55,6 +62,8 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
         ("read", "models/#"),
         ("write", "models/#"),
         ("write", "escalations/#"),
+        ("read", "privacy/context/#"),
+        ("write", "privacy/results/#"),
         ("write", "status/{user}"),
     ),
     "cloud": (("read", "escalations/#"), ("read", "$share/+/escalations/#"), ("write", "status/{user}")),

@@ -46,11 +46,17 @@ from iotbed.nodes.payloads import (
     QUARANTINE_MAGIC,
     QUARANTINE_TOPIC,
     TRUST_TOPIC,
+    EncryptedFrame,
+    EncryptedResult,
     Frame,
     ModelUpdate,
     Quarantine,
     SignedTrustList,
+    context_topic,
+    results_topic,
 )
+from iotbed.privacy import wire as encrypted_wire
+from iotbed.privacy.ckks import PublicContext
 from iotbed.trust.documents import MAX_METADATA_BYTES, MAX_TRUST_LIST_BYTES
 from iotbed.trust.keys import KEY_ID_BYTES, SIGNATURE_BYTES
 
@@ -187,6 +193,12 @@ def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
         return encode_quarantine(payload)
     if isinstance(payload, SignedTrustList):
         return bytes(payload.data)
+    if isinstance(payload, EncryptedFrame):
+        return encrypted_wire.encode_frame(payload)
+    if isinstance(payload, EncryptedResult):
+        return encrypted_wire.encode_result(payload)
+    if isinstance(payload, PublicContext):
+        return payload.to_bytes()
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
     if isinstance(payload, str):
@@ -405,10 +417,23 @@ def decode(
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
     frame_shape: tuple[int, int, int] | None = None,
     check_model: bool = False,
+    encrypted: tuple[int, int] | None = None,
 ) -> Any:
     """The payload object for `data` received on `topic`: a Frame under `frames/` and `escalations/`, a ModelUpdate under
-    `models/` (a Quarantine on `models/quarantine`), else the bytes unchanged. Raises `MalformedPayload` for
-    data that does not decode."""
+    `models/` (a Quarantine on `models/quarantine`), encrypted frames, results and public contexts where cameras
+    encrypt (`encrypted`: at most how many ciphertexts of how many bytes a frame has), else the bytes unchanged.
+    Raises `MalformedPayload` for data that does not decode."""
+    if encrypted is not None:
+        try:
+            if _under(topic, FRAMES_ROOT) and encrypted_wire.is_encrypted_frame(data):
+                return encrypted_wire.decode_frame(data, *encrypted)
+            if _under(topic, encrypted_wire.PRIVACY_ROOT):
+                if topic.startswith(context_topic("")):
+                    return encrypted_wire.decode_context(data)
+                if topic.startswith(results_topic("")):
+                    return encrypted_wire.decode_result(data, encrypted[1])
+        except encrypted_wire.EncryptedPayloadError as exc:
+            raise MalformedPayload(exc.reason, str(exc)) from None
     if topic == QUARANTINE_TOPIC:
         return decode_quarantine(data)
     if topic == TRUST_TOPIC:
@@ -427,7 +452,8 @@ class WireCodec:
 
     `frame_shape`: the scenario's (C, H, W); a received frame of any other shape is refused (`bad_shape`),
     and `max_frame_bytes` defaults to the largest encoding of that shape (`max_frame_bytes_for`) instead of
-    `DEFAULT_MAX_FRAME_BYTES`. `check_model`: a model update is only delivered if it loads as an iotbed
+    `DEFAULT_MAX_FRAME_BYTES`. `encrypted`: (ciphertexts per frame, bytes per ciphertext) where cameras encrypt
+    their frames (`iotbed.privacy.wire`). `check_model`: a model update is only delivered if it loads as an iotbed
     model (costs one extra load per received update); else a receiver's loader may meet one it refuses."""
 
     def __init__(
@@ -438,8 +464,10 @@ class WireCodec:
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         frame_shape: tuple[int, int, int] | None = None,
         check_model: bool = False,
+        encrypted: tuple[int, int] | None = None,
     ) -> None:
         self.pixels_for = pixels_for
+        self.encrypted = encrypted
         self.check_model = check_model
         self.frame_shape = _check_frame_shape(frame_shape) if frame_shape is not None else None
         if max_frame_bytes is None:
@@ -460,6 +488,7 @@ class WireCodec:
             max_model_bytes=self.max_model_bytes,
             frame_shape=self.frame_shape,
             check_model=self.check_model,
+            encrypted=self.encrypted,
         )
 
 

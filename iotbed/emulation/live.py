@@ -141,6 +141,7 @@ def build_live(
         # Signed updates are checked before anything loads them; unsigned ones are loaded once in the codec,
         # so that a node's loader never meets one it refuses.
         check_model=not scenario.security.signing,
+        encrypted=_encrypted_limits(artefacts),
     )
     b = scenario.broker
     transports: dict[str, MqttTransport] = {}
@@ -193,6 +194,15 @@ def build_live(
     wiring = Wiring(env, recorder, client, relay, offload, topology)
     nodes = build_nodes(scenario, artefacts, wiring, load_model_bytes)
     return LiveDeployment(env, bridge, recorder, nodes, transports, shapers, list(scenario.faults), offload, artefacts)
+
+
+def _encrypted_limits(artefacts: Artefacts) -> tuple[int, int] | None:
+    """(ciphertexts per frame, bytes per ciphertext) where cameras encrypt their frames."""
+    if artefacts.he is None:
+        return None
+    from iotbed.privacy.ckks import ciphertext_size_bound
+
+    return artefacts.he.net.channels, ciphertext_size_bound(artefacts.he.net.params)
 
 
 def live_tables(live: LiveDeployment, clients: Iterable[str], end_s: float) -> NodeTables:

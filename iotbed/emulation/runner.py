@@ -75,6 +75,7 @@ from iotbed.runner import (
     one_torch_thread,
     output_dir,
     prepare,
+    privacy_summary,
     reference_column,
     setup_summary,
     write_outputs,
@@ -268,6 +269,8 @@ def emulate(
     summary["shaping"] = shaping_report
     sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
+    if artefacts.he is not None:
+        summary["privacy"] = privacy_summary(tables.trace, artefacts, live.cameras, live.edges)
     if kernel_rows:
         extra["kernel_links.csv"] = kernel_rows
     if target is not None:

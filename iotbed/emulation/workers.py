@@ -36,7 +36,7 @@ from iotbed.emulation.live import UNFINISHED_WORK_WAIT_S, LiveDeployment, live_t
 from iotbed.errors import IotbedError, UsageError
 from iotbed.run_tables import NodeTables
 from iotbed.runner import one_torch_thread
-from iotbed.sim.trace import EDGE_FIELDS, FrameRecord
+from iotbed.sim.trace import EDGE_FIELDS, KEY_OWNER_FIELDS, FrameRecord
 
 # Frames per second one process carries through Mosquitto while keeping its lag behind the wall clock
 # small (`benchmarks/run.py emulate_workers`, 2-core machine); `--workers auto` splits runs above it.
@@ -335,7 +335,8 @@ def merge(
         side = arrivals.get(record.frame_id)
         if side is not None:
             for name, value in side.items():
-                setattr(record, name, value)
+                if not (record.encrypted and name in KEY_OWNER_FIELDS):
+                    setattr(record, name, value)
         renumbered[record.frame_id] = new_id
         record.frame_id = new_id
     live.recorder.records = captured

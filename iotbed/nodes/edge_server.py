@@ -203,7 +203,9 @@ class EdgeServer:
             taken = yield from self._batch.next_batch()
             start = self._stamp()
             version = self.classifier.version
-            sealed = [(frame, record) for frame, record in taken if isinstance(frame, EncryptedFrame)]
+            sealed: list[tuple[EncryptedFrame, FrameRecord]] = [
+                (frame, record) for frame, record in taken if isinstance(frame, EncryptedFrame)
+            ]
             if sealed:
                 taken = [(frame, record) for frame, record in taken if not isinstance(frame, EncryptedFrame)]
                 yield from self._serve_encrypted(sealed, start, version)
@@ -230,24 +232,23 @@ class EdgeServer:
                 self._reject(taken, scores, self.reject.value)
 
     def _serve_encrypted(
-        self, taken: list[tuple[Frame, FrameRecord]], start: float, version: int
+        self, taken: list[tuple[EncryptedFrame, FrameRecord]], start: float, version: int
     ) -> Generator[simpy.Event, object, None]:
         """Evaluate encrypted frames for real, charge the device's time for them, and send each camera its
         encrypted result; the camera decrypts it and records the prediction."""
         service = self.encrypted
         assert service is not None
-        results = [
-            (record, service.evaluate(frame, record.camera, self.classifier.model, version)) for frame, record in taken
-        ]  # type: ignore[arg-type]
+        model = self.classifier.model
+        results = [(frame, record, service.evaluate(frame, model, version)) for frame, record in taken]
         compute = self.device.he_seconds(service.costs.evaluate_s, len(taken), self.config.cores)
         yield self.env.timeout(compute)
         self.batches += 1
         self.busy_s += compute
-        for record, result in results:
+        for frame, record, result in results:
             record.t_infer_start = start
             record.model_version = version
             if result is not None:
-                self.transport.publish(results_topic(record.camera), result, self.config.results_qos)
+                self.transport.publish(results_topic(frame.key_owner), result, self.config.results_qos)
 
     def _reject(self, taken: list[tuple[Frame, FrameRecord]], scores: np.ndarray, threshold: float) -> None:
         """Mark the frames scored below the reject option's threshold, and escalate them where the edge does."""

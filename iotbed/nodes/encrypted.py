@@ -81,10 +81,11 @@ class EncryptingCamera(Camera):
         encrypted = EncryptedFrame(
             frame.frame_id,
             frame.camera_index,
+            self.name,
+            ciphertexts,
             frame.captured_at,
             frame.image_index,
             frame.label,
-            ciphertexts,
             frame.attack,
         )
         config = self.config
@@ -148,8 +149,8 @@ class EncryptedService:
         else:
             self.refused["bad_context"] += 1
 
-    def evaluate(self, frame: EncryptedFrame, camera: str, model: nn.Module, version: int) -> EncryptedResult | None:
-        public = self.contexts.get(camera)
+    def evaluate(self, frame: EncryptedFrame, model: nn.Module, version: int) -> EncryptedResult | None:
+        public = self.contexts.get(frame.key_owner)
         if public is None:
             self.refused["no_context"] += 1
             return None

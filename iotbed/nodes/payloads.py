@@ -144,15 +144,16 @@ class EncryptedFrame:
 
     frame_id: int
     camera_index: int
-    captured_at: float
-    image_index: int
-    label: int
+    key_owner: str  # whose public context the edge computes with, and where the result goes
     ciphertexts: list[bytes]
+    captured_at: float = 0.0
+    image_index: int = -1
+    label: int = -1
     attack: str = ""
 
     @property
     def nbytes(self) -> int:
-        return ENCRYPTED_HEADER.size + sum(4 + len(c) for c in self.ciphertexts)
+        return ENCRYPTED_HEADER.size + 1 + len(self.key_owner.encode()) + sum(4 + len(c) for c in self.ciphertexts)
 
 
 @dataclass(slots=True)
@@ -168,8 +169,11 @@ class EncryptedResult:
         return ENCRYPTED_HEADER.size + 4 + len(self.ciphertext)
 
 
-# magic, format version, frame id, camera index or model version, ciphertext count (each then length-prefixed)
+# magic, format version, frame id, camera index (a frame) or model version (a result), ciphertext count; a
+# frame then has its key owner's name (1-byte length), and every ciphertext comes with a 4-byte length
 ENCRYPTED_HEADER = struct.Struct("!2sBQIB")
+ENCRYPTED_FRAME_MAGIC = b"IE"
+ENCRYPTED_RESULT_MAGIC = b"IR"
 
 
 def context_topic(camera: str) -> str:

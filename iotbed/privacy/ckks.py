@@ -202,7 +202,7 @@ class PublicContext:
     """What a camera uploads so that others can compute on its ciphertexts: public, relinearisation and
     Galois keys, as SEAL serialises them (the Galois keys half-seeded, as SEAL saves fresh keys)."""
 
-    params: CkksParams
+    params: CkksParams | None  # None when read off the wire: the receiver checks the keys against its own
     public_key: bytes
     relin_keys: bytes
     galois_keys: bytes
@@ -217,7 +217,7 @@ class PublicContext:
         return head + self.public_key + self.relin_keys + self.galois_keys
 
     @classmethod
-    def from_bytes(cls, data: bytes, params: CkksParams, max_bytes: int) -> PublicContext:
+    def from_bytes(cls, data: bytes, params: CkksParams | None, max_bytes: int) -> PublicContext:
         """Parse (not yet load) a public context; lengths are checked against the message before any use."""
         if len(data) > max_bytes:
             raise ValueError(f"public context of {len(data)} bytes, above the {max_bytes} allowed")

@@ -183,6 +183,10 @@ EDGE_FIELDS = (
 )
 
 
+# What the key owner, not the edge, writes into an encrypted frame's record: it decrypts the prediction.
+KEY_OWNER_FIELDS = frozenset({"prediction", "t_done"})
+
+
 class TraceRecorder:
     """Collects frame records and model events for one run; the only maker of frame records, and the
     writer of the trace table. Frame ids are `first_id + id_step * k` for the k-th frame, so recorders in
