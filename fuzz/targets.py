@@ -487,8 +487,10 @@ def _ciphertext() -> Harness:
     """What an edge parses from an encrypting camera: SEAL ciphertexts, and the public context it computes with."""
     import numpy as np
 
+    from iotbed.broker import wire
     from iotbed.models import build_model
-    from iotbed.privacy.ckks import CkksParams, PublicContext, generate_keys
+    from iotbed.nodes.payloads import EncryptedFrame, EncryptedResult
+    from iotbed.privacy.ckks import CkksParams, ciphertext_size_bound, generate_keys
     from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
 
     model = build_model("he_cnn", in_channels=1, num_classes=10, image_size=28, mean=[0.0], std=[1.0]).eval()
@@ -496,7 +498,15 @@ def _ciphertext() -> Harness:
     owner = generate_keys(net.params, net.rotations, seed=1)
     context = evaluation_context(net.params)
     fresh = net.encrypt(owner.public_key, np.full((1, 28, 28), 0.5), seed=2)[0]
-    seeds = [fresh, net.evaluate(context, owner.public, [fresh])]
+    result = net.evaluate(context, owner.public, [fresh])
+    seeds = [fresh, result]
+    framed = [
+        wire.encode(EncryptedFrame(1, 0, "cam-0", [fresh])),
+        wire.encode(EncryptedResult(1, 1, result)),
+        wire.encode(EncryptedFrame(2**64 - 1, 2**32 - 1, "c" * 64, [b"\x5e\xa1", b""])),
+    ]
+    seeds += framed
+    limits = (net.channels, ciphertext_size_bound(net.params))
     public = owner.public.to_bytes()
     # SEAL's header: magic, header size, version major/minor, compression, reserved, then the size (little-endian)
     fields = [(0, "H"), (2, "B"), (3, "B"), (4, "B"), (5, "B"), (6, "H"), (8, "Q")]
@@ -508,14 +518,18 @@ def _ciphertext() -> Harness:
             [
                 (0.40, lambda: mut.mutate_bytes(seed, rng, seeds, max_len=1 << 21)),
                 (0.30, lambda: bytes(_le_fields(seed, fields, rng))),
-                (0.15, lambda: mut.random_bytes(rng, [b"\x5e\xa1", b"IK\x01"])),
+                (0.15, lambda: mut.random_bytes(rng, [b"\x5e\xa1", b"IK\x01", b"IE\x01", b"IR\x01"])),
                 (0.15, lambda: _flip_or_fields(public, rng)),
             ],
         )
 
     def call(data: bytes) -> Any:
         if data[:2] == b"IK":
-            return PublicContext.from_bytes(data, net.params, 64 << 20).keys(context)
+            return wire.decode("privacy/context/cam-0", data, encrypted=limits).keys(context)
+        if data[:2] == b"IE":
+            return net.load_inputs(context, wire.decode("frames/cam-0", data, encrypted=limits).ciphertexts)
+        if data[:2] == b"IR":
+            return wire.decode("privacy/results/cam-0", data, encrypted=limits)
         return net.load_inputs(context, [data])
 
     return Harness((ValueError,), generate, call)
@@ -560,6 +574,11 @@ TARGETS: dict[str, Target] = {
             "TrustError",
             _signed_document,
         ),
-        Target("ciphertext", "EncryptedCnn.load_inputs / PublicContext (SEAL bytes)", "ValueError", _ciphertext),
+        Target(
+            "ciphertext",
+            "wire.decode (encrypted frames, results, contexts) / EncryptedCnn.load_inputs",
+            "ValueError",
+            _ciphertext,
+        ),
     )
 }

@@ -185,6 +185,37 @@ def print_summary(summary: dict[str, Any]) -> None:
         rows.append((f"update channel ({'signed' if security['signing'] else 'unsigned'}): refused", refused))
         taken = [a["attack"] for a in security["attacks"] if a.get("taken_by")]
         rows.append(("  attacks taken / stale devices", f"{', '.join(taken) or 'none'} / {len(security['stale'])}"))
+    privacy = summary.get("privacy")
+    if privacy:
+        size, lat = privacy["bytes"], privacy["latency_ms_p50"]
+        rows.append(
+            (
+                "encrypted (CKKS): frames encrypted / evaluated / decrypted",
+                f"{privacy['frames_encrypted']} / {privacy['frames_evaluated']} / {privacy['results_decrypted']}",
+            )
+        )
+        rows.append(
+            (
+                "  accuracy encrypted / plaintext / agreement",
+                f"{_fmt(privacy['accuracy_encrypted'], '.4f')} / {_fmt(privacy['accuracy_plaintext_same_frames'], '.4f')}"
+                f" / {_fmt(privacy['agreement_with_plaintext'], '.4f')}",
+            )
+        )
+        rows.append(
+            (
+                "  bytes up / down per frame, context",
+                f"{_fmt(size['up_per_frame'], '.0f')} / {_fmt(size['down_per_frame'], '.0f')}, "
+                f"{_fmt(size['context_per_camera'], '.0f')}",
+            )
+        )
+        rows.append(
+            (
+                "  p50 ms: encrypt / uplink / edge+down / decrypt",
+                " / ".join(_fmt(lat[k], ".0f") for k in ("encrypt", "uplink", "edge_and_downlink", "decrypt")),
+            )
+        )
+        ready = [v for v in privacy["cameras_ready_s"].values() if v is not None]
+        rows.append(("  cameras ready to send (s), latest", _fmt(max(ready) if ready else None, ".2f")))
     broker = summary.get("broker", {})
     if broker.get("queue_drops"):
         rows.append(("broker: messages dropped from full queues", str(broker["queue_drops"])))
@@ -561,6 +592,124 @@ def report(folder: str, out_file: str | None) -> None:
     from iotbed.analysis.report import write_report
 
     click.echo(write_report(folder, out_file))
+
+
+@main.group()
+def probe() -> None:
+    """Security probes of trained models: what a model leaks through its outputs alone."""
+
+
+@probe.command("membership")
+@click.option("--dataset", "dataset_name", default="digits", show_default=True)
+@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
+@click.option("--arch", default="lenet5", show_default=True)
+@click.option("--shadows", type=int, default=4, show_default=True, help="shadow models the attacker trains")
+@click.option(
+    "--eval-size", type=int, help="members, and as many non-members, to score [default: as many as the splits allow]"
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="seed of the split, the target's training and every draw of the attacks",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="results folder [default: runs/membership-<dataset>-<arch>-<timestamp>/]",
+)
+@click.option("--force", is_flag=True, help="replace results already in --out")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@_user_errors
+def probe_membership(
+    dataset_name: str,
+    path: str | None,
+    arch: str,
+    shadows: int,
+    eval_size: int | None,
+    seed: int,
+    out_dir: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Membership inference (loss threshold, shadow models) against --arch trained on --dataset.
+
+    The target is the model `iotbed models train` gives for the same dataset, arch and seed (from the cache)."""
+    import dataclasses
+    import time
+
+    import torch
+
+    from iotbed.analysis import membership
+    from iotbed.data import load_splits
+    from iotbed.errors import DatasetError, ModelError
+    from iotbed.models import default_train_config, get_or_train, resolve_arch
+
+    if shadows < 1:
+        raise UsageError(
+            f"--shadows {shadows}: the shadow attack needs at least one shadow model; give 1 or more (default 4)"
+        )
+    if eval_size is not None and eval_size < 1:
+        raise UsageError(f"--eval-size {eval_size}: give a number of members to score, 1 or more, or leave it out")
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed}: give a whole number between 0 and 2**32 - 1")
+    try:
+        arch = resolve_arch(arch)
+    except ModelError as exc:
+        raise UsageError(f"--arch: {exc}") from None
+    target_dir = membership.output_dir(out_dir, dataset_name, arch, force=force)
+    try:
+        splits = load_splits(dataset_name, path, seed=seed)
+    except DatasetError as exc:
+        raise DatasetError(f"--dataset {dataset_name}: {exc}") from None
+    n_train, n_test = len(splits.train), len(splits.test)
+    largest = membership.max_eval_size(n_train, n_test)
+    if eval_size is not None and eval_size > largest:
+        raise UsageError(
+            f"--eval-size {eval_size}: at most {largest} with these splits (members come from the {n_train} training "
+            f"images, non-members from half of the {n_test} test images); give {largest} or less, or leave it out"
+        )
+    config = dataclasses.replace(default_train_config(arch, dataset_name), seed=seed)
+    # One torch thread, as `iotbed run` trains: faster for these small batches on a shared machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+        result = membership.evaluate_membership(
+            trained.model,
+            arch,
+            config,
+            splits.train,
+            splits.test,
+            shadows=shadows,
+            n_eval=eval_size,
+            seed=seed,
+            progress=not quiet,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    payload = {"dataset": dataset_name, "target_cache_key": trained.key, **result.to_dict()}
+    markdown = membership.to_markdown(result, title=f"Membership inference: {arch} on {dataset_name}")
+    json_path, md_path = membership.write_results(target_dir, payload, markdown)
+
+    table = Table(title=f"membership inference: {arch} on {dataset_name} (seed {seed})", show_header=True)
+    for column in ("attack", "AUC", "advantage", "best advantage (upper bound)"):
+        table.add_column(column, justify="left" if column == "attack" else "right")
+    for name, attack in (("loss threshold", result.loss_attack), ("shadow models", result.shadow_attack)):
+        table.add_row(name, f"{attack.auc:.4f}", f"{attack.advantage:.4f}", f"{attack.best_advantage:.4f}")
+    out.print(table)
+    out.print(
+        f"{result.loss_attack.n_members} members vs {result.loss_attack.n_non_members} non-members; no leak would "
+        f"give AUC 0.5 ± {result.loss_attack.null_auc_se:.4f}, advantage 0. Target accuracy "
+        f"{result.target_train_accuracy:.4f} train / {result.target_test_accuracy:.4f} test; each of the {shadows} "
+        f"shadow models trained on {result.shadow_train_size} images, the target on {result.target_train_size}.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    err.print(f"results: {json_path}, {md_path} ({time.perf_counter() - start:.1f} s)", highlight=False)
 
 
 if __name__ == "__main__":
