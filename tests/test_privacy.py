@@ -254,3 +254,46 @@ def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_pa
     assert privacy["results_decrypted"] == privacy["frames_encrypted"]
     assert privacy["agreement_with_plaintext"] >= 0.99
     assert 400_000 < privacy["bytes"]["up_per_frame"] < 600_000
+
+
+def test_privacy_cost_figure_draws_plain_and_encrypted_curves(tmp_path):
+    """A swept `privacy: null` (NaN in sweep.csv) is a curve of its own, next to the encrypted one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from iotbed.analysis import plots
+
+    rows = []
+    for i, (bandwidth, privacy) in enumerate([(b, p) for b in ("5Mbps", "20Mbps") for p in (None, '{"kind": "ckks"}')]):
+        rows.append(
+            {
+                "point": i,
+                "status": "ok",
+                "param.links.0.bandwidth": bandwidth,
+                "param.nodes.cameras.0.privacy": privacy,
+                "latency_ms.p50": 30.0 if privacy is None else 1500.0,
+                "throughput.frames_per_s": 1.0,
+                "bandwidth.bytes_per_frame_mean": 1118.0 if privacy is None else 490_000.0,
+                "accuracy.overall": 1.0,
+                "privacy.frames_encrypted": None if privacy is None else 20,
+            }
+        )
+    pd.DataFrame(rows).to_csv(tmp_path / "sweep.csv", index=False)
+    assert "privacy_cost" in plots.available(tmp_path)
+    drawn = []
+    original = plots._errorbar
+
+    def counting(ax, group, x, metric, **style):
+        drawn.append((metric, style.get("label")))
+        return original(ax, group, x, metric, **style)
+
+    plots._errorbar = counting
+    try:
+        files = plots.plot("privacy_cost", tmp_path, tmp_path / "figures", ("png",))
+    finally:
+        plots._errorbar = original
+    assert files and files[0].stat().st_size > 0
+    labels = {label for metric, label in drawn if metric == "latency_ms.p50"}
+    assert labels == {"nodes.cameras.0.privacy=none", "nodes.cameras.0.privacy=kind: ckks"}

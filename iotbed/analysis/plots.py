@@ -7,6 +7,7 @@ and says plainly when the folder holds nothing it can draw.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def _category_ticks(ax: plt.Axes, labels: list[str] | None) -> None:
 
 def value_label(value: object) -> str:
     """A swept value as people read it: a mapping or list (kept in sweep.csv as JSON) without its brackets,
-    `{"frames/#": 0}` as `frames/#: 0`; anything else as written."""
+    `{"frames/#": 0}` as `frames/#: 0`, a swept `null` (NaN in the CSV) as `none`; anything else as written."""
+    if isinstance(value, float) and math.isnan(value):
+        return "none"
     if isinstance(value, str) and value.startswith(("{", "[")):
         try:
             parsed = json.loads(value)
@@ -142,7 +145,7 @@ def _series(frame: pd.DataFrame, x: str) -> list[tuple[str, pd.DataFrame]]:
             ),
             group,
         )
-        for key, group in frame.groupby(others, sort=True)
+        for key, group in frame.groupby(others, sort=True, dropna=False)  # a swept `null` is a curve too
     ]
 
 
@@ -559,6 +562,35 @@ def _trace(folder: Path) -> pd.DataFrame:
     return pd.read_parquet(folder / "trace.parquet")
 
 
+def plot_privacy_cost(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
+    """What encrypting frames costs across a sweep (say, of link bandwidth): median latency, delivered frames
+    per second, bytes per frame and accuracy, one curve per value of the other swept parameters (plain and
+    encrypted frames)."""
+    if not is_sweep(folder):
+        raise IotbedError(f"{folder}: privacy_cost draws a sweep (run `iotbed sweep` first)")
+    frame = _sweep_frame(folder)
+    column = _x_param(frame, x)
+    frame, ticks = _categories(frame, column)
+    panels = (
+        ("latency_ms.p50", "median latency (ms)"),
+        ("throughput.frames_per_s", "delivered frames per second"),
+        ("bandwidth.bytes_per_frame_mean", "bytes per frame (camera publish)"),
+        ("accuracy.overall", "accuracy"),
+    )
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+        for ax, (metric, label) in zip(axes, panels):
+            if metric in frame.columns:
+                _errorbar_curves(ax, frame, column, metric)
+            ax.set_ylabel(label)
+            ax.set_xlabel(column.removeprefix("param."))
+            _category_ticks(ax, ticks)
+        axes[0].set_yscale("log")
+        axes[2].set_yscale("log")
+        _sweep_legend(fig, axes[0])
+        return _save(fig, out, "privacy_cost", formats)
+
+
 PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]] = {
     "latency": plot_latency,
     "throughput": plot_throughput,
@@ -569,8 +601,9 @@ PLOTS: dict[str, Callable[[Path, Path, tuple[str, ...], str | None], list[Path]]
     "backdoor": plot_backdoor,
     "selective": plot_selective,
     "conditions": plot_conditions,
+    "privacy_cost": plot_privacy_cost,
 }
-SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness"})
+SWEEP_ONLY = frozenset({"bandwidth_vs_robustness", "robustness", "privacy_cost"})
 BACKDOOR_ONLY = frozenset({"strip_entropy", "roc", "backdoor"})
 
 
@@ -643,6 +676,8 @@ def _sweep_kinds(folder: Path) -> set[str]:
         kinds.add("latency")
     if has("throughput.frames_per_s") and has("frames.delivery_ratio"):
         kinds.add("throughput")
+    if has("privacy.frames_encrypted"):
+        kinds.add("privacy_cost")
     if has("accuracy.attacked"):
         kinds.add("robustness")
         if has("bandwidth.per_camera_kbps"):
