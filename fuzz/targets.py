@@ -489,7 +489,7 @@ def _ciphertext() -> Harness:
 
     from iotbed.broker import wire
     from iotbed.models import build_model
-    from iotbed.nodes.payloads import EncryptedFrame, EncryptedResult
+    from iotbed.nodes.payloads import EncryptedFrame, EncryptedResult, EncryptedRound
     from iotbed.privacy.ckks import CkksParams, ciphertext_size_bound, generate_keys
     from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
 
@@ -503,6 +503,7 @@ def _ciphertext() -> Harness:
     framed = [
         wire.encode(EncryptedFrame(1, 0, "cam-0", [fresh])),
         wire.encode(EncryptedResult(1, 1, result)),
+        wire.encode(EncryptedRound(1, 1, "edge-0", result)),
         wire.encode(EncryptedFrame(2**64 - 1, 2**32 - 1, "c" * 64, [b"\x5e\xa1", b""])),
     ]
     seeds += framed
@@ -518,7 +519,7 @@ def _ciphertext() -> Harness:
             [
                 (0.40, lambda: mut.mutate_bytes(seed, rng, seeds, max_len=1 << 21)),
                 (0.30, lambda: bytes(_le_fields(seed, fields, rng))),
-                (0.15, lambda: mut.random_bytes(rng, [b"\x5e\xa1", b"IK\x01", b"IE\x01", b"IR\x01"])),
+                (0.15, lambda: mut.random_bytes(rng, [b"\x5e\xa1", b"IK\x01", b"IE\x01", b"IR\x01", b"IN\x01"])),
                 (0.15, lambda: _flip_or_fields(public, rng)),
             ],
         )
@@ -530,6 +531,8 @@ def _ciphertext() -> Harness:
             return net.load_inputs(context, wire.decode("frames/cam-0", data, encrypted=limits).ciphertexts)
         if data[:2] == b"IR":
             return wire.decode("privacy/results/cam-0", data, encrypted=limits)
+        if data[:2] == b"IN":
+            return wire.decode("privacy/replies/edge-0", data, encrypted=limits)
         return net.load_inputs(context, [data])
 
     return Harness((ValueError,), generate, call)

@@ -190,7 +190,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         size, lat = privacy["bytes"], privacy["latency_ms_p50"]
         rows.append(
             (
-                "encrypted (CKKS): frames encrypted / evaluated / decrypted",
+                f"{privacy['mode']} (CKKS): frames encrypted / evaluated / decrypted",
                 f"{privacy['frames_encrypted']} / {privacy['frames_evaluated']} / {privacy['results_decrypted']}",
             )
         )
@@ -214,6 +214,13 @@ def print_summary(summary: dict[str, Any]) -> None:
                 " / ".join(_fmt(lat[k], ".0f") for k in ("encrypt", "uplink", "edge_and_downlink", "decrypt")),
             )
         )
+        if privacy.get("round_trips_per_frame") is not None:
+            rows.append(
+                (
+                    "  ReLU round trips / their bytes per frame",
+                    f"{privacy['round_trips_per_frame']:.1f} / {_fmt(size['rounds_per_frame'], '.0f')}",
+                )
+            )
         ready = [v for v in privacy["cameras_ready_s"].values() if v is not None]
         rows.append(("  cameras ready to send (s), latest", _fmt(max(ready) if ready else None, ".2f")))
     broker = summary.get("broker", {})

@@ -45,6 +45,7 @@ from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.privacy.ckks import generate_keys
 from iotbed.privacy.costs import HeCosts
 from iotbed.privacy.encrypted_cnn import EncryptedCnn
+from iotbed.privacy.interactive import InteractiveCnn
 from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, Scenario
 from iotbed.scenario.schema import GatewayGroup
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
@@ -91,7 +92,7 @@ class Artefacts:
 
 @dataclass(frozen=True, eq=False)
 class HeArtefacts:
-    net: EncryptedCnn
+    net: EncryptedCnn | InteractiveCnn
     costs: HeCosts
     cost_file: str
 
@@ -491,7 +492,7 @@ def build_nodes(
                 update_channel(name, profiles[group.device]),
                 sign_repaired,
                 threshold,
-                _encrypted_service(scenario, artefacts),
+                _encrypted_service(env, name, artefacts, streams),
             )
             built.edges.append(edge)
             built.runs[name] = edge.run
@@ -573,12 +574,19 @@ def build_nodes(
     return built
 
 
-def _encrypted_service(scenario: Scenario, artefacts: Artefacts) -> EncryptedService | None:
+def _encrypted_service(
+    env: simpy.Environment, name: str, artefacts: Artefacts, streams: RandomStreams
+) -> EncryptedService | None:
     he = artefacts.he
     if he is None:
         return None
-    params = he.net.params
-    return EncryptedService(lambda model: EncryptedCnn(model, params), he.costs)  # type: ignore[arg-type]
+    params, interactive = he.net.params, isinstance(he.net, InteractiveCnn)
+
+    def compile_model(model: nn.Module) -> EncryptedCnn | InteractiveCnn:
+        net = EncryptedCnn(model, params)  # type: ignore[arg-type]
+        return InteractiveCnn(net) if interactive else net
+
+    return EncryptedService(env, compile_model, he.costs, streams.generator("he-masks", name))
 
 
 def _initial_blob(scenario: Scenario, artefacts: Artefacts) -> bytes:

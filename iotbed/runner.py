@@ -172,9 +172,12 @@ def _he_artefacts(scenario: Scenario, trained: Any, captured: torch.Tensor) -> H
     from iotbed.models.cache import resolve_cache_dir
     from iotbed.privacy.costs import cached_costs
     from iotbed.privacy.encrypted_cnn import EncryptedCnn
+    from iotbed.privacy.interactive import InteractiveCnn
 
     try:
         net = EncryptedCnn(trained.model, privacy.params())
+        if privacy.mode == "interactive":
+            net = InteractiveCnn(net)  # type: ignore[assignment]
     except ModelError as exc:
         raise ScenarioError(f"{scenario.name}: `privacy:` {exc}") from None
     costs, path = cached_costs(net, captured[:4].numpy(), trained.key, resolve_cache_dir())

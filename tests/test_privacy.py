@@ -227,9 +227,10 @@ def test_encrypted_payloads_round_trip_and_refuse_bad_lengths():
 
 
 @pytest.mark.slow
-def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_path):
+@pytest.mark.parametrize("mode", ["encrypted", "interactive"])
+def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_path, mode):
     """The same scenario against a real Mosquitto whose ACLs give each node only its role's topics: a camera
-    may upload its context and read its results, the edge read contexts and write results."""
+    may upload its context, read its results and (interactive) answer rounds; the edge the other side."""
     import json
     import subprocess
     import sys
@@ -243,7 +244,10 @@ def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_pa
         port = json.loads((broker_dir / "broker.json").read_text())["port"]
         out = tmp_path / "live"
         args = ["--broker", f"mqtt://127.0.0.1:{port}", "--credentials", str(broker_dir / "credentials.json")]
-        done = cli("emulate", str(SCENARIO), *args, "--set", "duration=14s", "--out", str(out), "--quiet")
+        sets = ["--set", "duration=14s"]
+        if mode == "interactive":
+            sets += ["--set", "nodes.cameras.0.privacy.mode=interactive", "--set", "model.arch=he_cnn_relu"]
+        done = cli("emulate", str(SCENARIO), *args, *sets, "--out", str(out), "--quiet")
         assert done.returncode == 0, done.stderr
         summary = json.loads((out / "summary.json").read_text())
     finally:
@@ -252,8 +256,11 @@ def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_pa
     assert summary["broker"]["refusals"] == 0 and summary["broker"]["malformed"] == 0
     assert privacy["frames_encrypted"] == summary["frames"]["captured"] > 5
     assert privacy["results_decrypted"] == privacy["frames_encrypted"]
-    assert privacy["agreement_with_plaintext"] >= 0.99
-    assert 400_000 < privacy["bytes"]["up_per_frame"] < 600_000
+    assert privacy["agreement_with_plaintext"] >= 0.99 and privacy["mode"] == mode
+    if mode == "encrypted":
+        assert 400_000 < privacy["bytes"]["up_per_frame"] < 600_000
+    else:
+        assert privacy["round_trips_per_frame"] == 2.0 and privacy["refused_at_edge"] == {}
 
 
 def test_privacy_cost_figure_draws_plain_and_encrypted_curves(tmp_path):
@@ -297,3 +304,69 @@ def test_privacy_cost_figure_draws_plain_and_encrypted_curves(tmp_path):
     assert files and files[0].stat().st_size > 0
     labels = {label for metric, label in drawn if metric == "latency_ms.p50"}
     assert labels == {"nodes.cameras.0.privacy=none", "nodes.cameras.0.privacy=kind: ckks"}
+
+
+@pytest.fixture(scope="module")
+def interactive_net():
+    from iotbed.data import load_splits
+    from iotbed.privacy.interactive import InteractiveCnn
+
+    splits = load_splits("digits", seed=0)
+    model = get_or_train("he_cnn_relu", splits.train, test_ds=splits.test, progress=False).model
+    net = InteractiveCnn(EncryptedCnn(model, CkksParams()))
+    return model, splits.test, net, generate_keys(net.params, net.rotations, seed=4), evaluation_context(net.params)
+
+
+def test_interactive_rounds_compute_the_relu_network_and_mask_what_the_key_holder_sees(interactive_net):
+    from iotbed.privacy.ckks import seal_load
+    from iotbed.privacy.interactive import MASK_RANGE
+
+    model, test, net, owner, context = interactive_net
+    images = test.images[:10]
+    with torch.inference_mode():
+        plain = model(images).double().numpy()
+        hidden = model.conv(model.normalize(images)).flatten(1).double().numpy()  # before the first ReLU
+    rng = np.random.default_rng(1)
+    seal = __import__("tenseal.sealapi", fromlist=["sealapi"])
+    for i, image in enumerate(images):
+        masks = net.draw_masks(rng)
+        data = net.encrypt(owner.public_key, image.numpy(), seed=10 + i)
+        assert len(data[0]) < 300_000  # three primes, not a full-level ciphertext (~477 KB)
+        first = net.stage(context, owner.public, 0, data, masks)
+        # What the key holder decrypts is the hidden layer times the mask, never the hidden layer itself.
+        ct = seal_load(seal.Ciphertext(), owner.context, first)
+        out = seal.Plaintext()
+        seal.Decryptor(owner.context, owner.secret_key).decrypt(ct, out)
+        seen = np.asarray(seal.CKKSEncoder(owner.context).decode_double(out))[: net.net.windows]
+        true = hidden[i, : net.net.windows]
+        ratio = seen[np.abs(true) > 0.1] / true[np.abs(true) > 0.1]
+        assert MASK_RANGE[0] - 0.01 < ratio.min() and ratio.max() < MASK_RANGE[1] + 0.01
+        assert ratio.std() > 0.1  # a different factor per slot
+        second = net.stage(context, owner.public, 1, [net.relu_round(owner, first, 0, seed=100 + i)], masks)
+        result = net.stage(context, owner.public, 2, [net.relu_round(owner, second, 1, seed=200 + i)], masks)
+        logits = net.decrypt(owner, result)
+        assert np.abs(logits - plain[i]).max() < 0.1 and logits.argmax() == plain[i].argmax()
+    # A reply at the wrong level (a fresh full-level ciphertext) or a step-0 output passed back is refused.
+    for wrong in (net.net.encrypt(owner.public_key, images[0].numpy(), seed=5)[0], first):
+        with pytest.raises(ValueError):
+            net.stage(context, owner.public, 1, [wrong], masks)
+
+
+@pytest.mark.slow
+def test_simulated_interactive_run():
+    from iotbed.runner import run
+
+    overrides = [
+        "duration=12s",
+        "nodes.cameras.0.fps=1",
+        "nodes.cameras.0.privacy.mode=interactive",
+        "model.arch=he_cnn_relu",
+    ]
+    result = run(load_scenario(SCENARIO, overrides), write=False, progress=False)
+    trace, privacy = result.trace, result.summary["privacy"]
+    assert privacy["mode"] == "interactive" and len(trace) > 8
+    assert (trace["status"] == "delivered").all() and (trace["round_trips"] == 2).all()
+    # each round: the masked layer (one prime left, ~70 KB) and the key holder's fresh reply (~210-280 KB)
+    assert (trace["round_bytes"] > 400_000).all()
+    assert privacy["agreement_with_plaintext"] >= 0.99 and privacy["refused_at_edge"] == {}
+    assert (trace["payload_bytes"] < 300_000).all()

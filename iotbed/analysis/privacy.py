@@ -43,8 +43,13 @@ def privacy_section(
             for reason, n in edge.encrypted.refused.items():
                 refused[reason] = refused.get(reason, 0) + n
     sealed = [c for c in cameras if hasattr(c, "privacy")]
+    rounds = trace.column("round_trips").to_numpy()[encrypted]
+    round_bytes = trace.column("round_bytes").to_numpy()[encrypted]
+    interactive = bool(costs.stage_s)
     return {
         "scheme": "ckks",
+        "mode": "interactive" if interactive else "encrypted",
+        "activation": "relu (applied by the key holder)" if interactive else "square",
         "params": he.net.params.to_dict(),
         "frames_encrypted": int(encrypted.sum()),
         "frames_evaluated": int((trace.column("t_infer_start").to_numpy()[encrypted] >= 0).sum()),
@@ -61,7 +66,9 @@ def privacy_section(
             "raw_frame": raw_payload_bytes,
             "expansion_up": up / raw_payload_bytes if up else None,
             "context_per_camera": int(sealed[0].context_bytes) if sealed else None,
+            "rounds_per_frame": float(round_bytes[done].mean()) if interactive and done.any() else None,
         },
+        "round_trips_per_frame": float(rounds[done].mean()) if interactive and done.any() else None,
         "cameras_ready_s": {c.name: c.ready_at for c in sealed if c.ready_at is not None},
         "latency_ms_p50": {
             "encrypt": _median_ms((t["t_encrypted"] - t["t_capture"])[done]),
@@ -73,6 +80,7 @@ def privacy_section(
             "encrypt": costs.encrypt_s,
             "evaluate": costs.evaluate_s,
             "decrypt": costs.decrypt_s,
+            **({"steps": list(costs.stage_s), "relu_round": costs.relu_round_s} if interactive else {}),
             "host": costs.host,
             "measured_at": costs.measured_at,
             "file": he.cost_file,

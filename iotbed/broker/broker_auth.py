@@ -5,10 +5,11 @@ The ACL model: every user has a role; a role is a list of (access, topic pattern
 replaced by the user name (which is also the node's client id in iotbed deployments):
 
     camera    write frames/{user}, write status/{user}, write privacy/context/{user},
-              read privacy/results/{user}
+              read privacy/results/{user}, read privacy/rounds/{user}, write privacy/replies/#
     gateway   read frames/#, write frames/#, write status/{user}
     edge      read frames/#, read $share/+/frames/#, read models/#, write models/#, write escalations/#,
-              read privacy/context/#, write privacy/results/#, write status/{user}
+              read privacy/context/#, write privacy/results/#, write privacy/rounds/#,
+              read privacy/replies/{user}, write status/{user}
     cloud     read escalations/#, read $share/+/escalations/#, write status/{user}
     registry  write models/#, write status/{user}
     monitor   read #, read $SYS/#
@@ -46,6 +47,8 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
         ("write", "status/{user}"),
         ("write", "privacy/context/{user}"),
         ("read", "privacy/results/{user}"),
+        ("read", "privacy/rounds/{user}"),  # interactive mode: the camera holds the key for the ReLUs
+        ("write", "privacy/replies/#"),
     ),
     # a gateway relays frames, screens the models in service and publishes its quarantine notices
     "gateway": (
@@ -64,6 +67,8 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
         ("write", "escalations/#"),
         ("read", "privacy/context/#"),
         ("write", "privacy/results/#"),
+        ("write", "privacy/rounds/#"),
+        ("read", "privacy/replies/{user}"),
         ("write", "status/{user}"),
     ),
     "cloud": (("read", "escalations/#"), ("read", "$share/+/escalations/#"), ("write", "status/{user}")),

@@ -48,12 +48,15 @@ from iotbed.nodes.payloads import (
     TRUST_TOPIC,
     EncryptedFrame,
     EncryptedResult,
+    EncryptedRound,
     Frame,
     ModelUpdate,
     Quarantine,
     SignedTrustList,
     context_topic,
+    replies_topic,
     results_topic,
+    rounds_topic,
 )
 from iotbed.privacy import wire as encrypted_wire
 from iotbed.privacy.ckks import PublicContext
@@ -197,6 +200,8 @@ def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
         return encrypted_wire.encode_frame(payload)
     if isinstance(payload, EncryptedResult):
         return encrypted_wire.encode_result(payload)
+    if isinstance(payload, EncryptedRound):
+        return encrypted_wire.encode_round(payload)
     if isinstance(payload, PublicContext):
         return payload.to_bytes()
     if isinstance(payload, (bytes, bytearray, memoryview)):
@@ -432,6 +437,8 @@ def decode(
                     return encrypted_wire.decode_context(data)
                 if topic.startswith(results_topic("")):
                     return encrypted_wire.decode_result(data, encrypted[1])
+                if topic.startswith((rounds_topic(""), replies_topic(""))):
+                    return encrypted_wire.decode_round(data, encrypted[1])
         except encrypted_wire.EncryptedPayloadError as exc:
             raise MalformedPayload(exc.reason, str(exc)) from None
     if topic == QUARANTINE_TOPIC:

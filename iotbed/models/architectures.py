@@ -358,6 +358,7 @@ class HeCnn(ImageClassifier):
     arch = "he_cnn"
     kernels: ClassVar[int] = 4
     hidden: ClassVar[int] = 64
+    activation: ClassVar[str] = "square"
 
     def __init__(
         self,
@@ -374,16 +375,25 @@ class HeCnn(ImageClassifier):
         kernel, stride = he_conv_geometry(image_size)
         side = (image_size - kernel) // stride + 1
         self.conv = nn.Conv2d(in_channels, self.kernels, kernel_size=kernel, stride=stride)
+        act: type[nn.Module] = Square if self.activation == "square" else nn.ReLU
         self.classifier = nn.Sequential(
-            Square(),
+            act(),
             nn.Flatten(),
             nn.Linear(self.kernels * side * side, self.hidden),
-            Square(),
+            act(),
             nn.Linear(self.hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.conv(self.normalize(x)))
+
+
+class HeCnnRelu(HeCnn):
+    """`HeCnn` with ReLU: what interactive encrypted inference evaluates, the edge computing the linear layers
+    on ciphertexts and the key holder the ReLUs (`iotbed.privacy.interactive`)."""
+
+    arch = "he_cnn_relu"
+    activation: ClassVar[str] = "relu"
 
 
 @dataclass(frozen=True)
@@ -401,6 +411,9 @@ ARCHITECTURES: Mapping[str, ArchInfo] = MappingProxyType(
         "gtsrb_cnn": ArchInfo(GtsrbCnn, "3 conv+BN blocks (16-32-64), fc 256, dropout; ~0.30M params; 32x32 signs"),
         "he_cnn": ArchInfo(
             HeCnn, "conv (4 kernels) -> x^2 -> fc 64 -> x^2 -> fc: evaluable under CKKS; ~17k params on MNIST"
+        ),
+        "he_cnn_relu": ArchInfo(
+            HeCnnRelu, "he_cnn with ReLU: evaluated interactively (the key holder applies the ReLUs)"
         ),
         "cifar_cnn": ArchInfo(CifarCnn, "VGG-style 3x(2 conv+BN), fc 256, dropout; ~0.82M params; 32x32 colour"),
     }

@@ -36,7 +36,7 @@ def default_train_config(arch: str, dataset_name: str = "") -> TrainConfig:
     if name == "tutorial_net":
         # pytorch/examples' MNIST recipe of the tutorial's time: SGD, lr 0.01, momentum 0.5, no augmentation.
         return TrainConfig(epochs=14, batch_size=64, lr=0.01, optimizer="sgd", momentum=0.5)
-    if name == "he_cnn":
+    if name in ("he_cnn", "he_cnn_relu"):
         # TenSEAL's encrypted-MNIST tutorial: Adam lr 1e-3, batch 64, 10 epochs, no augmentation.
         return TrainConfig(epochs=10, batch_size=64, lr=1e-3)
     if name == "gtsrb_cnn":

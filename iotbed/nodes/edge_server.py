@@ -29,11 +29,15 @@ from iotbed.nodes.encrypted import EncryptedService
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
     EncryptedFrame,
+    EncryptedResult,
+    EncryptedRound,
     Frame,
     ModelUpdate,
     Quarantine,
     context_topic,
+    replies_topic,
     results_topic,
+    rounds_topic,
 )
 from iotbed.nodes.repair import CoDefendRepairer
 from iotbed.nodes.update_channel import UpdateChannel
@@ -41,6 +45,8 @@ from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.offload import Offload, inline
 from iotbed.sim.trace import FrameRecord, ModelEvent, TraceRecorder
+
+ROUND_TIMEOUT_S = 30.0  # an interactive frame whose key holder does not answer by then is given up
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,9 @@ class EdgeServer:
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
         if self.encrypted is not None:
             self.transport.subscribe(context_topic("+"), self.encrypted.on_context, 1)
+            if self.encrypted.interactive:
+                self.transport.subscribe(replies_topic(self.name), self.encrypted.on_reply, self.config.results_qos)
+                self._he_cores = simpy.Resource(self.env, capacity=self.config.cores or self.device.cores)
         yield from self._serve()
 
     def _stamp(self) -> float:
@@ -208,7 +217,11 @@ class EdgeServer:
             ]
             if sealed:
                 taken = [(frame, record) for frame, record in taken if not isinstance(frame, EncryptedFrame)]
-                yield from self._serve_encrypted(sealed, start, version)
+                if self.encrypted is not None and self.encrypted.interactive:
+                    for frame, record in sealed:  # each waits on its own round trips; the edge goes on serving
+                        self.env.process(self._serve_interactive(frame, record, version))
+                else:
+                    yield from self._serve_encrypted(sealed, start, version)
                 if not taken:
                     continue
                 start = self._stamp()
@@ -249,6 +262,40 @@ class EdgeServer:
             record.model_version = version
             if result is not None:
                 self.transport.publish(results_topic(frame.key_owner), result, self.config.results_qos)
+
+    def _serve_interactive(
+        self, frame: EncryptedFrame, record: FrameRecord, version: int
+    ) -> Generator[simpy.Event, object, None]:
+        """An interactive evaluation: each step computed for real and charged on one core, the masked hidden
+        layers sent to the frame's key holder, its ReLU awaited (at most `ROUND_TIMEOUT_S`)."""
+        service = self.encrypted
+        assert service is not None
+        model = self.classifier.model
+        record.t_infer_start = self._stamp()
+        record.model_version = version
+        masks = service.masks_for(model, version)
+        inputs = frame.ciphertexts
+        for step, seconds in enumerate(service.costs.stage_s):
+            out = service.step(frame, step, inputs, masks, model, version)
+            if out is None:
+                return
+            with self._he_cores.request() as turn:
+                yield turn
+                yield self.env.timeout(self.device.he_seconds(seconds, cores=1))
+                self.busy_s += self.device.he_seconds(seconds, cores=1)
+            if step == len(service.costs.stage_s) - 1:
+                result = EncryptedResult(frame.frame_id, version, out)
+                self.transport.publish(results_topic(frame.key_owner), result, self.config.results_qos)
+                return
+            reply = service.expect(frame.frame_id, step + 1, frame.key_owner)
+            leg = EncryptedRound(frame.frame_id, step + 1, self.name, out)
+            self.transport.publish(rounds_topic(frame.key_owner), leg, self.config.results_qos)
+            got = yield reply | self.env.timeout(ROUND_TIMEOUT_S)
+            if reply not in got:
+                service.forget(frame.frame_id, step + 1)
+                service.refused["no_reply"] += 1
+                return
+            inputs = [got[reply].ciphertext]  # type: ignore[index]
 
     def _reject(self, taken: list[tuple[Frame, FrameRecord]], scores: np.ndarray, threshold: float) -> None:
         """Mark the frames scored below the reject option's threshold, and escalate them where the edge does."""

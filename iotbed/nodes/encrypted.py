@@ -23,10 +23,20 @@ from torch import nn
 from iotbed.broker.messages import Publish
 from iotbed.broker.packets import publish_size, tcp_ip_size
 from iotbed.nodes.camera import Camera
-from iotbed.nodes.payloads import EncryptedFrame, EncryptedResult, Frame, context_topic, results_topic
+from iotbed.nodes.payloads import (
+    EncryptedFrame,
+    EncryptedResult,
+    EncryptedRound,
+    Frame,
+    context_topic,
+    replies_topic,
+    results_topic,
+    rounds_topic,
+)
 from iotbed.privacy.ckks import KeyOwner, PublicContext
 from iotbed.privacy.costs import HeCosts
 from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
+from iotbed.privacy.interactive import InteractiveCnn
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.trace import FrameRecord
 
@@ -36,7 +46,7 @@ class CameraPrivacy:
     """What an encrypting camera holds: its keys, the network's layout, the measured costs, its device."""
 
     owner: KeyOwner
-    net: EncryptedCnn
+    net: EncryptedCnn | InteractiveCnn
     costs: HeCosts
     device: DeviceProfile
     images: np.ndarray  # the dataset images as captured, (N, C, H, W) float32
@@ -63,6 +73,8 @@ class EncryptingCamera(Camera):
     def _ready(self) -> Generator[simpy.Event, object, None]:
         p = self.privacy
         self.transport.subscribe(results_topic(self.name), self._on_result, p.results_qos)
+        if isinstance(p.net, InteractiveCnn):
+            self.transport.subscribe(rounds_topic(self.name), self._on_round, p.results_qos)
         uploaded = self.transport.publish(
             context_topic(self.name), p.owner.public, p.context_qos, retain=True, confirm=True
         )
@@ -120,6 +132,32 @@ class EncryptingCamera(Camera):
         self.results += 1
         self.env.process(self._decrypted(record, int(np.argmax(logits))))
 
+    def _on_round(self, message: Publish) -> None:
+        """The key holder's turn: ReLU on what the edge sent, encrypted afresh and sent back."""
+        leg = message.payload
+        record = self._pending.get(leg.frame_id) if isinstance(leg, EncryptedRound) else None
+        if record is None or leg.step not in (1, 2):
+            self.refused_results += 1
+            return
+        net = self.privacy.net
+        assert isinstance(net, InteractiveCnn)
+        try:
+            reply = net.relu_round(self.privacy.owner, leg.ciphertext, leg.step - 1, next(self._encryption_seeds))
+        except ValueError:
+            self.refused_results += 1
+            return
+        answer = EncryptedRound(leg.frame_id, leg.step, self.name, reply)
+        record.round_trips += 1
+        record.round_bytes += leg.nbytes + answer.nbytes
+        self.env.process(self._reply(answer, leg.party))
+
+    def _reply(self, answer: EncryptedRound, edge: str) -> Generator[simpy.Event, object, None]:
+        p = self.privacy
+        with self._cpu.request() as turn:
+            yield turn
+            yield self.env.timeout(p.device.he_seconds(p.costs.relu_round_s, cores=1))
+        self.transport.publish(replies_topic(edge), answer, p.results_qos)
+
     def _decrypted(self, record: FrameRecord, prediction: int) -> Generator[simpy.Event, object, None]:
         p = self.privacy
         with self._cpu.request() as turn:
@@ -131,16 +169,27 @@ class EncryptingCamera(Camera):
 
 class EncryptedService:
     """The edge's side: the cameras' public contexts, the served model compiled for CKKS (per version), and
-    the real encrypted evaluation. Whatever it cannot use is counted by reason, never raised."""
+    the real encrypted evaluation; interactively, the masks and the replies each frame waits for. Whatever
+    it cannot use is counted by reason, never raised."""
 
-    def __init__(self, compile_model: Callable[[nn.Module], EncryptedCnn], costs: HeCosts) -> None:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        compile_model: Callable[[nn.Module], EncryptedCnn | InteractiveCnn],
+        costs: HeCosts,
+        masks: np.random.Generator,
+    ) -> None:
+        self.env = env
         self._compile = compile_model
         self.costs = costs
-        self._compiled: dict[int, EncryptedCnn] = {}
+        self._masks = masks
+        self._compiled: dict[int, EncryptedCnn | InteractiveCnn] = {}
         self._context: Any = None
         self.contexts: dict[str, PublicContext] = {}
         self.refused: Counter[str] = Counter()
         self.evaluated = 0
+        self.interactive = bool(costs.stage_s)
+        self._waiting: dict[tuple[int, int], tuple[str, simpy.Event]] = {}  # (frame, step) -> key holder, reply
 
     def on_context(self, message: Publish) -> None:
         camera = message.topic.rsplit("/", 1)[-1]
@@ -149,16 +198,21 @@ class EncryptedService:
         else:
             self.refused["bad_context"] += 1
 
-    def evaluate(self, frame: EncryptedFrame, model: nn.Module, version: int) -> EncryptedResult | None:
-        public = self.contexts.get(frame.key_owner)
-        if public is None:
-            self.refused["no_context"] += 1
-            return None
+    def _net(self, model: nn.Module, version: int) -> EncryptedCnn | InteractiveCnn:
         net = self._compiled.get(version)
         if net is None:
             net = self._compiled[version] = self._compile(model)
         if self._context is None:
             self._context = evaluation_context(net.params)
+        return net
+
+    def evaluate(self, frame: EncryptedFrame, model: nn.Module, version: int) -> EncryptedResult | None:
+        public = self.contexts.get(frame.key_owner)
+        if public is None:
+            self.refused["no_context"] += 1
+            return None
+        net = self._net(model, version)
+        assert isinstance(net, EncryptedCnn)
         try:
             result = net.evaluate(self._context, public, frame.ciphertexts)
         except ValueError:
@@ -166,3 +220,53 @@ class EncryptedService:
             return None
         self.evaluated += 1
         return EncryptedResult(frame.frame_id, version, result)
+
+    def masks_for(self, model: nn.Module, version: int) -> tuple[np.ndarray, np.ndarray]:
+        """A frame's fresh masks for an interactive evaluation by this model version."""
+        net = self._net(model, version)
+        assert isinstance(net, InteractiveCnn)
+        return net.draw_masks(self._masks)
+
+    def step(
+        self,
+        frame: EncryptedFrame,
+        step: int,
+        inputs: list[bytes],
+        masks: tuple[np.ndarray, np.ndarray],
+        model: nn.Module,
+        version: int,
+    ) -> bytes | None:
+        """One step of an interactive evaluation, for real; None (counted) if the input is refused."""
+        public = self.contexts.get(frame.key_owner)
+        if public is None:
+            self.refused["no_context"] += 1
+            return None
+        net = self._net(model, version)
+        assert isinstance(net, InteractiveCnn)
+        try:
+            out = net.stage(self._context, public, step, inputs, masks)
+        except ValueError:
+            self.refused["bad_ciphertext" if step == 0 else "bad_reply"] += 1
+            return None
+        if step == len(self.costs.stage_s) - 1:
+            self.evaluated += 1
+        return out
+
+    def expect(self, frame_id: int, step: int, key_holder: str) -> simpy.Event:
+        """The event the key holder's reply for (frame, step) will trigger."""
+        event = self.env.event()
+        self._waiting[(frame_id, step)] = (key_holder, event)
+        return event
+
+    def forget(self, frame_id: int, step: int) -> None:
+        self._waiting.pop((frame_id, step), None)
+
+    def on_reply(self, message: Publish) -> None:
+        leg = message.payload
+        waiting = self._waiting.pop((leg.frame_id, leg.step), None) if isinstance(leg, EncryptedRound) else None
+        if waiting is None or waiting[0] != leg.party:  # no frame waits for it, or not from its key holder
+            self.refused["unexpected_reply"] += 1
+            if waiting is not None:
+                self._waiting[(leg.frame_id, leg.step)] = waiting
+            return
+        waiting[1].succeed(leg)

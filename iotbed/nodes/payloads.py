@@ -169,11 +169,27 @@ class EncryptedResult:
         return ENCRYPTED_HEADER.size + 4 + len(self.ciphertext)
 
 
+@dataclass(slots=True)
+class EncryptedRound:
+    """One leg of an interactive round: the edge's masked hidden layer to the key holder (`party`: the edge
+    to reply to), or the key holder's ReLU of it back (`party`: the key holder)."""
+
+    frame_id: int
+    step: int  # the step of the edge's evaluation that produced (or that takes) it: 1 or 2
+    party: str
+    ciphertext: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return ENCRYPTED_HEADER.size + 1 + len(self.party.encode()) + 4 + len(self.ciphertext)
+
+
 # magic, format version, frame id, camera index (a frame) or model version (a result), ciphertext count; a
 # frame then has its key owner's name (1-byte length), and every ciphertext comes with a 4-byte length
 ENCRYPTED_HEADER = struct.Struct("!2sBQIB")
 ENCRYPTED_FRAME_MAGIC = b"IE"
 ENCRYPTED_RESULT_MAGIC = b"IR"
+ENCRYPTED_ROUND_MAGIC = b"IN"  # the header's camera-index field holds the step
 
 
 def context_topic(camera: str) -> str:
@@ -184,3 +200,13 @@ def context_topic(camera: str) -> str:
 def results_topic(camera: str) -> str:
     """Where the edge sends a camera's encrypted results."""
     return f"privacy/results/{camera}"
+
+
+def rounds_topic(key_holder: str) -> str:
+    """Where an interactive edge sends a key holder its masked hidden layers."""
+    return f"privacy/rounds/{key_holder}"
+
+
+def replies_topic(edge: str) -> str:
+    """Where a key holder sends an edge the ReLU of what it was sent."""
+    return f"privacy/replies/{edge}"

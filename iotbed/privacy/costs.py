@@ -24,6 +24,7 @@ import numpy as np
 
 from iotbed.privacy.ckks import CkksParams, generate_keys
 from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context
+from iotbed.privacy.interactive import InteractiveCnn
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class HeCosts:
     samples: int
     host: str
     measured_at: str
+    stage_s: tuple[float, ...] = ()  # interactive: the edge's seconds for each step
+    relu_round_s: float = 0.0  # interactive: the key holder's seconds for one ReLU round
+    round_bytes: int = 0  # interactive: both legs of both rounds
 
 
 def _host() -> str:
@@ -54,8 +58,10 @@ def _host() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(net: EncryptedCnn, images: np.ndarray, samples: int = 3) -> HeCosts:
+def measure(net: EncryptedCnn | InteractiveCnn, images: np.ndarray, samples: int = 3) -> HeCosts:
     """Encrypt, evaluate and decrypt `samples` images for real (after one warm-up) and take the medians."""
+    if isinstance(net, InteractiveCnn):
+        return _measure_interactive(net, images, samples)
     started = time.perf_counter()
     owner = generate_keys(net.params, net.rotations, seed=0)
     keygen = time.perf_counter() - started
@@ -90,17 +96,67 @@ def measure(net: EncryptedCnn, images: np.ndarray, samples: int = 3) -> HeCosts:
     )
 
 
+def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) -> HeCosts:
+    started = time.perf_counter()
+    owner = generate_keys(net.params, net.rotations, seed=0)
+    keygen = time.perf_counter() - started
+    context = evaluation_context(net.params)
+    rng = np.random.default_rng(0)
+    times: dict[str, list[float]] = {k: [] for k in ("encrypt", "s0", "s1", "s2", "relu", "decrypt")}
+    sizes = (0, 0, 0)
+    for i in range(samples + 1):
+        masks = net.draw_masks(rng)
+        t = [time.perf_counter()]
+        data = net.encrypt(owner.public_key, images[i % len(images)], seed=10 * i + 1)
+        t.append(time.perf_counter())
+        legs = []
+        for step in range(3):
+            out = net.stage(context, owner.public, step, data, masks)
+            t.append(time.perf_counter())
+            if step < 2:
+                data = [net.relu_round(owner, out, step, seed=10 * i + 2 + step)]
+                legs += [len(out), len(data[0])]
+                t.append(time.perf_counter())
+        net.decrypt(owner, out)
+        t.append(time.perf_counter())
+        if i:
+            d = np.diff(t)  # encrypt, s0, relu, s1, relu, s2, decrypt
+            for key, value in zip(("encrypt", "s0", "relu", "s1", "relu", "s2", "decrypt"), d):
+                times[key].append(float(value))
+        sizes = (len(net.encrypt(owner.public_key, images[0], seed=7)[0]), len(out), sum(legs))
+    stages = tuple(statistics.median(times[k]) for k in ("s0", "s1", "s2"))
+    return HeCosts(
+        statistics.median(times["encrypt"]),
+        sum(stages),
+        statistics.median(times["decrypt"]),
+        keygen,
+        sizes[0] * net.net.channels,
+        sizes[1],
+        owner.public.nbytes,
+        samples,
+        _host(),
+        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        stages,
+        statistics.median(times["relu"]),
+        sizes[2],
+    )
+
+
 def cost_key(model_key: str, params: CkksParams) -> str:
-    text = json.dumps({"model": model_key, "params": params.to_dict(), "v": 1}, sort_keys=True)
+    text = json.dumps({"model": model_key, "params": params.to_dict(), "v": 2}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def cached_costs(net: EncryptedCnn, images: np.ndarray, model_key: str, cache_dir: Path) -> tuple[HeCosts, Path]:
+def cached_costs(
+    net: EncryptedCnn | InteractiveCnn, images: np.ndarray, model_key: str, cache_dir: Path
+) -> tuple[HeCosts, Path]:
     """The cached measurement for this model and these parameters, or a new one (then cached)."""
     path = cache_dir / "he_costs" / f"{cost_key(model_key, net.params)}.json"
     if path.exists():
         try:
-            return HeCosts(**json.loads(path.read_text())), path
+            stored = json.loads(path.read_text())
+            stored["stage_s"] = tuple(stored.get("stage_s", ()))
+            return HeCosts(**stored), path
         except (OSError, ValueError, TypeError) as exc:
             log.warning("HE cost file %s is unusable (%s); measuring again", path, exc)
     costs = measure(net, images)

@@ -95,9 +95,10 @@ class EncryptedCnn:
     def __init__(self, model: HeCnn, params: CkksParams) -> None:
         if not isinstance(model, HeCnn):
             raise ModelError(
-                f"encrypted inference evaluates he_cnn models only (conv, square, dense, square, dense); "
-                f"got {type(model).__name__}: serve arch he_cnn on the encrypted camera groups' edge"
+                f"encrypted inference evaluates he_cnn models only (conv, square, dense, square, dense; "
+                f"he_cnn_relu interactively); got {type(model).__name__}: serve one of those"
             )
+        self.activation = model.activation
         problems = params.problems(MULTIPLICATIONS)
         if problems:
             raise ModelError("CKKS parameters: " + "; ".join(problems))
@@ -150,7 +151,7 @@ class EncryptedCnn:
             fc2.weight.detach().double().numpy(), fc2.bias.detach().double().numpy(), self.fc1.rows, slots
         )
         self.rotations = sorted(set(self.conv_tree) | self.fc1.rotations | self.fc2.rotations)
-        self._plaintexts: dict[int, dict[str, Any]] = {}
+        self._plaintexts: dict[int, Workspace] = {}
 
     # Camera side --------------------------------------------------------------------------------------
 
@@ -169,20 +170,9 @@ class EncryptedCnn:
             vectors.append(np.tile(block.reshape(-1), self.params.slots // self.block))
         return vectors
 
-    def encrypt(self, public_key: Any, image: np.ndarray, seed: int) -> list[bytes]:
+    def encrypt(self, public_key: Any, image: np.ndarray, seed: int, level: int = 0) -> list[bytes]:
         """The image's ciphertexts (one per channel) as bytes. `seed` must differ for every encryption."""
-        s = require_seal()
-        context = seal_context(self.params, seed)
-        encoder = s.CKKSEncoder(context)
-        encryptor = s.Encryptor(context, public_key)
-        out = []
-        for vector in self.encode_image(image):
-            plain = s.Plaintext()
-            encoder.encode(vector.tolist(), self.params.scale, plain)
-            ciphertext = s.Ciphertext()
-            encryptor.encrypt(plain, ciphertext)
-            out.append(seal_bytes(ciphertext))
-        return out
+        return encrypt_vectors(self.params, public_key, self.encode_image(image), seed, level)
 
     def decrypt(self, owner: KeyOwner, result: bytes) -> np.ndarray:
         """The logits in an evaluated ciphertext; ValueError if it is not one."""
@@ -201,71 +191,74 @@ class EncryptedCnn:
         _, relin, galois = public.keys(context)
         return seal_bytes(self._run(context, fresh, relin, galois))
 
-    def load_inputs(self, context: Any, inputs: list[bytes]) -> list[Any]:
-        """Parse an image's ciphertexts as a client sent them: their count and sizes are checked before SEAL
-        reads them, and SEAL checks them against the parameters; anything else is a ValueError."""
-        s = require_seal()
+    def load_inputs(self, context: Any, inputs: list[bytes], level: int = 0) -> list[Any]:
+        """Parse an image's ciphertexts as a client sent them (one per channel, at `level`)."""
         if len(inputs) != self.channels:
             raise ValueError(f"{len(inputs)} ciphertexts, the model takes {self.channels} (one per channel)")
-        bound = ciphertext_size_bound(self.params)
-        fresh = []
-        for data in inputs:
-            if len(data) > bound:
-                raise ValueError(f"ciphertext of {len(data)} bytes, above the {bound} these parameters allow")
-            ciphertext = seal_load(s.Ciphertext(), context, data)
-            if ciphertext.parms_id() != context.first_parms_id() or ciphertext.size() != 2:
-                raise ValueError("ciphertext not at the first level of the modulus chain")
-            if ciphertext.scale != self.params.scale:
-                raise ValueError(f"ciphertext at scale {ciphertext.scale}, not 2^{self.params.global_scale_bits}")
-            fresh.append(ciphertext)
-        return fresh
+        return [self.load_ciphertext(context, data, level) for data in inputs]
 
-    def _plain(self, context: Any) -> dict[str, Any]:
-        """Every weight plaintext, encoded once per context at its level and the scale that keeps the
-        product's scale after rescaling."""
+    def load_ciphertext(self, context: Any, data: bytes, level: int) -> Any:
+        """One ciphertext a client sent: its size is checked before SEAL reads it, SEAL checks it against the
+        parameters, and it must be at `level` of the modulus chain at the parameters' scale; else ValueError."""
+        s = require_seal()
+        bound = ciphertext_size_bound(self.params)
+        if len(data) > bound:
+            raise ValueError(f"ciphertext of {len(data)} bytes, above the {bound} these parameters allow")
+        ciphertext = seal_load(s.Ciphertext(), context, data)
+        if ciphertext.parms_id() != self.workspace(context).levels[level][0] or ciphertext.size() != 2:
+            raise ValueError(f"ciphertext not at level {level} of the modulus chain")
+        if ciphertext.scale != self.params.scale:
+            raise ValueError(f"ciphertext at scale {ciphertext.scale}, not 2^{self.params.global_scale_bits}")
+        return ciphertext
+
+    def workspace(self, context: Any) -> Workspace:
+        """The encoder, evaluator and weight plaintexts for computing in `context` (made once per context)."""
         key = id(context)
         if key not in self._plaintexts:
-            s = require_seal()
-            encoder = s.CKKSEncoder(context)
-            levels = []
-            data = context.first_context_data()
-            while data is not None:
-                levels.append((data.parms_id(), float(data.parms().coeff_modulus()[-1].value())))
-                data = data.next_context_data()
-
-            def encode(values: np.ndarray, level: int) -> Any:
-                plain = s.Plaintext()
-                parms_id, prime = levels[level]
-                encoder.encode(values.tolist(), parms_id, prime, plain)
-                return plain
-
-            self._plaintexts[key] = {
-                "context": context,  # keeps id(context) from being reused while the cache holds it
-                "encoder": encoder,
-                "evaluator": s.Evaluator(context),
-                "conv": [[encode(w, 0) for w in per_kernel] for per_kernel in self.conv_weights],
-                "mask": [encode(m, 1) for m in self.masks],
-                "fc1": [[None if d is None else encode(d, 3) for d in row] for row in self.fc1.diagonals],
-                "fc2": [[None if d is None else encode(d, 5) for d in row] for row in self.fc2.diagonals],
-            }
+            self._plaintexts[key] = Workspace(context)
         return self._plaintexts[key]
 
-    def _add_bias(self, plain: dict[str, Any], ciphertext: Any, values: np.ndarray) -> None:
-        s = require_seal()
-        bias = s.Plaintext()
-        plain["encoder"].encode(values.tolist(), ciphertext.parms_id(), ciphertext.scale, bias)
-        plain["evaluator"].add_plain_inplace(ciphertext, bias)
+    def _weights(self, ws: Workspace, name: str, level: int) -> Any:
+        """The named weight plaintexts at `level`, encoded once: conv[o][c], mask[o], or a dense layer's
+        diagonals[g][b] (None for an all-zero diagonal)."""
+        key = (name, level)
+        if key not in ws.cache:
+            if name == "conv":
+                ws.cache[key] = [[ws.encode(w, level) for w in per_kernel] for per_kernel in self.conv_weights]
+            elif name == "mask":
+                ws.cache[key] = [ws.encode(m, level) for m in self.masks]
+            else:
+                layer = self.fc1 if name == "fc1" else self.fc2
+                ws.cache[key] = [[None if d is None else ws.encode(d, level) for d in row] for row in layer.diagonals]
+        return ws.cache[key]
 
     def _run(self, context: Any, inputs: list[Any], relin: Any, galois: Any) -> Any:
+        if self.activation != "square":
+            raise ModelError("a ReLU network cannot be evaluated on ciphertexts alone: use `mode: interactive`")
+        ws = self.workspace(context)
+        packed = self.conv_stage(ws, inputs, 0, galois)
+        hidden = self.dense_stage(ws, _squared(ws, packed, relin), "fc1", 3, galois)
+        return self.dense_stage(ws, _squared(ws, hidden, relin), "fc2", 5, galois)
+
+    def conv_stage(
+        self, ws: Workspace, inputs: list[Any], level: int, galois: Any, scale: np.ndarray | None = None
+    ) -> Any:
+        """Convolution, packing and bias on ciphertexts at `level` (two levels used). With `scale` (per slot,
+        positive), the result is multiplied by it: the mask an interactive edge puts on what the key holder sees."""
         s = require_seal()
-        plain = self._plain(context)
-        ev = plain["evaluator"]
+        ev = ws.evaluator
+        kernels = self._weights(ws, "conv", level)
+        masks = (
+            self._weights(ws, "mask", level + 1)
+            if scale is None
+            else [ws.encode(m * scale, level + 1) for m in self.masks]
+        )
         packed = None
         for o in range(self.kernels):
             conv = None
             for c, ciphertext in enumerate(inputs):
                 product = s.Ciphertext()
-                ev.multiply_plain(ciphertext, plain["conv"][o][c], product)
+                ev.multiply_plain(ciphertext, kernels[o][c], product)
                 if conv is None:
                     conv = product
                 else:
@@ -273,24 +266,21 @@ class EncryptedCnn:
             ev.rescale_to_next_inplace(conv)
             for step in self.conv_tree:
                 ev.add_inplace(conv, _rotated(ev, conv, step, galois))
-            ev.multiply_plain_inplace(conv, plain["mask"][o])
+            ev.multiply_plain_inplace(conv, masks[o])
             if packed is None:
                 packed = conv
             else:
                 ev.add_inplace(packed, conv)
         ev.rescale_to_next_inplace(packed)
-        self._add_bias(plain, packed, self.conv_bias)
-        hidden = self._square_dense(plain, packed, self.fc1, plain["fc1"], relin, galois)
-        return self._square_dense(plain, hidden, self.fc2, plain["fc2"], relin, galois)
+        ws.add(packed, self.conv_bias if scale is None else self.conv_bias * scale)
+        return packed
 
-    def _square_dense(
-        self, plain: dict[str, Any], x: Any, layer: Dense, diagonals: list, relin: Any, galois: Any
-    ) -> Any:
+    def dense_stage(self, ws: Workspace, x: Any, name: str, level: int, galois: Any) -> Any:
+        """A dense layer (`fc1` or `fc2`) and its bias on `x`, whose level must be `level` (one level used)."""
         s = require_seal()
-        ev = plain["evaluator"]
-        ev.square_inplace(x)
-        ev.relinearize_inplace(x, relin)
-        ev.rescale_to_next_inplace(x)
+        layer = self.fc1 if name == "fc1" else self.fc2
+        diagonals = self._weights(ws, name, level)
+        ev = ws.evaluator
         babies = [x] + [_rotated(ev, x, b, galois) for b in range(1, layer.baby)]
         total = None
         for g, row in enumerate(diagonals):
@@ -317,13 +307,66 @@ class EncryptedCnn:
         ev.rescale_to_next_inplace(total)
         for step in layer.fold:
             ev.add_inplace(total, _rotated(ev, total, step, galois))
-        self._add_bias(plain, total, layer.bias)
+        ws.add(total, layer.bias)
         return total
 
-    def plaintext_logits(self, images: torch.Tensor, model: HeCnn) -> np.ndarray:
-        """The same model's logits in plaintext, for agreement checks."""
-        with torch.inference_mode():
-            return model(images).double().numpy()
+
+class Workspace:
+    """An encoder and evaluator for one context, the parameters of each level, and encoded plaintexts."""
+
+    def __init__(self, context: Any) -> None:
+        s = require_seal()
+        self.context = context  # keeps id(context) from being reused while a cache holds this
+        self.encoder = s.CKKSEncoder(context)
+        self.evaluator = s.Evaluator(context)
+        self.levels: list[tuple[Any, float]] = []  # (parms_id, the prime its next rescaling removes)
+        data = context.first_context_data()
+        while data is not None:
+            self.levels.append((data.parms_id(), float(data.parms().coeff_modulus()[-1].value())))
+            data = data.next_context_data()
+        self.cache: dict[tuple[str, int], Any] = {}
+
+    def encode(self, values: np.ndarray, level: int) -> Any:
+        """`values` at `level`, at the scale of the prime the next rescaling removes: a product with it keeps
+        the ciphertext's scale exactly."""
+        plain = require_seal().Plaintext()
+        parms_id, prime = self.levels[level]
+        self.encoder.encode(values.tolist(), parms_id, prime, plain)
+        return plain
+
+    def add(self, ciphertext: Any, values: np.ndarray) -> None:
+        plain = require_seal().Plaintext()
+        self.encoder.encode(values.tolist(), ciphertext.parms_id(), ciphertext.scale, plain)
+        self.evaluator.add_plain_inplace(ciphertext, plain)
+
+
+def encrypt_vectors(
+    params: CkksParams, public_key: Any, vectors: list[np.ndarray], seed: int, level: int = 0
+) -> list[bytes]:
+    """Fresh ciphertexts of slot vectors at `level` of the chain (fewer primes: smaller, fewer levels left).
+    `seed` must differ for every call."""
+    s = require_seal()
+    context = seal_context(params, seed)
+    encoder = s.CKKSEncoder(context)
+    encryptor = s.Encryptor(context, public_key)
+    data = context.first_context_data()
+    for _ in range(level):
+        data = data.next_context_data()
+    out = []
+    for vector in vectors:
+        plain = s.Plaintext()
+        encoder.encode(vector.tolist(), data.parms_id(), params.scale, plain)
+        ciphertext = s.Ciphertext()
+        encryptor.encrypt(plain, ciphertext)
+        out.append(seal_bytes(ciphertext))
+    return out
+
+
+def _squared(ws: Workspace, x: Any, relin: Any) -> Any:
+    ws.evaluator.square_inplace(x)
+    ws.evaluator.relinearize_inplace(x, relin)
+    ws.evaluator.rescale_to_next_inplace(x)
+    return x
 
 
 def _rotated(evaluator: Any, ciphertext: Any, step: int, galois: Any) -> Any:

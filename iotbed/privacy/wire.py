@@ -15,8 +15,10 @@ from iotbed.nodes.payloads import (
     ENCRYPTED_FRAME_MAGIC,
     ENCRYPTED_HEADER,
     ENCRYPTED_RESULT_MAGIC,
+    ENCRYPTED_ROUND_MAGIC,
     EncryptedFrame,
     EncryptedResult,
+    EncryptedRound,
 )
 from iotbed.privacy.ckks import PublicContext
 
@@ -37,14 +39,22 @@ class EncryptedPayloadError(ValueError):
         self.reason = reason
 
 
+def _name(name: str) -> bytes:
+    if not _OWNER.fullmatch(name):
+        raise ValueError(f"{name!r} is not a node name")
+    return bytes([len(name)]) + name.encode()
+
+
 def encode_frame(frame: EncryptedFrame) -> bytes:
-    owner = frame.key_owner.encode()
-    if not _OWNER.fullmatch(frame.key_owner):
-        raise ValueError(f"key owner {frame.key_owner!r} is not a node name")
     head = ENCRYPTED_HEADER.pack(
         ENCRYPTED_FRAME_MAGIC, FORMAT_VERSION, frame.frame_id, frame.camera_index, len(frame.ciphertexts)
     )
-    return head + bytes([len(owner)]) + owner + b"".join(_LENGTH.pack(len(c)) + c for c in frame.ciphertexts)
+    return head + _name(frame.key_owner) + b"".join(_LENGTH.pack(len(c)) + c for c in frame.ciphertexts)
+
+
+def encode_round(leg: EncryptedRound) -> bytes:
+    head = ENCRYPTED_HEADER.pack(ENCRYPTED_ROUND_MAGIC, FORMAT_VERSION, leg.frame_id, leg.step, 1)
+    return head + _name(leg.party) + _LENGTH.pack(len(leg.ciphertext)) + leg.ciphertext
 
 
 def encode_result(result: EncryptedResult) -> bytes:
@@ -83,20 +93,30 @@ def _header(data: bytes, magic: bytes, max_count: int) -> tuple[int, int, int]:
     return frame_id, number, count
 
 
+def _read_name(data: bytes, at: int) -> tuple[str, int]:
+    if at >= len(data):
+        raise EncryptedPayloadError("truncated", "no node name")
+    n = data[at]
+    raw = bytes(data[at + 1 : at + 1 + n])
+    name = raw.decode("ascii", errors="replace")
+    if len(raw) != n or not _OWNER.fullmatch(name):
+        raise EncryptedPayloadError("bad_header", "the node name is no node name")
+    return name, at + 1 + n
+
+
 def decode_frame(
     data: bytes, max_ciphertexts: int = MAX_CIPHERTEXTS, max_ciphertext_bytes: int = DEFAULT_MAX_CIPHERTEXT_BYTES
 ) -> EncryptedFrame:
     frame_id, camera_index, count = _header(data, ENCRYPTED_FRAME_MAGIC, min(max_ciphertexts, MAX_CIPHERTEXTS))
-    at = ENCRYPTED_HEADER.size
-    if at >= len(data):
-        raise EncryptedPayloadError("truncated", "no key owner")
-    n = data[at]
-    owner_bytes = bytes(data[at + 1 : at + 1 + n])
-    owner = owner_bytes.decode("ascii", errors="replace")
-    if len(owner_bytes) != n or not _OWNER.fullmatch(owner):
-        raise EncryptedPayloadError("bad_header", "the key owner is no node name")
-    ciphertexts = _ciphertexts(data, at + 1 + n, count, max_ciphertext_bytes)
-    return EncryptedFrame(frame_id, camera_index, owner, ciphertexts)
+    owner, at = _read_name(data, ENCRYPTED_HEADER.size)
+    return EncryptedFrame(frame_id, camera_index, owner, _ciphertexts(data, at, count, max_ciphertext_bytes))
+
+
+def decode_round(data: bytes, max_ciphertext_bytes: int = DEFAULT_MAX_CIPHERTEXT_BYTES) -> EncryptedRound:
+    frame_id, step, count = _header(data, ENCRYPTED_ROUND_MAGIC, 1)
+    party, at = _read_name(data, ENCRYPTED_HEADER.size)
+    (ciphertext,) = _ciphertexts(data, at, count, max_ciphertext_bytes)
+    return EncryptedRound(frame_id, step, party, ciphertext)
 
 
 def decode_result(data: bytes, max_ciphertext_bytes: int = DEFAULT_MAX_CIPHERTEXT_BYTES) -> EncryptedResult:

@@ -308,6 +308,11 @@ class CkksPrivacySpec(Strict):
     TenSEAL names them; the defaults are its encrypted-MNIST tutorial's."""
 
     kind: Literal["ckks"]
+    mode: Literal["encrypted", "interactive"] = Field(
+        "encrypted",
+        description="encrypted: the edge evaluates everything (he_cnn, squares); interactive: the camera "
+        "applies each ReLU in a round trip (he_cnn_relu)",
+    )
     poly_modulus_degree: int = 8192
     coeff_mod_bit_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [31, 26, 26, 26, 26, 26, 26, 31],
@@ -808,6 +813,7 @@ class Scenario(Strict):
         """Encrypted frames need a model the encrypted path can evaluate, parameters that are secure and deep
         enough, and nodes that do not need to see the pixels."""
         from iotbed.privacy.encrypted_cnn import MULTIPLICATIONS
+        from iotbed.privacy.interactive import MIN_DEPTH
         from iotbed.sim.devices import BUILTIN_PROFILES
 
         encrypting = [(i, c) for i, c in enumerate(self.nodes.cameras) if c.privacy is not None]
@@ -816,7 +822,8 @@ class Scenario(Strict):
         for i, camera in encrypting:
             where = ("nodes", "cameras", i, "privacy")
             assert camera.privacy is not None
-            problems = camera.privacy.params().problems(MULTIPLICATIONS)
+            depth = MULTIPLICATIONS if camera.privacy.mode == "encrypted" else MIN_DEPTH
+            problems = camera.privacy.params().problems(depth)
             if problems:
                 raise LocatedError("; ".join(problems), *where)
             if camera.codec.kind != "raw":
@@ -837,19 +844,25 @@ class Scenario(Strict):
                 )
         first = encrypting[0][1].privacy
         for i, camera in encrypting[1:]:
-            if camera.privacy.params() != first.params():  # type: ignore[union-attr]
+            if camera.privacy.params() != first.params() or camera.privacy.mode != first.mode:  # type: ignore[union-attr]
                 raise LocatedError(
-                    f"camera groups {encrypting[0][1].name!r} and {camera.name!r} use different CKKS parameters; the "
-                    "edge evaluates one layout, so give every encrypting group the same parameters",
+                    f"camera groups {encrypting[0][1].name!r} and {camera.name!r} use different CKKS parameters or "
+                    "modes; the edge evaluates one layout, so give every encrypting group the same `privacy:`",
                     "nodes",
                     "cameras",
                     i,
                     "privacy",
                 )
-        if self.model.arch.strip().lower().replace("-", "_") != "he_cnn":
+        wanted = "he_cnn" if first.mode == "encrypted" else "he_cnn_relu"  # type: ignore[union-attr]
+        if self.model.arch.strip().lower().replace("-", "_") != wanted:
+            what = (
+                "convolution, square, dense, square, dense"
+                if wanted == "he_cnn"
+                else "the same with ReLU, which the camera applies in round trips"
+            )
             raise LocatedError(
-                f"camera group {encrypting[0][1].name!r} sends encrypted frames, which only an `he_cnn` model can "
-                f"classify (convolution, square, dense, square, dense); set `model: {{arch: he_cnn}}`",
+                f"camera group {encrypting[0][1].name!r} sends {first.mode} frames, which only an `{wanted}` model "  # type: ignore[union-attr]
+                f"can classify ({what}); set `model: {{arch: {wanted}}}`",
                 "model",
                 "arch",
             )

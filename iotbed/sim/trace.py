@@ -61,6 +61,8 @@ class FrameRecord:
         "t_encrypted",
         "t_result",
         "result_bytes",
+        "round_trips",
+        "round_bytes",
     )
 
     def __init__(
@@ -110,6 +112,8 @@ class FrameRecord:
         self.t_encrypted = -1.0  # the camera finished encrypting it
         self.t_result = -1.0  # its encrypted result reached the camera (then decrypted: t_done)
         self.result_bytes = 0  # the encrypted result's payload
+        self.round_trips = 0  # interactive: ReLU rounds with the key holder
+        self.round_bytes = 0  # interactive: the payloads of both legs of every round
 
 
 TRACE_SCHEMA = pa.schema(
@@ -152,6 +156,8 @@ TRACE_SCHEMA = pa.schema(
         ("t_encrypted", pa.float64()),
         ("t_result", pa.float64()),
         ("result_bytes", pa.int32()),
+        ("round_trips", pa.int8()),
+        ("round_bytes", pa.int32()),
     ]
 )
 
