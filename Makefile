@@ -71,7 +71,7 @@ superiot-table: setup
 
 # Every parser a client or a user can reach (scenario files, frames, pixel drop, model updates and the model
 # loader, quarantine notices) gets 10000 generated or mutated inputs; crashes and hangs land in fuzz/findings/
-# and fail the target (about a minute on 2 cores). Options: make fuzz FUZZ_ARGS='--n 300 --parsers frame'.
+# and fail the target (several minutes on 2 cores, most of them on the SEAL ciphertexts). Options: make fuzz FUZZ_ARGS='--n 300 --parsers frame'.
 fuzz: setup
 	$(PY) fuzz/run.py $(FUZZ_ARGS)
 
