@@ -467,14 +467,20 @@ def setup_summary(
 
 
 def output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> Path:
+    return results_folder(out_dir, scenario.name, force)
+
+
+def results_folder(out_dir: str | Path | None, name: str, force: bool, error: type[IotbedError] = IotbedError) -> Path:
+    """`out_dir`, or runs/<name>-<timestamp>/; refuses a path that is a file, or a folder that already holds
+    files unless `force`. Nothing is created yet."""
     if out_dir is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("runs") / f"{scenario.name}-{stamp}"
+        out_dir = Path("runs") / f"{name}-{stamp}"
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
-        raise IotbedError(f"--out {path}: exists and is not a folder; choose another path")
+        raise error(f"--out {path}: exists and is not a folder; choose another path")
     if path.exists() and any(path.iterdir()) and not force:
-        raise IotbedError(
+        raise error(
             f"--out {path}: the folder already holds results; choose a new folder or pass --force to replace them"
         )
     return path

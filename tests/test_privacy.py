@@ -160,7 +160,7 @@ def test_simulated_run_carries_real_ciphertexts(monkeypatch):
 
     def recording_encrypt(self, *args, **kwargs):
         out = encrypt(self, *args, **kwargs)
-        sizes.append(ENCRYPTED_HEADER.size + sum(4 + len(c) for c in out))
+        sizes.append(ENCRYPTED_HEADER.size + 1 + len("cam-0") + sum(4 + len(c) for c in out))  # and the key owner
         return out
 
     def recording_evaluate(self, *args, **kwargs):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import math
@@ -500,17 +499,9 @@ def to_markdown(result: MembershipResult, *, title: str = "Membership inference"
 def output_dir(out_dir: str | Path | None, dataset: str, arch: str, *, force: bool = False) -> Path:
     """`out_dir`, or runs/membership-<dataset>-<arch>-<timestamp>/; refuses a folder that already holds files
     unless `force`. Nothing is created yet."""
-    if out_dir is None:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        out_dir = Path("runs") / f"membership-{dataset}-{arch}-{stamp}"
-    path = Path(out_dir)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"--out {path}: exists and is not a folder; choose another path")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise UsageError(
-            f"--out {path}: the folder already holds results; choose a new folder or pass --force to replace them"
-        )
-    return path
+    from iotbed.runner import results_folder
+
+    return results_folder(out_dir, f"membership-{dataset}-{arch}", force, UsageError)
 
 
 def write_results(out_dir: Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:

@@ -206,17 +206,26 @@ class EncryptedService:
             self._context = evaluation_context(net.params)
         return net
 
-    def evaluate(self, frame: EncryptedFrame, model: nn.Module, version: int) -> EncryptedResult | None:
+    def _run(self, frame: EncryptedFrame, refusal: str, compute: Callable[[PublicContext], bytes]) -> bytes | None:
+        """`compute` with the frame's key owner's public context; None, counted, when there is none or the
+        ciphertexts are refused."""
         public = self.contexts.get(frame.key_owner)
         if public is None:
             self.refused["no_context"] += 1
             return None
+        try:
+            return compute(public)
+        except ValueError:
+            self.refused[refusal] += 1
+            return None
+
+    def evaluate(self, frame: EncryptedFrame, model: nn.Module, version: int) -> EncryptedResult | None:
         net = self._net(model, version)
         assert isinstance(net, EncryptedCnn)
-        try:
-            result = net.evaluate(self._context, public, frame.ciphertexts)
-        except ValueError:
-            self.refused["bad_ciphertext"] += 1
+        result = self._run(
+            frame, "bad_ciphertext", lambda public: net.evaluate(self._context, public, frame.ciphertexts)
+        )
+        if result is None:
             return None
         self.evaluated += 1
         return EncryptedResult(frame.frame_id, version, result)
@@ -237,16 +246,11 @@ class EncryptedService:
         version: int,
     ) -> bytes | None:
         """One step of an interactive evaluation, for real; None (counted) if the input is refused."""
-        public = self.contexts.get(frame.key_owner)
-        if public is None:
-            self.refused["no_context"] += 1
-            return None
         net = self._net(model, version)
         assert isinstance(net, InteractiveCnn)
-        try:
-            out = net.stage(self._context, public, step, inputs, masks)
-        except ValueError:
-            self.refused["bad_ciphertext" if step == 0 else "bad_reply"] += 1
+        refusal = "bad_ciphertext" if step == 0 else "bad_reply"
+        out = self._run(frame, refusal, lambda public: net.stage(self._context, public, step, inputs, masks))
+        if out is None:
             return None
         if step == len(self.costs.stage_s) - 1:
             self.evaluated += 1
