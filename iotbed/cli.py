@@ -490,22 +490,35 @@ def broker() -> None:
     help="require passwords and an ACL by node role, with one user per client of SCENARIO (each node, each rogue"
     " publisher), each user bound to the client id that is its name",
 )
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="with --auth: the scenario's overrides, as the run will give them (the ACL follows them)",
+)
 @click.option("--tls", is_flag=True, help="listen with TLS, with a generated CA")
 @click.option("--dir", "run_dir", type=click.Path(file_okay=False), default=".cache/broker", show_default=True)
 @_user_errors
-def broker_start(port: int | None, scenario_for_auth: str | None, tls: bool, run_dir: str) -> None:
+def broker_start(
+    port: int | None, scenario_for_auth: str | None, overrides: tuple[str, ...], tls: bool, run_dir: str
+) -> None:
     """Start a broker in the background; `iotbed broker stop` stops it."""
     import secrets
 
     from iotbed.broker.broker_auth import BrokerUser
-    from iotbed.broker.mosquitto import BrokerConfig, scenario_client_roles, start_detached
+    from iotbed.broker.mosquitto import BrokerConfig, scenario_client_roles, scenario_extra_rules, start_detached
 
     users = []
     if scenario_for_auth:
         # One user per client id (each node, each extra client such as a rogue publisher, the registry and
         # the $SYS monitor); the broker binds each user to the client id that is its name.
-        roles = scenario_client_roles(_load(scenario_for_auth, None, ()))
-        users = [BrokerUser(client_id, secrets.token_urlsafe(12), role) for client_id, role in roles.items()]
+        loaded = _load(scenario_for_auth, None, overrides)
+        roles, extra = scenario_client_roles(loaded), scenario_extra_rules(loaded)
+        users = [
+            BrokerUser(client_id, secrets.token_urlsafe(12), role, extra_rules=extra.get(client_id, ()))
+            for client_id, role in roles.items()
+        ]
     started = start_detached(run_dir, BrokerConfig(port=port, users=tuple(users), tls=tls, persistence=True))
     scheme = "mqtts" if tls else "mqtt"
     click.echo(f"broker running: {scheme}://{started.host}:{started.port} (pid {started.pid}, files in {run_dir})")

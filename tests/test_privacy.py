@@ -239,14 +239,14 @@ def test_live_encrypted_run_through_mosquitto_with_acls(mosquitto_binary, tmp_pa
         return subprocess.run([sys.executable, "-m", "iotbed.cli", *args], capture_output=True, text=True, timeout=300)
 
     broker_dir = tmp_path / "broker"
-    assert cli("broker", "start", "--auth", str(SCENARIO), "--dir", str(broker_dir)).returncode == 0
+    sets = ["--set", "duration=14s"]
+    if mode == "interactive":  # the broker's ACL follows the same overrides as the run
+        sets += ["--set", "nodes.cameras.0.privacy.mode=interactive", "--set", "model.arch=he_cnn_relu"]
+    assert cli("broker", "start", "--auth", str(SCENARIO), *sets, "--dir", str(broker_dir)).returncode == 0
     try:
         port = json.loads((broker_dir / "broker.json").read_text())["port"]
         out = tmp_path / "live"
         args = ["--broker", f"mqtt://127.0.0.1:{port}", "--credentials", str(broker_dir / "credentials.json")]
-        sets = ["--set", "duration=14s"]
-        if mode == "interactive":
-            sets += ["--set", "nodes.cameras.0.privacy.mode=interactive", "--set", "model.arch=he_cnn_relu"]
         done = cli("emulate", str(SCENARIO), *args, *sets, "--out", str(out), "--quiet")
         assert done.returncode == 0, done.stderr
         summary = json.loads((out / "summary.json").read_text())
@@ -370,3 +370,20 @@ def test_simulated_interactive_run():
     assert (trace["round_bytes"] > 400_000).all()
     assert privacy["agreement_with_plaintext"] >= 0.99 and privacy["refused_at_edge"] == {}
     assert (trace["payload_bytes"] < 300_000).all()
+
+
+def test_acl_grants_the_encrypted_topics_only_where_cameras_encrypt():
+    from iotbed.broker.mosquitto import scenario_extra_rules
+
+    assert scenario_extra_rules(load_scenario(REPO / "scenarios" / "quickstart.yaml")) == {}
+    plain = scenario_extra_rules(load_scenario(SCENARIO))
+    assert set(plain) == {"cam-0", "cam-1", "edge-0"}
+    assert ("write", "privacy/context/{user}") in plain["cam-0"] and ("read", "privacy/rounds/{user}") not in plain[
+        "cam-0"
+    ]
+    assert ("read", "privacy/context/#") in plain["edge-0"] and ("write", "privacy/rounds/#") not in plain["edge-0"]
+    interactive = scenario_extra_rules(
+        load_scenario(SCENARIO, ["nodes.cameras.0.privacy.mode=interactive", "model.arch=he_cnn_relu"])
+    )
+    assert ("read", "privacy/rounds/{user}") in interactive["cam-1"]
+    assert ("read", "privacy/replies/{user}") in interactive["edge-0"]

@@ -4,16 +4,20 @@ PBKDF2 hashes written in Python) and the ACL file generated from each user's rol
 The ACL model: every user has a role; a role is a list of (access, topic pattern) rules, with `{user}`
 replaced by the user name (which is also the node's client id in iotbed deployments):
 
-    camera    write frames/{user}, write status/{user}, write privacy/context/{user},
-              read privacy/results/{user}, read privacy/rounds/{user}, write privacy/replies/#
+    camera    write frames/{user}, write status/{user}                      (reads nothing)
     gateway   read frames/#, write frames/#, write status/{user}
     edge      read frames/#, read $share/+/frames/#, read models/#, write models/#, write escalations/#,
-              read privacy/context/#, write privacy/results/#, write privacy/rounds/#,
-              read privacy/replies/{user}, write status/{user}
+              write status/{user}
     cloud     read escalations/#, read $share/+/escalations/#, write status/{user}
     registry  write models/#, write status/{user}
     monitor   read #, read $SYS/#
     admin     readwrite #
+
+Where cameras encrypt their frames (`privacy:`), `privacy_rules` adds to these what the encrypted protocol
+needs, and nothing where they do not: an encrypting camera writes privacy/context/{user} and reads
+privacy/results/{user} (interactive: reads privacy/rounds/{user}, writes privacy/replies/#); an edge reads
+privacy/context/# and writes privacy/results/# (interactive: writes privacy/rounds/#, reads
+privacy/replies/{user}).
 
 Anything not granted is denied. Mosquitto (2.0.11, measured) drops a denied PUBLISH; an MQTT 5 client gets
 PUBACK reason 0x87 Not authorized at QoS 1 (at QoS 2 the PUBREC carries it, which paho 2.2 ignores; at QoS 0
@@ -40,16 +44,22 @@ from iotbed.broker.broker_errors import BrokerError
 
 Rule = tuple[str, str]  # (access: read | write | readwrite, topic pattern with {user})
 
+PRIVACY_RULES: dict[tuple[str, bool], tuple[Rule, ...]] = {  # (role, interactive) -> the extra rules
+    ("camera", False): (("write", "privacy/context/{user}"), ("read", "privacy/results/{user}")),
+    ("edge", False): (("read", "privacy/context/#"), ("write", "privacy/results/#")),
+    ("camera", True): (("read", "privacy/rounds/{user}"), ("write", "privacy/replies/#")),
+    ("edge", True): (("write", "privacy/rounds/#"), ("read", "privacy/replies/{user}")),
+}
+
+
+def privacy_rules(role: str, interactive: bool) -> tuple[Rule, ...]:
+    """What a camera or edge needs besides its role where cameras encrypt their frames."""
+    extra = PRIVACY_RULES.get((role, False), ())
+    return extra + (PRIVACY_RULES.get((role, True), ()) if interactive else ())
+
+
 DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
-    # an encrypting camera also uploads its public context and reads its encrypted results
-    "camera": (
-        ("write", "frames/{user}"),
-        ("write", "status/{user}"),
-        ("write", "privacy/context/{user}"),
-        ("read", "privacy/results/{user}"),
-        ("read", "privacy/rounds/{user}"),  # interactive mode: the camera holds the key for the ReLUs
-        ("write", "privacy/replies/#"),
-    ),
+    "camera": (("write", "frames/{user}"), ("write", "status/{user}")),
     # a gateway relays frames, screens the models in service and publishes its quarantine notices
     "gateway": (
         ("read", "frames/#"),
@@ -65,10 +75,6 @@ DEFAULT_ROLES: dict[str, tuple[Rule, ...]] = {
         ("read", "models/#"),
         ("write", "models/#"),
         ("write", "escalations/#"),
-        ("read", "privacy/context/#"),
-        ("write", "privacy/results/#"),
-        ("write", "privacy/rounds/#"),
-        ("read", "privacy/replies/{user}"),
         ("write", "status/{user}"),
     ),
     "cloud": (("read", "escalations/#"), ("read", "$share/+/escalations/#"), ("write", "status/{user}")),

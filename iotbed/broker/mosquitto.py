@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iotbed.broker.broker_auth import DEFAULT_ROLES, BrokerUser, Rule, acl_text, write_password_file
+from iotbed.broker.broker_auth import (
+    DEFAULT_ROLES,
+    BrokerUser,
+    Rule,
+    acl_text,
+    privacy_rules,
+    write_password_file,
+)
 from iotbed.broker.broker_errors import BrokerError
 from iotbed.broker.broker_tls import generate_tls_files
 from iotbed.naming import group_nodes
@@ -106,6 +113,19 @@ def scenario_client_roles(scenario: Scenario) -> dict[str, str]:
         if resolved in roles:
             roles.setdefault(client_id, roles[resolved])
     return roles | {"registry": "registry", "monitor": "monitor"}
+
+
+def scenario_extra_rules(scenario: Scenario) -> dict[str, tuple[Rule, ...]]:
+    """Client id -> ACL rules beyond its role: the encrypted protocol's topics for the cameras that encrypt
+    and for every edge server, where any camera does (`broker_auth.privacy_rules`)."""
+    encrypting = [g for g in scenario.nodes.cameras if g.privacy is not None]
+    if not encrypting:
+        return {}
+    interactive = encrypting[0].privacy.mode == "interactive"  # type: ignore[union-attr]
+    extra = {node: privacy_rules("camera", interactive) for g in encrypting for node in group_nodes(g.name, g.count)}
+    for group in scenario.nodes.edge_servers:
+        extra |= {node: privacy_rules("edge", interactive) for node in group_nodes(group.name, group.count)}
+    return extra
 
 
 def find_binary(name: str = "mosquitto") -> str:

@@ -65,6 +65,11 @@ class TutorialEvaluator:
         tenseal = _require_tenseal()
         if not isinstance(model, HeCnn):
             raise ModelError(f"the TenSEAL tutorial evaluates he_cnn models only; got {type(model).__name__}")
+        if getattr(model, "activation", "square") != "square":
+            raise ModelError(
+                f"the TenSEAL tutorial squares where this {model.arch} model applies {model.activation}: "
+                "it evaluates he_cnn (square activations) only"
+            )
         if model.conv.in_channels != 1:
             raise ModelError(
                 f"TenSEAL's tutorial encodes one grey image per ciphertext (im2col of a 2-D matrix); this he_cnn "
