@@ -39,6 +39,7 @@ from iotbed.privacy.ckks import (
 )
 
 MULTIPLICATIONS = 6  # conv, mask, square, dense, square, dense
+LOGIT_DIVISOR = 8.0  # see `EncryptedCnn.__init__`: keeps logits up to ~8x larger than before from wrapping
 
 
 def _pow2(n: int) -> int:
@@ -147,8 +148,14 @@ class EncryptedCnn:
         for o in range(self.kernels):
             embedded[:, o * self.p2 : o * self.p2 + self.windows] = w1[:, o * self.windows : (o + 1) * self.windows]
         self.fc1 = _dense_layout(embedded, fc1.bias.detach().double().numpy(), self.x2, slots)
+        # The logits leave at the last level, where only the first prime is left over the scale (5 bits of
+        # headroom by default): logits near 100 wrap around. The last layer computes them divided by
+        # LOGIT_DIVISOR, and `decrypt` multiplies back.
         self.fc2 = _dense_layout(
-            fc2.weight.detach().double().numpy(), fc2.bias.detach().double().numpy(), self.fc1.rows, slots
+            fc2.weight.detach().double().numpy() / LOGIT_DIVISOR,
+            fc2.bias.detach().double().numpy() / LOGIT_DIVISOR,
+            self.fc1.rows,
+            slots,
         )
         self.rotations = sorted(set(self.conv_tree) | self.fc1.rotations | self.fc2.rotations)
         self._plaintexts: dict[int, Workspace] = {}
@@ -180,7 +187,7 @@ class EncryptedCnn:
         ciphertext = seal_load(s.Ciphertext(), owner.context, result)
         plain = s.Plaintext()
         s.Decryptor(owner.context, owner.secret_key).decrypt(ciphertext, plain)
-        return np.asarray(s.CKKSEncoder(owner.context).decode_double(plain)[: self.num_classes])
+        return LOGIT_DIVISOR * np.asarray(s.CKKSEncoder(owner.context).decode_double(plain)[: self.num_classes])
 
     # Server side --------------------------------------------------------------------------------------
 
