@@ -100,9 +100,8 @@ def test_encrypted_predictions_agree_with_plaintext(trained, compiled):
             for i, img in enumerate(images)
         ]
     )
-    # CKKS at scale 2^26 keeps the last layer's output to about 1e-2; that layer computes the logits divided
-    # by LOGIT_DIVISOR (8, so that none wraps around), so the logits come back within about 0.1 (0.079 seen).
-    assert np.abs(logits - plain).max() < 0.15
+    # CKKS at scale 2^26 keeps these logits (magnitudes up to ~40) to within about 2e-2.
+    assert np.abs(logits - plain).max() < 0.05
     assert (logits.argmax(1) == plain.argmax(1)).all()
 
 
@@ -346,8 +345,7 @@ def test_interactive_rounds_compute_the_relu_network_and_mask_what_the_key_holde
         second = net.stage(context, owner.public, 1, [net.relu_round(owner, first, 0, seed=100 + i)], masks)
         result = net.stage(context, owner.public, 2, [net.relu_round(owner, second, 1, seed=200 + i)], masks)
         logits = net.decrypt(owner, result)
-        # two fresh encryptions and the last layer at 1/LOGIT_DIVISOR: errors up to 0.12 seen on logits near 8
-        assert np.abs(logits - plain[i]).max() < 0.25 and logits.argmax() == plain[i].argmax()
+        assert np.abs(logits - plain[i]).max() < 0.1 and logits.argmax() == plain[i].argmax()
     # A reply at the wrong level (a fresh full-level ciphertext) or a step-0 output passed back is refused.
     for wrong in (net.net.encrypt(owner.public_key, images[0].numpy(), seed=5)[0], first):
         with pytest.raises(ValueError):
