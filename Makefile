@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table fuzz clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table fuzz clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,13 @@ reproduce-backdoor: setup
 # about 16 min on 2 cores, under 2 min when the adversarial examples are cached).
 superiot-table: setup
 	$(PY) benchmarks/superiot_table.py
+
+# Encrypted inference (CKKS) on MNIST: plaintext against encrypted accuracy on all 2,000 test images of iotbed's split,
+# time per stage, ciphertext and key sizes, iotbed's EncryptedCnn against TenSEAL's tutorial evaluation, next to the
+# published figures (benchmarks/results/he_table.md; about 15-20 min on 2 cores, about 2 min with the encrypted
+# pass cached). Options: make he-table HE_ARGS='--images 200 --workers 2'.
+he-table: setup
+	$(PY) benchmarks/he_table.py $(HE_ARGS)
 
 # Every parser a client or a user can reach (scenario files, frames, pixel drop, model updates and the model
 # loader, quarantine notices) gets 10000 generated or mutated inputs; crashes and hangs land in fuzz/findings/

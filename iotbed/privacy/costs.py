@@ -143,7 +143,9 @@ def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) 
 
 
 def cost_key(model_key: str, params: CkksParams) -> str:
-    text = json.dumps({"model": model_key, "params": params.to_dict(), "v": 2}, sort_keys=True)
+    text = json.dumps(
+        {"model": model_key, "params": params.to_dict(), "v": 3}, sort_keys=True
+    )  # v: the evaluation code measured
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
