@@ -581,9 +581,12 @@ def _encrypted_service(
     if he is None:
         return None
     params, interactive = he.net.params, isinstance(he.net, InteractiveCnn)
+    divisor = (
+        he.net.net.divisor if isinstance(he.net, InteractiveCnn) else he.net.divisor
+    )  # the cameras decrypt with it
 
     def compile_model(model: nn.Module) -> EncryptedCnn | InteractiveCnn:
-        net = EncryptedCnn(model, params)  # type: ignore[arg-type]
+        net = EncryptedCnn(model, params, divisor)  # type: ignore[arg-type]
         return InteractiveCnn(net) if interactive else net
 
     return EncryptedService(env, compile_model, he.costs, streams.generator("he-masks", name))

@@ -171,11 +171,13 @@ def _he_artefacts(scenario: Scenario, trained: Any, captured: torch.Tensor) -> H
         return None
     from iotbed.models.cache import resolve_cache_dir
     from iotbed.privacy.costs import cached_costs
-    from iotbed.privacy.encrypted_cnn import EncryptedCnn
+    from iotbed.privacy.encrypted_cnn import EncryptedCnn, logit_divisor
     from iotbed.privacy.interactive import InteractiveCnn
 
+    with torch.inference_mode():  # the largest logit the served model gives the images cameras capture
+        peak = max(float(trained.model(chunk).abs().max()) for chunk in captured.split(1024))
     try:
-        net = EncryptedCnn(trained.model, privacy.params())
+        net = EncryptedCnn(trained.model, privacy.params(), logit_divisor(peak))
         if privacy.mode == "interactive":
             net = InteractiveCnn(net)  # type: ignore[assignment]
     except ModelError as exc:

@@ -39,7 +39,14 @@ from iotbed.privacy.ckks import (
 )
 
 MULTIPLICATIONS = 6  # conv, mask, square, dense, square, dense
-LOGIT_DIVISOR = 8.0  # see `EncryptedCnn.__init__`: keeps logits up to ~8x larger than before from wrapping
+LOGIT_DIVISOR = 8.0  # the least divisor of the logits at the last level (see `EncryptedCnn.__init__`)
+SAFE_LOGIT = 8.0  # what the largest divided logit may reach: far inside the last level's headroom
+
+
+def logit_divisor(peak_logit: float) -> float:
+    """The power of two (at least `LOGIT_DIVISOR`) that brings logits of magnitude `peak_logit` to `SAFE_LOGIT`
+    or below. On MNIST, undivided logits from 66 up wrapped around; divided by 8 none of 2,000 did."""
+    return max(LOGIT_DIVISOR, float(2 ** math.ceil(math.log2(max(peak_logit, 1e-9) / SAFE_LOGIT))))
 
 
 def _pow2(n: int) -> int:
@@ -93,7 +100,7 @@ def _dense_layout(weight: np.ndarray, bias: np.ndarray, cols: int, slots: int) -
 class EncryptedCnn:
     """A trained `HeCnn` compiled for CKKS parameters. Checks at construction that the network fits them."""
 
-    def __init__(self, model: HeCnn, params: CkksParams) -> None:
+    def __init__(self, model: HeCnn, params: CkksParams, divisor: float = LOGIT_DIVISOR) -> None:
         if not isinstance(model, HeCnn):
             raise ModelError(
                 f"encrypted inference evaluates he_cnn models only (conv, square, dense, square, dense; "
@@ -149,11 +156,12 @@ class EncryptedCnn:
             embedded[:, o * self.p2 : o * self.p2 + self.windows] = w1[:, o * self.windows : (o + 1) * self.windows]
         self.fc1 = _dense_layout(embedded, fc1.bias.detach().double().numpy(), self.x2, slots)
         # The logits leave at the last level, where only the first prime is left over the scale (5 bits of
-        # headroom by default): logits near 100 wrap around. The last layer computes them divided by
-        # LOGIT_DIVISOR, and `decrypt` multiplies back.
+        # headroom by default): large logits wrap around. The last layer computes them divided by `divisor`
+        # (`logit_divisor` of the served model's largest logit), and `decrypt` multiplies back.
+        self.divisor = divisor
         self.fc2 = _dense_layout(
-            fc2.weight.detach().double().numpy() / LOGIT_DIVISOR,
-            fc2.bias.detach().double().numpy() / LOGIT_DIVISOR,
+            fc2.weight.detach().double().numpy() / divisor,
+            fc2.bias.detach().double().numpy() / divisor,
             self.fc1.rows,
             slots,
         )
@@ -187,7 +195,7 @@ class EncryptedCnn:
         ciphertext = seal_load(s.Ciphertext(), owner.context, result)
         plain = s.Plaintext()
         s.Decryptor(owner.context, owner.secret_key).decrypt(ciphertext, plain)
-        return LOGIT_DIVISOR * np.asarray(s.CKKSEncoder(owner.context).decode_double(plain)[: self.num_classes])
+        return self.divisor * np.asarray(s.CKKSEncoder(owner.context).decode_double(plain)[: self.num_classes])
 
     # Server side --------------------------------------------------------------------------------------
 
