@@ -233,7 +233,9 @@ class PublicContext:
         return cls(params, pk, rk, gk)
 
     def keys(self, context: Any) -> tuple[Any, Any, Any]:
-        """(public key, relin keys, Galois keys) as SEAL objects, loaded once; ValueError if SEAL refuses."""
+        """(public key, relin keys, Galois keys) as SEAL objects, loaded once; ValueError if SEAL refuses. They
+        are checked against the first context given and reused for later ones: SEAL keys hold no context,
+        only the parameters' id, which every context of the same parameters shares."""
         if not self._loaded:
             s = require_seal()
             self._loaded = {
