@@ -58,10 +58,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
 sys.path.insert(0, str(ROOT))
 
+from run import machine_parallel_ceiling  # noqa: E402  (benchmarks/run.py, beside this script)
+
 from iotbed.data import load_splits  # noqa: E402
 from iotbed.models import default_train_config, get_or_train, resolve_cache_dir  # noqa: E402
 from iotbed.privacy import encrypted_cnn  # noqa: E402
 from iotbed.privacy.ckks import CkksParams, generate_keys  # noqa: E402
+from iotbed.privacy.costs import host_cpu  # noqa: E402
 from iotbed.privacy.encrypted_cnn import EncryptedCnn, evaluation_context, logit_divisor  # noqa: E402
 from iotbed.privacy.tenseal_tutorial import TutorialEvaluator  # noqa: E402
 
@@ -102,37 +105,6 @@ def sub_seed(seed: int, *parts: object) -> int:
     """A seed for one random use, derived from --seed and a name, so uses do not share streams."""
     digest = hashlib.sha256("|".join(map(str, (seed, *parts))).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def host_cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _busy(n: int) -> int:
-    total = 0
-    for i in range(n):
-        total += i * i % 7
-    return total
-
-
-def parallel_ceiling(n: int = 5_000_000) -> float:
-    """How much faster two busy processes finish side by side than one after the other on this machine: the
-    most a second worker can add (virtual CPUs may share a core, or other jobs the machine)."""
-    start = time.perf_counter()
-    _busy(n)
-    _busy(n)
-    sequential = time.perf_counter() - start
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        start = time.perf_counter()
-        pool.map(_busy, [n, n])
-        parallel = time.perf_counter() - start
-    return sequential / parallel
 
 
 def stats(values: list[float] | np.ndarray) -> dict[str, float]:
@@ -829,7 +801,7 @@ def main(argv: list[str] | None = None) -> None:
         "software": f"TenSEAL {tenseal.__version__} (SEAL), torch {torch.__version__}, Python "
         f"{platform.python_version()}",
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "parallel_ceiling_2_processes": parallel_ceiling(),
+        "parallel_ceiling_2_processes": machine_parallel_ceiling(5_000_000),
     }
     result = run(args)
     write(result, meta)

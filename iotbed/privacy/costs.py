@@ -52,7 +52,8 @@ class HeCosts:
     round_bytes: int = 0  # interactive: both legs of both rounds
 
 
-def _host() -> str:
+def host_cpu() -> str:
+    """The host's CPU model, as measurements record it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -106,7 +107,7 @@ def measure(net: EncryptedCnn | InteractiveCnn, images: np.ndarray, samples: int
         sizes[1],
         owner.public.nbytes,
         samples,
-        _host(),
+        host_cpu(),
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 
@@ -150,7 +151,7 @@ def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) 
         sizes[1],
         owner.public.nbytes,
         samples,
-        _host(),
+        host_cpu(),
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         stages,
         max(0.0, statistics.median(times["relu"]) - setup),
