@@ -448,7 +448,11 @@ def setup_summary(
             "stages": edge.classifier.defense.params()["stages"] if edge.classifier.defense is not None else [],
             "defense_flops_per_image": edge.classifier.defense_flops,
             "model_flops_per_image": edge.classifier.model_flops,
-            **({"reject": dataclasses.asdict(edge.reject)} if edge.reject is not None else {}),
+            **(
+                {"reject": dataclasses.asdict(edge.reject) | {"escalates": edge.config.escalate_qos is not None}}
+                if edge.reject is not None
+                else {}
+            ),
         }
         for edge in edges
     }

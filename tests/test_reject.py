@@ -108,6 +108,7 @@ def test_the_edge_abstains_on_unsure_frames_simulated_and_live(plain_broker, tmp
     fog = selective["by_condition"]["fog-4"]
     assert fog["coverage"] < selective["clean"]["coverage"] - 0.2  # fog makes the model unsure
     assert selective["selective_risk"] < 1 - selective["accuracy_without_rejection"]
+    assert "escalated" not in selective  # abstaining: nothing went to a cloud, so no escalation figures
     trace = simulated.trace
     threshold = simulated.summary["defenses"]["edge-0"]["reject"]["value"]
     assert ((trace["score"] < threshold) == trace["rejected"]).all()

@@ -45,7 +45,12 @@ def _link_groups(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def _selective(
-    trace: Any, delivered: np.ndarray, correct: np.ndarray, attacked: np.ndarray, conditions: np.ndarray
+    trace: Any,
+    delivered: np.ndarray,
+    correct: np.ndarray,
+    attacked: np.ndarray,
+    conditions: np.ndarray,
+    escalating: bool,
 ) -> dict[str, Any] | None:
     """The reject option's figures over the delivered frames an edge scored: coverage (the share accepted),
     selective risk (the error rate on accepted frames), system accuracy (right and accepted, over all scored:
@@ -71,7 +76,7 @@ def _selective(
     everything = np.ones(len(score), dtype=bool)
     resolver = trace.column("resolver").to_numpy(zero_copy_only=False)
     escalated: dict[str, Any] = {}
-    if (resolver != "").any() or (scored & rejected).any():
+    if escalating or (resolver != "").any():  # an abstaining edge escalates nothing: no `escalated` figures
         resolved = scored & rejected & (resolver != "")
         final = trace.column("final_prediction").to_numpy() == trace.column("label").to_numpy()
         waited = trace.column("t_resolved").to_numpy() - trace.column("t_capture").to_numpy()
@@ -153,7 +158,8 @@ def summarise(
 
     conditions = trace.column("condition").to_numpy(zero_copy_only=False)
     by_attack, by_condition = breakdown(labels), breakdown(conditions)
-    selective = _selective(trace, delivered, correct, attacked, conditions)
+    escalating = any(d.get("reject", {}).get("escalates") for d in (setup or {}).get("defenses", {}).values())
+    selective = _selective(trace, delivered, correct, attacked, conditions, escalating)
     publish = trace.column("publish_bytes").to_numpy()
     return {
         "scenario": scenario_name,
