@@ -390,30 +390,38 @@ def privacy_summary(trace: pa.Table, artefacts: Artefacts, cameras: list[Any], e
     from iotbed.analysis.privacy import privacy_section
     from iotbed.nodes.payloads import raw_frame_bytes
 
-    index = trace.column("image_index").to_numpy()
-    attack = trace.column("attack").to_numpy(zero_copy_only=False)
-    condition = trace.column("condition").to_numpy(zero_copy_only=False)
+    index, key = captured_keys(trace)
     plain = np.full(len(index), -1, dtype=np.int64)
-    sources = {"": artefacts.images.numpy()} | artefacts.adversarial
     with torch.inference_mode():
-        for key in set(zip(attack.tolist(), condition.tolist())):
-            rows = (attack == key[0]) & (condition == key[1])
-            images = sources[key[0]] if key[0] or not key[1] else artefacts.conditions[key[1]]
-            batch = torch.from_numpy(np.asarray(images[index[rows]], dtype=np.float32))
-            plain[rows] = artefacts.model(batch).argmax(dim=1).numpy() if len(batch) else []
+        for label in np.unique(key).tolist():
+            rows = key == label
+            source = (
+                artefacts.conditions[label[1:]]
+                if label.startswith("@")
+                else artefacts.adversarial[label]
+                if label
+                else artefacts.images.numpy()
+            )
+            batch = torch.from_numpy(np.asarray(source[index[rows]], dtype=np.float32))
+            plain[rows] = artefacts.model(batch).argmax(dim=1).numpy()
     shape = tuple(int(x) for x in artefacts.images.shape[1:])
     return privacy_section(trace, cameras, edges, artefacts.he, plain, raw_frame_bytes(shape))
+
+
+def captured_keys(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, its dataset image index and which version of it the camera captured: the attack's label for
+    an attacked frame, "@" and the condition's label for one captured under a condition ("@fog-3"), else ""."""
+    index = table.column("image_index").to_numpy()
+    attack = table.column("attack").to_numpy(zero_copy_only=False)
+    condition = table.column("condition").to_numpy(zero_copy_only=False)
+    return index, np.where(attack != "", attack, np.where(condition != "", "@" + condition.astype(object), ""))
 
 
 def reference_column(table: pa.Table, artefacts: Artefacts) -> np.ndarray:
     """Per frame: does the bare model classify the frame's image right (the attack's oblivious version for an
     attacked frame, the image as a camera condition made it)? 1.0/0.0, NaN for a frame two attackers changed
     (no single reference)."""
-    index = table.column("image_index").to_numpy()
-    attack = table.column("attack").to_numpy(zero_copy_only=False)
-    condition = table.column("condition").to_numpy(zero_copy_only=False)
-    # An attacked frame's reference is its attack's; an unattacked one's is its condition's ("@fog-3").
-    key = np.where(attack != "", attack, np.where(condition != "", "@" + condition.astype(object), ""))
+    index, key = captured_keys(table)
     out = np.full(len(index), np.nan)
     for label, correct in artefacts.bare_correct.items():
         rows = key == label

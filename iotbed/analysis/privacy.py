@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from iotbed.nodes.encrypted import EncryptingCamera
+
 
 def _median_ms(values: np.ndarray) -> float | None:
     return float(np.median(values) * 1e3) if len(values) else None
@@ -42,7 +44,7 @@ def privacy_section(
         if edge.encrypted is not None:
             for reason, n in edge.encrypted.refused.items():
                 refused[reason] = refused.get(reason, 0) + n
-    sealed = [c for c in cameras if hasattr(c, "privacy")]
+    sealed = [c for c in cameras if isinstance(c, EncryptingCamera)]
     rounds = trace.column("round_trips").to_numpy()[encrypted]
     round_bytes = trace.column("round_bytes").to_numpy()[encrypted]
     interactive = bool(costs.stage_s)

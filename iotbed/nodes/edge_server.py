@@ -279,10 +279,11 @@ class EdgeServer:
             out = service.step(frame, step, inputs, masks, model, version)
             if out is None:
                 return
+            busy = self.device.he_seconds(seconds, cores=1)
             with self._he_cores.request() as turn:
                 yield turn
-                yield self.env.timeout(self.device.he_seconds(seconds, cores=1))
-                self.busy_s += self.device.he_seconds(seconds, cores=1)
+                yield self.env.timeout(busy)
+                self.busy_s += busy
             if step == len(service.costs.stage_s) - 1:
                 result = EncryptedResult(frame.frame_id, version, out)
                 self.transport.publish(results_topic(frame.key_owner), result, self.config.results_qos)

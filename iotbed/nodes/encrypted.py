@@ -90,16 +90,7 @@ class EncryptingCamera(Camera):
         p = self.privacy
         pixels = frame.pixels if frame.pixels is not None else p.images[frame.image_index]
         ciphertexts = p.net.encrypt(p.owner.public_key, pixels, next(self._encryption_seeds))
-        encrypted = EncryptedFrame(
-            frame.frame_id,
-            frame.camera_index,
-            self.name,
-            ciphertexts,
-            frame.captured_at,
-            frame.image_index,
-            frame.label,
-            frame.attack,
-        )
+        encrypted = EncryptedFrame(frame.frame_id, frame.camera_index, self.name, ciphertexts)
         config = self.config
         record.payload_bytes = encrypted.nbytes
         mqtt = publish_size(config.topic, encrypted.nbytes, config.qos, config.protocol)
@@ -187,7 +178,6 @@ class EncryptedService:
         self._context: Any = None
         self.contexts: dict[str, PublicContext] = {}
         self.refused: Counter[str] = Counter()
-        self.evaluated = 0
         self.interactive = bool(costs.stage_s)
         self._waiting: dict[tuple[int, int], tuple[str, simpy.Event]] = {}  # (frame, step) -> key holder, reply
 
@@ -227,7 +217,6 @@ class EncryptedService:
         )
         if result is None:
             return None
-        self.evaluated += 1
         return EncryptedResult(frame.frame_id, version, result)
 
     def masks_for(self, model: nn.Module, version: int) -> tuple[np.ndarray, np.ndarray]:
@@ -250,10 +239,6 @@ class EncryptedService:
         assert isinstance(net, InteractiveCnn)
         refusal = "bad_ciphertext" if step == 0 else "bad_reply"
         out = self._run(frame, refusal, lambda public: net.stage(self._context, public, step, inputs, masks))
-        if out is None:
-            return None
-        if step == len(self.costs.stage_s) - 1:
-            self.evaluated += 1
         return out
 
     def expect(self, frame_id: int, step: int, key_holder: str) -> simpy.Event:

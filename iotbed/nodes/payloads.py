@@ -139,17 +139,12 @@ QUARANTINE_MAGIC = b"IQ"
 @dataclass(slots=True)
 class EncryptedFrame:
     """A frame as a CKKS-encrypting camera sends it: the image's ciphertexts, one per channel, as SEAL
-    serialised them. The edge never sees `image_index` or `label`: they ride along for the trace only and
-    are not counted in `nbytes` (a real camera would not send them)."""
+    serialised them. Nothing else about the image travels: the edge reads no label or image index."""
 
     frame_id: int
     camera_index: int
     key_owner: str  # whose public context the edge computes with, and where the result goes
     ciphertexts: list[bytes]
-    captured_at: float = 0.0
-    image_index: int = -1
-    label: int = -1
-    attack: str = ""
 
     @property
     def nbytes(self) -> int:

@@ -119,12 +119,13 @@ def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) 
     context = evaluation_context(net.params)
     rng = np.random.default_rng(0)
     times: dict[str, list[float]] = {k: [] for k in ("encrypt", "s0", "s1", "s2", "relu", "decrypt")}
-    sizes = (0, 0, 0)
+    sizes = (0, 0, 0)  # the image's ciphertexts, the result, both legs of both rounds
     for i in range(samples + 1):
         masks = net.draw_masks(rng)
         t = [time.perf_counter()]
         data = net.encrypt(owner.public_key, images[i % len(images)], seed=10 * i + 1)
         t.append(time.perf_counter())
+        uploaded = sum(len(c) for c in data)
         legs = []
         for step in range(3):
             out = net.stage(context, owner.public, step, data, masks)
@@ -139,7 +140,7 @@ def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) 
             d = np.diff(t)  # encrypt, s0, relu, s1, relu, s2, decrypt
             for key, value in zip(("encrypt", "s0", "relu", "s1", "relu", "s2", "decrypt"), d):
                 times[key].append(float(value))
-        sizes = (len(net.encrypt(owner.public_key, images[0], seed=7)[0]), len(out), sum(legs))
+        sizes = (uploaded, len(out), sum(legs))
     stages = tuple(statistics.median(times[k]) for k in ("s0", "s1", "s2"))
     setup = context_seconds(net.params)
     return HeCosts(
@@ -147,7 +148,7 @@ def _measure_interactive(net: InteractiveCnn, images: np.ndarray, samples: int) 
         sum(stages),
         statistics.median(times["decrypt"]),
         keygen,
-        sizes[0] * net.net.channels,
+        sizes[0],
         sizes[1],
         owner.public.nbytes,
         samples,

@@ -320,7 +320,8 @@ class EncryptedCnn:
         if total is None:
             raise ModelError("a dense layer of the he_cnn model has only zero weights")
         # Fold before rescaling: key switching adds about the same noise at any level, and before the rescale
-        # it is 2^26 times smaller against the scale (at the last level it cost the first logits ~0.03).
+        # it is 2^26 times smaller against the scale (at the last level it cost the first logits 0.038 on
+        # average, 0.26 at most, on MNIST with the logits divided by 8).
         for step in layer.fold:
             ev.add_inplace(total, _rotated(ev, total, step, galois))
         ev.rescale_to_next_inplace(total)
