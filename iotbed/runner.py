@@ -500,7 +500,7 @@ def results_folder(out_dir: str | Path | None, name: str, force: bool, error: ty
     return path
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     # Write beside the target and rename, so an interrupted run never leaves a half-written file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -524,17 +524,17 @@ def write_outputs(
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise IotbedError(f"--out {target}: cannot create the folder ({exc})") from None
-    _atomic_write(target / "scenario.resolved.yaml", lambda p: p.write_text(resolved_yaml(scenario), encoding="utf-8"))
-    _atomic_write(target / "trace.parquet", lambda p: pq.write_table(tables.trace, p, compression="zstd"))
-    _atomic_write(target / "links.csv", lambda p: pd.DataFrame(tables.links).to_csv(p, index=False))
-    _atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
-    _atomic_write(
+    atomic_write(target / "scenario.resolved.yaml", lambda p: p.write_text(resolved_yaml(scenario), encoding="utf-8"))
+    atomic_write(target / "trace.parquet", lambda p: pq.write_table(tables.trace, p, compression="zstd"))
+    atomic_write(target / "links.csv", lambda p: pd.DataFrame(tables.links).to_csv(p, index=False))
+    atomic_write(target / "links_timeseries.csv", lambda p: pd.DataFrame(link_series).to_csv(p, index=False))
+    atomic_write(
         target / "model_events.csv",
         lambda p: model_events_table(tables.model_events).to_pandas().to_csv(p, index=False),
     )
     for name, rows in (extra_csv or {}).items():
-        _atomic_write(target / name, lambda p, rows=rows: pd.DataFrame(rows).to_csv(p, index=False))
+        atomic_write(target / name, lambda p, rows=rows: pd.DataFrame(rows).to_csv(p, index=False))
     # summary.json last: its presence marks a complete run (sweeps resume on it)
-    _atomic_write(
+    atomic_write(
         target / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     )

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,13 +37,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
+from iotbed.analysis.detection import auroc
 from iotbed.data.dataset import ImageDataset
 from iotbed.errors import ModelError, UsageError
 from iotbed.models.architectures import resolve_arch
@@ -76,10 +75,8 @@ def roc_auc(member_scores: Sequence[float] | np.ndarray, non_member_scores: Sequ
     """Area under the ROC curve: the probability that a random member outscores a random non-member, ties
     counting one half (the Mann-Whitney U statistic over m * n)."""
     members, non_members = _scores(member_scores, non_member_scores)
-    m, n = members.size, non_members.size
-    ranks = rankdata(np.concatenate([members, non_members]))  # midranks for ties
-    u = float(ranks[:m].sum()) - m * (m + 1) / 2
-    return u / (m * n)
+    # detection.auroc is P(second < first): members as the first set, non-members as the second.
+    return auroc(members, non_members)
 
 
 def null_auc_se(n_members: int, n_non_members: int) -> float:
@@ -507,14 +504,11 @@ def output_dir(out_dir: str | Path | None, dataset: str, arch: str, *, force: bo
 def write_results(out_dir: Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """membership.json and membership.md in `out_dir`, each written beside its place and renamed, so an
     interrupted run leaves no half-written file."""
+    from iotbed.runner import atomic_write
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / "membership.json", out_dir / "membership.md")
     texts = (json.dumps(payload, indent=2) + "\n", markdown)
     for path, text in zip(paths, texts, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))  # type: ignore[misc]
     return paths
