@@ -125,7 +125,8 @@ class EdgeServer:
 
     def _on_frame(self, message: Publish) -> None:
         frame = message.payload
-        if not isinstance(frame, Frame | EncryptedFrame):
+        # an encrypted frame only where this edge can evaluate one (an edge without the service never batches one)
+        if not isinstance(frame, Frame) and not (isinstance(frame, EncryptedFrame) and self.encrypted is not None):
             return
         record = self.recorder.record(frame.frame_id)
         if record is None:  # an id no camera of this run handed out: a forged or replayed frame
@@ -212,9 +213,11 @@ class EdgeServer:
             taken = yield from self._batch.next_batch()
             start = self._stamp()
             version = self.classifier.version
-            sealed: list[tuple[EncryptedFrame, FrameRecord]] = [
-                (frame, record) for frame, record in taken if isinstance(frame, EncryptedFrame)
-            ]
+            sealed: list[tuple[EncryptedFrame, FrameRecord]] = (
+                [(frame, record) for frame, record in taken if isinstance(frame, EncryptedFrame)]
+                if self.encrypted is not None  # plain deployments skip the per-frame type check
+                else []
+            )
             if sealed:
                 taken = [(frame, record) for frame, record in taken if not isinstance(frame, EncryptedFrame)]
                 if self.encrypted is not None and self.encrypted.interactive:
