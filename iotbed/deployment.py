@@ -15,7 +15,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import simpy
@@ -28,18 +28,19 @@ from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
 from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.defenses.pipeline import build_chain
-from iotbed.defenses.reject import Threshold
+from iotbed.defenses.reject import STRIP_SCORE_OVERLAYS, FrameScorer, GamblerScore, SoftmaxScore, StripScore, Threshold
 from iotbed.errors import ScenarioError
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
 from iotbed.nodes.classifier import EdgeClassifier
-from iotbed.nodes.cloud import ESCALATIONS_FILTER, CloudConfig, CloudServer
+from iotbed.nodes.cloud import ESCALATIONS_FILTER, CloudConfig, CloudServer, escalations_filter
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.encrypted import CameraPrivacy, EncryptedService, EncryptingCamera
 from iotbed.nodes.gateway import ScreeningGateway, ScreenSettings
 from iotbed.nodes.payloads import Frame, results_topic
 from iotbed.nodes.registry import ModelRegistry, ScheduledUpdate
 from iotbed.nodes.repair import CoDefendRepairer
+from iotbed.nodes.reviewers import ReviewConfig, ReviewDesk, ServiceTime
 from iotbed.nodes.update_attacker import UpdateChannelAttacker
 from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.privacy.ckks import generate_keys
@@ -56,6 +57,9 @@ from iotbed.sim.topology import LinkGroup, LinkMonitor, add_links, add_nodes, re
 from iotbed.sim.trace import TraceRecorder
 from iotbed.trust.channel_setup import setup_channel
 from iotbed.trust.documents import blob_digest
+
+if TYPE_CHECKING:
+    from iotbed.defenses.gambler import Gambler
 
 NodeRun = Callable[[], Generator[simpy.Event, object, None]]
 
@@ -88,6 +92,11 @@ class Artefacts:
     conditions: dict[str, np.ndarray] = field(default_factory=dict)  # condition label -> the images as seen
     cloud_models: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)  # group -> (model, FLOPs)
     he: HeArtefacts | None = None  # where cameras encrypt: the compiled network and its measured costs
+    gamblers: dict[str, Gambler] = field(default_factory=dict)  # edge group -> its reject score's network
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.spec.num_classes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,6 +134,7 @@ class Nodes:
     cameras: list[Camera] = field(default_factory=list)
     edges: list[EdgeServer] = field(default_factory=list)
     clouds: list[CloudServer] = field(default_factory=list)
+    reviewers: list[ReviewDesk] = field(default_factory=list)
     gateways: list[ScreeningGateway] = field(default_factory=list)
     registry: ModelRegistry | None = None
     publishers: list[ModelRegistry] = field(default_factory=list)  # rogue publishers, each its own client
@@ -335,6 +345,7 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         group.cores,
         scenario.qos_for(topic),
         scenario.qos_for_filter(ESCALATIONS_FILTER) if escalating else None,
+        group.reject.to or "" if group.reject is not None else "",
         scenario.qos_for(results_topic("_")),
     )
 
@@ -347,8 +358,23 @@ def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, str
         artefacts.images,
         build_chain(group.defenses),
         streams.torch_generator("defense", name),
-        group.reject.score if group.reject is not None else None,
+        reject_scorer(group, artefacts, streams.torch_generator("reject-score", name)),
     )
+
+
+def reject_scorer(group: EdgeServerGroup, artefacts: Artefacts, generator: torch.Generator) -> FrameScorer | None:
+    """The reject option's score for an edge group: of the model's softmax, of the group's Deep Gamblers
+    network, or STRIP's entropy over overlays from the defenders' clean pool past the calibration images."""
+    spec = group.reject
+    if spec is None:
+        return None
+    if spec.score == "gambler":
+        return GamblerScore(artefacts.gamblers[group.name])
+    if spec.score == "strip":
+        pool = artefacts.clean_pool
+        overlays = pool.images[spec.calibration : spec.calibration + STRIP_SCORE_OVERLAYS]
+        return StripScore(overlays, spec.strip.n_blends, generator)
+    return SoftmaxScore(spec.score)
 
 
 def reject_threshold(group: EdgeServerGroup, artefacts: Artefacts, streams: RandomStreams) -> Threshold | None:
@@ -369,7 +395,7 @@ def reject_threshold(group: EdgeServerGroup, artefacts: Artefacts, streams: Rand
         pool.images[:n],
         build_chain(group.defenses),
         streams.torch_generator("reject", group.name),
-        spec.score,
+        reject_scorer(group, artefacts, streams.torch_generator("reject-calibration", group.name)),
     )
     shape = tuple(int(x) for x in pool.images.shape[1:])
     frames = [Frame(i, 0, 0.0, i, int(labels[i]), shape, 0) for i in range(n)]  # type: ignore[arg-type]
@@ -500,7 +526,7 @@ def build_nodes(
     for group in scenario.nodes.clouds:
         model, flops = artefacts.cloud_models.get(group.name, (artefacts.model, artefacts.flops_per_image))
         config = CloudConfig(
-            f"$share/{group.name}/{ESCALATIONS_FILTER}",
+            escalations_filter(group.name),
             scenario.qos_for_filter(ESCALATIONS_FILTER),
             group.batch.max_size,
             group.batch.max_wait,
@@ -511,6 +537,20 @@ def build_nodes(
             cloud = CloudServer(env, name, client(name, name), config, classifier, profiles[group.device], recorder)
             built.clouds.append(cloud)
             built.runs[name] = cloud.run
+
+    for group in scenario.nodes.reviewers:
+        review = ReviewConfig(
+            escalations_filter(group.name),
+            scenario.qos_for_filter(ESCALATIONS_FILTER),
+            group.reviewers,
+            ServiceTime(group.service_time.distribution, group.service_time.mean, group.service_time.cv),
+            group.accuracy,
+            artefacts.num_classes,
+        )
+        for name in group_nodes(group.name, group.count):
+            desk = ReviewDesk(env, name, client(name, name), review, recorder, streams.generator("review", name))
+            built.reviewers.append(desk)
+            built.runs[name] = desk.run
 
     relayed = relayed_cameras(wiring.topology, scenario) if any(g.strip for g in scenario.nodes.gateways) else {}
     models_topic = scenario.registry.topic

@@ -32,6 +32,19 @@ class EdgeRow:
 
 
 @dataclass(frozen=True)
+class ReviewerRow:
+    """A review desk's tallies at the end of the run."""
+
+    name: str
+    reviewers: int
+    reviewed: int
+    busy_s: float  # reviewer-seconds spent reviewing
+    waited_s: float  # summed time frames queued before a reviewer took them
+    max_queue: int
+    waiting_at_end: int
+
+
+@dataclass(frozen=True)
 class ScreenRow:
     """One STRIP screen by a gateway."""
 
@@ -140,6 +153,7 @@ class NodeTables:
     """What the nodes of one process recorded: a whole run's, or one live worker's share of it."""
 
     edges: list[EdgeRow] = field(default_factory=list)
+    reviewers: list[ReviewerRow] = field(default_factory=list)
     model_events: list[ModelEvent] = field(default_factory=list)
     screens: list[ScreenRow] = field(default_factory=list)
     screened: list[ScreenedFrame] = field(default_factory=list)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from iotbed.analysis.backdoor import backdoor_sections, screened_frames
 from iotbed.analysis.security import security_section
 from iotbed.analysis.summary import summarise
+from iotbed.defenses.reject import STRIP_SCORE_OVERLAYS
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, HeArtefacts, build_deployment
 from iotbed.errors import IotbedError, ModelError, ScenarioError
 from iotbed.naming import group_of, update_version
@@ -122,6 +123,11 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
             cloud_config = _train_config(group.model.train, group.model.arch, ds.name)
             cloud = get_or_train(group.model.arch, train, cloud_config, test_ds=splits.test, progress=progress)
             cloud_models[group.name] = (cloud.model, float(count_flops(cloud.model, (1, *image_shape))))
+    gamblers = {
+        group.name: _gambler(group.name, group.reject.gambler, arch, train, progress)
+        for group in scenario.nodes.edge_servers
+        if group.reject is not None and group.reject.score == "gambler"
+    }
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
@@ -150,6 +156,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         conditions,
         cloud_models,
         he,
+        gamblers,
     )
     model_info = {
         "arch": trained.arch,
@@ -162,6 +169,17 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         "test_images": len(splits.test),
     }
     return resolved, artefacts, model_info
+
+
+def _gambler(group: str, spec: Any, arch: str, train: Any, progress: bool) -> Any:
+    """The Deep Gamblers network an edge's `gambler` reject score runs, trained on the models' training split."""
+    from iotbed.defenses.gambler import GamblerConfig, get_or_train_gambler
+
+    try:
+        config = GamblerConfig(spec.reward, spec.epochs, spec.pretrain_epochs, spec.seed)
+        return get_or_train_gambler(arch, train, config, progress=progress)
+    except ValueError as exc:
+        raise ScenarioError(f"edge server group {group!r}, `reject.gambler`: {exc}") from None
 
 
 def _he_artefacts(scenario: Scenario, trained: Any, captured: torch.Tensor) -> HeArtefacts | None:
@@ -204,7 +222,11 @@ def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
     on them put the boundary where a clean update's own frames were flagged."""
     sizes = [g.strip.calibration + g.strip.n_blends for g in scenario.nodes.gateways if g.strip is not None]
     sizes += [e.repair.clean_images for e in scenario.nodes.edge_servers if e.repair is not None]
-    sizes += [e.reject.calibration for e in scenario.nodes.edge_servers if e.reject is not None]
+    sizes += [
+        e.reject.calibration + (STRIP_SCORE_OVERLAYS if e.reject.score == "strip" else 0)
+        for e in scenario.nodes.edge_servers
+        if e.reject is not None
+    ]
     if not sizes:
         return None, train
     n = max(sizes)
@@ -457,7 +479,14 @@ def setup_summary(
             "defense_flops_per_image": edge.classifier.defense_flops,
             "model_flops_per_image": edge.classifier.model_flops,
             **(
-                {"reject": dataclasses.asdict(edge.reject) | {"escalates": edge.config.escalate_qos is not None}}
+                {
+                    "reject": dataclasses.asdict(edge.reject)
+                    | {
+                        "escalates": edge.config.escalate_qos is not None,
+                        "to": edge.config.escalate_to if edge.config.escalate_qos is not None else None,
+                        "score_flops_per_image": edge.classifier.score_flops,
+                    }
+                }
                 if edge.reject is not None
                 else {}
             ),

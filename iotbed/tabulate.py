@@ -27,6 +27,7 @@ from iotbed.run_tables import (
     NodeTables,
     OfflineScore,
     RepairRow,
+    ReviewerRow,
     RunTables,
     ScreenedFrame,
     ScreenRow,
@@ -49,6 +50,19 @@ def tables_from(
     screens, screened = _screens(gateways)
     return NodeTables(
         edges=[EdgeRow(e.name, e.batches, e.busy_s, e.classifier.version, e.unknown_frames) for e in edges],
+        reviewers=[
+            ReviewerRow(
+                d.name,
+                d.config.reviewers,
+                d.reviewed,
+                d.busy_s,
+                d.waited_s,
+                d.max_queue,
+                len(d.waiting.items),
+            )
+            for d in nodes.reviewers
+            if mine(d.name)
+        ],
         model_events=list(recorder.model_events),
         screens=screens,
         screened=screened,

@@ -151,7 +151,9 @@ def test_rejected_frames_escalate_over_the_wan_to_the_cloud_simulated_and_live(p
 
 
 def test_escalation_to_a_group_that_does_not_exist_is_refused() -> None:
-    with pytest.raises(ScenarioError, match="not a `clouds:` group; add one under nodes.clouds"):
+    with pytest.raises(
+        ScenarioError, match="not a `clouds:` or `reviewers:` group; add one under nodes.clouds or nodes.reviewers"
+    ):
         iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate, to: sky}"])
     with pytest.raises(ScenarioError, match="needs `to:`"):
         iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={action: escalate}"])
@@ -198,3 +200,49 @@ def test_pgd_with_kappa_wins_by_the_margin() -> None:
     assert float((adv - x).abs().max()) <= 0.3 + 1e-6
     with pytest.raises(ValueError, match="untargeted"):
         pgd(model, x, y, eps=0.3, kappa=5.0, random_start=False, targeted=True)
+
+
+def test_strip_entropy_as_the_reject_score_is_charged_and_fitted_like_the_others() -> None:
+    """score: strip blends each frame with clean held-out images: the threshold still gives the asked
+    coverage on clean frames, and the edge is charged a forward pass per blend."""
+    scenario = iotbed.load_scenario(
+        QUICKSTART, ["duration=15s", "nodes.edge_servers.0.reject={score: strip, strip: {n_blends: 8}}"]
+    )
+    result = iotbed.run(scenario, write=False, progress=False)
+    summary, trace = result.summary, result.trace
+    reject = summary["defenses"]["edge-0"]["reject"]
+    assert reject["score"] == "strip"
+    assert reject["score_flops_per_image"] == 8 * summary["defenses"]["edge-0"]["model_flops_per_image"]
+    assert summary["selective"]["coverage"] == pytest.approx(0.9, abs=0.05)
+    assert ((trace["score"] < reject["value"]) == trace["rejected"]).all()
+    assert trace["score"].between(0, np.log2(10)).all()  # entropy in bits over ten classes
+    again = iotbed.run(scenario, write=False, progress=False).trace
+    assert (again["score"].to_numpy() == trace["score"].to_numpy()).all()  # one seed, the same blends
+
+
+def test_a_score_setting_for_another_score_is_refused() -> None:
+    with pytest.raises(ScenarioError, match="`strip:` sets up score strip, but this reject option scores by msp"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.edge_servers.0.reject={score: msp, strip: {n_blends: 4}}"])
+
+
+def test_a_deep_gamblers_network_scores_frames_for_the_edge() -> None:
+    """score: gambler trains (or fetches) a Deep Gamblers network beside the model; the edge is charged its
+    forward pass, the threshold gives the asked coverage, and in fog the gambler abstains more."""
+    scenario = iotbed.load_scenario(
+        QUICKSTART,
+        [
+            "duration=20s",
+            "nodes.edge_servers.0.reject={score: gambler, target: {coverage: 0.9}}",
+            "nodes.cameras.0.conditions=[{kind: fog, severity: 4, start: 10s}]",
+        ],
+    )
+    result = iotbed.run(scenario, write=False, progress=False)
+    summary, trace = result.summary, result.trace
+    reject = summary["defenses"]["edge-0"]["reject"]
+    model_flops = summary["defenses"]["edge-0"]["model_flops_per_image"]
+    assert reject["score_flops_per_image"] > 0.9 * model_flops  # a second network of the same architecture
+    selective = summary["selective"]
+    assert selective["clean"]["coverage"] == pytest.approx(0.9, abs=0.06)
+    assert selective["by_condition"]["fog-4"]["coverage"] < selective["clean"]["coverage"] - 0.2
+    assert trace["score"].between(0, 1).all()
+    assert ((trace["score"] < reject["value"]) == trace["rejected"]).all()

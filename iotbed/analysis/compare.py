@@ -52,6 +52,23 @@ PRIVACY_METRICS = (
 )
 
 
+SELECTIVE_METRICS = (
+    "coverage",
+    "selective_risk",
+    "system_accuracy",
+    "escalated.resolved",
+    "escalated.accuracy",
+    "escalated.system_accuracy",
+    "escalated.bytes_per_s",
+)
+RESOLVER_METRICS = ("resolved", "accuracy", "latency_ms.p50", "latency_ms.p99")
+REVIEWER_METRICS = ("reviewed", "utilisation", "mean_wait_s", "max_queue")
+
+
+def _escalated_via(summary: dict[str, Any]) -> list[str]:
+    return list(summary.get("selective", {}).get("escalated", {}).get("by_resolver", {}))
+
+
 def _load(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / "summary.json"
     try:
@@ -83,6 +100,14 @@ def _metrics(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
     extra += [f"security.refused.{reason}" for reason in reasons]
     if "privacy" in first or "privacy" in second:
         extra += [f"privacy.{m}" for m in PRIVACY_METRICS]
+    if "selective" in first or "selective" in second:
+        extra += [f"selective.{m}" for m in SELECTIVE_METRICS]
+        resolvers = sorted(
+            {*_escalated_via(first), *_escalated_via(second)},
+        )
+        extra += [f"selective.escalated.by_resolver.{g}.{m}" for g in resolvers for m in RESOLVER_METRICS]
+    desks = sorted({*first.get("reviewers", {}), *second.get("reviewers", {})})
+    extra += [f"reviewers.{d}.{m}" for d in desks for m in REVIEWER_METRICS]
     return [*METRICS, *extra]
 
 

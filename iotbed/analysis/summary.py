@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from iotbed.analysis.selective import aurc, e_aurc
+from iotbed.naming import group_of
+from iotbed.nodes.cloud import escalation_topic
 from iotbed.run_tables import RunTables
 from iotbed.sim.trace import DELIVERED, DROPPED, IN_FLIGHT
 
@@ -50,7 +52,8 @@ def _selective(
     correct: np.ndarray,
     attacked: np.ndarray,
     conditions: np.ndarray,
-    escalating: bool,
+    escalates_to: dict[str, str],
+    duration_s: float,
 ) -> dict[str, Any] | None:
     """The reject option's figures over the delivered frames an edge scored: coverage (the share accepted),
     selective risk (the error rate on accepted frames), system accuracy (right and accepted, over all scored:
@@ -76,18 +79,8 @@ def _selective(
     everything = np.ones(len(score), dtype=bool)
     resolver = trace.column("resolver").to_numpy(zero_copy_only=False)
     escalated: dict[str, Any] = {}
-    if escalating or (resolver != "").any():  # an abstaining edge escalates nothing: no `escalated` figures
-        resolved = scored & rejected & (resolver != "")
-        final = trace.column("final_prediction").to_numpy() == trace.column("label").to_numpy()
-        waited = trace.column("t_resolved").to_numpy() - trace.column("t_capture").to_numpy()
-        escalated = {
-            "rejected": int((scored & rejected).sum()),
-            "resolved": int(resolved.sum()),
-            "accuracy": float(final[resolved].mean()) if resolved.any() else None,
-            "latency_ms": _percentiles_ms(waited[resolved]),
-            # right at the edge or right in the cloud, over every scored frame (unresolved serve nothing)
-            "system_accuracy": float(((correct & accepted) | (final & resolved)).sum() / scored.sum()),
-        }
+    if escalates_to or (resolver != "").any():  # an abstaining edge escalates nothing: no `escalated` figures
+        escalated = _escalated(trace, scored, rejected, accepted, correct, resolver, escalates_to, duration_s)
     return {
         **figures(everything),
         **({"escalated": escalated} if escalated else {}),
@@ -97,6 +90,75 @@ def _selective(
         "clean": figures(~attacked & (conditions == "")),
         "attacked": figures(attacked),
         "by_condition": {str(c): figures(conditions == c) for c in sorted(set(conditions.tolist()) - {""})},
+    }
+
+
+def _escalated(
+    trace: Any,
+    scored: np.ndarray,
+    rejected: np.ndarray,
+    accepted: np.ndarray,
+    correct: np.ndarray,
+    resolver: np.ndarray,
+    escalates_to: dict[str, str],
+    duration_s: float,
+) -> dict[str, Any]:
+    """What escalation did: resolved frames, their accuracy and latency per path (accepted at the edge, and
+    through each resolver group: the trip there, the wait and review or classification), the system
+    accuracy, and the escalations' MQTT bytes per second (each rejected frame republished once)."""
+    column = trace.column
+    resolved = scored & rejected & (resolver != "")
+    final = column("final_prediction").to_numpy() == column("label").to_numpy()
+    t_capture, t_done = column("t_capture").to_numpy(), column("t_done").to_numpy()
+    t_escalated, t_resolved = column("t_escalated").to_numpy(), column("t_resolved").to_numpy()
+    edges = column("edge").to_numpy(zero_copy_only=False)
+    target = np.array([escalates_to.get(e, "") for e in edges.tolist()], dtype=object)
+    sent = scored & rejected & (target != "")
+    # The republished PUBLISH differs from the camera's only in its topic.
+    topics = column("topic").to_numpy(zero_copy_only=False)
+    cameras = column("camera").to_numpy(zero_copy_only=False)
+    publish = column("publish_bytes").to_numpy()
+    resend = [
+        int(publish[i]) - len(topics[i]) + len(escalation_topic(target[i], cameras[i])) for i in np.flatnonzero(sent)
+    ]
+    groups = np.array([group_of(r) if r else "" for r in resolver.tolist()], dtype=object)
+    by_resolver = {
+        str(g): {
+            "resolved": int((resolved & (groups == g)).sum()),
+            "accuracy": float(final[resolved & (groups == g)].mean()),
+            "latency_ms": _percentiles_ms((t_resolved - t_capture)[resolved & (groups == g)]),
+            "transit_ms": _percentiles_ms((t_escalated - t_done)[resolved & (groups == g)]),
+            "resolve_ms": _percentiles_ms((t_resolved - t_escalated)[resolved & (groups == g)]),
+        }
+        for g in sorted(set(groups[resolved].tolist()))
+    }
+    return {
+        "rejected": int((scored & rejected).sum()),
+        "resolved": int(resolved.sum()),
+        "accuracy": float(final[resolved].mean()) if resolved.any() else None,
+        "latency_ms": _percentiles_ms((t_resolved - t_capture)[resolved]),
+        "accepted_latency_ms": _percentiles_ms((t_done - t_capture)[accepted]),
+        "by_resolver": by_resolver,
+        "bytes_per_s": float(sum(resend)) / duration_s,
+        # right at the edge or right where it was escalated, over every scored frame (unresolved serve nothing)
+        "system_accuracy": float(((correct & accepted) | (final & resolved)).sum() / scored.sum()),
+    }
+
+
+def _reviewers(rows: list[Any], open_s: float) -> dict[str, Any]:
+    """Each review desk: frames reviewed, utilisation (busy reviewer-seconds over reviewers x the whole run:
+    reviews go on after the cameras stop), mean wait in the queue, the longest queue and what still waited
+    at the end."""
+    return {
+        r.name: {
+            "reviewers": r.reviewers,
+            "reviewed": r.reviewed,
+            "utilisation": r.busy_s / (r.reviewers * open_s),
+            "mean_wait_s": r.waited_s / r.reviewed if r.reviewed else None,
+            "max_queue": r.max_queue,
+            "waiting_at_end": r.waiting_at_end,
+        }
+        for r in rows
     }
 
 
@@ -158,8 +220,12 @@ def summarise(
 
     conditions = trace.column("condition").to_numpy(zero_copy_only=False)
     by_attack, by_condition = breakdown(labels), breakdown(conditions)
-    escalating = any(d.get("reject", {}).get("escalates") for d in (setup or {}).get("defenses", {}).values())
-    selective = _selective(trace, delivered, correct, attacked, conditions, escalating)
+    escalates_to = {
+        edge: d["reject"]["to"]
+        for edge, d in (setup or {}).get("defenses", {}).items()
+        if d.get("reject", {}).get("escalates")
+    }
+    selective = _selective(trace, delivered, correct, attacked, conditions, escalates_to, duration_s)
     publish = trace.column("publish_bytes").to_numpy()
     return {
         "scenario": scenario_name,
@@ -204,6 +270,7 @@ def summarise(
             "by_condition": by_condition,
         },
         **({"selective": selective} if selective else {}),
+        **({"reviewers": _reviewers(tables.reviewers, sim_end_s)} if tables.reviewers else {}),
         **(setup or {}),
         "edge_servers": {
             e.name: {

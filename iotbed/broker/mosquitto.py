@@ -95,7 +95,7 @@ def scenario_client_roles(scenario: Scenario) -> dict[str, str]:
         {g.name: "camera" for g in n.cameras}
         | {g.name: "gateway" for g in n.gateways}
         | {g.name: "edge" for g in n.edge_servers}
-        | {g.name: "cloud" for g in n.clouds}
+        | {g.name: "cloud" for g in [*n.clouds, *n.reviewers]}
     )
     roles = {
         node: group_roles[group]

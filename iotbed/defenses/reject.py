@@ -1,9 +1,11 @@
 """The reject option: an edge abstains on a frame whose confidence score is below a threshold, fitted on a
 labelled calibration split that is never scored.
 
-Scores (higher = more confident), from the model's logits: `msp` the largest softmax probability
+Scores (higher = more confident): from the model's logits, `msp` the largest softmax probability
 (Geifman and El-Yaniv 2017's softmax response), `margin` the gap between the two largest, `entropy` minus
-the softmax entropy. Thresholds:
+the softmax entropy; from the frame itself, `gambler` one minus the abstain probability of a Deep Gamblers
+network (`iotbed.defenses.gambler`) and `strip` the STRIP entropy of the frame superimposed on clean images
+(`iotbed.defenses.strip`; low where a trigger dominates). Thresholds:
 
 * a target coverage c: the (1 - c) quantile of the calibration scores, so that a share c is accepted;
 * a target risk r* with confidence 1 - delta, by selection with guaranteed risk (SGR, Geifman and El-Yaniv
@@ -17,12 +19,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 from scipy.stats import beta
+from torch import nn
+
+from iotbed.defenses.strip import StripDetector
+
+if TYPE_CHECKING:
+    from iotbed.defenses.gambler import Gambler
 
 SCORES = ("msp", "margin", "entropy")
+STRIP_SCORE_OVERLAYS = 100  # clean images a `strip` score draws its blends from
 
 
 class RejectTargetError(ValueError):
@@ -40,6 +50,71 @@ def confidence(logits: torch.Tensor, score: str) -> torch.Tensor:
     if score == "entropy":
         return (p * torch.log(p.clamp(min=1e-12))).sum(dim=1)  # minus the entropy: higher is surer
     raise ValueError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+
+
+class FrameScorer(Protocol):
+    """A reject score of a batch: (N,) float64, higher = surer."""
+
+    name: str
+    randomized: bool  # draws from a generator, so the same image may score differently each time
+
+    def extra_flops(self, model_flops: float) -> float:
+        """The scoring's compute per frame beyond the model's own pass."""
+        ...
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, model: nn.Module) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class SoftmaxScore:
+    """msp, margin or entropy of the model's own softmax: no compute beyond its pass."""
+
+    name: str
+    randomized: bool = False
+
+    def extra_flops(self, model_flops: float) -> float:
+        return 0.0
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, model: nn.Module) -> np.ndarray:
+        return confidence(logits, self.name).numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class GamblerScore:
+    """One minus a Deep Gamblers network's abstain probability: its own forward pass per frame."""
+
+    gambler: Gambler
+    name: str = "gambler"
+    randomized: bool = False
+
+    def extra_flops(self, model_flops: float) -> float:
+        return float(self.gambler.flops_per_image)
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, model: nn.Module) -> np.ndarray:
+        return (1.0 - self.gambler.abstain_probability(images)).numpy().astype(np.float64)
+
+
+class StripScore:
+    """STRIP's entropy in bits of each frame superimposed on `n_blends` of `overlays` (clean held-out
+    images) under the model in service: `n_blends` forward passes per frame."""
+
+    name = "strip"
+    randomized = True
+
+    def __init__(self, overlays: torch.Tensor, n_blends: int, generator: torch.Generator) -> None:
+        self.overlays = overlays
+        self.n_blends = n_blends
+        self.generator = generator
+        self._detector: tuple[nn.Module, StripDetector] | None = None
+
+    def extra_flops(self, model_flops: float) -> float:
+        return self.n_blends * model_flops
+
+    def __call__(self, images: torch.Tensor, logits: torch.Tensor, model: nn.Module) -> np.ndarray:
+        if self._detector is None or self._detector[0] is not model:  # a new model version: a new detector
+            detector = StripDetector(model, self.overlays, n_blends=self.n_blends, generator=self.generator)
+            self._detector = (model, detector)
+        return self._detector[1].score(images).numpy().astype(np.float64)
 
 
 @dataclass(frozen=True)

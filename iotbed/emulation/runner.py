@@ -356,6 +356,7 @@ def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
         *scenario.nodes.cameras,
         *scenario.nodes.edge_servers,
         *scenario.nodes.clouds,
+        *scenario.nodes.reviewers,
         *(g for g in scenario.nodes.gateways if g.strip),
     ]
     nodes = [node for g in groups for node in group_nodes(g.name, g.count)]

@@ -10,7 +10,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol
@@ -28,6 +28,9 @@ Augmentation = Literal["none", "shift"]
 
 # Pixels a "shift" augmentation may move an image in x and y.
 MAX_SHIFT = 2
+
+# A training objective: (logits (N, K), labels (N,)) -> scalar loss to minimise.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LabeledImages(Protocol):
@@ -213,8 +216,10 @@ def train_model(
     val_ds: LabeledImages | None = None,
     progress: bool = True,
     reinit: bool = True,
+    loss: LossFn = F.cross_entropy,
 ) -> TrainReport:
-    """Train `model` in place on the CPU with cross-entropy and return per-epoch statistics.
+    """Train `model` in place on the CPU with `loss(logits, labels)` (cross-entropy unless given) and
+    return per-epoch statistics.
 
     With `reinit` (the default) the weights are first re-initialised from `config.seed`, which makes
     the result depend on the seed alone; pass `reinit=False` to fine-tune an already-trained model.
@@ -277,17 +282,19 @@ def train_model(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     logits = model(x)
-                    loss = F.cross_entropy(logits, y)
-                    if not torch.isfinite(loss):
+                    batch_loss = loss(logits, y)
+                    if not torch.isfinite(batch_loss):
                         raise ModelError(
-                            f"training diverged (loss {loss.item()}) in epoch {epoch + 1}; lower the learning rate"
+                            f"training diverged (loss {batch_loss.item()}) in epoch {epoch + 1}; lower the learning rate"
                         )
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    batch_loss.backward()
                     optimizer.step()
-                    loss_sum += loss.item() * len(idx)
+                    loss_sum += batch_loss.item() * len(idx)
                     correct += int((logits.argmax(1) == y).sum())
-                    bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs} loss {loss.item():.3f}", refresh=False)
+                    bar.set_postfix_str(
+                        f"epoch {epoch + 1}/{config.epochs} loss {batch_loss.item():.3f}", refresh=False
+                    )
                     bar.update(1)
                 val_acc = evaluate(model, val_ds) if val_ds is not None else None
                 history.append(

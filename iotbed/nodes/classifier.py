@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from iotbed.defenses.pipeline import DefenseChain
-from iotbed.defenses.reject import confidence
+from iotbed.defenses.reject import FrameScorer
 from iotbed.nodes.payloads import Frame
 
 
@@ -28,7 +28,7 @@ class EdgeClassifier:
         images: torch.Tensor,
         defense: DefenseChain | None = None,
         generator: torch.Generator | None = None,
-        score: str | None = None,
+        scorer: FrameScorer | None = None,
     ) -> None:
         self.images = images  # the dataset the cameras capture from, (N, C, H, W) in [0, 1]
         self.defense = defense if defense is not None and defense.stages else None
@@ -38,9 +38,10 @@ class EdgeClassifier:
         shape = tuple(int(s) for s in images.shape[1:])
         self.model_flops = flops_per_image
         self.defense_flops = self.defense.flops_per_image(shape) if self.defense is not None else 0.0  # type: ignore[arg-type]
-        self.flops_per_image = self.model_flops + self.defense_flops
-        self._cacheable = self.defense is None or not self.defense.randomized
-        self.score = score  # the reject option's confidence score (`iotbed.defenses.reject`), if any
+        self.scorer = scorer  # the reject option's confidence score (`iotbed.defenses.reject`), if any
+        self.score_flops = scorer.extra_flops(flops_per_image) if scorer is not None else 0.0
+        self.flops_per_image = self.model_flops + self.defense_flops + self.score_flops
+        self._cacheable = (self.defense is None or not self.defense.randomized) and not (scorer and scorer.randomized)
         self.last_scores: np.ndarray | None = None  # the scores of the last `predict`'s frames
         self.swap(model, version)
 
@@ -50,7 +51,7 @@ class EdgeClassifier:
         if self._cacheable:
             runs = [self._run(self._defend(chunk)) for chunk in self.images.split(1024)]
             self._cached = np.concatenate([labels for labels, _ in runs])
-            self._cached_scores = np.concatenate([scores for _, scores in runs]) if self.score else None
+            self._cached_scores = np.concatenate([scores for _, scores in runs]) if self.scorer else None
 
     def _defend(self, x: torch.Tensor) -> torch.Tensor:
         return self.defense(x, self.generator) if self.defense is not None else x
@@ -59,7 +60,7 @@ class EdgeClassifier:
         """The predicted labels; with a score, their confidence scores are in `last_scores`."""
         n = len(frames)
         predictions = np.empty(n, dtype=np.int64)
-        scores = np.empty(n, dtype=np.float64) if self.score else None
+        scores = np.empty(n, dtype=np.float64) if self.scorer else None
         pristine = (
             np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool, count=n)
             if self._cacheable
@@ -98,5 +99,5 @@ class EdgeClassifier:
     def _run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         with torch.inference_mode():
             logits = self.model(images)
-            scores = confidence(logits, self.score).numpy().astype(np.float64) if self.score else None
+            scores = self.scorer(images, logits, self.model) if self.scorer else None
             return logits.argmax(dim=1).numpy(), scores

@@ -1,8 +1,10 @@
-"""A cloud server: classifies the frames edge servers escalate (the reject option's `escalate`), in batches,
-with its own model and device profile, and writes the final verdict into each frame's record.
+"""Where escalated frames go: the reject option's `escalate` sends a rejected frame over the network to a
+`clouds:` group (a stronger model on its own device profile) or a `reviewers:` group (people at a review
+desk, `iotbed.nodes.reviewers`). Both write the final verdict into the frame's record.
 
-An edge republishes a rejected frame on `escalations/<camera>`; the frame travels the network to the cloud
-like any other message (the WAN link's bytes, queueing and delay); the cloud looks its record up by frame id.
+An edge republishes a rejected frame on `escalations/<group>/<camera>`, so each group hears only its own
+frames; the frame travels the network like any other message (the WAN link's bytes, queueing and delay),
+and its resolver looks its record up by frame id.
 """
 
 from __future__ import annotations
@@ -20,13 +22,51 @@ from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.payloads import Frame
 from iotbed.sim.clock import recording_clock
 from iotbed.sim.devices import DeviceProfile
-from iotbed.sim.trace import TraceRecorder
+from iotbed.sim.trace import FrameRecord, TraceRecorder
 
 ESCALATIONS_FILTER = f"{ESCALATIONS_ROOT}/#"
 
 
-def escalation_topic(camera: str) -> str:
-    return f"{ESCALATIONS_ROOT}/{camera}"
+def escalation_topic(group: str, camera: str) -> str:
+    return f"{ESCALATIONS_ROOT}/{group}/{camera}"
+
+
+def escalations_filter(group: str) -> str:
+    """What a resolver group subscribes to: its own escalations, shared among its nodes."""
+    return f"$share/{group}/{ESCALATIONS_ROOT}/{group}/#"
+
+
+class EscalationResolver:
+    """Takes the escalated frames of a group's topic: each once (QoS 1 duplicates ignored), and only those
+    an edge of this run rejected; anything else is counted in `unknown_frames` and dropped."""
+
+    def __init__(self, env: simpy.Environment, name: str, recorder: TraceRecorder) -> None:
+        self.env = env
+        self.name = name
+        self.recorder = recorder
+        self._now = recording_clock(env)
+        self.unknown_frames = 0
+
+    def _on_frame(self, message: Publish) -> None:
+        frame = message.payload
+        if not isinstance(frame, Frame):
+            return
+        record = self.recorder.record(frame.frame_id)
+        if record is None or not record.rejected:  # no edge of this run escalated it: forged or replayed
+            self.unknown_frames += 1
+            return
+        if record.t_escalated >= 0:  # a QoS 1 duplicate of one already taken
+            return
+        record.t_escalated = self._now()
+        self._take(frame, record)
+
+    def _take(self, frame: Frame, record: FrameRecord) -> None:
+        raise NotImplementedError
+
+    def _resolve(self, record: FrameRecord, prediction: int, at: float) -> None:
+        record.final_prediction = prediction
+        record.resolver = self.name
+        record.t_resolved = at
 
 
 @dataclass(frozen=True)
@@ -38,7 +78,9 @@ class CloudConfig:
     cores: int | None
 
 
-class CloudServer:
+class CloudServer(EscalationResolver):
+    """Classifies escalated frames in batches with its own model and device profile."""
+
     def __init__(
         self,
         env: simpy.Environment,
@@ -49,16 +91,12 @@ class CloudServer:
         device: DeviceProfile,
         recorder: TraceRecorder,
     ) -> None:
-        self.env = env
-        self.name = name
+        super().__init__(env, name, recorder)
         self.transport = transport
         self.config = config
         self.classifier = classifier
         self.device = device
-        self.recorder = recorder
         self._batch = FrameBatcher(env, config.max_batch, config.max_wait_s)
-        self._now = recording_clock(env)
-        self.unknown_frames = 0
         self.batches = 0
         self.busy_s = 0.0
 
@@ -74,18 +112,7 @@ class CloudServer:
             self.batches += 1
             self.busy_s += compute
             for (_, record), prediction in zip(taken, predictions.tolist()):
-                record.final_prediction = prediction
-                record.resolver = self.name
-                record.t_resolved = started + compute
+                self._resolve(record, prediction, started + compute)
 
-    def _on_frame(self, message: Publish) -> None:
-        frame = message.payload
-        if not isinstance(frame, Frame):
-            return
-        record = self.recorder.record(frame.frame_id)
-        if record is None or not record.rejected:  # no edge of this run escalated it: forged or replayed
-            self.unknown_frames += 1
-            return
-        if record.resolver:  # a QoS 1 duplicate of one already classified
-            return
+    def _take(self, frame: Frame, record: FrameRecord) -> None:
         self._batch.add(frame, record)

@@ -60,6 +60,7 @@ class EdgeConfig:
     cores: int | None
     models_publish_qos: int = 1
     escalate_qos: int | None = None  # the reject option escalates rejected frames at this QoS (None: abstains)
+    escalate_to: str = ""  # the clouds or reviewers group it escalates to
     results_qos: int = 1  # encrypted results back to their cameras
 
 
@@ -302,10 +303,11 @@ class EdgeServer:
             inputs = [got[reply].ciphertext]  # type: ignore[index]
 
     def _reject(self, taken: list[tuple[Frame, FrameRecord]], scores: np.ndarray, threshold: float) -> None:
-        """Mark the frames scored below the reject option's threshold, and escalate them where the edge does."""
+        """Mark the frames scored below the reject option's threshold, and escalate them where the edge does
+        (to a cloud or a review desk, over the network)."""
         escalate_qos = self.config.escalate_qos
         for (frame, record), score, rejected in zip(taken, scores.tolist(), (scores < threshold).tolist()):
             record.score = score
             record.rejected = rejected
-            if rejected and escalate_qos is not None:  # on to the cloud, over the network
-                self.transport.publish(escalation_topic(record.camera), frame, escalate_qos)
+            if rejected and escalate_qos is not None:
+                self.transport.publish(escalation_topic(self.config.escalate_to, record.camera), frame, escalate_qos)

@@ -393,6 +393,25 @@ class CoDefendRepairSpec(Strict):
     seed: Seed = 0
 
 
+class GamblerSpec(Strict):
+    """A Deep Gamblers network (Liu et al. 2019): the edge's architecture with an abstain output, trained
+    on the training split with the gamblers' loss -log(p_y + p_abstain / reward) after cross-entropy epochs."""
+
+    reward: Annotated[float, Field(gt=1.0, description="o: 1 < o <= classes; lower abstains more")] = 2.2
+    epochs: Annotated[int | None, Field(ge=1, description="default: the architecture's training epochs")] = None
+    pretrain_epochs: Annotated[int | None, Field(ge=0, description="cross-entropy epochs first")] = None
+    seed: Seed = 0
+
+
+class StripScoreSpec(Strict):
+    """STRIP's entropy as a confidence score (`iotbed.defenses.strip`): each frame is superimposed on
+    `n_blends` held-out clean images, as STRIP's code adds them, and the mean entropy of the model's
+    predictions is its score (low: something in the frame dominates every blend, as a trigger does). Every
+    blend is a forward pass the edge is charged for."""
+
+    n_blends: Annotated[int, Field(ge=2, le=100)] = 16
+
+
 class RejectTargetSpec(Strict):
     coverage: Annotated[float | None, Field(gt=0.0, le=1.0, description="share of frames to accept")] = None
     risk: Annotated[float | None, Field(gt=0.0, lt=1.0, description="error rate allowed on accepted frames")] = None
@@ -409,19 +428,50 @@ class RejectSpec(Strict):
     """The reject option (`iotbed.defenses.reject`): the edge abstains on frames whose confidence score is
     below a threshold fitted on `calibration` held-out clean labelled images for the `target`."""
 
-    score: Literal["msp", "margin", "entropy"] = "msp"
+    score: Literal["msp", "margin", "entropy", "gambler", "strip"] = Field(
+        "msp",
+        description="msp, margin, entropy: of the model's softmax; gambler: 1 - the abstain probability of a "
+        "Deep Gamblers network trained beside the model; strip: the STRIP entropy of the frame blended with "
+        "clean images (low entropy: a trigger dominates)",
+    )
     target: RejectTargetSpec = RejectTargetSpec(coverage=0.9)
     calibration: Annotated[int, Field(ge=20, description="held-out clean labelled images to fit it on")] = 500
     action: Literal["abstain", "escalate"] = Field(
-        "abstain", description="what happens to a rejected frame: left unserved, or sent on to a cloud group"
+        "abstain",
+        description="what happens to a rejected frame: left unserved, or sent on to a clouds or reviewers group",
     )
-    to: str | None = Field(None, description="escalate: the `clouds:` group that classifies rejected frames")
+    to: str | None = Field(
+        None, description="escalate: the `clouds:` or `reviewers:` group that resolves rejected frames"
+    )
+    gambler: GamblerSpec = Field(GamblerSpec(), description="score gambler: how its network is trained")
+    strip: StripScoreSpec = Field(StripScoreSpec(), description="score strip: the blends per frame")
 
     @model_validator(mode="after")
     def _where(self) -> RejectSpec:
         if (self.action == "escalate") != (self.to is not None):
-            raise ValueError("`action: escalate` needs `to:` (a clouds group); `abstain` takes no `to:`")
+            raise ValueError("`action: escalate` needs `to:` (a clouds or reviewers group); `abstain` takes no `to:`")
+        for name in ("gambler", "strip"):
+            if name in self.model_fields_set and self.score != name:
+                raise ValueError(f"`{name}:` sets up score {name}, but this reject option scores by {self.score}")
         return self
+
+
+class ServiceTimeSpec(Strict):
+    distribution: Literal["fixed", "exponential", "lognormal"] = "lognormal"
+    mean: Duration = 10.0
+    cv: Annotated[float, Field(gt=0.0, description="lognormal: standard deviation over mean")] = 0.5
+
+
+class ReviewerGroup(Strict):
+    """Human reviewers who resolve the frames edge servers escalate: each desk (node) has `reviewers`
+    people taking frames first come, first served (an M/G/c queue), each review taking a `service_time`
+    draw; a reviewer names the true label with probability `accuracy`, another label otherwise."""
+
+    name: str
+    count: Annotated[int, Field(ge=1, description="review desks, each its own MQTT client")] = 1
+    reviewers: Annotated[int, Field(ge=1, description="people at each desk")] = 2
+    service_time: ServiceTimeSpec = ServiceTimeSpec()
+    accuracy: Annotated[float, Field(ge=0.0, le=1.0)] = 0.98
 
 
 class CloudGroup(Strict):
@@ -499,6 +549,7 @@ class NodesSpec(Strict):
     routers: list[RouterGroup] = Field(default_factory=list)
     edge_servers: list[EdgeServerGroup] = Field(default_factory=list)
     clouds: list[CloudGroup] = Field(default_factory=list)
+    reviewers: list[ReviewerGroup] = Field(default_factory=list)
 
 
 class BrokerSpec(Strict):
@@ -706,7 +757,7 @@ class Scenario(Strict):
             raise LocatedError("monitor_interval must be above zero, e.g. `1s`", "monitor_interval")
         groups = self.group_names()
         seen: set[str] = set()
-        for kind in ("cameras", "gateways", "routers", "edge_servers", "clouds"):
+        for kind in ("cameras", "gateways", "routers", "edge_servers", "clouds", "reviewers"):
             for i, group in enumerate(getattr(self.nodes, kind)):
                 if group.name in seen:
                     raise LocatedError(
@@ -742,7 +793,9 @@ class Scenario(Strict):
                         "device",
                     )
         # nodes that run an MQTT client: gateways without a screen and routers only forward packets
-        with_client = {g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers, *self.nodes.clouds]}
+        with_client = {
+            g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers, *self.nodes.clouds, *self.nodes.reviewers]
+        }
         with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
         for i, fault in enumerate(self.faults):
             if fault.at >= self.duration:
@@ -785,12 +838,13 @@ class Scenario(Strict):
                 check(topic)
             except ValueError as exc:
                 raise LocatedError(str(exc), *loc) from None
-        clouds = [c.name for c in self.nodes.clouds]
+        resolvers = [g.name for g in [*self.nodes.clouds, *self.nodes.reviewers]]
         for i, edge in enumerate(self.nodes.edge_servers):
-            if edge.reject is not None and edge.reject.to is not None and edge.reject.to not in clouds:
+            if edge.reject is not None and edge.reject.to is not None and edge.reject.to not in resolvers:
                 raise LocatedError(
-                    f"edge server group {edge.name!r} escalates to {edge.reject.to!r}, which is not a `clouds:` group"
-                    f"{_suggest(edge.reject.to, clouds) if clouds else '; add one under nodes.clouds'}",
+                    f"edge server group {edge.name!r} escalates to {edge.reject.to!r}, which is not a `clouds:` or "
+                    f"`reviewers:` group"
+                    f"{_suggest(edge.reject.to, resolvers) if resolvers else '; add one under nodes.clouds or nodes.reviewers'}",
                     "nodes",
                     "edge_servers",
                     i,
@@ -1024,11 +1078,13 @@ class Scenario(Strict):
 
     def group_names(self) -> list[str]:
         n = self.nodes
-        return [g.name for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds]]
+        return [g.name for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds, *n.reviewers]]
 
     def group_counts(self) -> dict[str, int]:
         n = self.nodes
-        return {g.name: g.count for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds]}
+        return {
+            g.name: g.count for g in [*n.cameras, *n.gateways, *n.routers, *n.edge_servers, *n.clouds, *n.reviewers]
+        }
 
     def resolve_node(self, name: str) -> str | None:
         """A group name means its first node; `group-i` names node i."""

@@ -56,6 +56,7 @@ class FrameRecord:
         "rejected",
         "resolver",
         "final_prediction",
+        "t_escalated",
         "t_resolved",
         "encrypted",
         "t_encrypted",
@@ -105,8 +106,9 @@ class FrameRecord:
         self.condition = ""  # the camera condition it was captured under (`fog-3`), if any
         self.score = math.nan  # the edge's confidence score, with the reject option
         self.rejected = False  # the edge abstained on it
-        self.resolver = ""  # the cloud node that classified it after the edge escalated it
-        self.final_prediction = -1  # that cloud's verdict
+        self.resolver = ""  # the cloud or review desk that resolved it after the edge escalated it
+        self.final_prediction = -1  # its verdict
+        self.t_escalated = -1.0  # the escalated frame reached its resolver (then queued, classified or reviewed)
         self.t_resolved = -1.0
         self.encrypted = False  # sent as CKKS ciphertexts (`privacy:`)
         self.t_encrypted = -1.0  # the camera finished encrypting it
@@ -151,6 +153,7 @@ TRACE_SCHEMA = pa.schema(
         ("rejected", pa.bool_()),
         ("resolver", pa.string()),
         ("final_prediction", pa.int64()),
+        ("t_escalated", pa.float64()),
         ("t_resolved", pa.float64()),
         ("encrypted", pa.bool_()),
         ("t_encrypted", pa.float64()),
@@ -183,8 +186,9 @@ EDGE_FIELDS = (
     "duplicates",
     "score",
     "rejected",
-    "resolver",  # a cloud runs beside the edge servers, in the same worker
+    "resolver",  # clouds and review desks run beside the edge servers, in the same worker
     "final_prediction",
+    "t_escalated",
     "t_resolved",
 )
 
