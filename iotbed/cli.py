@@ -178,7 +178,25 @@ def print_summary(summary: dict[str, Any]) -> None:
                     f"{_fmt(escalated['latency_ms']['p50'], '.1f')}",
                 )
             )
+            for group, path in escalated.get("by_resolver", {}).items():
+                lat = path["latency_ms"]
+                rows.append(
+                    (
+                        f"  via {group}: resolved / accuracy / p50 / p99 ms",
+                        f"{path['resolved']} / {_fmt(path['accuracy'], '.4f')} / {_fmt(lat['p50'], '.1f')} / "
+                        f"{_fmt(lat['p99'], '.1f')}",
+                    )
+                )
+            rows.append(("  escalated traffic (MQTT kbit/s)", _fmt(escalated.get("bytes_per_s", 0) * 8e-3, ".1f")))
             rows.append(("  system accuracy with escalation", _fmt(escalated["system_accuracy"], ".4f")))
+    for desk, entry in summary.get("reviewers", {}).items():
+        rows.append(
+            (
+                f"reviewers {desk}: reviewed / utilisation / mean wait s / max queue",
+                f"{entry['reviewed']} / {_fmt(entry['utilisation'], '.2f')} / {_fmt(entry['mean_wait_s'], '.2f')} / "
+                f"{entry['max_queue']}",
+            )
+        )
     security = summary.get("security")
     if security:
         refused = ", ".join(f"{k} {v}" for k, v in security["refused"].items()) or "none"
@@ -616,7 +634,8 @@ def report(folder: str, out_file: str | None) -> None:
 
 @main.group()
 def probe() -> None:
-    """Security probes of trained models: what a model leaks through its outputs alone."""
+    """Security probes of trained models: what a model leaks through its outputs alone, and how its predictions
+    hold up under transformed inputs."""
 
 
 @probe.command("membership")
@@ -730,6 +749,141 @@ def probe_membership(
         soft_wrap=True,
     )
     err.print(f"results: {json_path}, {md_path} ({time.perf_counter() - start:.1f} s)", highlight=False)
+
+
+@probe.command("deeptest")
+@click.option("--dataset", "dataset_name", default="digits", show_default=True)
+@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
+@click.option("--arch", default="lenet5", show_default=True)
+@click.option("--seeds", "n_seeds", type=int, default=100, show_default=True, help="seed images, from the test split")
+@click.option("--tries", type=int, default=10, show_default=True, help="tries per image before the search backs up")
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.2,
+    show_default=True,
+    help="a channel is covered when the mean of its min-max scaled map exceeds this",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="seed of the split, the model's training, the seed images and every choice of the search",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="results folder [default: runs/deeptest-<dataset>-<arch>-<timestamp>/]",
+)
+@click.option("--force", is_flag=True, help="replace results already in --out")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@_user_errors
+def probe_deeptest(
+    dataset_name: str,
+    path: str | None,
+    arch: str,
+    n_seeds: int,
+    tries: int,
+    threshold: float,
+    seed: int,
+    out_dir: str | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """DeepTest: coverage-guided transformed images (translation, scale, shear, rotation, contrast, brightness,
+    blur) that flip the label --arch gives --dataset's test images.
+
+    The model is the one `iotbed models train` gives for the same dataset, arch and seed (from the cache)."""
+    import dataclasses
+    import math
+    import time
+
+    import torch
+
+    from iotbed.analysis import deeptest
+    from iotbed.data import load_splits
+    from iotbed.errors import DatasetError, ModelError
+    from iotbed.models import default_train_config, get_or_train, resolve_arch
+
+    if n_seeds < 1:
+        raise UsageError(f"--seeds {n_seeds}: give a number of seed images, 1 or more (default 100)")
+    if tries < 1:
+        raise UsageError(f"--tries {tries}: give a number of tries per image, 1 or more (default 10)")
+    if not (math.isfinite(threshold) and 0 <= threshold < 1):
+        raise UsageError(
+            f"--threshold {threshold}: give a value in [0, 1) (default 0.2); scaled channel means lie in [0, 1]"
+        )
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed}: give a whole number between 0 and 2**32 - 1")
+    try:
+        arch = resolve_arch(arch)
+    except ModelError as exc:
+        raise UsageError(f"--arch: {exc}") from None
+    target_dir = deeptest.output_dir(out_dir, dataset_name, arch, force=force)
+    try:
+        splits = load_splits(dataset_name, path, seed=seed)
+    except DatasetError as exc:
+        raise DatasetError(f"--dataset {dataset_name}: {exc}") from None
+    if n_seeds > len(splits.test):
+        raise UsageError(
+            f"--seeds {n_seeds}: the test split of {dataset_name} holds {len(splits.test)} images; "
+            f"give {len(splits.test)} or less"
+        )
+    config = dataclasses.replace(default_train_config(arch, dataset_name), seed=seed)
+    # One torch thread, as `iotbed run` trains: faster for these one-image forward passes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+        result = deeptest.run_deeptest(
+            trained.model,
+            splits.test,
+            arch=arch,
+            n_seeds=n_seeds,
+            tries=tries,
+            threshold=threshold,
+            seed=seed,
+            progress=not quiet,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    summary = result.to_dict()
+    payload = {
+        "dataset": dataset_name,
+        "target_cache_key": trained.key,
+        "target_test_accuracy": trained.test_accuracy,
+        **summary,
+    }
+    paths = deeptest.write_results(
+        target_dir, result, payload, splits.test.classes, title=f"DeepTest: {arch} on {dataset_name}"
+    )
+
+    table = Table(title=f"DeepTest: {arch} on {dataset_name} (seed {seed})", show_header=True)
+    for column in ("transformation", "tries", "kept", "flips", "new flips", "flip rate"):
+        table.add_column(column, justify="left" if column == "transformation" else "right")
+    for name, stats in summary["per_transformation"].items():
+        table.add_row(
+            name,
+            str(stats["tries"]),
+            str(stats["kept"]),
+            str(stats["flips"]),
+            str(stats["new_flips"]),
+            f"{stats['flip_rate']:.3f}",
+        )
+    out.print(table)
+    out.print(
+        f"neuron coverage {summary['seed_coverage']:.4f} from the {n_seeds} seeds alone "
+        f"({summary['seed_covered_neurons']}/{summary['neurons']} channels), {summary['final_coverage']:.4f} "
+        f"with the generated images; generated {summary['generated']}, kept {summary['kept']}; "
+        f"{summary['flips']} label flips in {summary['seeds_with_flips']} seeds "
+        f"({summary['flips_from_correct_seeds_now_wrong']} turn a correct prediction wrong).",
+        highlight=False,
+        soft_wrap=True,
+    )
+    err.print(f"results: {', '.join(str(p) for p in paths)} ({time.perf_counter() - start:.1f} s)", highlight=False)
 
 
 if __name__ == "__main__":
