@@ -42,6 +42,7 @@ class ReviewerRow:
     waited_s: float  # summed time frames queued before a reviewer took them
     max_queue: int
     waiting_at_end: int
+    unknown_frames: int  # escalations no edge of this run sent: forged or replayed
 
 
 @dataclass(frozen=True)

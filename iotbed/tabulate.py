@@ -59,6 +59,7 @@ def tables_from(
                 d.waited_s,
                 d.max_queue,
                 len(d.waiting.items),
+                d.unknown_frames,
             )
             for d in nodes.reviewers
             if mine(d.name)

@@ -157,6 +157,7 @@ def _reviewers(rows: list[Any], open_s: float) -> dict[str, Any]:
             "mean_wait_s": r.waited_s / r.reviewed if r.reviewed else None,
             "max_queue": r.max_queue,
             "waiting_at_end": r.waiting_at_end,
+            "unknown_frames": r.unknown_frames,
         }
         for r in rows
     }
