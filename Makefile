@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table fuzz clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table corruption-table selective-table fuzz clean
 
 setup: $(STAMP)
 
@@ -75,6 +75,19 @@ superiot-table: setup
 # pass cached). Options: make he-table HE_ARGS='--images 200 --workers 2'.
 he-table: setup
 	$(PY) benchmarks/he_table.py $(HE_ARGS)
+
+# Camera conditions (17 kinds x 5 severities: CIFAR-10-C, MNIST-C and iotbed's rain and dark) on MNIST and GTSRB:
+# accuracy of the bare model and of each input defense, mean corruption accuracy, and the reject option's coverage
+# and selective risk at 90% clean coverage (benchmarks/results/corruption_table.md; about 10 min on 2 cores).
+# Options: make corruption-table CORRUPTION_ARGS='--quick --out /tmp/corruption-table'.
+corruption-table: setup
+	$(PY) benchmarks/corruption_table.py $(CORRUPTION_ARGS)
+
+# The reject option's scores (msp, margin, entropy, Deep Gamblers, STRIP) on clean, corrupted and PGD frames of MNIST and
+# GTSRB: AURC, E-AURC, selective risk at fixed coverages and at the clean 90% threshold, risk-coverage curves
+# (benchmarks/results/selective_table.md; about 2 min on 2 cores). Options: make selective-table SELECTIVE_ARGS='--images 500'.
+selective-table: setup
+	$(PY) benchmarks/selective_table.py $(SELECTIVE_ARGS)
 
 # Every parser a client or a user can reach (scenario files, frames, pixel drop, model updates and the model
 # loader, quarantine notices) gets 10000 generated or mutated inputs; crashes and hangs land in fuzz/findings/

@@ -638,29 +638,69 @@ def probe() -> None:
     hold up under transformed inputs."""
 
 
+def _probe_options(kind: str, seed_help: str) -> Callable[[F], F]:
+    """The options every probe takes: the dataset, the model's architecture, the seed, the results folder."""
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option("--dataset", "dataset_name", default="digits", show_default=True),
+            click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)"),
+            click.option("--arch", default="lenet5", show_default=True),
+            click.option("--seed", type=int, default=0, show_default=True, help=seed_help),
+            click.option(
+                "--out",
+                "out_dir",
+                type=click.Path(file_okay=False),
+                help=f"results folder [default: runs/{kind}-<dataset>-<arch>-<timestamp>/]",
+            ),
+            click.option("--force", is_flag=True, help="replace results already in --out"),
+            click.option("--quiet", is_flag=True, help="no progress bars"),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _probe_arch(arch: str, seed: int) -> str:
+    from iotbed.errors import ModelError
+    from iotbed.models import resolve_arch
+
+    if not 0 <= seed < 2**32:
+        raise UsageError(f"--seed {seed}: give a whole number between 0 and 2**32 - 1")
+    try:
+        return resolve_arch(arch)
+    except ModelError as exc:
+        raise UsageError(f"--arch: {exc}") from None
+
+
+def _probe_splits(dataset_name: str, path: str | None, seed: int) -> Any:
+    from iotbed.data import load_splits
+    from iotbed.errors import DatasetError
+
+    try:
+        return load_splits(dataset_name, path, seed=seed)
+    except DatasetError as exc:
+        raise DatasetError(f"--dataset {dataset_name}: {exc}") from None
+
+
+def _probe_target(arch: str, dataset_name: str, splits: Any, seed: int, quiet: bool) -> tuple[Any, Any]:
+    """(the training config, the trained model) `iotbed models train` gives for this dataset, arch and seed."""
+    import dataclasses
+
+    from iotbed.models import default_train_config, get_or_train
+
+    config = dataclasses.replace(default_train_config(arch, dataset_name), seed=seed)
+    return config, get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+
+
 @probe.command("membership")
-@click.option("--dataset", "dataset_name", default="digits", show_default=True)
-@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
-@click.option("--arch", default="lenet5", show_default=True)
 @click.option("--shadows", type=int, default=4, show_default=True, help="shadow models the attacker trains")
 @click.option(
     "--eval-size", type=int, help="members, and as many non-members, to score [default: as many as the splits allow]"
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="seed of the split, the target's training and every draw of the attacks",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    help="results folder [default: runs/membership-<dataset>-<arch>-<timestamp>/]",
-)
-@click.option("--force", is_flag=True, help="replace results already in --out")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@_probe_options("membership", "seed of the split, the target's training and every draw of the attacks")
 @_user_errors
 def probe_membership(
     dataset_name: str,
@@ -676,15 +716,10 @@ def probe_membership(
     """Membership inference (loss threshold, shadow models) against --arch trained on --dataset.
 
     The target is the model `iotbed models train` gives for the same dataset, arch and seed (from the cache)."""
-    import dataclasses
     import time
 
-    import torch
-
     from iotbed.analysis import membership
-    from iotbed.data import load_splits
-    from iotbed.errors import DatasetError, ModelError
-    from iotbed.models import default_train_config, get_or_train, resolve_arch
+    from iotbed.runner import one_torch_thread
 
     if shadows < 1:
         raise UsageError(
@@ -692,17 +727,9 @@ def probe_membership(
         )
     if eval_size is not None and eval_size < 1:
         raise UsageError(f"--eval-size {eval_size}: give a number of members to score, 1 or more, or leave it out")
-    if not 0 <= seed < 2**32:
-        raise UsageError(f"--seed {seed}: give a whole number between 0 and 2**32 - 1")
-    try:
-        arch = resolve_arch(arch)
-    except ModelError as exc:
-        raise UsageError(f"--arch: {exc}") from None
+    arch = _probe_arch(arch, seed)
     target_dir = membership.output_dir(out_dir, dataset_name, arch, force=force)
-    try:
-        splits = load_splits(dataset_name, path, seed=seed)
-    except DatasetError as exc:
-        raise DatasetError(f"--dataset {dataset_name}: {exc}") from None
+    splits = _probe_splits(dataset_name, path, seed)
     n_train, n_test = len(splits.train), len(splits.test)
     largest = membership.max_eval_size(n_train, n_test)
     if eval_size is not None and eval_size > largest:
@@ -710,13 +737,9 @@ def probe_membership(
             f"--eval-size {eval_size}: at most {largest} with these splits (members come from the {n_train} training "
             f"images, non-members from half of the {n_test} test images); give {largest} or less, or leave it out"
         )
-    config = dataclasses.replace(default_train_config(arch, dataset_name), seed=seed)
-    # One torch thread, as `iotbed run` trains: faster for these small batches on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():  # as `iotbed run` trains: faster for these small batches on a shared machine
         start = time.perf_counter()
-        trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+        config, trained = _probe_target(arch, dataset_name, splits, seed, quiet)
         result = membership.evaluate_membership(
             trained.model,
             arch,
@@ -728,8 +751,6 @@ def probe_membership(
             seed=seed,
             progress=not quiet,
         )
-    finally:
-        torch.set_num_threads(threads)
     payload = {"dataset": dataset_name, "target_cache_key": trained.key, **result.to_dict()}
     markdown = membership.to_markdown(result, title=f"Membership inference: {arch} on {dataset_name}")
     json_path, md_path = membership.write_results(target_dir, payload, markdown)
@@ -752,9 +773,6 @@ def probe_membership(
 
 
 @probe.command("deeptest")
-@click.option("--dataset", "dataset_name", default="digits", show_default=True)
-@click.option("--path", type=click.Path(), help="the dataset's folder (for datasets that need one)")
-@click.option("--arch", default="lenet5", show_default=True)
 @click.option("--seeds", "n_seeds", type=int, default=100, show_default=True, help="seed images, from the test split")
 @click.option("--tries", type=int, default=10, show_default=True, help="tries per image before the search backs up")
 @click.option(
@@ -764,21 +782,7 @@ def probe_membership(
     show_default=True,
     help="a channel is covered when the mean of its min-max scaled map exceeds this",
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="seed of the split, the model's training, the seed images and every choice of the search",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    help="results folder [default: runs/deeptest-<dataset>-<arch>-<timestamp>/]",
-)
-@click.option("--force", is_flag=True, help="replace results already in --out")
-@click.option("--quiet", is_flag=True, help="no progress bars")
+@_probe_options("deeptest", "seed of the split, the model's training, the seed images and every choice of the search")
 @_user_errors
 def probe_deeptest(
     dataset_name: str,
@@ -796,16 +800,11 @@ def probe_deeptest(
     blur) that flip the label --arch gives --dataset's test images.
 
     The model is the one `iotbed models train` gives for the same dataset, arch and seed (from the cache)."""
-    import dataclasses
     import math
     import time
 
-    import torch
-
     from iotbed.analysis import deeptest
-    from iotbed.data import load_splits
-    from iotbed.errors import DatasetError, ModelError
-    from iotbed.models import default_train_config, get_or_train, resolve_arch
+    from iotbed.runner import one_torch_thread
 
     if n_seeds < 1:
         raise UsageError(f"--seeds {n_seeds}: give a number of seed images, 1 or more (default 100)")
@@ -815,29 +814,17 @@ def probe_deeptest(
         raise UsageError(
             f"--threshold {threshold}: give a value in [0, 1) (default 0.2); scaled channel means lie in [0, 1]"
         )
-    if not 0 <= seed < 2**32:
-        raise UsageError(f"--seed {seed}: give a whole number between 0 and 2**32 - 1")
-    try:
-        arch = resolve_arch(arch)
-    except ModelError as exc:
-        raise UsageError(f"--arch: {exc}") from None
+    arch = _probe_arch(arch, seed)
     target_dir = deeptest.output_dir(out_dir, dataset_name, arch, force=force)
-    try:
-        splits = load_splits(dataset_name, path, seed=seed)
-    except DatasetError as exc:
-        raise DatasetError(f"--dataset {dataset_name}: {exc}") from None
+    splits = _probe_splits(dataset_name, path, seed)
     if n_seeds > len(splits.test):
         raise UsageError(
             f"--seeds {n_seeds}: the test split of {dataset_name} holds {len(splits.test)} images; "
             f"give {len(splits.test)} or less"
         )
-    config = dataclasses.replace(default_train_config(arch, dataset_name), seed=seed)
-    # One torch thread, as `iotbed run` trains: faster for these one-image forward passes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():  # as `iotbed run` trains: faster for these one-image forward passes
         start = time.perf_counter()
-        trained = get_or_train(arch, splits.train, config, test_ds=splits.test, progress=not quiet)
+        _, trained = _probe_target(arch, dataset_name, splits, seed, quiet)
         result = deeptest.run_deeptest(
             trained.model,
             splits.test,
@@ -848,8 +835,6 @@ def probe_deeptest(
             seed=seed,
             progress=not quiet,
         )
-    finally:
-        torch.set_num_threads(threads)
     summary = result.to_dict()
     payload = {
         "dataset": dataset_name,

@@ -301,7 +301,7 @@ def craft_attacks(
 
 def camera_conditions(scenario: Scenario, captured: torch.Tensor) -> dict[str, np.ndarray]:
     """Every test image as seen under each camera condition the scenario uses, on the cameras' 8-bit grid;
-    the noise and the fog are drawn from the scenario's seed."""
+    random draws (noise, fog, rain, blur angles, geometric signs) come from the scenario's seed."""
     from iotbed.data.corruptions import corrupt
 
     streams = RandomStreams(scenario.seed)

@@ -281,25 +281,103 @@ class AttackSpec(Strict):
         return self.name or f"{self.kind}-{self.method}"
 
 
-class ConditionSpec(Strict):
-    """What the cameras see through, from `start` to `stop` (default: the end): a CIFAR-10-C corruption at one
-    of its five published severities, applied to the captured image before the codec
-    (`iotbed.data.corruptions`). Overlapping entries: the first listed applies."""
+ConditionKind = Literal[
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "gaussian_blur",
+    "motion_blur",
+    "brightness",
+    "contrast",
+    "jpeg",
+    "pixelate",
+    "fog",
+    "rain",
+    "dark",
+    "rotate",
+    "shear",
+    "scale",
+    "translate",
+]
+Severity = Annotated[int, Field(ge=1, le=5)]
 
-    kind: Literal["gaussian_noise", "brightness", "contrast", "jpeg", "pixelate", "fog"]
-    severity: Annotated[int, Field(ge=1, le=5)] = 3
+
+class ConditionSpec(Strict):
+    """What the cameras see through, from `start` to `stop` (default: the end): a corruption at one of its five
+    severities (CIFAR-10-C's, MNIST-C's or iotbed's; `iotbed.data.corruptions`), applied to the captured image
+    before the codec. Overlapping entries: the first listed applies.
+
+    `schedule: {60s: 1, 80s: 2, 100s: 3}` in place of `severity` and `start` changes the severity over time:
+    each from its time until the next, the last until `stop` (default: the end). The camera group holds it as
+    those windows, one entry each, so a resolved scenario lists them."""
+
+    kind: ConditionKind
+    severity: Severity = 3
     start: Duration = 0.0
     stop: Duration | None = None
+    schedule: dict[Duration, Severity] | None = Field(
+        None, exclude=True, description="times to severities, e.g. {60s: 1, 80s: 2}, instead of severity and start"
+    )
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule_in_order(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not value:
+            raise ValueError("a schedule maps times to severities, e.g. `{60s: 1, 80s: 2, 100s: 3}`")
+        parse = _finite(parse_duration, "duration", "60s")
+        steps: dict[float, int] = {}
+        previous: tuple[Any, float] | None = None
+        for key, severity in value.items():
+            try:
+                at = parse(key)
+            except ValueError as exc:
+                raise LocatedError(str(exc), key) from None
+            if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= 5:
+                raise LocatedError(f"the severity at {key} must be a whole number from 1 to 5, got {severity!r}", key)
+            if previous is not None and at <= previous[1]:
+                relation = "is the same time as" if at == previous[1] else "comes before"
+                raise LocatedError(f"schedule times must rise: {key} {relation} {previous[0]}, listed above it", key)
+            previous = (key, at)
+            steps[at] = severity
+        return steps
 
     @model_validator(mode="after")
     def _window(self) -> ConditionSpec:
-        if self.stop is not None and self.stop <= self.start:
-            raise ValueError("stop must come after start")
+        if self.schedule is None:
+            if self.stop is not None and self.stop <= self.start:
+                raise ValueError("stop must come after start")
+            return self
+        for field in ("severity", "start"):
+            if field in self.model_fields_set:
+                raise LocatedError(
+                    f"`{field}` and `schedule` do not go together: the schedule gives each severity and its start",
+                    field,
+                )
+        last = max(self.schedule)
+        if self.stop is not None and self.stop <= last:
+            raise LocatedError(f"stop must come after the schedule's last time, {format_duration(last)}", "stop")
         return self
+
+    def windows(self) -> list[ConditionSpec]:
+        """This entry as plain windows: itself, or one per step of its schedule."""
+        if self.schedule is None:
+            return [self]
+        times = list(self.schedule)  # rising: the validator refused any other order
+        ends = [*times[1:], self.stop]
+        return [
+            ConditionSpec(kind=self.kind, severity=self.schedule[t], start=t, stop=end) for t, end in zip(times, ends)
+        ]
 
     @property
     def label(self) -> str:
         return f"{self.kind}-{self.severity}"
+
+
+def _expand_schedules(conditions: list[ConditionSpec]) -> list[ConditionSpec]:
+    return [window for condition in conditions for window in condition.windows()]
 
 
 class CkksPrivacySpec(Strict):
@@ -342,7 +420,9 @@ class CameraGroup(Strict):
     codec: CodecSpec = RawCodecSpec()
     topic: str = Field("frames/{name}", description="`{name}` becomes the camera's name, e.g. cam-3")
     start: Duration = 0.0
-    conditions: list[ConditionSpec] = Field(default_factory=list, description="fog, night, noise... over time")
+    conditions: Annotated[list[ConditionSpec], AfterValidator(_expand_schedules)] = Field(
+        default_factory=list, description="fog, rain, night, noise, blur... over time"
+    )
     privacy: CkksPrivacySpec | None = Field(None, description="send CKKS-encrypted frames (`kind: ckks`)")
 
 
