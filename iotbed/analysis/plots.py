@@ -507,44 +507,49 @@ def plot_selective(folder: Path, out: Path, formats: tuple[str, ...], x: str | N
 
 
 def plot_conditions(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
-    """The run over time in 5-second bins of capture time: accuracy (right at the edge, or right in the cloud
-    after escalation), the share of frames rejected, the traffic toward clouds (the WAN) and the p99 latency
-    until a frame's final verdict; the camera conditions shaded."""
+    """The run over time in 5-second bins of capture time: accuracy (right at the edge, or right where it was
+    escalated: a cloud or reviewers), the share of frames rejected and of those never resolved, the traffic
+    toward the resolvers (the WAN) and the p99 latency until a frame's final verdict (frames that never got
+    one left out); the camera conditions shaded."""
     trace = _trace(folder)
     delivered = trace[trace["status"] == "delivered"].copy()
     if delivered.empty:
         raise IotbedError(f"{folder}: no frame was delivered; nothing to draw over time")
     delivered["bin"] = (delivered["t_capture"] // 5.0) * 5.0
     resolved = delivered["resolver"] != ""
-    final = delivered["t_resolved"].where(resolved, delivered["t_done"])
+    final = delivered["t_resolved"].where(resolved, delivered["t_done"].where(~delivered["rejected"]))
     delivered["latency_final_ms"] = (final - delivered["t_capture"]) * 1e3
+    delivered["unresolved"] = delivered["rejected"] & ~resolved
     delivered["served_right"] = (delivered["correct"] & ~delivered["rejected"]) | (
         resolved & (delivered["final_prediction"] == delivered["label"])
     )
     bins = delivered.groupby("bin")
-    clouds = {group_of(node) for node in set(delivered["resolver"]) - {""}}  # the groups that resolved frames
+    resolvers = {group_of(node) for node in set(delivered["resolver"]) - {""}}  # the groups that resolved frames
     wan = pd.DataFrame()
     series_path = folder / "links_timeseries.csv"
-    if clouds and series_path.is_file():
+    if resolvers and series_path.is_file():
         series = pd.read_csv(series_path)
-        toward = series["link_group"].str.split("->").str[1].isin(clouds)
+        toward = series["link_group"].str.split("->").str[1].isin(resolvers)
         wan = series[toward].groupby("time_s")["throughput_mbps"].sum()
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 2, figsize=(11, 6.4), sharex=True)
         (acc, rej), (load, lat) = axes
-        acc.plot(bins["served_right"].mean(), marker=".", label="served right (edge or cloud)")
+        acc.plot(bins["served_right"].mean(), marker=".", label="served right (edge, or where escalated)")
         acc.plot(bins["correct"].mean(), marker=".", linestyle=":", label="the edge's model alone")
         acc.set_ylabel("accuracy")
         acc.set_ylim(0, 1.05)
         _legend(acc)
-        rej.plot(bins["rejected"].mean(), marker=".", color="tab:orange")
-        rej.set_ylabel("share of frames rejected")
+        rej.plot(bins["rejected"].mean(), marker=".", color="tab:orange", label="rejected")
+        if resolvers:
+            rej.plot(bins["unresolved"].mean(), marker=".", linestyle=":", color="tab:brown", label="never resolved")
+            _legend(rej)
+        rej.set_ylabel("share of frames")
         rej.set_ylim(0, 1.05)
         if not wan.empty:
             load.plot(wan.index, wan.to_numpy(), color="tab:green")
-        load.set_ylabel("traffic toward the cloud (Mbit/s)")
+        load.set_ylabel(f"traffic toward {', '.join(sorted(resolvers)) or 'the resolvers'} (Mbit/s)")
         lat.plot(bins["latency_final_ms"].quantile(0.99), marker=".", color="tab:red")
-        lat.set_ylabel("p99 latency to the final verdict (ms)")
+        lat.set_ylabel("p99 latency to a final verdict (ms)")
         for label, group in delivered[delivered["condition"] != ""].groupby("condition"):
             start, stop = group["t_capture"].min(), group["t_capture"].max()
             for ax in axes.flat:
