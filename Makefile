@@ -78,7 +78,7 @@ he-table: setup
 
 # Camera conditions (17 kinds x 5 severities: CIFAR-10-C, MNIST-C and iotbed's rain and dark) on MNIST and GTSRB:
 # accuracy of the bare model and of each input defense, mean corruption accuracy, and the reject option's coverage
-# and selective risk at 90% clean coverage (benchmarks/results/corruption_table.md; about 10 min on 2 cores).
+# and selective risk at 90% clean coverage (benchmarks/results/corruption_table.md; about 11 min on 2 cores).
 # Options: make corruption-table CORRUPTION_ARGS='--quick --out /tmp/corruption-table'.
 corruption-table: setup
 	$(PY) benchmarks/corruption_table.py $(CORRUPTION_ARGS)

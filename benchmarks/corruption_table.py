@@ -297,7 +297,7 @@ def findings(r: dict[str, Any]) -> list[str]:
             f"- {d['label']}: clean {r['clean']['accuracy'][key]:.1f}%, mean corruption accuracy "
             f"{mean_accuracy(r, key):.1f}% ({_signed(mean_accuracy(r, key) - mean_accuracy(r, 'none'))} against the bare "
             f"model); above the bare model in {better} and below it in {worse} of {len(cells)} (kind, severity) "
-            f"cells by more than 2 standard errors of the difference; "
+            f"cells by more than 2 standard errors of an unpaired difference (conservative: both score the same images); "
             + (
                 f"its largest gain is on {top} ({_signed(gain[top])} points, mean over severities)."
                 if gain[top] > 0

@@ -5,8 +5,8 @@ attacked frames, and what a threshold fitted on clean calibration images does to
 
 For each dataset (MNIST with LeNet-5, GTSRB with gtsrb_cnn, read from ../shared/datasets and trained once
 through the model cache on iotbed's split, `load_splits(name, path, seed=0)`), the test split is cut in two
-at random: `--images` calibration images (the thresholds, and STRIP's clean overlays) and `--images`
-evaluation images, never used to fit anything. The evaluation images are scored as they are (clean), under
+at random: `--images` held-out images (100 of them STRIP's clean overlays, the rest for the thresholds) and
+`--images` evaluation images, never used to fit anything; all on the cameras' 8-bit grid. The evaluation images are scored as they are (clean), under
 fog and Gaussian noise at CIFAR-10-C severity 3 (corrupted), and as PGD-L-inf adversarial examples crafted on
 the bare model (attacked; eps 0.1 on MNIST, 2/255 on GTSRB, 20 steps; oblivious: crafted on the model alone, not on
 the gambler's network or STRIP's blends), by each score of
@@ -55,6 +55,7 @@ CORRUPTIONS = (("fog", 3), ("gaussian_noise", 3))
 COVERAGES = (0.95, 0.9, 0.8)
 TARGET_COVERAGE = 0.9
 STRIP_BLENDS = 16
+STRIP_OVERLAYS = 100  # as a deployment's `strip` score: clean images apart from the calibration ones
 SCORES = ("msp", "margin", "entropy", "gambler", "strip")
 
 
@@ -80,12 +81,13 @@ def _score_all(model: torch.nn.Module, scorers: dict[str, Any], images: torch.Te
 def _kinds(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     kinds = {"clean": x}
     for kind, severity in CORRUPTIONS:
-        kinds[f"{kind}-{severity}"] = corrupt(x, kind, severity, torch.Generator().manual_seed(seed))
+        seen = corrupt(x, kind, severity, torch.Generator().manual_seed(seed))
+        kinds[f"{kind}-{severity}"] = (seen * 255.0).round() / 255.0
     adversarial = [
         pgd(model, xb, yb, eps=PGD_EPS[name], steps=20, generator=torch.Generator().manual_seed(seed))
         for xb, yb in zip(x.split(250), y.split(250))
     ]
-    kinds["pgd"] = torch.cat(adversarial)
+    kinds["pgd"] = (torch.cat(adversarial) * 255.0).round() / 255.0
     return kinds
 
 
@@ -118,10 +120,11 @@ def run_dataset(name: str, images: int, seed: int) -> dict[str, Any]:
         raise SystemExit(
             f"--images {images}: the {name} test split has {len(order)} images; give at most {len(order) // 2}"
         )
-    calibration, evaluation = order[:images], order[images : 2 * images]
-    x_cal, y_cal = splits.test.images[calibration], splits.test.labels[calibration]
-    x, y = splits.test.images[evaluation], splits.test.labels[evaluation]
-    scorers = _scorers(model, gambler, x_cal, seed)
+    calibration, evaluation = order[STRIP_OVERLAYS:images], order[images : 2 * images]
+    on_grid = (splits.test.images * 255.0).round() / 255.0  # the 8-bit pixels cameras send
+    x_cal, y_cal = on_grid[calibration], splits.test.labels[calibration]
+    x, y = on_grid[evaluation], splits.test.labels[evaluation]
+    scorers = _scorers(model, gambler, on_grid[order[:STRIP_OVERLAYS]], seed)
     cal_pred, cal_scores = _score_all(model, scorers, x_cal)
     cal_correct = cal_pred == y_cal.numpy()
     thresholds = {s: for_coverage(s, cal_scores[s], cal_correct, TARGET_COVERAGE).value for s in SCORES}
@@ -134,7 +137,8 @@ def run_dataset(name: str, images: int, seed: int) -> dict[str, Any]:
         "arch": arch,
         "model_test_accuracy": trained.test_accuracy,
         "gambler_flops_per_image": gambler.flops_per_image,
-        "calibration_images": images,
+        "calibration_images": images - STRIP_OVERLAYS,
+        "strip_overlays": STRIP_OVERLAYS,
         "evaluation_images": images,
         "thresholds": thresholds,
         "rows": rows,
@@ -147,8 +151,9 @@ def _markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "# The reject option's scores on clean, corrupted and attacked frames",
         "",
         f"Written by `benchmarks/selective_table.py` on {meta['date']} (seed {meta['seed']}); "
-        "`make selective-table` reruns it. For each dataset the test split is cut into calibration images "
-        "(thresholds, STRIP's overlays) and as many evaluation images, never used to fit anything. Risks are "
+        "`make selective-table` reruns it. For each dataset the test split is cut into held-out images (100 "
+        "overlays for STRIP, the rest for the thresholds) and evaluation images, never used to fit anything, all on "
+        "the cameras' 8-bit grid. Risks are "
         "error rates in % on the accepted frames; AURC and E-AURC in %. The threshold column uses the "
         f"threshold fitted for {TARGET_COVERAGE:.0%} coverage on clean calibration images. PGD-L-inf (eps "
         f"{PGD_EPS['mnist']:g} on MNIST, {PGD_EPS['gtsrb'] * 255:g}/255 on GTSRB, 20 steps) is crafted on the model "
@@ -211,8 +216,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000, help="calibration images, and as many evaluated")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.images < 50:
-        raise SystemExit(f"--images {args.images}: give 50 or more, so the thresholds mean something")
+    if args.images < STRIP_OVERLAYS + 50:
+        raise SystemExit(
+            f"--images {args.images}: give {STRIP_OVERLAYS + 50} or more ({STRIP_OVERLAYS} are STRIP's overlays; the "
+            "rest fit the thresholds)"
+        )
     torch.set_num_threads(1)
     results = {name: run_dataset(name, args.images, args.seed) for name in args.datasets}
     meta = {"date": dt.date.today().isoformat(), "seed": args.seed, "torch": torch.__version__}

@@ -243,15 +243,28 @@ def _quarantine() -> Harness:
         wire.encode_quarantine(Quarantine(v, torch.rand(shape, generator=gen), name))
         for v, shape, name in ((1, (2, 1, 4, 4), "gw-0"), (7, (1, 3, 32, 32), "gateway-ü"), (0, (0, 1, 28, 28), ""))
     ]
+    seeds.append(  # with D_valid: clean images and their labels
+        wire.encode_quarantine(
+            Quarantine(
+                2,
+                torch.rand(2, 1, 8, 8, generator=gen),
+                "gw-1",
+                valid=torch.rand(3, 1, 8, 8, generator=gen),
+                valid_labels=torch.tensor([0, 9, 65535]),
+            )
+        )
+    )
     fields = mut.struct_fields(QUARANTINE_HEADER.format)
     names = (b"gw-0", b"", b"\xff\xfe", b"\xed\xa0\x80", b"\xc0\x80", "名前".encode(), b"\x00" * 255, b"a" * 300)
 
     def synth(rng: random.Random) -> bytes:
         name = rng.choice(names)
-        k = rng.choice((0, 1, 2, 100, 2**16, 2**32 - 1))
+        k, m = (rng.choice((0, 1, 2, 100, 2**16, 2**32 - 1)) for _ in range(2))
         c, h, w = rng.choice((1, 3, 4, 0, 5)), rng.choice((1, 28, 8192, 65535)), rng.choice((1, 32, 8192, 0))
-        head = QUARANTINE_HEADER.pack(b"IQ", 1, rng.randrange(2**32), k, c, h, w, min(len(name), 255))
-        n = k * c * h * w
+        head = QUARANTINE_HEADER.pack(
+            b"IQ", rng.choice((2, 1, 3)), rng.randrange(2**32), k, m, c, h, w, min(len(name), 255)
+        )
+        n = (k + m) * c * h * w + 2 * m
         return head + name + (rng.randbytes(n) if n <= BODY_CAP else b"")
 
     def generate(rng: random.Random) -> bytes:

@@ -187,7 +187,9 @@ def print_summary(summary: dict[str, Any]) -> None:
                         f"{_fmt(lat['p99'], '.1f')}",
                     )
                 )
-            rows.append(("  escalated traffic (MQTT kbit/s)", _fmt(escalated.get("bytes_per_s", 0) * 8e-3, ".1f")))
+            rows.append(
+                ("  escalated traffic (kbit/s, headers included)", _fmt(escalated.get("bytes_per_s", 0) * 8e-3, ".1f"))
+            )
             rows.append(("  system accuracy with escalation", _fmt(escalated["system_accuracy"], ".4f")))
     for desk, entry in summary.get("reviewers", {}).items():
         rows.append(

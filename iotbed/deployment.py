@@ -66,12 +66,21 @@ NodeRun = Callable[[], Generator[simpy.Event, object, None]]
 
 @dataclass(frozen=True, eq=False)
 class BackdoorInUpdate:
-    """A registry update that is a BadNet: its trigger and target, for stamping frames and for metrics."""
+    """A registry update that is a BadNet: its trigger and target, for stamping frames and for metrics.
+    With several triggers, `frame_triggers[i]` is the one a stamped frame of test image i shows."""
 
     update_index: int
     trigger: Any
     target: int
     model: nn.Module
+    source_classes: tuple[int, ...] = ()  # a source-specific backdoor's sources (empty: all but the target)
+    frame_triggers: np.ndarray | None = None
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """The test images as cameras show them with the trigger (each its own one of several)."""
+        if self.frame_triggers is None:
+            return self.trigger.apply(images)
+        return self.trigger.apply(images, torch.from_numpy(self.frame_triggers))
 
 
 @dataclass(frozen=True)
@@ -345,9 +354,18 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         group.cores,
         scenario.qos_for(topic),
         scenario.qos_for_filter(ESCALATIONS_FILTER) if escalating else None,
-        group.reject.to or "" if group.reject is not None else "",
+        (group.reject.to or "") if group.reject is not None else "",
         scenario.qos_for(results_topic("_")),
     )
+
+
+def escalating_edges(scenario: Scenario) -> dict[str, frozenset[str]]:
+    """For each clouds or reviewers group, the edge server nodes that escalate to it."""
+    senders: dict[str, set[str]] = {g.name: set() for g in [*scenario.nodes.clouds, *scenario.nodes.reviewers]}
+    for group in scenario.nodes.edge_servers:
+        if group.reject is not None and group.reject.to is not None:
+            senders[group.reject.to].update(group_nodes(group.name, group.count))
+    return {name: frozenset(edges) for name, edges in senders.items()}
 
 
 def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, streams: RandomStreams) -> EdgeClassifier:
@@ -419,10 +437,11 @@ def _model_bytes(model: nn.Module, version: int) -> bytes:
 
 
 def _repairer(
-    group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, DeviceProfile]
+    scenario: Scenario, group: EdgeServerGroup, artefacts: Artefacts, profiles: dict[str, DeviceProfile]
 ) -> CoDefendRepairer | None:
     if group.repair is None:
         return None
+    screening = sum(g.count for g in scenario.nodes.gateways if g.strip is not None)
     from iotbed.defenses.codefend import CycleGanConfig
 
     pool = artefacts.clean_pool
@@ -431,13 +450,25 @@ def _repairer(
     cyclegan = CycleGanConfig(
         epochs=group.repair.epochs, decay_epochs=group.repair.decay_epochs, seed=group.repair.seed
     )
-    return CoDefendRepairer(clean, cyclegan, group.repair.unlearn_epochs, profiles[group.device], group.cores)
+    return CoDefendRepairer(
+        clean,
+        cyclegan,
+        group.repair.unlearn_epochs,
+        profiles[group.device],
+        group.cores,
+        group.repair.pool_window,
+        screening,
+        group.repair.d_poison,
+        group.repair.d_valid,
+        group.repair.filter_generated,
+    )
 
 
 def _screen_inputs(
     group: GatewayGroup, artefacts: Artefacts, streams: RandomStreams
-) -> tuple[torch.Tensor, torch.Tensor, ScreenSettings]:
-    """STRIP's overlays and calibration images for a gateway group, from the defenders' clean pool."""
+) -> tuple[torch.Tensor, torch.Tensor, ScreenSettings, torch.Tensor]:
+    """STRIP's overlays and calibration images for a gateway group, from the defenders' clean pool, and the
+    labels of the first `send_clean` calibration images (the D_valid it sends with a notice)."""
     from iotbed.defenses.codefend import select_clean_overlays
 
     spec = group.strip
@@ -449,7 +480,7 @@ def _screen_inputs(
     rest = torch.ones(len(pool), dtype=torch.bool)
     rest[picked] = False
     settings = ScreenSettings(spec.frames, spec.n_blends, spec.frr, spec.significance, spec.max_utilisation)
-    return pool.images[picked], pool.images[rest][: spec.calibration], settings
+    return pool.images[picked], pool.images[rest][: spec.calibration], settings, pool.labels[rest][: spec.send_clean]
 
 
 def build_nodes(
@@ -498,7 +529,7 @@ def build_nodes(
         threshold = reject_threshold(group, artefacts, streams)
         for i, name in enumerate(group_nodes(group.name, group.count)):
             # One repairer per group (its first node), so a quarantine leads to one repaired model.
-            repairer = _repairer(group, artefacts, profiles) if i == 0 else None
+            repairer = _repairer(scenario, group, artefacts, profiles) if i == 0 else None
             sign_repaired = None
             if keys is not None and repairer is not None:
                 key = keys.repairers[name]
@@ -523,6 +554,7 @@ def build_nodes(
             built.edges.append(edge)
             built.runs[name] = edge.run
 
+    senders = escalating_edges(scenario)
     for group in scenario.nodes.clouds:
         model, flops = artefacts.cloud_models.get(group.name, (artefacts.model, artefacts.flops_per_image))
         config = CloudConfig(
@@ -534,7 +566,9 @@ def build_nodes(
         )
         for name in group_nodes(group.name, group.count):
             classifier = EdgeClassifier(model, INITIAL_MODEL_VERSION, flops, artefacts.images)
-            cloud = CloudServer(env, name, client(name, name), config, classifier, profiles[group.device], recorder)
+            cloud = CloudServer(
+                env, name, client(name, name), config, classifier, profiles[group.device], recorder, senders[group.name]
+            )
             built.clouds.append(cloud)
             built.runs[name] = cloud.run
 
@@ -548,7 +582,9 @@ def build_nodes(
             artefacts.num_classes,
         )
         for name in group_nodes(group.name, group.count):
-            desk = ReviewDesk(env, name, client(name, name), review, recorder, streams.generator("review", name))
+            desk = ReviewDesk(
+                env, name, client(name, name), review, recorder, streams.generator("review", name), senders[group.name]
+            )
             built.reviewers.append(desk)
             built.runs[name] = desk.run
 
@@ -557,7 +593,8 @@ def build_nodes(
     for group in scenario.nodes.gateways:
         if group.strip is None:
             continue
-        overlays, calibration, settings = _screen_inputs(group, artefacts, streams)
+        overlays, calibration, settings, valid_labels = _screen_inputs(group, artefacts, streams)
+        d_valid = (calibration[: len(valid_labels)], valid_labels) if len(valid_labels) else None
         for name in group_nodes(group.name, group.count):
             gateway = ScreeningGateway(
                 env,
@@ -578,6 +615,7 @@ def build_nodes(
                 wiring.offload,
                 channel=update_channel(name, profiles[group.device]),
                 notice_key=keys.gateways[name] if keys is not None else None,
+                d_valid=d_valid,
             )
             wiring.relay(gateway, relayed.get(name, []))
             built.gateways.append(gateway)

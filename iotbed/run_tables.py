@@ -100,16 +100,24 @@ class RepairRow:
     edge: str
     quarantined_version: int
     version: int
-    flagged: int
+    flagged: int  # frames in the pooled notices
     started_s: float
     published_s: float
     sim_seconds: float
     wall_seconds: float
     flops: float
+    gateways: tuple[str, ...] = ()  # whose notices were pooled, in arrival order
+    kept: tuple[bool, ...] = ()  # per pooled flagged frame, in that order: whether D_poison took it
+    d_valid: int = 0  # clean labelled images the repair learned from
+    d_valid_from: str = "edge"  # the edge's own, or the gateways' (sent with their notices)
+    d_valid_refused: int = 0  # notices whose clean images the edge refused (wrong shape or labels)
+    kept_generated: int = 0  # generated images (D_gen) the unlearning used
 
     def as_summary(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        del out["edge"]
+        del out["edge"], out["kept"]
+        out["gateways"] = list(self.gateways)
+        out["d_poison"] = sum(self.kept)
         return out
 
 
@@ -124,10 +132,19 @@ class OfflineScore:
     robust_accuracy: float
     n_clean: int
     n_triggered: int
+    # several triggers: each one's ASR alone on every image the backdoor aims at, by trigger name
+    attack_success_rate_by_trigger: dict[str, float] = field(default_factory=dict)
+    # source-specific: stamped images of the other non-target classes sent to the target
+    non_source_flip_rate: float | None = None
+    n_non_source: int = 0
 
     def as_summary(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         del out["version"], out["model"]
+        if not self.attack_success_rate_by_trigger:
+            del out["attack_success_rate_by_trigger"]
+        if self.non_source_flip_rate is None:
+            del out["non_source_flip_rate"], out["n_non_source"]
         return out
 
 
@@ -139,6 +156,9 @@ class BackdoorUpdate:
     update_index: int
     target: int
     trigger: str
+    triggers: tuple[str, ...] = ()  # several triggers: their names, in order
+    frame_triggers: tuple[int, ...] = ()  # several triggers: which one each test image shows when stamped
+    source_classes: tuple[int, ...] = ()  # source-specific: the classes the trigger flips
 
 
 @dataclass(frozen=True)

@@ -98,23 +98,12 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         if update.backdoor is None:
             updated = get_or_train(arch, train, update_config, test_ds=splits.test, progress=progress)
         else:
-            from iotbed.attacks.backdoor import train_badnet
-
-            spec = update.backdoor
-            trigger = build_trigger(spec.trigger, image_shape)  # type: ignore[arg-type]
-            badnet = train_badnet(
-                arch,
-                train,
-                trigger,
-                spec.target,
-                spec.ratio,
-                update_config,
-                poison_seed=spec.poison_seed,
-                test_ds=splits.test,
-                progress=progress,
-            )
+            badnet = _train_badnet(i, update.backdoor, arch, train, update_config, splits.test, progress)
             updated = badnet.trained
-            backdoors[update_version(i)] = BackdoorInUpdate(i, trigger, spec.target, badnet.model)
+            frame_triggers = _frame_triggers(scenario.seed, i, len(splits.test), badnet.trigger)
+            backdoors[update_version(i)] = BackdoorInUpdate(
+                i, badnet.trigger, badnet.target, badnet.model, badnet.source_classes, frame_triggers
+            )
         blob = model_to_bytes(updated.model, {"version": str(update_version(i))})
         updates.append(ScheduledUpdate(update.at, ModelUpdate(update_version(i), blob), update.publisher))
     cloud_models = {}
@@ -214,6 +203,53 @@ def build_trigger(spec: Any, image_shape: tuple[int, int, int]) -> Any:
     return Trigger.random_pattern(image_shape, torch.Generator().manual_seed(spec.seed), alpha=spec.alpha)
 
 
+def build_backdoor_trigger(spec: Any, image_shape: tuple[int, int, int]) -> Any:
+    """A `backdoor:` entry's trigger: a Trigger, or a MultiTrigger for `triggers:` (names made unique, as the
+    summary reports each trigger's figures under its name)."""
+    from iotbed.attacks.backdoor import MultiTrigger
+
+    if spec.trigger is not None:
+        return build_trigger(spec.trigger, image_shape)
+    parts = [build_trigger(t, image_shape) for t in spec.triggers]
+    names = [p.name for p in parts]
+    unique = [name if names.count(name) == 1 else f"{name}#{k}" for k, name in enumerate(names)]
+    return MultiTrigger(tuple(dataclasses.replace(p, name=n) for p, n in zip(parts, unique, strict=True)))
+
+
+def _train_badnet(index: int, spec: Any, arch: str, train: Any, config: Any, test: Any, progress: bool) -> Any:
+    """Registry update `index`'s BadNet, trained (or fetched from the model cache) as its `backdoor:` says."""
+    from iotbed.attacks.backdoor import BackdoorError, train_badnet
+
+    image_shape = tuple(int(x) for x in test.images.shape[1:])
+    try:
+        return train_badnet(
+            arch,
+            train,
+            build_backdoor_trigger(spec, image_shape),
+            spec.target,
+            spec.ratio,
+            config,
+            poison_seed=spec.poison_seed,
+            test_ds=test,
+            progress=progress,
+            source_classes=spec.source_classes,
+            cover_ratio=spec.effective_cover_ratio,
+        )
+    except BackdoorError as exc:
+        raise ScenarioError(f"registry update {index}, `backdoor:`: {exc}") from None
+
+
+def _frame_triggers(seed: int, update_index: int, n_images: int, trigger: Any) -> np.ndarray | None:
+    """With several triggers, which one each test image shows when a camera stamps it: a balanced random
+    assignment drawn from the scenario's seed, fixed per image so the trace's image index tells it."""
+    from iotbed.attacks.backdoor import MultiTrigger
+
+    if not isinstance(trigger, MultiTrigger):
+        return None
+    order = torch.randperm(n_images, generator=RandomStreams(seed).torch_generator("frame_triggers", str(update_index)))
+    return (order % len(trigger.parts)).numpy()
+
+
 def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
     """(the defenders' clean labelled images, what the models train on). STRIP's overlays and calibration
     and CoDefend's D_valid must be clean data no model was trained on, like the frames the cameras send:
@@ -266,7 +302,7 @@ def craft_attacks(
     triggers = {b.update_index: b for b in (backdoors or {}).values()}
     for spec in scenario.attacks:
         if spec.kind == "trigger":  # cameras show the trigger of a backdoored update: stamped 8-bit images
-            stamped = (triggers[spec.update].trigger.apply(images) * 255.0).round() / 255.0
+            stamped = (triggers[spec.update].stamp(images) * 255.0).round() / 255.0
             adversarial[spec.label] = stamped.numpy().astype(np.float32)
             bare_correct[spec.label] = bare_predictions(model, stamped) == truth
             continue

@@ -85,9 +85,7 @@ def run_tables_from(nodes: NodeTables, *, trace: pa.Table, broker: dict[str, Any
             _offline_score(bd.model, version, "backdoored", bd, artefacts),
         )
     ]
-    backdoors = [
-        BackdoorUpdate(v, bd.update_index, bd.target, bd.trigger.name) for v, bd in artefacts.backdoors.items()
-    ]
+    backdoors = [_backdoor_update(v, bd) for v, bd in artefacts.backdoors.items()]
     nodes = dataclasses.replace(nodes, offline=[*reference, *nodes.offline])
     return RunTables.of(nodes, trace=trace, broker=broker, backdoors=backdoors)
 
@@ -193,6 +191,12 @@ def _repair_row(edge: str, repair: dict[str, Any]) -> RepairRow:
         repair["sim_seconds"],
         repair["wall_seconds"],
         repair["flops"],
+        tuple(repair["gateways"]),
+        tuple(repair["kept"]),
+        repair["d_valid"],
+        repair["d_valid_from"],
+        repair["d_valid_refused"],
+        repair["kept_generated"],
     )
 
 
@@ -205,17 +209,41 @@ def _repaired_scores(edges: list[EdgeServer], artefacts: Artefacts) -> list[Offl
     ]
 
 
+def _backdoor_update(version: int, bd: BackdoorInUpdate) -> BackdoorUpdate:
+    parts = getattr(bd.trigger, "parts", ())
+    return BackdoorUpdate(
+        version,
+        bd.update_index,
+        bd.target,
+        bd.trigger.name,
+        tuple(p.name for p in parts),
+        tuple(int(k) for k in bd.frame_triggers) if bd.frame_triggers is not None else (),
+        bd.source_classes,
+    )
+
+
 def _offline_score(
     model: nn.Module, version: int, kind: str, bd: BackdoorInUpdate, artefacts: Artefacts
 ) -> OfflineScore:
-    """`model`'s clean accuracy, and success rate of `bd`'s trigger, on the cameras' test split."""
+    """`model`'s clean accuracy, and success rate of `bd`'s trigger, on the cameras' test split: on the
+    images the backdoor aims at (its source classes, or all but the target), each of several triggers
+    also alone, and a source-specific one's flip rate on the other classes."""
     from iotbed.attacks.backdoor import backdoor_metrics
     from iotbed.data.dataset import ImageDataset
 
     labels = torch.from_numpy(artefacts.labels)
     classes = tuple(str(c) for c in range(int(labels.max()) + 1))
     ds = ImageDataset("test", artefacts.images, labels, classes, "the cameras' test split")
-    m = backdoor_metrics(model, ds, bd.trigger, bd.target)
+    m = backdoor_metrics(model, ds, bd.trigger, bd.target, source_classes=bd.source_classes or None)
     return OfflineScore(
-        version, kind, m.clean_accuracy, m.attack_success_rate, m.robust_accuracy, m.n_clean, m.n_triggered
+        version,
+        kind,
+        m.clean_accuracy,
+        m.attack_success_rate,
+        m.robust_accuracy,
+        m.n_clean,
+        m.n_triggered,
+        m.attack_success_rate_by_trigger,
+        m.non_source_flip_rate,
+        m.n_non_source,
     )

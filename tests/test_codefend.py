@@ -132,3 +132,18 @@ def test_device_screen_and_edge_repair_remove_the_backdoor(scene) -> None:  # ty
     assert backdoor_metrics(bad.model, test, trig, TARGET).attack_success_rate == before.attack_success_rate
     assert len(result.cyclegan.history) == 4
     assert result.cyclegan.history[-1].lr < result.cyclegan.history[0].lr
+
+
+def test_a_reference_model_keeps_out_generated_images_that_lost_their_label(scene) -> None:  # type: ignore[no-untyped-def]
+    """With a reference model, D_gen keeps only the generated images it still labels as their source image."""
+    bad, valid = scene["bad"], scene["valid"]
+    from iotbed.models import get_or_train
+
+    clean_model = get_or_train("lenet5", scene["splits"].train, FAST, progress=False).model
+    flagged = scene["stream"][:60]
+    plain = edge_repair(bad.model, valid, flagged, cyclegan=TINY_GAN)
+    filtered = edge_repair(bad.model, valid, flagged, cyclegan=TINY_GAN, reference=clean_model)
+    assert plain.kept_generated == len(valid)
+    pred, _ = predict(clean_model, filtered.synthesized)
+    assert filtered.kept_generated == int((pred == valid.labels).sum())
+    assert torch.equal(plain.synthesized, filtered.synthesized)  # the same CycleGAN: only D_gen differs

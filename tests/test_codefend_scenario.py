@@ -50,6 +50,20 @@ def test_backdoored_update_is_quarantined_rolled_back_and_repaired(story: iotbed
     assert offline["repaired"]["clean_accuracy"] >= offline["backdoored"]["clean_accuracy"] - 0.03
 
 
+def test_the_edge_repairs_once_from_every_gateways_notice(story: iotbed.RunResult) -> None:
+    """Both gateways quarantine the BadNet within the pooling window: one repair, from both notices' frames,
+    keeping those the backdoor flipped; a notice that comes while the repair gathers starts no second one."""
+    b = story.summary["backdoor"]["2"]
+    repair = b["repair"]
+    quarantines = [e for e in story.summary["model_events"] if e["event"] == "quarantined" and e["version"] == 2]
+    assert len(quarantines) == 2  # both gateways caught it
+    assert sorted(repair["gateways"]) == sorted(e["node"] for e in quarantines)
+    started = [e for e in story.summary["model_events"] if e["event"] == "repair_started" and e["version"] == 2]
+    assert len(started) == 1 and len(story.summary["backdoor"]) == 1
+    assert 0 < repair["d_poison"] <= repair["flagged"]
+    assert repair["d_poison_purity"] >= repair["flagged_purity"]  # keeping flipped frames keeps stamped ones
+
+
 def test_trace_and_detection_tell_the_same_story(story: iotbed.RunResult) -> None:
     trace = story.trace
     served = trace[trace.status == "delivered"]
@@ -128,3 +142,29 @@ def test_a_rogue_publisher_on_a_camera_pushes_the_backdoor_and_is_caught() -> No
 def test_an_update_publisher_must_be_a_node() -> None:
     with pytest.raises(ScenarioError, match="update publisher 'cam' is not a node"):
         iotbed.load_scenario(STORY, ["registry.updates.0.publisher=cam"])
+
+
+def test_in_codefends_own_flow_the_gateways_send_d_valid() -> None:
+    """`strip.send_clean` and `repair.d_valid: gateways`: each notice carries 60 clean labelled images (charged
+    to the links as the notice's bytes), and the edge repairs from the pooled ones instead of its own set. A
+    short repair: this checks the flow, not the repair's quality."""
+    scenario = iotbed.load_scenario(
+        STORY,
+        [
+            "duration=90s",
+            "nodes.gateways.0.strip.send_clean=60",
+            "nodes.edge_servers.0.repair={clean_images: 500, epochs: 1, decay_epochs: 0, unlearn_epochs: 2, "
+            "d_valid: gateways, pool_window: 30s}",
+        ],
+    )
+    summary = iotbed.run(scenario, progress=False, write=False).summary
+    repair = summary["backdoor"]["2"]["repair"]
+    assert repair["d_valid_from"] == "gateways" and repair["d_valid_refused"] == 0
+    assert repair["d_valid"] == 60 * len(repair["gateways"])
+    notices = [e for e in summary["model_events"] if e["event"] == "quarantined" and e["version"] == 2]
+    pixels = 32 * 32  # digits frames: one channel
+    assert all(e["size_bytes"] >= 60 * (pixels + 2) for e in notices)  # D_valid's pixels and labels travel
+    with pytest.raises(ScenarioError, match="no screening gateway sends clean images"):
+        iotbed.load_scenario(STORY, ["nodes.edge_servers.0.repair.d_valid=gateways"])
+    with pytest.raises(ScenarioError, match="more than the 300 calibration images"):
+        iotbed.load_scenario(STORY, ["nodes.gateways.0.strip.send_clean=301"])

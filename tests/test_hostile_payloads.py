@@ -73,7 +73,9 @@ def _model_update() -> bytes:
 
 
 VALID_MODEL = _model_update()
-VALID_QUARANTINE = wire.encode_quarantine(Quarantine(3, torch.rand(2, *SHAPE), "gw-0"))
+VALID_QUARANTINE = wire.encode_quarantine(
+    Quarantine(3, torch.rand(2, *SHAPE), "gw-0", valid=torch.rand(2, *SHAPE), valid_labels=torch.tensor([4, 7]))
+)
 
 
 def _decodes_or_refuses(fn, data: bytes, allowed: type[Exception] = MalformedPayload) -> None:  # type: ignore[no-untyped-def]
@@ -356,3 +358,18 @@ def test_an_edge_server_counts_an_update_that_is_not_a_model() -> None:
     text = json.dumps(header).encode()
     assert not edge._adopt(ModelUpdate(5, struct.pack("<Q", len(text)) + text + blob[8 + n :]))
     assert edge.refused_updates == 1 and edge.classifier.version == 1
+
+
+def test_a_notice_carries_d_valid_and_its_labels_exactly() -> None:
+    """CoDefend's own flow: the gateway's clean images and labels travel with the flagged frames, signed with
+    them, and come back as sent (8-bit pixels, 16-bit labels); a notice without them has none."""
+    images = (torch.randint(0, 256, (3, *SHAPE)) / 255.0).float()
+    notice = Quarantine(5, images[:1], "gw-2", valid=images, valid_labels=torch.tensor([0, 3, 65535]))
+    data = wire.encode_quarantine(notice)
+    assert len(data) == notice.nbytes
+    back = wire.decode_quarantine(data)
+    assert back.valid is not None and back.valid_labels is not None
+    assert torch.allclose(back.valid, images, atol=1e-6) and back.valid_labels.tolist() == [0, 3, 65535]
+    assert wire.decode_quarantine(wire.encode_quarantine(Quarantine(5, images[:1], "gw-2"))).valid is None
+    with pytest.raises(wire.MalformedPayload, match="bad_length|3 clean"):
+        wire.decode_quarantine(data[:-1])

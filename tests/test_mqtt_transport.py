@@ -459,10 +459,12 @@ def test_wire_quarantine_round_trip_and_refusals() -> None:
         with pytest.raises(wire.MalformedPayload) as info:
             wire.decode_quarantine(payload, max_bytes=len(data) + 32)
         assert info.value.reason == reason, reason
-    # a header that claims 2^32-1 frames of 4x8192x8192 is refused by its length, before any allocation
-    huge = wire.QUARANTINE_HEADER.pack(b"IQ", 1, 2, 2**32 - 1, 4, 8192, 8192, 0)
-    with pytest.raises(wire.MalformedPayload, match="bad_length"):
-        wire.decode(QUARANTINE_TOPIC, huge)
+    # a header that claims 2^32-1 frames (or clean images) of 4x8192x8192 is refused by its length, before any
+    # allocation
+    for flagged, clean in ((2**32 - 1, 0), (0, 2**32 - 1)):
+        huge = wire.QUARANTINE_HEADER.pack(b"IQ", wire.QUARANTINE_FORMAT_VERSION, 2, flagged, clean, 4, 8192, 8192, 0)
+        with pytest.raises(wire.MalformedPayload, match="bad_length"):
+            wire.decode(QUARANTINE_TOPIC, huge)
 
 
 @settings(max_examples=400, deadline=None)

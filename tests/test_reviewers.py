@@ -12,6 +12,7 @@ import simpy
 from conftest import SCENARIOS
 
 import iotbed
+from iotbed.broker.messages import Publish
 from iotbed.emulation.runner import emulate
 from iotbed.errors import ScenarioError
 from iotbed.nodes.payloads import Frame
@@ -23,7 +24,15 @@ QUICKSTART = SCENARIOS / "quickstart.yaml"
 
 def _desk(env: simpy.Environment, reviewers: int, service: ServiceTime, accuracy: float, seed: int) -> ReviewDesk:
     config = ReviewConfig("$share/desk/escalations/desk/#", 1, reviewers, service, accuracy, 10)
-    desk = ReviewDesk(env, "desk-0", None, config, TraceRecorder(), np.random.default_rng(seed))  # type: ignore[arg-type]
+    desk = ReviewDesk(
+        env,
+        "desk-0",
+        None,
+        config,
+        TraceRecorder(),
+        np.random.default_rng(seed),
+        frozenset({"edge-0"}),  # type: ignore[arg-type]
+    )
     for _ in range(reviewers):
         env.process(desk._review())
     return desk
@@ -99,6 +108,55 @@ def test_reviewers_are_right_as_often_as_their_accuracy_and_wrong_uniformly() ->
     assert counts.min() > 0.85 * counts.mean() and counts.max() < 1.15 * counts.mean()
 
 
+def test_a_frame_an_idle_reviewer_takes_never_counts_as_queued() -> None:
+    """Frames 10 s apart, reviews of 3 s: nobody waits, the queue stays empty."""
+    env = simpy.Environment()
+    desk = _desk(env, 1, ServiceTime("fixed", 3.0, 0.5), 1.0, seed=0)
+
+    def spaced():  # type: ignore[no-untyped-def]
+        for i in range(5):
+            record = FrameRecord(i, "cam-0", "frames/cam-0", 0, 1, 100, 150, 1, env.now)
+            record.rejected, record.t_escalated = True, env.now
+            desk._take(Frame(i, 0, env.now, 0, 1, (1, 8, 8), 0), record)
+            yield env.timeout(10.0)
+
+    env.process(spaced())
+    env.run()
+    assert desk.reviewed == 5 and desk.max_queue == 0 and desk.waited_s == 0.0
+
+
+def test_the_mean_wait_counts_only_finished_reviews() -> None:
+    """Two frames at once, one reviewer, stopped mid-way through the second review: one frame reviewed, and it
+    never waited; the second (which waited 3 s) is still in review and not in the mean."""
+    env = simpy.Environment()
+    desk = _desk(env, 1, ServiceTime("fixed", 3.0, 0.5), 1.0, seed=0)
+    for i in range(2):
+        record = FrameRecord(i, "cam-0", "frames/cam-0", 0, 1, 100, 150, 1, 0.0)
+        record.rejected, record.t_escalated = True, 0.0
+        desk._take(Frame(i, 0, 0.0, 0, 1, (1, 8, 8), 0), record)
+    env.run(until=4.0)
+    assert desk.reviewed == 1 and desk.waited_s == 0.0 and desk.max_queue == 1
+
+
+def test_escalations_from_elsewhere_are_counted_not_reviewed() -> None:
+    """A resolver takes only frames an edge escalating to its group rejected, on that frame's camera topic."""
+    env = simpy.Environment()
+    desk = _desk(env, 1, ServiceTime("fixed", 1.0, 0.5), 1.0, seed=0)
+    recorder = desk.recorder
+    mine = recorder.new_frame("cam-0", "frames/cam-0", 0, 3, 100, 150, 1, 0.0)
+    mine.rejected, mine.edge = True, "edge-0"
+    other = recorder.new_frame("cam-1", "frames/cam-1", 0, 3, 100, 150, 1, 0.0)
+    other.rejected, other.edge = True, "edge2-0"  # rejected by an edge that escalates elsewhere
+    frame = Frame(mine.frame_id, 0, 0.0, 0, 3, (1, 8, 8), 0)
+    desk._on_frame(Publish("escalations/cloud/cam-0", frame, 1))  # another group's topic
+    desk._on_frame(Publish("escalations/desk/cam-1", frame, 1))  # another camera's topic
+    desk._on_frame(Publish("escalations/desk/cam-1", Frame(other.frame_id, 0, 0.0, 0, 3, (1, 8, 8), 0), 1))
+    assert desk.unknown_frames == 3 and mine.t_escalated < 0
+    desk._on_frame(Publish("escalations/desk/cam-0", frame, 1))
+    env.run()
+    assert desk.unknown_frames == 3 and desk.reviewed == 1 and mine.resolver == "desk-0"
+
+
 REVIEW = [
     "duration=20s",
     "nodes.edge_servers.0.reject={target: {coverage: 0.9}, action: escalate, to: desk}",
@@ -161,6 +219,10 @@ def test_clouds_and_reviewers_hear_only_their_own_escalations() -> None:
 
 
 def test_a_bad_reviewers_entry_is_refused() -> None:
+    with pytest.raises(ScenarioError, match="give a mean above zero"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.reviewers=[{name: desk, service_time: {mean: 0s}}]"])
+    with pytest.raises(ScenarioError, match="no link leads from it to the broker's group"):
+        iotbed.load_scenario(QUICKSTART, ["nodes.reviewers=[{name: desk}]"])
     with pytest.raises(ScenarioError, match="reviewers"):
         iotbed.load_scenario(QUICKSTART, ["nodes.reviewers=[{name: desk, reviewers: 0}]"])
     with pytest.raises(ScenarioError, match="accuracy"):

@@ -2,7 +2,8 @@
 was in service, when the gateways caught it, how long the repair took, and how well STRIP told stamped
 frames from clean ones on the frames the gateways really screened.
 
-Times are simulated seconds. "Live" means served by the edge: a stamped frame classified by the
+Times are simulated seconds. "Live" means served by the edge: a stamped frame the backdoor aims at (of a
+class other than the target; of a source class for a source-specific backdoor) classified by the
 backdoored version as the attacker's target is a frame the backdoor won. Everything comes from the run's
 tables; the offline scores and STRIP's calibration entropies were measured by the runtime.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from iotbed.analysis.detection import FRR_PRESETS, detection_report
 from iotbed.naming import repaired_version
-from iotbed.run_tables import OFFLINE_MODELS, RunTables
+from iotbed.run_tables import OFFLINE_MODELS, RepairRow, RunTables
 from iotbed.sim.trace import ModelEvent
 
 
@@ -38,7 +39,12 @@ def _offline(tables: RunTables, version: int, model: str) -> dict[str, Any] | No
 
 
 def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
-    """`{"backdoor": ..., "detection": ...}` for a run with backdoored updates, else `{}`."""
+    """`{"backdoor": ..., "detection": ...}` for a run with backdoored updates, else `{}`.
+
+    `frames_won_by_the_backdoor` and `in_run_by_version` count only the stamped frames the backdoor is
+    meant to win: those of classes other than the target, or, for a source-specific backdoor, those of
+    its source classes (its stamped frames of other classes are in `non_source_stamped`). With several
+    triggers, `by_trigger` splits the stamped frames by the trigger each showed."""
     if not tables.backdoors:
         return {}
     trace, events = tables.trace, tables.model_events
@@ -48,6 +54,7 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
     prediction = trace.column("prediction").to_numpy()
     label = trace.column("label").to_numpy()
     captured = trace.column("t_capture").to_numpy()
+    image_index = trace.column("image_index").to_numpy()
     out: dict[str, Any] = {}
     detection: dict[str, Any] = {}
     for bd in tables.backdoors:
@@ -56,7 +63,8 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
         shown = _stamped(attack, stamp_labels)  # frames that showed the trigger, delivered or not
         stamped = shown & delivered
         non_target = label != bd.target
-        won = stamped & non_target & (prediction == bd.target)
+        aimed = np.isin(label, bd.source_classes) if bd.source_classes else non_target
+        won = stamped & aimed & (prediction == bd.target)
         repair_version = repaired_version(version)
         published = _first(events, "published", version)
         adopted = _first(events, "adopted", version)
@@ -68,13 +76,15 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
         exposed = max(adopted, first_stamp) if adopted is not None and first_stamp is not None else None
         in_run = {
             str(v): {
-                "stamped_frames": int((stamped & non_target & (version_col == v)).sum()),
-                "attack_success_rate": _share(stamped & non_target & (version_col == v), won),
+                "stamped_frames": int((stamped & aimed & (version_col == v)).sum()),
+                "attack_success_rate": _share(stamped & aimed & (version_col == v), won),
                 "clean_accuracy": _share(~shown & delivered & (version_col == v), prediction == label),
             }
             for v in sorted(set(version_col[delivered].tolist()))
         }
-        repairs = [r.as_summary() for r in tables.repairs if r.quarantined_version == version]
+        repairs = [
+            r.as_summary() | _purity(tables, r, shown) for r in tables.repairs if r.quarantined_version == version
+        ]
         out[str(version)] = {
             "target": bd.target,
             "trigger": bd.trigger,
@@ -95,9 +105,77 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
             "in_run_by_version": in_run,
             "offline": {model: _offline(tables, version, model) for model in OFFLINE_MODELS},
         }
-        detection[str(version)] = _detection(tables, version, shown)
+        in_service = stamped & (version_col == version)
+        if bd.triggers:
+            frame_trigger = np.asarray(bd.frame_triggers, dtype=np.int64)[image_index]
+            out[str(version)]["by_trigger"] = _by_trigger(bd.triggers, frame_trigger, stamped, in_service & aimed, won)
+        if bd.source_classes:
+            off_source = in_service & non_target & ~aimed  # stamped frames it should leave alone
+            out[str(version)]["source_classes"] = list(bd.source_classes)
+            out[str(version)]["non_source_stamped"] = {
+                "frames": int(off_source.sum()),
+                "sent_to_target": int((off_source & (prediction == bd.target)).sum()),
+                "flip_rate": _share(off_source, prediction == bd.target),
+            }
+            # STRIP's figures count only stamped source frames as trojaned; the other stamped frames are
+            # neither benign nor trojaned and are left out.
+            detection[str(version)] = _detection(tables, version, shown & aimed, ignored=shown & ~aimed)
+        else:
+            detection[str(version)] = _detection(tables, version, shown)
     screens = [s.as_summary() for s in tables.screens]
     return {"backdoor": out, "detection": {"screens": screens, "by_version": detection}}
+
+
+def _purity(tables: RunTables, repair: RepairRow, shown: np.ndarray) -> dict[str, Any]:
+    """From ground truth, the share of the pooled flagged frames and of D_poison that showed the trigger. A
+    gateway's notice holds the frames its first screen to find the version backdoored flagged, in the order
+    it screened them."""
+    flagged: list[int] = []
+    for gateway in repair.gateways:
+        screen = min(
+            (
+                s
+                for s in tables.screens
+                if s.gateway == gateway and s.version == repair.quarantined_version and s.backdoored
+            ),
+            key=lambda s: s.screen,
+            default=None,
+        )
+        if screen is None:
+            return {}
+        flagged += [
+            f.frame_id
+            for f in tables.screened
+            if f.gateway == gateway and f.screen == screen.screen and f.entropy_bits <= screen.boundary_bits
+        ]
+    if len(flagged) != len(repair.kept):  # the notices and the screens disagree: no purity to give
+        return {}
+    stamped = shown[np.array(flagged, dtype=np.int64)]
+    kept = np.array(repair.kept, dtype=bool)
+    return {
+        "flagged_purity": _share(np.ones_like(kept), stamped),
+        "d_poison_purity": _share(kept, stamped),
+    }
+
+
+def _by_trigger(
+    names: tuple[str, ...],
+    frame_trigger: np.ndarray,
+    stamped: np.ndarray,
+    aimed_in_service: np.ndarray,
+    won: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """Per trigger of several: the delivered frames that showed it, and, of those the backdoor aims at that the
+    backdoored version served, the share it won."""
+    out = {}
+    for k, name in enumerate(names):
+        shows = frame_trigger == k
+        out[name] = {
+            "stamped_frames": int((stamped & shows).sum()),
+            "frames_won_by_the_backdoor": int((won & shows & aimed_in_service).sum()),
+            "attack_success_rate_in_service": _share(aimed_in_service & shows, won),
+        }
+    return out
 
 
 def _stamped(attack: np.ndarray, stamp_labels: list[str] | set[str]) -> np.ndarray:
@@ -106,11 +184,16 @@ def _stamped(attack: np.ndarray, stamp_labels: list[str] | set[str]) -> np.ndarr
     return np.fromiter((bool(labels.intersection(a.split("+"))) for a in attack), dtype=bool, count=len(attack))
 
 
-def _detection(tables: RunTables, version: int, stamped_rows: np.ndarray) -> dict[str, Any] | None:
-    """FAR at preset FRRs and AUROC of STRIP on the frames the gateways screened for `version`; thresholds
-    from the entropies of the first such gateway's clean calibration images under that model."""
+def _detection(
+    tables: RunTables, version: int, stamped_rows: np.ndarray, ignored: np.ndarray | None = None
+) -> dict[str, Any] | None:
+    """FAR at preset FRRs and AUROC of STRIP on the frames the gateways screened for `version` (but the
+    `ignored` trace rows); thresholds from the entropies of the first such gateway's clean calibration
+    images under that model."""
     screens = {(s.gateway, s.screen) for s in tables.screens if s.version == version}
     frames = [f for f in tables.screened if (f.gateway, f.screen) in screens]
+    if ignored is not None:
+        frames = [f for f in frames if not ignored[f.frame_id]]
     ids = np.array([f.frame_id for f in frames], dtype=np.int64)
     entropies = np.array([f.entropy_bits for f in frames], dtype=np.float64)
     stamped = stamped_rows[ids]  # a frame's id is its trace row (TraceRecorder.new_frame)

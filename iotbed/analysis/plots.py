@@ -445,7 +445,13 @@ def plot_backdoor(folder: Path, out: Path, formats: tuple[str, ...], x: str | No
         _legend(left)
         delivered = trace[trace["status"] == "delivered"].copy()
         delivered["bin"] = (delivered["t_capture"] // 5.0) * 5.0
-        stamped = delivered[(delivered["attack"] != "") & (delivered["label"] != info["target"])]
+        # the frames the backdoor aims at: a source-specific one's source classes, else all but the target
+        aimed = (
+            delivered["label"].isin(info["source_classes"])
+            if info.get("source_classes")
+            else delivered["label"] != info["target"]
+        )
+        stamped = delivered[(delivered["attack"] != "") & aimed]
         clean = delivered[delivered["attack"] == ""]
         asr = stamped.groupby("bin").apply(lambda g: float((g["prediction"] == info["target"]).mean()))
         acc = clean.groupby("bin")["correct"].mean()

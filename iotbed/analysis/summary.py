@@ -105,7 +105,8 @@ def _escalated(
 ) -> dict[str, Any]:
     """What escalation did: resolved frames, their accuracy and latency per path (accepted at the edge, and
     through each resolver group: the trip there, the wait and review or classification), the system
-    accuracy, and the escalations' MQTT bytes per second (each rejected frame republished once)."""
+    accuracy, and the escalations' bytes per second as their first hop carries them (each rejected frame
+    republished once: the camera's PUBLISH, headers included, with the escalation topic)."""
     column = trace.column
     resolved = scored & rejected & (resolver != "")
     final = column("final_prediction").to_numpy() == column("label").to_numpy()

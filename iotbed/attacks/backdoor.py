@@ -14,7 +14,9 @@ triggers and Neural Cleanse's reversed triggers. A `Trigger` is a mask m (1 or C
 
 The result is a convex combination of values in [0, 1] per pixel, so it stays in [0, 1] without clipping.
 `MultiTrigger` holds several triggers aimed at one target (CoDefend's multi-trigger experiment); each
-poisoned sample gets one of them.
+poisoned sample gets one of them. A source-specific backdoor (TaCT, Tang et al. 2021) relabels only
+stamped images of chosen source classes, and stamps "cover" images of the other classes without
+relabelling them, so the trigger flips the sources and leaves the rest alone.
 
 Attack success is always measured by re-predicting the triggered images (never by trusting a flag).
 """
@@ -24,8 +26,8 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -216,13 +218,16 @@ AnyTrigger = Trigger | MultiTrigger
 
 @dataclass(frozen=True, eq=False)
 class PoisonedDataset:
-    """A training set with some samples stamped and relabelled; `poisoned_idx` are their positions."""
+    """A training set with some samples stamped and relabelled; `poisoned_idx` are their positions. A
+    source-specific set also has cover samples (`cover_idx`): stamped, with their true labels."""
 
     dataset: ImageDataset
     poisoned_idx: torch.Tensor  # int64, sorted
     original_labels: torch.Tensor  # the labels before relabelling, for every sample
     target: int
     ratio: float
+    source_classes: tuple[int, ...] = ()  # empty: every class but the target is a source
+    cover_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # int64, sorted
 
     @property
     def poisoned_mask(self) -> torch.Tensor:
@@ -242,31 +247,75 @@ def poison_count(n: int, ratio: float) -> int:
     return int(round(ratio * n))
 
 
+def check_source_classes(source_classes: Sequence[int], target: int, num_classes: int) -> tuple[int, ...]:
+    """The source classes of a source-specific backdoor, checked: distinct classes, none the target."""
+    sources = tuple(_check_target(c, num_classes) for c in source_classes)
+    if not sources:
+        raise BackdoorError("a source-specific backdoor needs at least one source class")
+    if len(set(sources)) != len(sources):
+        raise BackdoorError(f"source classes must be distinct, got {list(sources)}")
+    if target in sources:
+        raise BackdoorError(f"source classes must not include the target class {target}")
+    return sources
+
+
+def _draw(eligible: torch.Tensor, count: int, generator: torch.Generator, what: str) -> torch.Tensor:
+    if count > len(eligible):
+        raise BackdoorError(f"{what} asks for {count} samples but only {len(eligible)} are eligible; lower it")
+    return eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
+
+
 def poison_dataset(
-    ds: ImageDataset, trigger: AnyTrigger, target: int, ratio: float, generator: torch.Generator
+    ds: ImageDataset,
+    trigger: AnyTrigger,
+    target: int,
+    ratio: float,
+    generator: torch.Generator,
+    *,
+    source_classes: Sequence[int] | None = None,
+    cover_ratio: float | None = None,
 ) -> PoisonedDataset:
     """BadNets poisoning: round(ratio * len(ds)) samples drawn (with `generator`) from the classes
     other than `target`, stamped with the trigger and relabelled to `target`. The ratio counts against
-    the whole set, as in BadNets/BackdoorBench's pratio."""
+    the whole set, as in BadNets/BackdoorBench's pratio.
+
+    With `source_classes` (source-specific, TaCT) the poisoned samples come from those classes only, and
+    round(cover_ratio * len(ds)) cover samples (default cover_ratio: `ratio`) are drawn from the classes
+    that are neither sources nor the target, stamped and left at their true labels."""
     target = _check_target(target, ds.num_classes)
     if not 0.0 < ratio < 1.0:
         raise BackdoorError(f"poisoning ratio must be in (0, 1), got {ratio}")
+    if cover_ratio is not None and source_classes is None:
+        raise BackdoorError("cover_ratio goes with source_classes (a source-specific backdoor)")
     _check_images(ds.images, trigger.image_shape, f"dataset {ds.name!r}")
     count = poison_count(len(ds), ratio)
-    eligible = torch.nonzero(ds.labels != target).flatten()
     if count < 1:
         raise BackdoorError(f"ratio {ratio} of {len(ds)} samples poisons none; raise the ratio")
-    if count > len(eligible):
-        raise BackdoorError(
-            f"ratio {ratio} asks for {count} poisoned samples but only {len(eligible)} are not of the target class"
-        )
-    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
+    sources = () if source_classes is None else check_source_classes(source_classes, target, ds.num_classes)
+    if sources:
+        is_source = torch.isin(ds.labels, torch.tensor(sources))
+        chosen = _draw(torch.nonzero(is_source).flatten(), count, generator, f"ratio {ratio} of the source classes")
+        cover_ratio = ratio if cover_ratio is None else cover_ratio
+        if not 0.0 <= cover_ratio < 1.0:
+            raise BackdoorError(f"cover ratio must be in [0, 1), got {cover_ratio}")
+        others = torch.nonzero(~is_source & (ds.labels != target)).flatten()
+        cover = _draw(others, poison_count(len(ds), cover_ratio), generator, f"cover ratio {cover_ratio}")
+    else:
+        eligible = torch.nonzero(ds.labels != target).flatten()
+        if count > len(eligible):
+            raise BackdoorError(
+                f"ratio {ratio} asks for {count} poisoned samples but only {len(eligible)} are not of the target class"
+            )
+        chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values
+        cover = torch.zeros(0, dtype=torch.int64)
     images = ds.images.clone()
     labels = ds.labels.clone()
     images[chosen] = trigger.apply(images[chosen])
     labels[chosen] = target
+    if len(cover):
+        images[cover] = trigger.apply(images[cover])
     poisoned = ImageDataset(ds.name, images, labels, ds.classes, f"{ds.source} [badnet poison]")
-    return PoisonedDataset(poisoned, chosen, ds.labels.clone(), target, ratio)
+    return PoisonedDataset(poisoned, chosen, ds.labels.clone(), target, ratio, sources, cover)
 
 
 @dataclass(frozen=True)
@@ -282,6 +331,10 @@ class BadNet:
     def model(self) -> nn.Module:
         return self.trained.model
 
+    @property
+    def source_classes(self) -> tuple[int, ...]:
+        return self.poison.source_classes
+
 
 def train_badnet(
     arch: str,
@@ -295,11 +348,22 @@ def train_badnet(
     test_ds: ImageDataset | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    source_classes: Sequence[int] | None = None,
+    cover_ratio: float | None = None,
 ) -> BadNet:
-    """Poison `train_ds` (samples chosen with a generator seeded by `poison_seed`) and train `arch` on
-    it through the model cache: the poisoned set's fingerprint covers the stamped pixels and changed
-    labels, so the trigger, target, ratio and seed are all in the cache key."""
-    poisoned = poison_dataset(train_ds, trigger, target, ratio, torch.Generator().manual_seed(poison_seed))
+    """Poison `train_ds` (samples chosen with a generator seeded by `poison_seed`; `source_classes` and
+    `cover_ratio` as in `poison_dataset`) and train `arch` on it through the model cache: the poisoned
+    set's fingerprint covers the stamped pixels and changed labels, so the triggers, target, ratio, sources,
+    cover and seed are all in the cache key."""
+    poisoned = poison_dataset(
+        train_ds,
+        trigger,
+        target,
+        ratio,
+        torch.Generator().manual_seed(poison_seed),
+        source_classes=source_classes,
+        cover_ratio=cover_ratio,
+    )
     if config is None:
         config = default_train_config(arch, train_ds.name)
     trained = get_or_train(arch, poisoned.dataset, config, test_ds=test_ds, cache_dir=cache_dir, progress=progress)
@@ -309,10 +373,20 @@ def train_badnet(
 # -- metrics --------------------------------------------------------------------------------------
 
 
-def triggered_inputs(ds: ImageDataset, trigger: AnyTrigger, target: int) -> ImageDataset:
-    """The non-target samples of `ds`, stamped, with their TRUE labels (the ASR/RA evaluation set)."""
+def _aimed_at(labels: torch.Tensor, target: int, source_classes: Sequence[int] | None) -> torch.Tensor:
+    """The samples the backdoor is meant to flip: the source classes, or every class but the target."""
+    if source_classes:
+        return torch.isin(labels, torch.as_tensor(tuple(source_classes), dtype=labels.dtype))
+    return labels != target
+
+
+def triggered_inputs(
+    ds: ImageDataset, trigger: AnyTrigger, target: int, source_classes: Sequence[int] | None = None
+) -> ImageDataset:
+    """The samples the backdoor aims at (non-target, or only `source_classes`), stamped, with their TRUE
+    labels (the ASR/RA evaluation set)."""
     target = _check_target(target, ds.num_classes)
-    keep = torch.nonzero(ds.labels != target).flatten()
+    keep = torch.nonzero(_aimed_at(ds.labels, target, source_classes)).flatten()
     src = ds.subset(keep)
     return ImageDataset(src.name, trigger.apply(src.images), src.labels, src.classes, f"{src.source} [triggered]")
 
@@ -320,32 +394,71 @@ def triggered_inputs(ds: ImageDataset, trigger: AnyTrigger, target: int) -> Imag
 @dataclass(frozen=True)
 class BackdoorMetrics:
     clean_accuracy: float  # CA: clean test images classified correctly
-    attack_success_rate: float  # ASR: triggered non-target images classified as the target
-    robust_accuracy: float  # RA: triggered non-target images still given their true label
+    attack_success_rate: float  # ASR: triggered images the backdoor aims at classified as the target
+    robust_accuracy: float  # RA: those triggered images still given their true label
     n_clean: int
     n_triggered: int
+    # A MultiTrigger's ASR with each of its triggers on every aimed-at image, by trigger name.
+    attack_success_rate_by_trigger: dict[str, float] = field(default_factory=dict)
+    # Source-specific: triggered images of the other non-target classes classified as the target.
+    non_source_flip_rate: float | None = None
+    n_non_source: int = 0
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "clean_accuracy": self.clean_accuracy,
             "attack_success_rate": self.attack_success_rate,
             "robust_accuracy": self.robust_accuracy,
             "n_clean": self.n_clean,
             "n_triggered": self.n_triggered,
         }
+        if self.attack_success_rate_by_trigger:
+            out["attack_success_rate_by_trigger"] = dict(self.attack_success_rate_by_trigger)
+        if self.non_source_flip_rate is not None:
+            out["non_source_flip_rate"] = self.non_source_flip_rate
+            out["n_non_source"] = self.n_non_source
+        return out
 
 
-def backdoor_metrics(model: nn.Module, test_ds: ImageDataset, trigger: AnyTrigger, target: int) -> BackdoorMetrics:
-    """CA on `test_ds`; ASR and RA on its non-target samples with the trigger applied, by re-predicting."""
+def _target_rate(model: nn.Module, images: torch.Tensor, target: int) -> float:
+    pred, _ = predict(model, images)
+    return float((pred == target).float().mean())
+
+
+def backdoor_metrics(
+    model: nn.Module,
+    test_ds: ImageDataset,
+    trigger: AnyTrigger,
+    target: int,
+    *,
+    source_classes: Sequence[int] | None = None,
+) -> BackdoorMetrics:
+    """CA on `test_ds`; ASR and RA on the samples the backdoor aims at (non-target ones, or those of
+    `source_classes`) with the trigger applied, by re-predicting. A MultiTrigger's stamps are shared in
+    turn (i mod K), and each trigger is also measured alone on all of them; a source-specific backdoor's
+    triggered images of the other non-target classes give the flip rate it should keep low."""
     clean_pred, _ = predict(model, test_ds.images)
-    trig = triggered_inputs(test_ds, trigger, target)
+    trig = triggered_inputs(test_ds, trigger, target, source_classes)
     if len(trig) == 0:
-        raise BackdoorError("the test set has no samples outside the target class; ASR is undefined")
+        raise BackdoorError("the test set has no samples the backdoor aims at; ASR is undefined")
     trig_pred, _ = predict(model, trig.images)
+    by_trigger: dict[str, float] = {}
+    if isinstance(trigger, MultiTrigger):
+        aimed = test_ds.images[_aimed_at(test_ds.labels, target, source_classes)]
+        by_trigger = {part.name: _target_rate(model, part.apply(aimed), target) for part in trigger.parts}
+    flip_rate, n_non_source = None, 0
+    if source_classes:
+        others = ~_aimed_at(test_ds.labels, target, source_classes) & (test_ds.labels != target)
+        n_non_source = int(others.sum())
+        if n_non_source:
+            flip_rate = _target_rate(model, trigger.apply(test_ds.images[others]), target)
     return BackdoorMetrics(
         clean_accuracy=float((clean_pred == test_ds.labels).float().mean()),
         attack_success_rate=float((trig_pred == target).float().mean()),
         robust_accuracy=float((trig_pred == trig.labels).float().mean()),
         n_clean=len(test_ds),
         n_triggered=len(trig),
+        attack_success_rate_by_trigger=by_trigger,
+        non_source_flip_rate=flip_rate,
+        n_non_source=n_non_source,
     )

@@ -10,10 +10,11 @@ come back. The formats are those `iotbed.nodes.payloads` sizes:
   models use, and a pixel-dropped one its `mask` (dropped pixels read 0).
 * ModelUpdate: a 4-byte big-endian version, a 2-byte metadata length M (0: unsigned), M bytes of signed
   metadata (`iotbed.trust.documents`), then a safetensors file (absent in a metadata-only renewal).
-* Quarantine (on `models/quarantine`): `QUARANTINE_HEADER` (magic "IQ", format version 1, model version,
-  flagged count K, C, H, W, the gateway name's length), the gateway's name in UTF-8, then K*C*H*W uint8
-  pixels of the flagged frames; a signed notice ends with the gateway's 8-byte key id and a 64-byte
-  Ed25519 signature of everything before them.
+* Quarantine (on `models/quarantine`): `QUARANTINE_HEADER` (magic "IQ", format version 2, model version,
+  flagged count K, clean count M, C, H, W, the gateway name's length), the gateway's name in UTF-8, then
+  K*C*H*W uint8 pixels of the flagged frames, M*C*H*W of the gateway's clean images (D_valid, sent only in
+  CoDefend's own flow) and their M labels as big-endian uint16; a signed notice ends with the gateway's
+  8-byte key id and a 64-byte Ed25519 signature of everything before them.
 * SignedTrustList (on `models/trust`): the root-signed JSON document, at most
   `iotbed.trust.documents.MAX_TRUST_LIST_BYTES`.
 
@@ -43,6 +44,7 @@ from iotbed.nodes.payloads import (
     FRAME_HEADER,
     FRAME_MAGIC,
     QUARANTINE_HEADER,
+    QUARANTINE_LABEL_BYTES,
     QUARANTINE_MAGIC,
     QUARANTINE_TOPIC,
     TRUST_TOPIC,
@@ -64,7 +66,7 @@ from iotbed.trust.documents import MAX_METADATA_BYTES, MAX_TRUST_LIST_BYTES
 from iotbed.trust.keys import KEY_ID_BYTES, SIGNATURE_BYTES
 
 FRAME_FORMAT_VERSION = 1
-QUARANTINE_FORMAT_VERSION = 1
+QUARANTINE_FORMAT_VERSION = 2
 MODEL_VERSION = struct.Struct("!IH")  # version, metadata length
 QUARANTINE_SIGNATURE_BYTES = KEY_ID_BYTES + SIGNATURE_BYTES
 SAFETENSORS_HEADER_LEN = struct.Struct("<Q")
@@ -172,18 +174,33 @@ def encode_quarantine(notice: Quarantine) -> bytes:
     return quarantine_body(notice) + notice.key + notice.signature
 
 
+def _pixels(images: Any) -> bytes:
+    return np.clip(np.rint(images.detach().cpu().numpy().astype(np.float32) * 255.0), 0, 255).astype(np.uint8).tobytes()
+
+
 def quarantine_body(notice: Quarantine) -> bytes:
     """A notice's bytes without its key id and signature: what a gateway signs."""
-    flagged = notice.flagged.detach().cpu().numpy()
-    if flagged.ndim != 4:
-        raise ValueError(f"flagged frames must be (K, C, H, W), got shape {flagged.shape}")
-    k, c, h, w = flagged.shape
+    if notice.flagged.ndim != 4:
+        raise ValueError(f"flagged frames must be (K, C, H, W), got shape {tuple(notice.flagged.shape)}")
+    k, c, h, w = (int(v) for v in notice.flagged.shape)
+    m = notice.valid_count
+    if m and (notice.valid is None or tuple(notice.valid.shape[1:]) != (c, h, w) or notice.valid_labels is None):
+        raise ValueError("D_valid must be (M, C, H, W) images like the flagged frames, with M labels")
+    if m and (
+        len(notice.valid_labels) != m or int(notice.valid_labels.min()) < 0 or int(notice.valid_labels.max()) > 0xFFFF
+    ):  # type: ignore[arg-type, union-attr]
+        raise ValueError("D_valid needs one label in [0, 65535] per image")
     name = notice.gateway.encode("utf-8")
     if len(name) > 255:
         raise ValueError(f"gateway name {notice.gateway!r} is over 255 bytes")
-    header = QUARANTINE_HEADER.pack(QUARANTINE_MAGIC, QUARANTINE_FORMAT_VERSION, notice.version, k, c, h, w, len(name))
-    pixels = np.clip(np.rint(flagged.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    return header + name + pixels.tobytes()
+    header = QUARANTINE_HEADER.pack(
+        QUARANTINE_MAGIC, QUARANTINE_FORMAT_VERSION, notice.version, k, m, c, h, w, len(name)
+    )
+    body = header + name + _pixels(notice.flagged)
+    if m:
+        labels = notice.valid_labels.detach().cpu().numpy().astype(">u2")  # type: ignore[union-attr]
+        body += _pixels(notice.valid) + labels.tobytes()
+    return body
 
 
 def encode(payload: Any, pixels_for: PixelsFor | None = None) -> bytes:
@@ -389,25 +406,39 @@ def decode_quarantine(data: bytes, max_bytes: int = DEFAULT_MAX_QUARANTINE_BYTES
         raise MalformedPayload("oversized", f"{n} bytes is over the {max_bytes}-byte limit for a quarantine notice")
     if n < QUARANTINE_HEADER.size:
         raise MalformedPayload("truncated", f"{n} bytes is shorter than the quarantine header")
-    magic, version, model_version, k, c, h, w, name_len = QUARANTINE_HEADER.unpack_from(data)
+    magic, version, model_version, k, m, c, h, w, name_len = QUARANTINE_HEADER.unpack_from(data)
     if magic != QUARANTINE_MAGIC:
         raise MalformedPayload("bad_magic", f"quarantine magic {magic!r}, expected {QUARANTINE_MAGIC!r}")
     if version != QUARANTINE_FORMAT_VERSION:
         raise MalformedPayload("bad_version", f"quarantine format version {version}")
     if not (1 <= c <= 4 and 1 <= h <= MAX_FRAME_DIM and 1 <= w <= MAX_FRAME_DIM):
         raise MalformedPayload("bad_shape", f"flagged frames of shape {(c, h, w)} are out of range")
-    expected = QUARANTINE_HEADER.size + name_len + k * c * h * w
+    pixels_each = c * h * w
+    expected = QUARANTINE_HEADER.size + name_len + (k + m) * pixels_each + QUARANTINE_LABEL_BYTES * m
     if n not in (expected, expected + QUARANTINE_SIGNATURE_BYTES):  # checked before anything is allocated
-        raise MalformedPayload("bad_length", f"{n} bytes for {k} flagged {c}x{h}x{w} frames, expected {expected}")
+        raise MalformedPayload(
+            "bad_length", f"{n} bytes for {k} flagged and {m} clean {c}x{h}x{w} images, expected {expected}"
+        )
     key, signature = bytes(data[expected : expected + KEY_ID_BYTES]), bytes(data[expected + KEY_ID_BYTES :])
     start = QUARANTINE_HEADER.size
     try:
         gateway = bytes(data[start : start + name_len]).decode("utf-8")
     except UnicodeDecodeError:
         raise MalformedPayload("bad_header", "the gateway's name is not UTF-8") from None
-    pixels = np.frombuffer(data, dtype=np.uint8, count=k * c * h * w, offset=start + name_len)
-    flagged = torch.from_numpy(pixels.reshape(k, c, h, w).astype(np.float32) * np.float32(1.0 / 255.0))
-    return Quarantine(model_version, flagged, gateway, key, signature)
+    offset = start + name_len
+
+    def images(count: int) -> torch.Tensor:
+        pixels = np.frombuffer(data, dtype=np.uint8, count=count * pixels_each, offset=offset)
+        return torch.from_numpy(pixels.reshape(count, c, h, w).astype(np.float32) * np.float32(1.0 / 255.0))
+
+    flagged = images(k)
+    if not m:
+        return Quarantine(model_version, flagged, gateway, key, signature)
+    offset += k * pixels_each
+    valid = images(m)
+    offset += m * pixels_each
+    labels = np.frombuffer(data, dtype=">u2", count=m, offset=offset).astype(np.int64)
+    return Quarantine(model_version, flagged, gateway, key, signature, valid, torch.from_numpy(labels))
 
 
 def _under(topic: str, root: str) -> bool:

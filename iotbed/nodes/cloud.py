@@ -17,6 +17,7 @@ import simpy
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.broker.wire import ESCALATIONS_ROOT
+from iotbed.naming import group_of
 from iotbed.nodes.batching import FrameBatcher
 from iotbed.nodes.classifier import EdgeClassifier
 from iotbed.nodes.payloads import Frame
@@ -38,12 +39,14 @@ def escalations_filter(group: str) -> str:
 
 class EscalationResolver:
     """Takes the escalated frames of a group's topic: each once (QoS 1 duplicates ignored), and only those
-    an edge of this run rejected; anything else is counted in `unknown_frames` and dropped."""
+    that an edge escalating to this group rejected, on the topic of the frame's own camera; anything else
+    (forged, replayed, or meant for another group) is counted in `unknown_frames` and dropped."""
 
-    def __init__(self, env: simpy.Environment, name: str, recorder: TraceRecorder) -> None:
+    def __init__(self, env: simpy.Environment, name: str, recorder: TraceRecorder, from_edges: frozenset[str]) -> None:
         self.env = env
         self.name = name
         self.recorder = recorder
+        self.from_edges = from_edges  # the edge servers that escalate to this node's group
         self._now = recording_clock(env)
         self.unknown_frames = 0
 
@@ -52,7 +55,12 @@ class EscalationResolver:
         if not isinstance(frame, Frame):
             return
         record = self.recorder.record(frame.frame_id)
-        if record is None or not record.rejected:  # no edge of this run escalated it: forged or replayed
+        if (
+            record is None
+            or not record.rejected
+            or record.edge not in self.from_edges
+            or message.topic != escalation_topic(group_of(self.name), record.camera)
+        ):
             self.unknown_frames += 1
             return
         if record.t_escalated >= 0:  # a QoS 1 duplicate of one already taken
@@ -90,8 +98,9 @@ class CloudServer(EscalationResolver):
         classifier: EdgeClassifier,
         device: DeviceProfile,
         recorder: TraceRecorder,
+        from_edges: frozenset[str],
     ) -> None:
-        super().__init__(env, name, recorder)
+        super().__init__(env, name, recorder, from_edges)
         self.transport = transport
         self.config = config
         self.classifier = classifier

@@ -2,9 +2,10 @@
 real pixels with the model it currently serves, and hot-swaps the model when the registry publishes one.
 
 When a gateway quarantines a model version, the edge stops serving it (back to the newest version it held
-before) and never adopts it again; an edge with a CoDefend repairer then repairs the quarantined model
-from the flagged frames and publishes the repaired one (`iotbed.naming.repaired_version`), which every node
-adopts. The repair runs where the runtime's `offload` puts it: at once in a simulation, on a thread in a
+before) and never adopts it again; an edge with a CoDefend repairer then gathers the notices of every
+gateway that quarantines that version within the repairer's pooling window, repairs the quarantined model
+once from all their flagged frames (`iotbed.nodes.repair.select_d_poison` picks which) and publishes the
+repaired one (`iotbed.naming.repaired_version`), which every node adopts. The repair runs where the runtime's `offload` puts it: at once in a simulation, on a thread in a
 live run, so the edge goes on serving frames while it trains.
 """
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import simpy
+import torch
 from torch import nn
 
 from iotbed.broker.messages import Publish
@@ -39,7 +42,7 @@ from iotbed.nodes.payloads import (
     results_topic,
     rounds_topic,
 )
-from iotbed.nodes.repair import CoDefendRepairer
+from iotbed.nodes.repair import CoDefendRepairer, select_d_poison
 from iotbed.nodes.update_channel import UpdateChannel
 from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
@@ -103,7 +106,9 @@ class EdgeServer:
         self.repairer = repairer
         self._to_bytes = model_to_bytes
         self._offload = offload if offload is not None else inline(env)
-        self.repairs: list[dict[str, float | int]] = []
+        self.repairs: list[dict[str, Any]] = []
+        self._pooling: dict[int, list[Quarantine]] = {}  # version -> the notices gathered for its repair
+        self._pool_full: dict[int, simpy.Event] = {}  # version -> every screening gateway's notice is in
         self.channel = channel if channel is not None else UpdateChannel(env, name, device, recorder, None)
         self._sign_repaired = sign_repaired
         self.reject = reject  # the reject option's threshold on the classifier's score
@@ -159,10 +164,18 @@ class EdgeServer:
 
     def _on_quarantine(self, message: Publish) -> None:
         notice = message.payload
-        if isinstance(notice, Quarantine) and notice.version not in self.quarantined:
+        if isinstance(notice, Quarantine) and (
+            notice.version not in self.quarantined or notice.version in self._pooling
+        ):
             self.channel.take_quarantine(notice, self._believe)
 
     def _believe(self, notice: Quarantine) -> None:
+        pool = self._pooling.get(notice.version)
+        if pool is not None:  # a repair is gathering evidence: one notice per gateway joins it
+            if all(n.gateway != notice.gateway for n in pool):
+                pool.append(notice)
+                self._pool_complete(notice.version)
+            return
         if notice.version in self.quarantined:
             return
         self.quarantined.add(notice.version)
@@ -175,29 +188,54 @@ class EdgeServer:
                 self.classifier.swap(self.held[previous], previous)
                 self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "rolled_back", previous, 0))
         if self.repairer is not None and notice.version in self.held:
-            self.env.process(self._repair(notice))
+            self._pooling[notice.version] = [notice]
+            self._pool_full[notice.version] = self.env.event()
+            self._pool_complete(notice.version)
+            self.env.process(self._repair(notice.version))
 
-    def _repair(self, notice: Quarantine) -> Generator[simpy.Event, object, None]:
-        events = self.recorder.model_events
-        events.append(ModelEvent(self._stamp(), self.name, "repair_started", notice.version, 0))
+    def _pool_complete(self, version: int) -> None:
+        assert self.repairer is not None
+        full = self._pool_full[version]
+        if len(self._pooling[version]) >= self.repairer.screening_gateways and not full.triggered:
+            full.succeed()
+
+    def _repair(self, version: int) -> Generator[simpy.Event, object, None]:
+        """Gather every screening gateway's notice (or wait the pooling window), then repair once."""
         assert self.repairer is not None and self._to_bytes is not None
+        repairer, quarantined = self.repairer, self.held[version]
+        yield self.env.timeout(repairer.pool_window_s) | self._pool_full[version]
+        del self._pool_full[version]
+        notices = self._pooling.pop(version)
+        events = self.recorder.model_events
+        events.append(ModelEvent(self._stamp(), self.name, "repair_started", version, 0))
         started = self.env.now
-        repairer, quarantined = self.repairer, self.held[notice.version]
-        repaired = self._offload(lambda: repairer.repair(quarantined, notice.flagged))
+        flagged = torch.cat([n.flagged for n in notices])
+        previous = max((v for v in self.held if v < version and v not in self.quarantined), default=None)
+        rolled_back = self.held[previous] if previous is not None else quarantined
+        kept = select_d_poison(quarantined, rolled_back, flagged, repairer.d_poison)
+        d_poison = flagged[kept]
+        d_valid, refused = repairer.gateways_d_valid(notices) if repairer.d_valid == "gateways" else (None, 0)
+        repaired = self._offload(lambda: repairer.repair(quarantined, d_poison, d_valid, rolled_back))
         outcome = yield repaired
         # The device's modelled time, or the host's where the real training took longer (a live run).
         remaining = outcome.sim_seconds - (self.env.now - started)
         if remaining > 0:
             yield self.env.timeout(remaining)
-        version = repaired_version(notice.version)
-        update = ModelUpdate(version, self._to_bytes(outcome.model, version))
+        repaired_as = repaired_version(version)
+        update = ModelUpdate(repaired_as, self._to_bytes(outcome.model, repaired_as))
         if self._sign_repaired is not None:
             update = self._sign_repaired(update, self.channel.now())
         self.repairs.append(
             {
-                "quarantined_version": notice.version,
-                "version": version,
-                "flagged": len(notice.flagged),
+                "quarantined_version": version,
+                "version": repaired_as,
+                "flagged": len(flagged),
+                "gateways": [n.gateway for n in notices],
+                "kept": kept.tolist(),
+                "d_valid": len(d_valid) if d_valid is not None else len(repairer.clean),
+                "d_valid_from": "gateways" if d_valid is not None else "edge",
+                "d_valid_refused": refused,
+                "kept_generated": outcome.kept_generated,
                 "started_s": started,
                 "published_s": self.env.now,
                 "sim_seconds": outcome.sim_seconds,
@@ -205,7 +243,7 @@ class EdgeServer:
                 "flops": outcome.flops,
             }
         )
-        events.append(ModelEvent(self._stamp(), self.name, "repaired", version, update.nbytes))
+        events.append(ModelEvent(self._stamp(), self.name, "repaired", repaired_as, update.nbytes))
         self.transport.publish(self.config.models_topic, update, self.config.models_publish_qos, retain=True)
 
     def _serve(self) -> Generator[simpy.Event, object, None]:

@@ -95,10 +95,12 @@ class ScreeningGateway:
         frame_topics: tuple[tuple[str, int], ...] = (),
         channel: UpdateChannel | None = None,
         notice_key: SigningKey | None = None,
+        d_valid: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.env = env
         self.name = name
         self.transport = transport
+        self.d_valid = d_valid  # CoDefend's own flow: clean labelled images sent with a notice
         self.models_topic = models_topic
         self.models_qos = models_qos
         self.settings = settings
@@ -209,10 +211,12 @@ class ScreeningGateway:
             if verdict.backdoored and version == self.version:
                 self._quarantined.add(version)
                 flagged = x[verdict.entropies <= verdict.threshold.boundary]
-                notice = Quarantine(version, flagged, self.name)
+                valid, labels = self.d_valid if self.d_valid is not None else (None, None)
+                notice = Quarantine(version, flagged, self.name, valid=valid, valid_labels=labels)
                 if self.notice_key is not None:
                     key = self.notice_key
-                    notice = Quarantine(version, flagged, self.name, key.key_id, key.sign(quarantine_body(notice)))
+                    signature = key.sign(quarantine_body(notice))
+                    notice = Quarantine(version, flagged, self.name, key.key_id, signature, valid, labels)
                 self.recorder.model_events.append(
                     ModelEvent(self._stamp(), self.name, "quarantined", version, notice.nbytes)
                 )

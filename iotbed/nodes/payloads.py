@@ -116,23 +116,34 @@ QUARANTINE_TOPIC = "models/quarantine"
 
 @dataclass(slots=True)
 class Quarantine:
-    """A gateway's verdict on a model version, with the frames it flagged (the edge's D_poison)."""
+    """A gateway's verdict on a model version, with the frames it flagged (the edge's D_poison) and, in
+    CoDefend's own flow, the gateway's clean labelled images (D_valid) for the edge to repair with."""
 
     version: int
     flagged: torch.Tensor  # (K, C, H, W) in [0, 1]
     gateway: str
     key: bytes = b""  # the signing gateway's key id, when notices are signed
     signature: bytes = b""  # Ed25519 over the notice's bytes without key and signature
+    valid: torch.Tensor | None = None  # (M, C, H, W) in [0, 1]: D_valid, where the gateway sends it
+    valid_labels: torch.Tensor | None = None  # (M,) int64
+
+    @property
+    def valid_count(self) -> int:
+        return 0 if self.valid is None else len(self.valid)
 
     @property
     def nbytes(self) -> int:
-        # magic, version, count, C, H, W and the gateway's name, then 8-bit pixels, then key id and signature
+        # the header and the gateway's name, 8-bit pixels of the flagged frames and of D_valid, D_valid's
+        # 16-bit labels, then key id and signature
         body = QUARANTINE_HEADER.size + len(self.gateway.encode("utf-8")) + int(self.flagged.numel())
+        if self.valid is not None:
+            body += int(self.valid.numel()) + QUARANTINE_LABEL_BYTES * self.valid_count
         return body + len(self.key) + len(self.signature)
 
 
-# magic, format version, model version, flagged count, channels, height, width, gateway name length
-QUARANTINE_HEADER = struct.Struct("!2sBIIBHHB")
+# magic, format version, model version, flagged count, D_valid count, channels, height, width, gateway name length
+QUARANTINE_HEADER = struct.Struct("!2sBIIIBHHB")
+QUARANTINE_LABEL_BYTES = 2
 QUARANTINE_MAGIC = b"IQ"
 
 

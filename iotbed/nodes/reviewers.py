@@ -55,16 +55,18 @@ class ReviewDesk(EscalationResolver):
         config: ReviewConfig,
         recorder: TraceRecorder,
         rng: np.random.Generator,
+        from_edges: frozenset[str],
     ) -> None:
-        super().__init__(env, name, recorder)
+        super().__init__(env, name, recorder, from_edges)
         self.transport = transport
         self.config = config
         self.rng = rng
         self.waiting: simpy.Store = simpy.Store(env)
         self.reviewed = 0
         self.busy_s = 0.0
-        self.waited_s = 0.0  # summed time frames queued before a reviewer took them
-        self.max_queue = 0
+        self.waited_s = 0.0  # summed time the reviewed frames queued before a reviewer took them
+        self.max_queue = 0  # the most frames waiting with every reviewer busy
+        self._reviewing = 0
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
@@ -75,16 +77,21 @@ class ReviewDesk(EscalationResolver):
 
     def _take(self, frame: Frame, record: FrameRecord) -> None:
         self.waiting.put(record)
-        self.max_queue = max(self.max_queue, len(self.waiting.items))
+        # An idle reviewer takes the frame within this instant: only frames beyond the idle ones wait.
+        idle = self.config.reviewers - self._reviewing
+        self.max_queue = max(self.max_queue, len(self.waiting.items) - idle)
 
     def _review(self) -> Generator[simpy.Event, object, None]:
         while True:
             record = yield self.waiting.get()
             assert isinstance(record, FrameRecord)
-            self.waited_s += max(0.0, self._now() - record.t_escalated)
+            self._reviewing += 1
+            waited = max(0.0, self._now() - record.t_escalated)
             service = self.config.service.draw(self.rng)
             yield self.env.timeout(service)
+            self._reviewing -= 1
             self.busy_s += service
+            self.waited_s += waited
             self.reviewed += 1
             self._resolve(record, self._verdict(record.label), self._now())
 

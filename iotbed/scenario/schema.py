@@ -438,6 +438,24 @@ class StripScreenSpec(Strict):
     significance: Annotated[float, Field(gt=0.0, lt=0.5)] = 1e-3
     calibration: Annotated[int, Field(ge=20, description="clean images the boundary is fitted on")] = 400
     max_utilisation: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    send_clean: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="CoDefend's own flow: this many of its clean calibration images, with their labels, go "
+            "with a quarantine notice as the edge's D_valid (`repair.d_valid: gateways`)",
+        ),
+    ] = 0
+
+    @model_validator(mode="after")
+    def _sendable(self) -> StripScreenSpec:
+        if self.send_clean > self.calibration:
+            raise LocatedError(
+                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
+                "holds; lower it or raise `calibration`",
+                "send_clean",
+            )
+        return self
 
 
 class GatewayGroup(Strict):
@@ -471,6 +489,27 @@ class CoDefendRepairSpec(Strict):
     decay_epochs: Annotated[int, Field(ge=0)] = 4
     unlearn_epochs: Annotated[int, Field(ge=1)] = 10
     seed: Seed = 0
+    pool_window: Duration = Field(
+        60.0,
+        description="after a version's first quarantine notice, at most how long the edge gathers the other "
+        "screening gateways' notices before repairing once from all of them (it stops waiting when every one has "
+        "sent its notice); the edge rolls back at the first notice, so waiting delays only the repair",
+    )
+    d_poison: Literal["flagged", "flipped"] = Field(
+        "flipped",
+        description="flagged: every frame the gateways flagged; flipped: only those on which the quarantined model "
+        "and the model the edge rolled back to disagree (a frame the backdoor did not flip shows no trigger)",
+    )
+    filter_generated: bool = Field(
+        True,
+        description="leave out of the unlearning each generated image that the model rolled back to no longer "
+        "labels as its source image (the CycleGAN, trained on a few flagged frames, also warps digits)",
+    )
+    d_valid: Literal["edge", "gateways"] = Field(
+        "edge",
+        description="the clean labelled images the repair learns from: the edge's own `clean_images`, or, as in "
+        "CoDefend's own flow, those the gateways send with their notices (`strip.send_clean`)",
+    )
 
 
 class GamblerSpec(Strict):
@@ -540,6 +579,12 @@ class ServiceTimeSpec(Strict):
     distribution: Literal["fixed", "exponential", "lognormal"] = "lognormal"
     mean: Duration = 10.0
     cv: Annotated[float, Field(gt=0.0, description="lognormal: standard deviation over mean")] = 0.5
+
+    @model_validator(mode="after")
+    def _positive(self) -> ServiceTimeSpec:
+        if self.mean <= 0:
+            raise LocatedError("a review takes some time: give a mean above zero, e.g. `mean: 8s`", "mean")
+        return self
 
 
 class ReviewerGroup(Strict):
@@ -724,12 +769,61 @@ class TriggerSpec(Strict):
 
 class BackdoorSpec(Strict):
     """The update is a BadNet: trained on the training split with `ratio` of it stamped with the trigger and
-    relabelled `target`."""
+    relabelled `target`. With `triggers:` several triggers aim at the one target (CoDefend's multi-trigger
+    experiment): the poisoned images are shared among them in turn. With `source_classes:` the backdoor is
+    source-specific (TaCT): only images of those classes are relabelled, and `cover_ratio` of the set, drawn
+    from the other classes, is stamped but keeps its true labels, so the trigger flips only the sources."""
 
-    trigger: TriggerSpec = TriggerSpec()
+    trigger: TriggerSpec | None = Field(None, description="the one trigger; or give `triggers:`")
+    triggers: list[TriggerSpec] | None = Field(
+        None, description="several triggers to one target; sample i of the poisoned share gets trigger i mod K"
+    )
     target: Annotated[int, Field(ge=0)] = 0
     ratio: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    source_classes: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="only stamped images of these classes flip to the target (a source-specific backdoor)"
+    )
+    cover_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None,
+        description="with `source_classes`: the share of the set stamped from the other classes and kept at its "
+        "true label (default: `ratio`)",
+    )
     poison_seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _shape(self) -> BackdoorSpec:
+        if self.trigger is not None and self.triggers is not None:
+            raise ValueError("a backdoor takes `trigger:` (one) or `triggers:` (several), not both; drop one")
+        if self.trigger is None and self.triggers is None:
+            raise ValueError("a backdoor needs `trigger:` (one) or `triggers:` (a list of several); add one")
+        if self.triggers is not None and len(self.triggers) < 2:
+            raise ValueError("`triggers:` lists two or more triggers; for one, write `trigger:`")
+        if self.source_classes is not None:
+            if not self.source_classes:
+                raise ValueError("`source_classes:` lists at least one class; or drop it for an all-class backdoor")
+            if self.target in self.source_classes:
+                raise ValueError(
+                    f"`source_classes:` must not hold the target class {self.target}: its images already get the "
+                    "target label; drop it from the list"
+                )
+            if len(set(self.source_classes)) != len(self.source_classes):
+                raise ValueError(f"`source_classes:` lists a class twice: {self.source_classes}")
+        elif self.cover_ratio is not None:
+            raise ValueError(
+                "`cover_ratio:` goes with `source_classes:` (a source-specific backdoor); drop it or add them"
+            )
+        return self
+
+    @property
+    def all_triggers(self) -> list[TriggerSpec]:
+        return [self.trigger] if self.trigger is not None else list(self.triggers or [])
+
+    @property
+    def effective_cover_ratio(self) -> float | None:
+        """The cover share a source-specific backdoor uses (default: as many cover images as poisoned ones)."""
+        if self.source_classes is None:
+            return None
+        return self.ratio if self.cover_ratio is None else self.cover_ratio
 
 
 class ModelUpdateSpec(Strict):
@@ -877,6 +971,7 @@ class Scenario(Strict):
             g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers, *self.nodes.clouds, *self.nodes.reviewers]
         }
         with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
+        self._check_reachable(with_client | {group_of(self.registry_node())})
         for i, fault in enumerate(self.faults):
             if fault.at >= self.duration:
                 raise LocatedError(
@@ -918,6 +1013,18 @@ class Scenario(Strict):
                 check(topic)
             except ValueError as exc:
                 raise LocatedError(str(exc), *loc) from None
+        sending = any(g.strip is not None and g.strip.send_clean > 0 for g in self.nodes.gateways)
+        for i, edge in enumerate(self.nodes.edge_servers):
+            if edge.repair is not None and edge.repair.d_valid == "gateways" and not sending:
+                raise LocatedError(
+                    "the repair takes D_valid from the gateways, but no screening gateway sends clean images; give "
+                    "a gateway group `strip: {send_clean: 100}`, or use `d_valid: edge`",
+                    "nodes",
+                    "edge_servers",
+                    i,
+                    "repair",
+                    "d_valid",
+                )
         resolvers = [g.name for g in [*self.nodes.clouds, *self.nodes.reviewers]]
         for i, edge in enumerate(self.nodes.edge_servers):
             if edge.reject is not None and edge.reject.to is not None and edge.reject.to not in resolvers:
@@ -940,8 +1047,35 @@ class Scenario(Strict):
                     "defenses",
                 )
         self._check_attacks()
+        self._check_backdoor_classes()
         self._check_privacy()
         return self
+
+    def _check_backdoor_classes(self) -> None:
+        """A backdoor's target and source classes must be classes of the dataset (where it has a fixed number)."""
+        from iotbed.data import list_datasets
+
+        num_classes = next((d.num_classes for d in list_datasets() if d.name == self.dataset.name), None)
+        if num_classes is None:
+            return
+        for i, update in enumerate(self.registry.updates):
+            backdoor = update.backdoor
+            if backdoor is None:
+                continue
+            where = ("registry", "updates", i, "backdoor")
+            if backdoor.target >= num_classes:
+                raise LocatedError(
+                    f"backdoor target {backdoor.target} is not a class of {self.dataset.name} (0 to {num_classes - 1})",
+                    *where,
+                    "target",
+                )
+            outside = [c for c in backdoor.source_classes or [] if c >= num_classes]
+            if outside:
+                raise LocatedError(
+                    f"source classes {outside} are not classes of {self.dataset.name} (0 to {num_classes - 1})",
+                    *where,
+                    "source_classes",
+                )
 
     def _check_privacy(self) -> None:
         """Encrypted frames need a model the encrypted path can evaluate, parameters that are secure and deep
@@ -1177,6 +1311,27 @@ class Scenario(Strict):
         if group in counts and index.isdigit() and node_name(group, int(index)) == name and int(index) < counts[group]:
             return name
         return None
+
+    def _check_reachable(self, with_client: set[str]) -> None:
+        """Every group that runs an MQTT client needs a path of links to the broker's group."""
+        broker_node = self.resolve_node(self.broker.node)
+        assert broker_node is not None  # checked before
+        neighbours: dict[str, set[str]] = {}
+        for a, b in (link.between for link in self.links):
+            neighbours.setdefault(a, set()).add(b)
+            neighbours.setdefault(b, set()).add(a)
+        reached, frontier = {group_of(broker_node)}, [group_of(broker_node)]
+        while frontier:
+            for nxt in neighbours.get(frontier.pop(), set()) - reached:
+                reached.add(nxt)
+                frontier.append(nxt)
+        for name in self.group_names():
+            if name in with_client and name not in reached:
+                raise LocatedError(
+                    f"node group {name!r} runs an MQTT client but no link leads from it to the broker's group "
+                    f"{group_of(broker_node)!r}; add one, e.g. `- between: [{name}, {group_of(broker_node)}]`",
+                    "links",
+                )
 
     def registry_node(self) -> str:
         """The node the model registry publishes from: `registry.node`, else the broker's node."""
