@@ -1,6 +1,6 @@
 """Reproduce the backdoor results of STRIP (Table 2/3) and CoDefend (Tables 3-5) on MNIST and GTSRB.
 
-    .venv/bin/python benchmarks/reproduce_backdoor.py [--datasets mnist gtsrb] [--threads 1]
+    .venv/bin/python benchmarks/reproduce_backdoor.py [--datasets mnist gtsrb] [--threads 1] [--detection-only]
 
 Data come from ../shared/datasets (MNIST: only the 10k test set, split 8000/2000 stratified, seed 0;
 GTSRB: the official layout, 32x32). Per dataset:
@@ -10,6 +10,9 @@ GTSRB: the official layout, 32x32). Per dataset:
 2. STRIP (additive blend, N = 100, overlays drawn from clean training images, normal fit):
    threshold fitted on D_valid (500 clean held-out test images, never scored), FRR and FAR measured
    on the other test images and their triggered non-target versions, at FRR 2/1/0.5%, plus AUROC;
+   SentiNet beside it (`iotbed.defenses.sentinet`: Grad-CAM region, N = 100 pastes onto 100 clean
+   D_valid images, curve and thresholds fitted on the other 400) on the same scored images, both with
+   empirical-quantile thresholds at FRR 5/2/1%, next to CoDefend Table 3's SentiNet baseline;
 3. CoDefend: the device screens a relayed stream of 500 triggered + 500 clean frames (Alg. 1:
    D_clean = 100 samples of D_valid with every class, each frame superimposed on all 100; boundary at
    FRR 1% on the other 400 of D_valid); the flagged frames (at most 500) are D_poison; the edge trains
@@ -24,7 +27,8 @@ backdoor dominates less once a second image is superimposed. CoDefend poisons 0.
 
 Results go to benchmarks/results/reproduce_backdoor.{md,csv,json}; published numbers are copied from
 the papers and labelled as published. `--render` rewrites
-the .md/.csv from the saved .json.
+the .md/.csv from the saved .json. `--detection-only` runs steps 1-2 alone (minutes, where CoDefend
+takes much longer) into reproduce_backdoor_detection.{md,csv,json}, never mixed with a full run's files.
 """
 
 from __future__ import annotations
@@ -58,8 +62,10 @@ from iotbed.defenses.codefend import (  # noqa: E402
     edge_repair,
     select_clean_overlays,
 )
+from iotbed.defenses.sentinet import SentinetDetector, sentinet_report  # noqa: E402
 from iotbed.defenses.strip import StripDetector  # noqa: E402
 from iotbed.models import default_train_config, get_or_train, predict  # noqa: E402
+from iotbed.sim.devices import BUILTIN_PROFILES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -241,8 +247,56 @@ def run_strip(scene: Scene, n_blends: int = 100) -> dict[str, Any]:
         "score_s": elapsed,
         "normal": normal.as_dict(),
         "quantile": quantile.as_dict(),
+        "beside_sentinet": {
+            "normal": detection_report(h_cal, h_ben, h_tro, SENTINET_FRRS, method="normal").as_dict(),
+            "quantile": detection_report(h_cal, h_ben, h_tro, SENTINET_FRRS, method="quantile").as_dict(),
+        },
         "max_trojan_entropy": float(h_tro.max()),
         "min_benign_entropy": float(h_ben.min()),
+    }
+
+
+# The preset FRRs of the SentiNet / STRIP comparison (CoDefend's SentiNet baseline runs at FNR 5.74%).
+SENTINET_FRRS = (0.05, 0.02, 0.01)
+
+
+def run_sentinet(scene: Scene, n_pastes: int = 100) -> dict[str, Any]:
+    """SentiNet on STRIP's scored images; backgrounds = CoDefend's D_clean (100 of D_valid, every class),
+    curve and thresholds fitted on the other 400 of D_valid."""
+    s = scene.setup
+    picked = select_clean_overlays(scene.valid, 100, torch.Generator().manual_seed(3))
+    rest = torch.ones(len(scene.valid), dtype=torch.bool)
+    rest[picked] = False
+    det = SentinetDetector(
+        scene.badnet.model, scene.valid.images[picked], n_pastes=n_pastes, generator=torch.Generator().manual_seed(13)
+    )
+    scored = scene.evaluation.subset(torch.arange(min(2000, len(scene.evaluation))))
+    t0 = time.perf_counter()
+    cal = det.score(scene.valid.images[rest])
+    ben = det.score(scored.images)
+    tro = det.score(triggered_inputs(scored, s.trigger, s.target).images)
+    elapsed = time.perf_counter() - t0
+    report = sentinet_report(det, cal, ben, tro, SENTINET_FRRS)
+    assert det.boundary is not None
+    return {
+        "n_pastes": n_pastes,
+        "top_k": det.top_k,
+        "saliency_threshold": det.saliency_threshold,
+        "score_s": elapsed,
+        "seconds_per_input": elapsed / (len(cal) + len(ben) + len(tro)),
+        "report": report.as_dict(),
+        "curve": list(det.boundary.coefficients),
+        "confidence_range": list(det.boundary.confidence_range),
+        "means": {
+            what: {
+                "fooled": float(x.fooled.mean()),
+                "confidence": float(x.confidence.mean()),
+                "mask_area": float(x.mask_area.mean()),
+            }
+            for what, x in (("benign", ben), ("trojaned", tro))
+        },
+        "flops": det.cost.as_dict(),
+        "raspberry_pi_4_s_per_input": BUILTIN_PROFILES["raspberry_pi_4"].seconds_for(1, det.cost.per_input),
     }
 
 
@@ -303,6 +357,8 @@ PUBLISHED = {
         "codefend_table4": {"ca_before": 95.80, "asr_before": 100.0, "ca_after": 95.26, "asr_after": 2.06},
     },
 }
+# CoDefend Table 3's SentiNet baseline (CIFAR-10, trigger C), its names: FNR = benign flagged, FPR = trojaned passed.
+SENTINET_PUBLISHED = {"fnr": 5.74, "fpr": 6.04, "label": "CoDefend Table 3, SentiNet, CIFAR-10 trigger C"}
 # CoDefend Table 5 (CIFAR-10, trigger C; CA / ASR after defence), for the baselines' context.
 TABLE5 = {
     "Neural Cleanse": (89.18, 18.53),
@@ -447,6 +503,71 @@ def _strip_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) -> 
     return lines
 
 
+def _sentinet_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    sn, st = r["sentinet"], r["strip"]["beside_sentinet"]
+    rep, sq, sn_normal = sn["report"], st["quantile"], st["normal"]
+    flops, means = sn["flops"], sn["means"]
+    lines = [
+        f"### SentiNet beside STRIP (same BadNet, same {rep['n_benign']} clean + {rep['n_trojaned']} triggered scored images)",
+        "",
+        f"SentiNet: Grad-CAM on the last conv layer's activation, top-{sn['top_k']} proposed classes subtracted, "
+        f"saliency threshold {sn['saliency_threshold']} of the predicted class's peak; N = {sn['n_pastes']} pastes onto "
+        f"100 clean D_valid images; curve and thresholds on the other {rep['n_calibration']} of D_valid. STRIP: "
+        f"N = {r['strip']['n_blends']}, thresholds on all {sq['n_calibration']} of D_valid. Both thresholds are empirical "
+        "quantiles (STRIP's normal fit also shown).",
+        "",
+        _row(
+            "preset FRR",
+            "SentiNet FRR",
+            "SentiNet FAR",
+            "STRIP FRR",
+            "STRIP FAR",
+            "STRIP FAR (normal fit)",
+        ),
+        _row(*["---"] * 6),
+    ]
+    for p, q, n in zip(rep["points"], sq["points"], sn_normal["points"], strict=True):
+        lines.append(
+            _row(
+                f"{pct(p['frr_preset'])}%",
+                f"{pct(p['frr'])}%",
+                f"{pct(p['far'])}%",
+                f"{pct(q['frr'])}%",
+                f"{pct(q['far'])}%",
+                f"{pct(n['far'])}%",
+            )
+        )
+        for detector, point in (("sentinet", p), ("strip_quantile", q)):
+            rows.append(
+                {
+                    "dataset": name,
+                    "what": f"{detector}_frr_{p['frr_preset']}",
+                    "source": "ours",
+                    "frr": point["frr"],
+                    "far": point["far"],
+                    "auroc": rep["auroc"] if detector == "sentinet" else sq["auroc"],
+                }
+            )
+    pub = SENTINET_PUBLISHED
+    at5 = rep["points"][0]
+    lines += [
+        f"| published ({pub['label']}) | {pub['fnr']}% | {pub['fpr']}% | | | |",
+        "",
+        f"AUROC: SentiNet {rep['auroc']:.4f}, STRIP {sq['auroc']:.4f}. In CoDefend's (swapped) names at preset 5%: "
+        f"SentiNet FNR {pct(at5['frr'])}%, FPR {pct(at5['far'])}% (published, CIFAR-10: FNR {pub['fnr']}%, "
+        f"FPR {pub['fpr']}%). Means, clean / triggered: fooled rate {means['benign']['fooled']:.3f} / "
+        f"{means['trojaned']['fooled']:.3f}, inert-pattern confidence {means['benign']['confidence']:.3f} / "
+        f"{means['trojaned']['confidence']:.3f}, mask {100 * means['benign']['mask_area']:.1f}% / "
+        f"{100 * means['trojaned']['mask_area']:.1f}% of the pixels.",
+        f"Cost per input: {flops['per_input'] / 1e6:.1f} MFLOP ({flops['forward_equivalents_per_input']:.0f} forward "
+        f"passes' worth; Grad-CAM {flops['grad_cam'] / 1e6:.2f} MFLOP), {1e3 * sn['raspberry_pi_4_s_per_input']:.0f} ms "
+        f"on the Raspberry Pi 4 profile; here {1e3 * sn['seconds_per_input']:.0f} ms. STRIP: {r['strip']['n_blends']} "
+        "forward passes per input.",
+        "",
+    ]
+    return lines
+
+
 def _codefend_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     cd = r["codefend"]
     p4 = PUBLISHED[name]["codefend_table4"]
@@ -560,7 +681,7 @@ def _baselines_section(name: str, r: dict[str, Any], rows: list[dict[str, Any]])
 
 def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     lines = [
-        "# Backdoor reproduction: BadNets, STRIP, CoDefend, Neural Cleanse, fine-pruning",
+        "# Backdoor reproduction: BadNets, STRIP, SentiNet, CoDefend, Neural Cleanse, fine-pruning",
         "",
         'Produced by benchmarks/reproduce_backdoor.py. "published" rows are copied from the papers (STRIP, ACSAC '
         "2019; CoDefend, Ad Hoc Networks 2021); they used other models, "
@@ -577,9 +698,23 @@ def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, An
         ]
         lines += _badnet_section(name, r, rows)
         lines += _strip_section(name, r, rows)
-        lines += _codefend_section(name, r, rows)
+        if "sentinet" in r:
+            lines += _sentinet_section(name, r, rows)
+        if "codefend" in r:
+            lines += _codefend_section(name, r, rows)
         if "baselines" in r:
             lines += _baselines_section(name, r, rows)
+    if any("sentinet" in r for r in results.values()):
+        pub = SENTINET_PUBLISHED
+        rows.append(
+            {
+                "dataset": "cifar10",
+                "what": "sentinet",
+                "source": f"published {pub['label']}",
+                "frr": pub["fnr"] / 100,
+                "far": pub["fpr"] / 100,
+            }
+        )
     for defence, (ca, asr) in TABLE5.items():
         rows.append(
             {
@@ -593,26 +728,26 @@ def markdown(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, An
     return "\n".join(lines), rows
 
 
-def write(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+def write(results: dict[str, dict[str, Any]], meta: dict[str, Any], stem: str = "reproduce_backdoor") -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     md, rows = markdown(results)
     walls = ", ".join(f"{k} {v['wall_s']:.0f} s" for k, v in results.items() if "wall_s" in v)
     md += f"\n---\n{meta['machine']}; wall time per dataset (models from the cache where trained before): {walls}.\n"
-    (RESULTS / "reproduce_backdoor.md").write_text(md)
+    (RESULTS / f"{stem}.md").write_text(md)
     keys = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("dataset", "what", "source"), k))
-    with open(RESULTS / "reproduce_backdoor.csv", "w", newline="") as f:
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     payload = {"meta": meta, "results": results}
-    (RESULTS / "reproduce_backdoor.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def run_dataset(name: str, *, baselines: bool = True) -> dict[str, Any]:
+def run_dataset(name: str, *, baselines: bool = True, codefend: bool = True) -> dict[str, Any]:
     _log(f"== {name}")
     start = time.perf_counter()
     scene = build_scene(name, progress=sys.stderr.isatty())  # no progress bars in logs
@@ -629,6 +764,12 @@ def run_dataset(name: str, *, baselines: bool = True) -> dict[str, Any]:
     )
     r["strip"] = run_strip(scene)
     _log(f"  STRIP AUROC {r['strip']['normal']['auroc']:.4f}, FAR@FRR1% {r['strip']['normal']['points'][1]['far']:.4f}")
+    r["sentinet"] = run_sentinet(scene)
+    sentinet_at_5 = r["sentinet"]["report"]["points"][0]
+    _log(f"  SentiNet AUROC {r['sentinet']['report']['auroc']:.4f}, FAR@FRR5% {sentinet_at_5['far']:.4f}")
+    if not codefend:
+        r["wall_s"] = time.perf_counter() - start
+        return r
     r["codefend"] = run_codefend(scene, log=_log)
     _log(f"  CoDefend after: {r['codefend']['after']}")
     if baselines:
@@ -637,21 +778,31 @@ def run_dataset(name: str, *, baselines: bool = True) -> dict[str, Any]:
     return r
 
 
+# Where a --detection-only run writes, so that it never mixes with a full run's CoDefend results.
+DETECTION_ONLY = "reproduce_backdoor_detection"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist", "gtsrb"], choices=sorted(setups()))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is faster on a busy 2-core machine)")
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md/.csv from the saved .json")
+    ap.add_argument(
+        "--detection-only",
+        action="store_true",
+        help=f"BadNet, STRIP and SentiNet only (minutes, not hours), into {DETECTION_ONLY}.*",
+    )
     args = ap.parse_args(argv)
+    stem = DETECTION_ONLY if args.detection_only else "reproduce_backdoor"
     if args.render:
-        saved = json.loads((RESULTS / "reproduce_backdoor.json").read_text())
-        write(saved["results"], saved["meta"])
+        saved = json.loads((RESULTS / f"{stem}.json").read_text())
+        write(saved["results"], saved["meta"], stem)
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
-    saved = RESULTS / "reproduce_backdoor.json"
+    saved = RESULTS / f"{stem}.json"
     if saved.exists() and set(args.datasets) != set(setups()):  # a partial rerun keeps the other datasets
         results = {k: v for k, v in json.loads(saved.read_text())["results"].items() if k not in args.datasets}
     meta: dict[str, Any] = {
@@ -659,9 +810,9 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {torch.__version__}"
     }
     for name in args.datasets:
-        results[name] = run_dataset(name, baselines=not args.skip_baselines)
+        results[name] = run_dataset(name, baselines=not args.skip_baselines, codefend=not args.detection_only)
         meta["total_s"] = sum(float(r.get("wall_s", 0.0)) for r in results.values())
-        write(results, meta)  # after each dataset, so a long run leaves its finished part behind
+        write(results, meta, stem)  # after each dataset, so a long run leaves its finished part behind
     _log(f"done in {time.perf_counter() - start:.0f} s")
 
 
