@@ -259,13 +259,19 @@ def _prepare_models(runs: list[RunSpec]) -> None:
     seen: set[str] = set()
     for run in runs:
         scenario = load_scenario(run.scenario_path, run.overrides)
+        nodes = scenario.nodes
         key = json.dumps(
             [
                 scenario.dataset.model_dump(mode="json"),
                 scenario.model.model_dump(mode="json"),
                 scenario.registry.model_dump(mode="json"),
+                # what else `prepare` trains, or what changes the training split (the defenders' clean pool)
+                [g.model_dump(mode="json") for g in nodes.clouds],
+                [(e.reject, e.repair) for e in nodes.edge_servers],
+                [g.strip for g in nodes.gateways],
             ],
             sort_keys=True,
+            default=lambda spec: spec.model_dump(mode="json"),
         )
         if key not in seen:
             seen.add(key)
