@@ -43,14 +43,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DATASETS = ROOT.parent / "shared" / "datasets"
 sys.path.insert(0, str(ROOT))
 
-from superiot_table import Defense, defenses  # noqa: E402  (benchmarks/superiot_table.py, beside this script)
+from superiot_table import Defense, Progress, defenses  # noqa: E402  (benchmarks/superiot_table.py, beside this script)
 
 from iotbed.data import load_splits  # noqa: E402
 from iotbed.data.corruptions import CORRUPTIONS, SEVERITIES, SOURCES, corrupt  # noqa: E402
@@ -120,29 +119,6 @@ def selective(threshold: Threshold, logits: torch.Tensor, labels: torch.Tensor) 
         "selective_risk": 100.0 * float(wrong[accepted].sum()) / n if n else None,
         "risk_without_reject": 100.0 * float(wrong.mean()),
     }
-
-
-class Progress:
-    """A tqdm bar on a terminal, plain timestamped lines otherwise."""
-
-    def __init__(self, total: int, desc: str):
-        self.tty = sys.stderr.isatty()
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.bar = tqdm(total=total, desc=desc, unit="set", file=sys.stderr, dynamic_ncols=True) if self.tty else None
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(what[:70], refresh=False)
-            self.bar.update(1)
-            return
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        print(f"  [{self.done}/{self.total}] {elapsed:5.0f} s (ETA ~{eta:.0f} s): {what}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # --- running ------------------------------------------------------------------------------------------------------

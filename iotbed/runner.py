@@ -162,12 +162,12 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
 
 def _gambler(group: str, spec: Any, arch: str, train: Any, progress: bool) -> Any:
     """The Deep Gamblers network an edge's `gambler` reject score runs, trained on the models' training split."""
-    from iotbed.defenses.gambler import GamblerConfig, get_or_train_gambler
+    from iotbed.defenses.gambler import GamblerConfig, GamblerError, get_or_train_gambler
 
     try:
         config = GamblerConfig(spec.reward, spec.epochs, spec.pretrain_epochs, spec.seed)
         return get_or_train_gambler(arch, train, config, progress=progress)
-    except ValueError as exc:
+    except GamblerError as exc:
         raise ScenarioError(f"edge server group {group!r}, `reject.gambler`: {exc}") from None
 
 

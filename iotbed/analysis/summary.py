@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -93,6 +94,12 @@ def _selective(
     }
 
 
+def _map_values(values: np.ndarray, fn: Callable[[str], str]) -> np.ndarray:
+    """`fn` of each value, computed once per distinct value (a trace has many rows, few node names)."""
+    distinct, inverse = np.unique(values.astype(str), return_inverse=True)
+    return np.array([fn(v) for v in distinct.tolist()], dtype=object)[inverse]
+
+
 def _escalated(
     trace: Any,
     scored: np.ndarray,
@@ -113,7 +120,7 @@ def _escalated(
     t_capture, t_done = column("t_capture").to_numpy(), column("t_done").to_numpy()
     t_escalated, t_resolved = column("t_escalated").to_numpy(), column("t_resolved").to_numpy()
     edges = column("edge").to_numpy(zero_copy_only=False)
-    target = np.array([escalates_to.get(e, "") for e in edges.tolist()], dtype=object)
+    target = _map_values(edges, lambda edge: escalates_to.get(edge, ""))
     sent = scored & rejected & (target != "")
     # The republished PUBLISH differs from the camera's only in its topic.
     topics = column("topic").to_numpy(zero_copy_only=False)
@@ -122,7 +129,7 @@ def _escalated(
     resend = [
         int(publish[i]) - len(topics[i]) + len(escalation_topic(target[i], cameras[i])) for i in np.flatnonzero(sent)
     ]
-    groups = np.array([group_of(r) if r else "" for r in resolver.tolist()], dtype=object)
+    groups = _map_values(resolver, lambda node: group_of(node) if node else "")
     by_resolver = {
         str(g): {
             "resolved": int((resolved & (groups == g)).sum()),

@@ -35,15 +35,15 @@ from iotbed.models import training
 from iotbed.models.architectures import ImageClassifier, ModelSpec, resolve_arch
 from iotbed.models.cache import (
     CACHE_FORMAT_VERSION,
-    ENV_CACHE_DIR,
-    _read_json,
-    _write_json_atomic,
-    resolve_cache_dir,
+    cache_folder,
+    load_cached,
+    read_json,
     spec_for_dataset,
+    write_json_atomic,
 )
 from iotbed.models.defaults import default_train_config
 from iotbed.models.flops import count_flops
-from iotbed.models.store import load_model, save_model
+from iotbed.models.store import save_model
 from iotbed.models.training import LabeledImages, TrainConfig, TrainReport
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,6 @@ def _train(
     return model, reports
 
 
-def _load_cached(path: Path, arch: str, key: str) -> ImageClassifier | None:
-    if not path.exists():
-        return None
-    try:
-        model, metadata = load_model(path, arch=arch)
-        if metadata.get("cache_key") != key:
-            raise ModelError(f"it records cache key {metadata.get('cache_key')!r}")
-    except ModelError as exc:
-        log.warning("cached gambler %s is unusable (%s); retraining it", path, exc)
-        return None
-    return model
-
-
 def get_or_train_gambler(
     arch: str,
     train_ds: LabeledImages,
@@ -205,26 +192,22 @@ def get_or_train_gambler(
     fingerprint = train_ds.fingerprint()
     key = gambler_cache_key(spec, fingerprint, base, config.reward, epochs, pretrain)
 
-    folder = resolve_cache_dir(cache_dir) / "gamblers"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(f"cannot create the gambler cache directory {folder}: {exc}; set {ENV_CACHE_DIR}") from exc
+    folder = cache_folder(cache_dir, "gamblers")
     path = folder / f"{key}.safetensors"
     info_path = folder / f"{key}.json"
 
-    model = _load_cached(path, arch, key)
+    model = load_cached(path, arch, key)
     trained_now = model is None
     if model is None:
         model, reports = _train(spec, train_ds, base, config.reward, pretrain, progress)
         save_model(path, model, {"cache_key": key, "dataset_fingerprint": fingerprint, "train_config": base.to_json()})
         info = _info(key, arch, spec, train_ds, fingerprint, base, config.reward, pretrain, reports)
         try:
-            _write_json_atomic(info_path, info)
+            write_json_atomic(info_path, info)
         except OSError as exc:
             log.warning("could not write %s: %s", info_path, exc)
     else:
-        info = _read_json(info_path)
+        info = read_json(info_path)
     wall = info.get("train_wall_time_s")
     return Gambler(
         model=model.eval(),

@@ -58,10 +58,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 from torch import nn
 
 from iotbed.analysis.detection import DetectionReport, detection_report
+from iotbed.defenses.strip import flagged_count_test
 from iotbed.errors import IotbedError
 from iotbed.models.flops import count_flops
 
@@ -544,8 +544,7 @@ def screen_update(
     excess = detector.excess(detector.score(frames))
     flagged = excess > boundary.threshold
     k, n = int(flagged.sum()), int(flagged.numel())
-    p0 = min(1.0, max(boundary.frr, boundary.calibration_frr))
-    p_value = float(stats.binom.sf(k - 1, n, p0))  # sf(k - 1) = P(K >= k)
+    p0, p_value = flagged_count_test(k, n, boundary.frr, boundary.calibration_frr)
     return SentinetVerdict(p_value < significance, p_value, n, k, p0, boundary, excess, flagged)
 
 

@@ -229,6 +229,13 @@ class UpdateVerdict:
         return self.n_flagged / self.n_frames
 
 
+def flagged_count_test(flagged: int, frames: int, frr: float, calibration_frr: float) -> tuple[float, float]:
+    """(p0, P(K >= flagged)) for K ~ Binomial(frames, p0), p0 = max(preset FRR, FRR seen on calibration):
+    how improbable so many flagged frames are if no backdoor is triggered by them."""
+    p0 = min(1.0, max(frr, calibration_frr))
+    return p0, float(stats.binom.sf(flagged - 1, frames, p0))  # sf(k - 1) = P(K >= k); for k = 0 that is 1
+
+
 def screen_update(
     model: nn.Module,
     frames: torch.Tensor,
@@ -259,9 +266,7 @@ def screen_update(
     h = detector.score(frames)
     k = int(detector.flag_scores(h).sum())
     n = int(h.numel())
-    p0 = min(1.0, max(threshold.frr, threshold.calibration_frr))
-    # sf(k - 1) = P(K >= k); for k = 0 that is 1.
-    p_value = float(stats.binom.sf(k - 1, n, p0))
+    p0, p_value = flagged_count_test(k, n, threshold.frr, threshold.calibration_frr)
     return UpdateVerdict(
         backdoored=p_value < significance,
         p_value=p_value,

@@ -105,7 +105,7 @@ def cache_key(spec: ModelSpec, dataset_fingerprint: str, config: TrainConfig) ->
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -119,13 +119,38 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     # The JSON is a side note; if it is missing or damaged, start a fresh one.
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def cache_folder(cache_dir: str | os.PathLike[str] | None, name: str) -> Path:
+    """The cache's `name` folder, made if missing."""
+    folder = resolve_cache_dir(cache_dir) / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"cannot create the cache directory {folder}: {exc}; set {ENV_CACHE_DIR}") from exc
+    return folder
+
+
+def load_cached(path: Path, arch: str, key: str) -> ImageClassifier | None:
+    """The model cached at `path` under `key`, or None where there is none or it is unusable (a warning: the
+    caller trains it again and overwrites it)."""
+    if not path.exists():
+        return None
+    try:
+        model, metadata = load_model(path, arch=arch)
+        if metadata.get("cache_key") != key:
+            raise ModelError(f"it records cache key {metadata.get('cache_key')!r}")
+    except ModelError as exc:
+        log.warning("cached model %s is unusable (%s); retraining it", path, exc)
+        return None
+    return model
 
 
 def get_or_train(
@@ -149,26 +174,14 @@ def get_or_train(
     spec = spec_for_dataset(arch, train_ds)
     fingerprint = train_ds.fingerprint()
     key = cache_key(spec, fingerprint, config)
-    models_dir = resolve_cache_dir(cache_dir) / "models"
-    try:
-        models_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ModelError(f"cannot create the model cache directory {models_dir}: {exc}; set {ENV_CACHE_DIR}") from exc
+    models_dir = cache_folder(cache_dir, "models")
     path = models_dir / f"{key}.safetensors"
     info_path = models_dir / f"{key}.json"
 
-    model: ImageClassifier | None = None
-    if path.exists():
-        try:
-            model, metadata = load_model(path, arch=arch)
-            if metadata.get("cache_key") != key:
-                raise ModelError(f"it records cache key {metadata.get('cache_key')!r}")
-        except ModelError as exc:
-            log.warning("cached model %s is unusable (%s); retraining it", path, exc)
-            model = None
+    model = load_cached(path, arch, key)
 
     report: TrainReport | None = None
-    info = _read_json(info_path)
+    info = read_json(info_path)
     if model is None:
         model = spec.build()
         report = training.train_model(model, train_ds, config, progress=progress)
@@ -213,7 +226,7 @@ def get_or_train(
             info_dirty = True
     if info_dirty:
         try:
-            _write_json_atomic(info_path, info)
+            write_json_atomic(info_path, info)
         except OSError as exc:
             log.warning("could not write %s: %s", info_path, exc)
 

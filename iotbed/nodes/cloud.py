@@ -47,6 +47,7 @@ class EscalationResolver:
         self.name = name
         self.recorder = recorder
         self.from_edges = from_edges  # the edge servers that escalate to this node's group
+        self.group = group_of(name)
         self._now = recording_clock(env)
         self.unknown_frames = 0
 
@@ -59,7 +60,7 @@ class EscalationResolver:
             record is None
             or not record.rejected
             or record.edge not in self.from_edges
-            or message.topic != escalation_topic(group_of(self.name), record.camera)
+            or message.topic != escalation_topic(self.group, record.camera)
         ):
             self.unknown_frames += 1
             return

@@ -183,7 +183,7 @@ class EdgeServer:
             ModelEvent(self._stamp(), self.name, "quarantine_accepted", notice.version, notice.nbytes, notice.gateway)
         )
         if self.classifier.version == notice.version:
-            previous = max((v for v in self.held if v < notice.version and v not in self.quarantined), default=None)
+            previous = self._trusted_before(notice.version)
             if previous is not None:
                 self.classifier.swap(self.held[previous], previous)
                 self.recorder.model_events.append(ModelEvent(self._stamp(), self.name, "rolled_back", previous, 0))
@@ -192,6 +192,10 @@ class EdgeServer:
             self._pool_full[notice.version] = self.env.event()
             self._pool_complete(notice.version)
             self.env.process(self._repair(notice.version))
+
+    def _trusted_before(self, version: int) -> int | None:
+        """The newest version held before `version` that is not quarantined: where the edge falls back to."""
+        return max((v for v in self.held if v < version and v not in self.quarantined), default=None)
 
     def _pool_complete(self, version: int) -> None:
         assert self.repairer is not None
@@ -210,7 +214,7 @@ class EdgeServer:
         events.append(ModelEvent(self._stamp(), self.name, "repair_started", version, 0))
         started = self.env.now
         flagged = torch.cat([n.flagged for n in notices])
-        previous = max((v for v in self.held if v < version and v not in self.quarantined), default=None)
+        previous = self._trusted_before(version)
         rolled_back = self.held[previous] if previous is not None else quarantined
         kept = select_d_poison(quarantined, rolled_back, flagged, repairer.d_poison)
         d_poison = flagged[kept]
