@@ -53,10 +53,12 @@ bench: setup system-deps
 bench-ml: setup
 	$(PY) -m pip install --quiet requests scikit-image
 	$(PY) -m pip install --quiet --no-deps torchattacks
+	$(PY) -m pip install --quiet adversarial-robustness-toolbox
 	$(PY) benchmarks/bench_recovery.py
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_strip.py
 	$(PY) benchmarks/bench_codefend.py
+	$(PY) benchmarks/run.py square_vs_art hsj_vs_art
 
 # BadNets, STRIP, CoDefend, Neural Cleanse and fine-pruning on MNIST and GTSRB next to the published tables
 # (benchmarks/results/reproduce_backdoor.md; tens of minutes on 2 cores).

@@ -493,6 +493,184 @@ def bench_he_eval() -> dict[str, Any]:
     }
 
 
+def _art_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("art") is not None
+
+
+def _blackbox_setup(images: int) -> tuple[Any, Any, Any, Any]:
+    """LeNet-5 on sklearn digits (from the model cache), its first `images` test images, and a row counter
+    wrapped around it (every forward row is a query) that ART's classifier calls."""
+    import torch
+
+    from iotbed.data import load_splits
+    from iotbed.models import get_or_train
+
+    class Counted(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model, self.rows = model, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows += x.shape[0]
+            return self.model(x.float())  # ART's HopSkipJump blends in float64
+
+    splits = load_splits("digits")
+    model = get_or_train("lenet5", splits.train, progress=False).model.eval()
+    counted = Counted(model).eval()
+    return counted, splits.test.images[:images], splits.test.labels[:images], model
+
+
+def _art_classifier(model: Any) -> Any:
+    import torch
+    from art.estimators.classification import PyTorchClassifier  # benchmark-only dependency
+
+    return PyTorchClassifier(
+        model=model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(1, 32, 32),
+        nb_classes=10,
+        clip_values=(0.0, 1.0),
+        device_type="cpu",
+    )
+
+
+def _versus_art(
+    counted: Any, x: Any, y: Any, run_iotbed: Callable[[], Any], run_art: Callable[[], Any], norm: str
+) -> dict[str, Any]:
+    """Both attacks once each (iotbed first), timed, on the same model and images; success re-predicted by
+    the same evaluator for both, queries counted by the same row counter around the model."""
+    import torch
+
+    from iotbed.attacks.evasion import attack_success
+
+    sides: dict[str, dict[str, Any]] = {}
+    for name, fn in (("iotbed", run_iotbed), ("art", run_art)):
+        counted.rows = 0
+        start = time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - start
+        rows = counted.rows
+        adv = out.x_adv if name == "iotbed" else torch.from_numpy(out).to(x.dtype)
+        success = attack_success(counted.model, adv, y)
+        delta = (adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "inf" else delta.norm(dim=1)
+        sides[name] = {
+            "wall_s": wall,
+            "success_rate": float(success.float().mean()),
+            # iotbed's own count, checked against the counter (which also saw its one re-prediction per image)
+            "mean_queries": float(out.queries.double().mean()) if name == "iotbed" else rows / len(x),
+            "max_queries": int(out.queries.max()) if name == "iotbed" else None,
+            "queries_reported_equal_counted": int(out.queries.sum()) + len(x) == rows if name == "iotbed" else None,
+            f"max_l{norm}": float(size.max()),
+            f"median_l{norm}_of_successes": float(size[success].median()) if bool(success.any()) else None,
+        }
+    return {
+        "images": len(x),
+        "torch_threads": torch.get_num_threads(),
+        "ratio_iotbed_over_art_wall": sides["iotbed"]["wall_s"] / sides["art"]["wall_s"],
+        "iotbed": sides["iotbed"],
+        "art": sides["art"],
+    }
+
+
+def bench_square_vs_art() -> dict[str, Any]:
+    """iotbed's `square_attack` against ART's SquareAttack, L-inf eps 0.2, p_init 0.05, on LeNet-5 / digits
+    (100 test images, one torch thread). Matched budget: iotbed spends at most 1,000 queries per image (the
+    clean query, the stripes, 998 squares); ART runs 998 iterations (one square each) after its stripes."""
+    if not _art_available():
+        return {"skipped": "needs adversarial-robustness-toolbox (pip install adversarial-robustness-toolbox)"}
+    import numpy as np
+    import torch
+
+    from iotbed.attacks.blackbox import square_attack
+
+    torch.set_num_threads(1)
+    counted, x, y, _ = _blackbox_setup(100)
+    eps, p_init, queries = 0.2, 0.05, 1000
+    from art.attacks.evasion import SquareAttack  # benchmark-only dependency
+
+    art = SquareAttack(
+        _art_classifier(counted),
+        norm=np.inf,
+        max_iter=queries - 2,
+        eps=eps,
+        p_init=p_init,
+        batch_size=512,
+        verbose=False,
+    )
+
+    def run_art() -> Any:
+        np.random.seed(0)
+        return art.generate(x.numpy(), y.numpy())
+
+    result = _versus_art(
+        counted,
+        x,
+        y,
+        lambda: square_attack(
+            counted, x, y, eps=eps, p_init=p_init, max_queries=queries, generator=torch.Generator().manual_seed(0)
+        ),
+        run_art,
+        "inf",
+    )
+    return {"target": "iotbed not slower than ART (ratio <= 1), success rates alike", "eps": eps, **result}
+
+
+def bench_hsj_vs_art() -> dict[str, Any]:
+    """iotbed's `hop_skip_jump` against ART's HopSkipJump, L2, untargeted, on LeNet-5 / digits (50 test images,
+    one torch thread), matched: 10 iterations, 100 initial and at most 10,000 gradient probes, 100
+    random-noise trials; iotbed's query budget set high enough not to bind."""
+    if not _art_available():
+        return {"skipped": "needs adversarial-robustness-toolbox (pip install adversarial-robustness-toolbox)"}
+    import numpy as np
+    import torch
+
+    from iotbed.attacks.blackbox import hop_skip_jump
+
+    torch.set_num_threads(1)
+    counted, x, y, _ = _blackbox_setup(50)
+    iterations, init_eval, max_eval, init_size = 10, 100, 10_000, 100
+    from art.attacks.evasion import HopSkipJump  # benchmark-only dependency
+
+    art = HopSkipJump(
+        _art_classifier(counted),
+        batch_size=512,
+        norm=2,
+        max_iter=iterations,
+        max_eval=max_eval,
+        init_eval=init_eval,
+        init_size=init_size,
+        verbose=False,
+    )
+
+    def run_art() -> Any:
+        np.random.seed(0)
+        return art.generate(x.numpy(), y.numpy())
+
+    result = _versus_art(
+        counted,
+        x,
+        y,
+        lambda: hop_skip_jump(
+            counted,
+            x,
+            y,
+            norm="2",
+            max_queries=1_000_000,
+            max_iter=iterations,
+            init_evals=init_eval,
+            max_evals=max_eval,
+            init_trials=init_size,
+            generator=torch.Generator().manual_seed(0),
+        ),
+        run_art,
+        "2",
+    )
+    return {"target": "iotbed not slower than ART (ratio <= 1), distances alike", "iterations": iterations, **result}
+
+
 BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "sim_throughput": bench_sim_throughput,
     "smart_city": bench_smart_city,
@@ -501,6 +679,8 @@ BENCHMARKS: dict[str, Callable[[], dict[str, Any]]] = {
     "emulate": bench_emulate,
     "emulate_workers": bench_emulate_workers,
     "he_eval": bench_he_eval,
+    "square_vs_art": bench_square_vs_art,
+    "hsj_vs_art": bench_hsj_vs_art,
 }
 
 

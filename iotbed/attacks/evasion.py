@@ -1,4 +1,4 @@
-"""White-box evasion attacks on batches: FGSM, BIM, MI-FGSM, PGD (L-inf, L2), C&W-L2, DeepFool.
+"""White-box evasion attacks on batches: FGSM, BIM, MI-FGSM, PGD (L-inf, L2; L1 as `pgd_l1`), C&W-L2, DeepFool.
 
 One function per attack, CleverHans style: arguments validated first, then the whole batch attacked at
 once. Inputs are (N, C, H, W) in [0, 1] with true labels `y` (or target labels with targeted=True);
@@ -190,6 +190,75 @@ def pgd(
     with eval_mode(model):
         for _ in range(steps):
             x_adv = _project(_step(x_adv, gradient(x_adv, y), alpha, norm), x, eps, norm)
+    return x_adv.detach()
+
+
+def _project_l1(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the L1 ball of radius eps around x (Euclidean projection by sorting, Duchi et al. 2008) and
+    into [0, 1]; clipping to [0, 1] only shrinks each |x_adv - x|, so the L1 budget still holds."""
+    delta = (x_adv - x).flatten(1)
+    outside = delta.abs().sum(1) > eps
+    if bool(outside.any()):
+        d = delta[outside]
+        if eps == 0:
+            d = torch.zeros_like(d)
+        else:
+            u = d.abs().sort(dim=1, descending=True).values
+            css = u.cumsum(1)
+            k = torch.arange(1, d.shape[1] + 1, dtype=d.dtype, device=d.device)
+            rho = ((u - (css - eps) / k) > 0).sum(1, keepdim=True)  # >= 1 when eps > 0
+            theta = (css.gather(1, rho - 1) - eps) / rho
+            d = d.sign() * (d.abs() - theta).clamp(min=0)
+        delta = delta.clone()
+        delta[outside] = d
+    return (x + delta.view_as(x)).clamp(0.0, 1.0)
+
+
+def pgd_l1(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 10,
+    sparsity: float = 0.99,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+    targeted: bool = False,
+    grad_fn: GradFn | None = None,
+) -> torch.Tensor:
+    """PGD in L1 as sparse L1 descent (SLIDE, Tramer & Boneh 2019). Each step moves the pixels whose
+    |gradient| reaches the `sparsity` quantile of the image's (the top 1%: 0.99) by sign(gradient), an L1
+    step of `alpha` (default eps/10) split evenly among them; pixels at 0 or 1 the step would push out are
+    left out. Then back into the L1 ball (Duchi et al. 2008) and [0, 1]. With `random_start`, a start drawn
+    uniformly from the L1 ball with `generator`."""
+    _check_inputs(model, x, y)
+    eps = _check_number(eps, "eps")
+    alpha = eps / 10 if alpha is None else _check_number(alpha, "alpha")
+    steps = _check_steps(steps)
+    sparsity = _check_number(sparsity, "sparsity")
+    if sparsity >= 1:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if random_start and generator is None:
+        raise ValueError("random_start needs a torch.Generator (no global RNG); pass generator= or random_start=False")
+    x = x.detach()
+    x_adv = x.clone()
+    if random_start:  # uniform in the L1 ball: d exponentials over the sum of d + 1, random signs
+        n, d = x.shape[0], x[0].numel()
+        e = -torch.rand((n, d + 1), generator=generator, dtype=torch.float64).clamp(min=1e-300).log()
+        signs = torch.randint(0, 2, (n, d), generator=generator, dtype=torch.int64) * 2 - 1
+        noise = (e[:, :d] / e.sum(1, keepdim=True) * signs * eps).to(x.dtype).view_as(x)
+        x_adv = _project_l1(x + noise.to(x.device), x, eps)
+    gradient = _grad_fn(model, grad_fn, targeted)
+    with eval_mode(model):
+        for _ in range(steps):
+            grad = gradient(x_adv, y)
+            grad = torch.where(((x_adv <= 0) & (grad < 0)) | ((x_adv >= 1) & (grad > 0)), 0.0, grad).flatten(1)
+            top = grad.abs() >= torch.quantile(grad.abs(), sparsity, dim=1, keepdim=True)
+            step = torch.where(top, grad.sign(), 0.0)
+            step = step / step.abs().sum(1, keepdim=True).clamp(min=1.0)
+            x_adv = _project_l1(x_adv + alpha * step.view_as(x_adv), x, eps)
     return x_adv.detach()
 
 
