@@ -1,0 +1,855 @@
+"""TCP connections over the simulated network, modelled on Linux's defaults.
+
+Each end (`TcpEndpoint`) writes application messages (an object and its size in bytes) into a byte stream,
+cuts the stream into segments of at most one MSS, and sends them with `Network.send`, so they queue, are
+serialised, delayed and lost like any packet. The other end acknowledges cumulatively, with ACK packets
+on the reverse path that can be lost or queued too, and hands whole messages to its `on_message` strictly
+in the order they were written, each once. A connection is full duplex: ACKs ride on data when there is
+some to send. Every packet is charged its bytes on the wire (payload, 52 bytes of IPv4 + TCP + timestamp
+option, link framing if set) to the frame it carries (the frame of the message that owns its first byte;
+a pure ACK is charged to the frame of the last data it acknowledges), retransmissions included.
+
+What follows Linux (6.x, sysctl defaults) and the RFCs it implements:
+
+- RTT and RTO (RFC 6298 as Linux does it): timestamps are on (RFC 7323), so every ACK that acknowledges new
+  data gives a sample, also after a retransmission (no Karn's rule needed: the echo says which transmission
+  is acknowledged). SRTT gains 1/8 and the deviation 1/4, but the 200 ms floor goes on the variance term,
+  not on the sum: RTO = SRTT + max(200 ms, the largest 4*mdev seen in the last RTT, decaying), so RTO is at
+  least SRTT + 200 ms, where RFC 6298 says max(1 s, SRTT + 4*RTTVAR). Initial RTO 1 s (RFC 6298), at most
+  120 s, doubled on each expiry and recomputed from SRTT on the next valid sample.
+- Loss detection: fast retransmit after three duplicate ACKs (RFC 5681); RACK (RFC 8985), which marks a
+  segment lost once a segment sent after it has been delivered and a reordering window (min RTT / 4, zero
+  once three are SACKed or in recovery) has passed, so a message of two or three segments whose first is
+  lost is repaired after about 1.25 RTT, not an RTO; Tail Loss Probe (RFC 8985) after 2*SRTT (+200 ms with
+  one segment out; never later than the RTO), which resends the last segment without collapsing the
+  window; NewReno's partial ACK (RFC 6582) resends a hole no SACK has shown. SACK is modelled as each ACK
+  naming the out-of-order segment that triggered it (one block: a lost ACK loses its block, where real
+  SACK repeats up to three), so the holes of one window are resent together, in one round trip.
+- Congestion window, in segments: initial window 10 (RFC 6928), slow start counting segments acknowledged,
+  Reno's additive increase (one segment per window), grown on cumulative ACKs only and only while the
+  window limits the sender; on a fast retransmit ssthresh = cwnd = 0.7 cwnd (CUBIC's beta); on an RTO
+  ssthresh = 0.7 cwnd, cwnd = 1 and every unSACKed segment is resent in slow start; after an idle period
+  longer than the RTO the window restarts (tcp_slow_start_after_idle). Nagle's algorithm in Minshall's
+  form (a small segment waits while an earlier small one is unacknowledged) is on, as paho-mqtt and
+  Mosquitto leave it; so a small message written behind a lost small one waits in the sender, no duplicate
+  ACK comes, and the loss costs the probe or the RTO, in Linux as here.
+- ACKs: quick ACKs for the first 16 and after an idle gap longer than the RTO; then an ACK for every second
+  full segment or 40 ms after the data (TCP_DELACK_MIN), sooner if it can ride on data; an immediate ACK for
+  out-of-order or duplicate data and when a hole is filled (RFC 5681). An end that answers within 40 ms
+  (an MQTT PUBACK) is interactive: no quick ACKs, so its ACK rides on the answer.
+- An optional three-way handshake (`TcpConnection.open`): SYN and SYN-ACK (60 bytes), retried after the
+  RTO with backoff; it gives each end its first RTT sample, as Linux's handshake does.
+
+What it simplifies, and why that is close enough for iotbed. The window grows as Reno's, not as CUBIC's
+cubic of the time since the last loss: iotbed's flows are application-limited (messages of a few KB to
+tens of KB, 2 to ~30 segments, at rates that leave the link idle between them), so the window seldom
+limits, and where it does CUBIC's TCP-friendly region grows it about as Reno does at the small windows and
+RTTs of IoT links; the decrease, which sets what a loss costs, is CUBIC's. (A long bulk transfer over a
+path of large bandwidth-delay product would come out slower than with CUBIC.) Recovery cuts the window to
+0.7 at once where Linux paces it down with PRR (RFC 6937), over the one RTT the repair takes anyway. The
+reordering window stays at min RTT / 4 where Linux widens it after seeing reordering, so a link with jitter
+causes more spurious retransmissions here. Not modelled: the receive window (taken as never limiting:
+Linux autotunes it up to 6 MB, iotbed's flights are below 100 KB) and the send buffer, delayed-ACK
+timeouts above 40 ms (Linux lets them grow toward min(200 ms, SRTT) on long-RTT paths), HyStart, F-RTO and
+undoing spurious reductions, pacing, TSO, FIN and RST, the per-destination metrics cache, giving up after
+tcp_retries2.
+
+Cost: no SimPy process per connection. Each end has at most one pending timer event for all its timers
+(RTO, probe, reordering, delayed ACK); deadlines are kept as numbers and the event, when it fires early
+because a deadline moved later, books the next one (a deadline that moves earlier books a new event).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+from simpy.events import Timeout
+
+from iotbed.sim.network import FrameAccount, Network, Packet
+
+INF = math.inf
+_EPS = 1e-9  # a timer event fires at its deadline give or take float rounding
+_NO_SSTHRESH = 1 << 30
+
+# Connection states (RFC 9293's, less the closing ones).
+CLOSED = "closed"
+LISTEN = "listen"
+SYN_SENT = "syn_sent"
+SYN_RCVD = "syn_rcvd"
+ESTABLISHED = "established"
+
+# Congestion states, as Linux's: Open, fast Recovery, Loss (after an RTO).
+_OPEN, _RECOVERY, _LOSS = 0, 1, 2
+_SYN, _SYNACK = 1, 2
+_NO_ENDS: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSettings:
+    mss: int = 1448  # 1500-byte MTU less 20 IPv4, 20 TCP and 12 timestamp-option bytes
+    header_bytes: int = 52  # IPv4 + TCP + timestamp option, on every segment
+    syn_bytes: int = 60  # SYN, SYN-ACK: IPv4 + TCP with MSS, SACK-permitted, timestamps, window scale
+    sack_bytes: int = 12  # a SACK option with one block, on ACKs sent while data is out of order
+    framing_bytes: int = 0  # link-layer bytes per packet; 0 as the rest of iotbed counts IP bytes
+    initial_cwnd: int = 10  # segments (RFC 6928)
+    rto_initial_s: float = 1.0
+    rto_min_s: float = 0.2
+    rto_max_s: float = 120.0
+    dupthresh: int = 3
+    beta: float = 0.7  # multiplicative decrease: CUBIC's, Linux's default
+    delayed_ack_s: float = 0.04
+    quickacks: int = 16
+    rack: bool = True
+    tail_loss_probe: bool = True
+    nagle: bool = True
+    slow_start_after_idle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mss <= 0 or self.initial_cwnd <= 0 or self.dupthresh <= 0:
+            raise ValueError("mss, initial_cwnd and dupthresh must be above zero")
+        if not 0.0 < self.rto_min_s <= self.rto_initial_s <= self.rto_max_s:
+            raise ValueError("need 0 < rto_min_s <= rto_initial_s <= rto_max_s")
+        if not 0.0 < self.beta < 1.0:
+            raise ValueError("beta must lie in (0, 1)")
+
+
+@dataclass(slots=True)
+class TcpStats:
+    """What one end sent and received; retransmissions are counted by what triggered them."""
+
+    segments_sent: int = 0  # data segments, retransmissions included
+    bytes_sent: int = 0  # payload bytes, retransmissions included
+    wire_bytes: int = 0  # every packet this end handed to the network, headers included
+    retransmits_rto: int = 0  # segments (and SYNs) resent after a timeout
+    retransmits_fast: int = 0  # resent on duplicate ACKs, RACK or a partial ACK
+    retransmits_tlp: int = 0  # resent as a tail loss probe
+    timeouts: int = 0
+    fast_recoveries: int = 0
+    acks_sent: int = 0  # pure ACKs
+    dup_acks: int = 0  # duplicate ACKs received
+    duplicates_received: int = 0  # data segments that had arrived before
+    messages_delivered: int = 0
+    bytes_delivered: int = 0
+
+    @property
+    def retransmissions(self) -> int:
+        return self.retransmits_rto + self.retransmits_fast + self.retransmits_tlp
+
+
+@dataclass(slots=True, eq=False)
+class _Data:
+    """A segment's payload, kept by the sender until acknowledged; the same object travels in every copy."""
+
+    seq: int
+    end: int
+    ends: tuple[Any, ...]  # the messages whose last byte is in this segment
+    frame: FrameAccount | None
+    sent_at: float  # the latest transmission
+    transmissions: int = 1
+    sacked: bool = False
+    lost: bool = False
+    retrans: bool = False  # a retransmission of it is in flight
+
+
+@dataclass(slots=True, eq=False)
+class TcpSegment:
+    """What a packet carries: data or not, and always an acknowledgement (the `message` of a `Packet`)."""
+
+    epoch: int  # the connection's incarnation; packets of an earlier one are dropped
+    seq: int
+    data: _Data | None
+    tsval: float
+    ack: int
+    tsecr: float  # -1: nothing to echo
+    sack: int = -1  # the out-of-order segment that triggered this ACK
+    sack_ts: float = -1.0  # and the tsval it carried
+    dsack: bool = False  # triggered by a duplicate
+    syn: int = 0
+
+    @property
+    def messages(self) -> tuple[Any, ...]:
+        """The application messages whose last byte this segment carries (for link taps)."""
+        return self.data.ends if self.data is not None else _NO_ENDS
+
+
+def _discard(_: Any) -> None:
+    pass
+
+
+class TcpEndpoint:
+    """One end of a connection, and the `Endpoint` the network delivers its packets to."""
+
+    __slots__ = (
+        "connection",
+        "node",
+        "on_message",
+        "peer",
+        "stats",
+        "state",
+        "epoch",
+        "_env",
+        "_network",
+        "_s",
+        "_wake",
+        "_rto_at",
+        "_tlp_at",
+        "_reo_at",
+        "_ack_at",
+        # sender
+        "snd_una",
+        "snd_nxt",
+        "_write_end",
+        "_pending",
+        "_rtx",
+        "_by_seq",
+        "_sacked_out",
+        "_lost_out",
+        "_retrans_out",
+        "_to_resend",
+        "cwnd",
+        "_cwnd_cnt",
+        "ssthresh",
+        "_ca_state",
+        "_recover",
+        "_last_send",
+        "_snd_sml",
+        "_tlp_high",
+        "_tlp_retrans",
+        "_rack_ts",
+        "_rack_end",
+        "_rack_rtt",
+        "srtt",
+        "_mdev",
+        "_mdev_max",
+        "_rttvar",
+        "_rtt_seq",
+        "min_rtt",
+        "rto",
+        "backoff",
+        "_syn_rtt",
+        # receiver
+        "rcv_nxt",
+        "_ooo",
+        "_ts_recent",
+        "_last_ack_sent",
+        "_rcv_mss",
+        "_receiving",
+        "_lrcvtime",
+        "_quick",
+        "_pingpong",
+        "_ack_frame",
+    )
+
+    def __init__(self, connection: TcpConnection, node: str, on_message: Callable[[Any], None]) -> None:
+        self.connection = connection
+        self.node = node
+        self.on_message = on_message
+        self.peer: TcpEndpoint = self
+        self.stats = TcpStats()
+        self._env = connection.network.env
+        self._network = connection.network
+        self._s = connection.settings
+        self._wake = INF  # when the pending timer event fires (INF: none pending)
+        self._reset_state(ESTABLISHED)
+
+    def _reset_state(self, state: str) -> None:
+        s = self._s
+        self.state = state
+        self.epoch = self.connection.epoch
+        self._rto_at = self._tlp_at = self._reo_at = self._ack_at = INF
+        self.snd_una = self.snd_nxt = self._write_end = 0
+        self._pending: deque[tuple[int, Any, FrameAccount | None]] = deque()  # written, last byte not yet sent
+        self._rtx: deque[_Data] = deque()  # sent, not cumulatively acknowledged
+        self._by_seq: dict[int, _Data] = {}
+        self._sacked_out = self._lost_out = self._retrans_out = self._to_resend = 0
+        self.cwnd = s.initial_cwnd
+        self._cwnd_cnt = 0
+        self.ssthresh = _NO_SSTHRESH
+        self._ca_state = _OPEN
+        self._recover = 0
+        self._last_send = -INF
+        self._snd_sml = 0  # end of the last sub-MSS segment sent (Minshall's Nagle)
+        self._tlp_high = -1  # snd_nxt when the outstanding probe went; -1: none
+        self._tlp_retrans = False
+        self._rack_ts, self._rack_end, self._rack_rtt = -1.0, -1, 0.0
+        self.srtt = 0.0  # 0: no sample yet
+        self._mdev = self._mdev_max = self._rttvar = 0.0
+        self._rtt_seq = 0
+        self.min_rtt = INF
+        self.rto = s.rto_initial_s
+        self.backoff = 0
+        self._syn_rtt = False  # a SYN-ACK went; the next echo of it is an RTT sample
+        self.rcv_nxt = 0
+        self._ooo: dict[int, _Data] = {}
+        self._ts_recent = -1.0
+        self._last_ack_sent = 0
+        self._rcv_mss = 536  # Linux's first guess of the peer's segment size, for the every-second-segment rule
+        self._receiving = False
+        self._lrcvtime = 0.0
+        self._quick = 0
+        self._pingpong = False
+        self._ack_frame: FrameAccount | None = None
+
+    # --- the application's side -----------------------------------------------------------------------
+    def send(self, message: Any, size: int, frame: FrameAccount | None = None) -> None:
+        """Write `message` of `size` bytes; it reaches the peer's `on_message` once, in order."""
+        if self.state == CLOSED:
+            raise ConnectionError(f"TCP connection at {self.node} is closed")
+        if size <= 0:
+            raise ValueError("a message has at least one byte")
+        now = self._env._now
+        if self._s.slow_start_after_idle and not self._rtx and now - self._last_send > self.rto:
+            self._restart_window(now)
+        self._write_end += size
+        self._pending.append((self._write_end, message, frame))
+        self._push(now)
+        self._arm()
+
+    def abort(self) -> list[Any]:
+        """Drop the connection at this end (a crash, a restart): all state goes, packets for it are dropped.
+        Returns the messages written here that the peer has not acknowledged, in order."""
+        dropped = [m for d in self._rtx for m in d.ends] + [m for _, m, _ in self._pending]
+        self._reset_state(CLOSED)
+        return dropped
+
+    @property
+    def in_flight(self) -> int:
+        """Segments sent and, as far as this end knows, still in the network."""
+        return len(self._rtx) - self._sacked_out - self._lost_out + self._retrans_out
+
+    @property
+    def unacked_bytes(self) -> int:
+        return self._write_end - self.snd_una
+
+    # --- sending --------------------------------------------------------------------------------------
+    def _push(self, now: float) -> None:
+        """Send what the window allows: segments marked lost first, then new data."""
+        if self.state != ESTABLISHED:
+            return
+        s = self._s
+        sent_new = False
+        while len(self._rtx) - self._sacked_out - self._lost_out + self._retrans_out < self.cwnd:
+            if self._to_resend:
+                self._resend(self._next_lost(), now)
+                continue
+            seq = self.snd_nxt
+            if seq >= self._write_end:
+                break
+            length = min(s.mss, self._write_end - seq)
+            if length < s.mss and s.nagle and self._rtx and self._snd_sml > self.snd_una:
+                break  # a small segment waits while an earlier small one is unacknowledged
+            self._send_new(now, length)
+            sent_new = True
+        if sent_new:
+            self._schedule_probe(now)
+
+    def _send_new(self, now: float, length: int) -> None:
+        seq = self.snd_nxt
+        end = seq + length
+        pending = self._pending
+        frame = pending[0][2]  # the message that owns the first byte
+        ends = _NO_ENDS
+        if pending[0][0] <= end:
+            done = []
+            while pending and pending[0][0] <= end:
+                done.append(pending.popleft()[1])
+            ends = tuple(done)
+        data = _Data(seq, end, ends, frame, now)
+        if not self._rtx or self._tlp_at < INF:
+            self._rto_at = now + self.rto  # from idle, or a probe was pending (Linux rearms then)
+        self._rtx.append(data)
+        self._by_seq[seq] = data
+        self.snd_nxt = end
+        if length < self._s.mss:
+            self._snd_sml = end
+        self._last_send = now
+        if self._receiving and now - self._lrcvtime < self._s.delayed_ack_s:
+            self._pingpong = True  # an answer: our ACKs can wait for the next one
+        self._transmit(data, now)
+
+    def _resend(self, data: _Data, now: float) -> None:
+        data.retrans = True
+        self._retrans_out += 1
+        self._to_resend -= 1
+        if self._ca_state == _LOSS:
+            self.stats.retransmits_rto += 1
+        else:
+            self.stats.retransmits_fast += 1
+        self._retransmit(data, now)
+
+    def _retransmit(self, data: _Data, now: float) -> None:
+        data.transmissions += 1
+        data.sent_at = now
+        self._transmit(data, now)
+
+    def _next_lost(self) -> _Data:
+        for data in self._rtx:
+            if data.lost and not data.retrans:
+                return data
+        raise AssertionError("a segment is counted lost but none is marked")
+
+    def _transmit(self, data: _Data, now: float) -> None:
+        s = self._s
+        length = data.end - data.seq
+        segment = TcpSegment(self.epoch, data.seq, data, now, self.rcv_nxt, self._ts_recent)
+        self._ack_sent()
+        stats = self.stats
+        stats.segments_sent += 1
+        stats.bytes_sent += length
+        self._emit(s.header_bytes + length + s.framing_bytes, segment, data.frame)
+
+    def _send_ack(self, now: float, sack: int = -1, sack_ts: float = -1.0, dsack: bool = False) -> None:
+        s = self._s
+        size = s.header_bytes + s.framing_bytes
+        if sack >= 0 or dsack or self._ooo:
+            size += s.sack_bytes
+        segment = TcpSegment(self.epoch, self.snd_nxt, None, now, self.rcv_nxt, self._ts_recent, sack, sack_ts, dsack)
+        self._ack_sent()
+        self.stats.acks_sent += 1
+        self._emit(size, segment, self._ack_frame)
+
+    def _ack_sent(self) -> None:
+        """Every segment acknowledges rcv_nxt: a pending delayed ACK is no longer needed."""
+        if self.rcv_nxt > self._last_ack_sent and self._quick:
+            self._quick -= 1
+        self._last_ack_sent = self.rcv_nxt
+        self._ack_at = INF
+
+    def _emit(self, size: int, segment: TcpSegment, frame: FrameAccount | None) -> None:
+        self.stats.wire_bytes += size
+        if self.node == self.peer.node:
+            # Loopback: the network would hand it over inside this call; a zero delay keeps ends apart.
+            packet = Packet(self, self.peer, size, segment, frame)
+            Timeout(self._env, 0.0, packet).callbacks.append(_loopback)
+            return
+        self._network.send(self, self.peer, size, segment, frame)
+
+    def _send_syn(self, kind: int, now: float) -> None:
+        s = self._s
+        segment = TcpSegment(self.epoch, 0, None, now, 0, self._ts_recent, syn=kind)
+        self._emit(s.syn_bytes + s.framing_bytes, segment, None)
+
+    # --- receiving ------------------------------------------------------------------------------------
+    def receive(self, packet: Packet) -> None:
+        segment: TcpSegment = packet.message
+        if segment.epoch != self.epoch or self.state == CLOSED:
+            self._network.drop(packet, "tcp_closed", None)  # for a connection that no longer exists
+            return
+        now = self._env._now
+        if segment.syn:
+            self._on_syn(segment, now)
+            self._arm()
+            return
+        if self.state == SYN_SENT or self.state == LISTEN:
+            return
+        if self.state == SYN_RCVD:
+            self.state = ESTABLISHED
+        if self._syn_rtt and segment.tsecr >= 0.0:
+            self._syn_rtt = False
+            self._rtt_sample(now - segment.tsecr)
+        if segment.seq <= self._last_ack_sent and segment.tsval >= self._ts_recent:
+            self._ts_recent = segment.tsval  # RFC 7323: echo the segment that the next ACK covers first
+        self._on_ack(segment, now)
+        data = segment.data
+        if data is not None:
+            self._on_data(segment, data, now)
+        if self.epoch == segment.epoch:  # the application may have reset the connection
+            self._push(now)
+        self._arm()
+
+    def _on_syn(self, segment: TcpSegment, now: float) -> None:
+        if segment.syn == _SYN:
+            if self.state == LISTEN:
+                self.state = SYN_RCVD
+            if self.state == SYN_RCVD:  # also a SYN again: our SYN-ACK was lost
+                self._ts_recent = segment.tsval
+                self._syn_rtt = True
+                self._send_syn(_SYNACK, now)
+            return
+        if self.state == SYN_SENT:
+            self._ts_recent = segment.tsval
+            self._rtt_sample(now - segment.tsecr)
+            self.state = ESTABLISHED
+            self._rto_at = INF
+            self._send_ack(now)
+            self._push(now)
+        elif self.state == ESTABLISHED:
+            self._send_ack(now)  # a SYN-ACK again: our ACK was lost
+
+    def _on_data(self, segment: TcpSegment, data: _Data, now: float) -> None:
+        s = self._s
+        self._ack_frame = data.frame
+        if data.end <= self.rcv_nxt or data.seq in self._ooo:
+            # A duplicate: our ACK may have been lost. Say so at once (D-SACK), and ACK quickly for a while.
+            self.stats.duplicates_received += 1
+            self._quick = max(self._quick, s.quickacks)
+            self._pingpong = False
+            self._send_ack(now, data.seq if data.seq > self.rcv_nxt else -1, segment.tsval, dsack=True)
+            return
+        if data.seq > self.rcv_nxt:  # a hole before it: hold it, and tell the sender at once
+            self._ooo[data.seq] = data
+            self._send_ack(now, data.seq, segment.tsval)
+            return
+        # In order. Linux's quick-ACK bookkeeping (tcp_event_data_recv).
+        if not self._receiving:
+            self._receiving = True
+            self._quick = s.quickacks
+        elif now - self._lrcvtime > self.rto:
+            self._quick = max(self._quick, s.quickacks)
+        self._lrcvtime = now
+        if data.end - data.seq > self._rcv_mss:
+            self._rcv_mss = min(data.end - data.seq, s.mss)
+        had_hole = bool(self._ooo)
+        start = self.rcv_nxt
+        self.rcv_nxt = data.end
+        ready = list(data.ends)
+        ooo = self._ooo
+        while ooo:
+            held = ooo.pop(self.rcv_nxt, None)
+            if held is None:
+                break
+            self.rcv_nxt = held.end
+            ready.extend(held.ends)
+        self.stats.bytes_delivered += self.rcv_nxt - start
+        # ACK now or later; decided before the application answers, so a delayed ACK rides on its answer.
+        if had_hole or (self._quick and not self._pingpong) or self.rcv_nxt - self._last_ack_sent > self._rcv_mss:
+            self._send_ack(now)
+        elif self._ack_at == INF:
+            self._ack_at = now + s.delayed_ack_s
+        epoch = self.epoch
+        for message in ready:
+            self.stats.messages_delivered += 1
+            self.on_message(message)
+            if self.epoch != epoch:
+                return
+
+    def _on_ack(self, segment: TcpSegment, now: float) -> None:
+        ack = segment.ack
+        rtx = self._rtx
+        prior_out = len(rtx)
+        prior_in_flight = prior_out - self._sacked_out - self._lost_out + self._retrans_out
+        delivered = 0
+        advanced = ack > self.snd_una
+        if advanced:
+            while rtx and rtx[0].end <= ack:
+                data = rtx.popleft()
+                del self._by_seq[data.seq]
+                if data.sacked:
+                    self._sacked_out -= 1
+                    continue
+                delivered += 1
+                self._unmark(data)
+                # RACK needs the send time of the delivered copy: unambiguous unless it was resent.
+                self._rack_advance(data.sent_at if data.transmissions == 1 else segment.tsecr, data.end, now)
+            self.snd_una = ack
+            if segment.tsecr >= 0.0:
+                self._rtt_sample(now - segment.tsecr)
+            if self._ca_state != _OPEN and ack >= self._recover:
+                self._ca_state = _OPEN
+            elif self._ca_state == _RECOVERY and rtx and not rtx[0].sacked and not rtx[0].lost:
+                self._mark_lost(rtx[0])  # NewReno: a partial ACK shows the next hole
+        elif segment.data is None and rtx and ack == self.snd_una:
+            self.stats.dup_acks += 1
+        if segment.sack >= 0:
+            delivered += self._on_sack(segment.sack, segment.sack_ts, now)
+        if self._tlp_high >= 0 and ack >= self._tlp_high:
+            self._on_probe_acked(segment, ack, advanced)
+        if rtx and (self._sacked_out or self._ca_state != _OPEN):
+            self._detect_losses(now)
+        if advanced and delivered and self._ca_state != _RECOVERY:
+            # Grow on cumulative progress only (SACKs alone do not, as in Linux), and only a window that
+            # limits (tcp_is_cwnd_limited): idle senders do not earn a large one.
+            if prior_in_flight >= self.cwnd or (self.cwnd < self.ssthresh and self.cwnd < 2 * prior_out):
+                self._grow(delivered)
+        if advanced:
+            self._rto_at = now + self.rto if rtx else INF
+            self._tlp_at = INF
+            self._schedule_probe(now)
+
+    def _on_sack(self, seq: int, sent_at: float, now: float) -> int:
+        data = self._by_seq.get(seq)
+        if data is None or data.sacked:
+            return 0
+        self._unmark(data)
+        data.sacked = True
+        self._sacked_out += 1
+        self._rack_advance(sent_at, data.end, now)
+        return 1
+
+    def _unmark(self, data: _Data) -> None:
+        """`data` was delivered: it is no longer lost or being resent."""
+        if data.lost:
+            data.lost = False
+            self._lost_out -= 1
+            if data.retrans:
+                data.retrans = False
+                self._retrans_out -= 1
+            else:
+                self._to_resend -= 1
+
+    def _mark_lost(self, data: _Data) -> None:
+        if data.sacked:
+            return
+        if not data.lost:
+            data.lost = True
+            self._lost_out += 1
+            self._to_resend += 1
+        elif data.retrans:  # the retransmission was lost too
+            data.retrans = False
+            self._retrans_out -= 1
+            self._to_resend += 1
+
+    def _detect_losses(self, now: float) -> None:
+        s = self._s
+        rtx = self._rtx
+        if self._sacked_out >= s.dupthresh and not rtx[0].lost and not rtx[0].sacked:
+            self._mark_lost(rtx[0])  # fast retransmit: three duplicate ACKs
+        if s.rack and self._rack_ts >= 0.0:
+            self._rack_detect(now)
+        if self._to_resend and self._ca_state == _OPEN:
+            self._enter_recovery(now)
+
+    def _rack_advance(self, sent_at: float, end: int, now: float) -> None:
+        """Remember the most recently sent segment known delivered, and its RTT."""
+        if sent_at < 0.0:
+            return  # no echo to tell which copy arrived
+        if sent_at > self._rack_ts or (sent_at == self._rack_ts and end > self._rack_end):
+            self._rack_ts, self._rack_end, self._rack_rtt = sent_at, end, now - sent_at
+
+    def _rack_detect(self, now: float) -> None:
+        """RFC 8985: a segment sent before a delivered one is lost once RTT + the reordering window passed."""
+        reo = 0.0
+        if self._ca_state == _OPEN and self._sacked_out < self._s.dupthresh and self.min_rtt < INF:
+            reo = self.min_rtt / 4.0
+        rack_ts, rack_end = self._rack_ts, self._rack_end
+        wait = INF
+        for data in self._rtx:
+            if data.sacked or (data.lost and not data.retrans):
+                continue
+            if data.sent_at > rack_ts or (data.sent_at == rack_ts and data.end >= rack_end):
+                continue  # sent after the latest delivered one: no evidence yet
+            left = data.sent_at + self._rack_rtt + reo - now
+            if left <= _EPS:
+                self._mark_lost(data)
+            elif left < wait:
+                wait = left
+        self._reo_at = now + wait if wait < INF else INF
+
+    def _enter_recovery(self, now: float) -> None:
+        self._ca_state = _RECOVERY
+        self._recover = self.snd_nxt
+        self.ssthresh = self.cwnd = max(2, int(self.cwnd * self._s.beta))
+        self._cwnd_cnt = 0
+        self._tlp_at = INF
+        self.stats.fast_recoveries += 1
+        self._resend(self._next_lost(), now)  # the fast retransmit goes now, whatever the window (as PRR)
+
+    def _on_probe_acked(self, segment: TcpSegment, ack: int, advanced: bool) -> None:
+        """Linux's TLP loss detection: a probe that repaired a loss reduces the window as a fast recovery."""
+        if not self._tlp_retrans or segment.dsack:
+            self._tlp_high = -1  # new data, or the original arrived as well: no loss
+        elif ack > self._tlp_high:
+            self._tlp_high = -1
+            self.ssthresh = self.cwnd = max(2, int(self.cwnd * self._s.beta))
+            self._cwnd_cnt = 0
+        elif not advanced and segment.data is None and segment.sack < 0:
+            self._tlp_high = -1  # a pure duplicate ACK: both copies arrived
+
+    def _grow(self, acked: int) -> None:
+        if self.cwnd < self.ssthresh:  # slow start
+            grown = min(self.cwnd + acked, self.ssthresh)
+            acked -= grown - self.cwnd
+            self.cwnd = grown
+            if acked <= 0:
+                return
+        self._cwnd_cnt += acked  # congestion avoidance: one segment per window acknowledged
+        if self._cwnd_cnt >= self.cwnd:
+            step = self._cwnd_cnt // self.cwnd
+            self._cwnd_cnt -= step * self.cwnd
+            self.cwnd += step
+
+    def _restart_window(self, now: float) -> None:
+        """Idle for longer than the RTO: the window no longer reflects the path (RFC 5681 4.1, Linux's)."""
+        if self._ca_state == _OPEN:
+            self.ssthresh = max(self.ssthresh, self.cwnd * 3 // 4)
+        restart = min(self._s.initial_cwnd, self.cwnd)
+        cwnd = self.cwnd
+        idle = now - self._last_send - self.rto
+        while idle > 0 and cwnd > restart:
+            cwnd >>= 1
+            idle -= self.rto
+        self.cwnd = max(cwnd, restart)
+
+    def _rtt_sample(self, rtt: float) -> None:
+        """Linux's tcp_rtt_estimator and tcp_set_rto (see the module docstring)."""
+        s = self._s
+        rtt = max(rtt, 1e-6)
+        if rtt < self.min_rtt:
+            self.min_rtt = rtt
+        if self.srtt == 0.0:
+            self.srtt = rtt
+            self._mdev = 2.0 * rtt  # 4 * mdev, mdev = rtt / 2
+            self._rttvar = self._mdev_max = max(self._mdev, s.rto_min_s)
+            self._rtt_seq = self.snd_nxt
+        else:
+            err = rtt - self.srtt
+            self.srtt += err / 8.0
+            if err < 0.0:
+                change = -err - self._mdev / 4.0
+                if change > 0.0:
+                    change /= 8.0  # a falling RTT barely raises the deviation (Linux's Eifel-like rule)
+            else:
+                change = err - self._mdev / 4.0
+            self._mdev += change
+            if self._mdev > self._mdev_max:
+                self._mdev_max = self._mdev
+                if self._mdev_max > self._rttvar:
+                    self._rttvar = self._mdev_max
+            if self.snd_una > self._rtt_seq:  # once per RTT the variance term decays toward its recent max
+                if self._mdev_max < self._rttvar:
+                    self._rttvar -= (self._rttvar - self._mdev_max) / 4.0
+                self._rtt_seq = self.snd_nxt
+                self._mdev_max = s.rto_min_s
+        self.rto = min(self.srtt + self._rttvar, s.rto_max_s)
+        self.backoff = 0
+
+    # --- timers ---------------------------------------------------------------------------------------
+    def _schedule_probe(self, now: float) -> None:
+        """Arm the tail loss probe (Linux's tcp_schedule_loss_probe), never later than the RTO."""
+        if not self._s.tail_loss_probe or not self._rtx or self._ca_state != _OPEN or self._sacked_out:
+            return
+        if self.srtt:
+            pto = 2.0 * self.srtt + (self._s.rto_min_s if len(self._rtx) == 1 else 0.002)
+        else:
+            pto = self._s.rto_initial_s
+        self._tlp_at = min(now + pto, self._rto_at)
+
+    def _arm(self) -> None:
+        at = min(self._rto_at, self._tlp_at, self._reo_at, self._ack_at)
+        if at < self._wake:
+            self._wake = at
+            now = self._env._now
+            Timeout(self._env, at - now if at > now else 0.0, at).callbacks.append(self._on_timer)
+
+    def _on_timer(self, event: simpy.Event) -> None:
+        if event._value != self._wake:
+            return  # superseded by an earlier event, which booked whatever is still due
+        self._wake = INF
+        now = self._env._now
+        due = now + _EPS
+        if self._ack_at <= due:
+            self._ack_at = INF
+            if self.rcv_nxt > self._last_ack_sent:
+                self._pingpong = False  # no answer came to carry it
+                self._send_ack(now)
+        if self._reo_at <= due:
+            self._reo_at = INF
+            if self._rtx:
+                self._detect_losses(now)
+                self._push(now)
+        if self._tlp_at <= due:
+            self._tlp_at = INF
+            self._probe(now)
+        if self._rto_at <= due:
+            self._rto_at = INF
+            self._timeout(now)
+        self._arm()
+
+    def _probe(self, now: float) -> None:
+        if not self._rtx:
+            return
+        if self._tlp_high < 0 and not self._sacked_out:  # one probe at a time, and only with no loss in sight
+            if self.snd_nxt < self._write_end:  # new data goes as the probe, whatever the window says
+                self._send_new(now, min(self._s.mss, self._write_end - self.snd_nxt))
+                self._tlp_retrans = False
+            else:
+                self._tlp_retrans = True
+                self.stats.retransmits_tlp += 1
+                self._retransmit(self._rtx[-1], now)
+            self._tlp_high = self.snd_nxt
+        self._rto_at = now + self.rto
+
+    def _timeout(self, now: float) -> None:
+        s = self._s
+        if self.state == SYN_SENT:
+            self.stats.timeouts += 1
+            self.stats.retransmits_rto += 1
+            self._send_syn(_SYN, now)
+        elif self._rtx:
+            self.stats.timeouts += 1
+            if self._ca_state == _OPEN or self.snd_una >= self._recover:
+                self.ssthresh = max(2, int(self.cwnd * s.beta))
+            self.cwnd = 1
+            self._cwnd_cnt = 0
+            for data in self._rtx:
+                self._mark_lost(data)
+            self._ca_state = _LOSS
+            self._recover = self.snd_nxt
+            self._tlp_at = self._reo_at = INF
+            self._tlp_high = -1
+            self._push(now)  # resends the first segment
+        else:
+            return
+        self.backoff += 1
+        self.rto = min(self.rto * 2.0, s.rto_max_s)
+        self._rto_at = now + self.rto
+
+
+def _loopback(event: simpy.Event) -> None:
+    packet: Packet = event._value
+    packet.receiver.receive(packet)
+
+
+class TcpConnection:
+    """A TCP connection between end `a` on `a_node` and end `b` on `b_node` of `network`.
+
+    `a.send(m, size)` delivers `m` to `on_message_b`, and `b.send` to `on_message_a`. The connection starts
+    established with no RTT sample (the first RTO is 1 s); `open()` starts it again with a handshake from
+    `a`. `reset()` or an end's `abort()` closes it; packets of a closed or earlier incarnation are dropped
+    with reason "tcp_closed".
+    """
+
+    def __init__(
+        self,
+        network: Network,
+        a_node: str,
+        b_node: str,
+        on_message_a: Callable[[Any], None] = _discard,
+        on_message_b: Callable[[Any], None] = _discard,
+        settings: TcpSettings | None = None,
+    ) -> None:
+        self.network = network
+        self.settings = settings if settings is not None else TcpSettings()
+        self.epoch = 0
+        self.a = TcpEndpoint(self, a_node, on_message_a)
+        self.b = TcpEndpoint(self, b_node, on_message_b)
+        self.a.peer, self.b.peer = self.b, self.a
+
+    def open(self) -> tuple[list[Any], list[Any]]:
+        """A new incarnation: both ends start afresh and `a` sends a SYN; data written to `a` before the
+        SYN-ACK arrives waits. Returns what each end dropped (as `reset`)."""
+        dropped = self.reset()
+        self.a._reset_state(SYN_SENT)
+        self.b._reset_state(LISTEN)
+        self.a._send_syn(_SYN, self.network.env.now)
+        self.a._rto_at = self.network.env.now + self.a.rto
+        self.a._arm()
+        return dropped
+
+    def reset(self) -> tuple[list[Any], list[Any]]:
+        """Close both ends at once; returns the messages each had written and not had acknowledged."""
+        self.epoch += 1
+        return self.a.abort(), self.b.abort()
+
+    @property
+    def established(self) -> bool:
+        return self.a.state == ESTABLISHED and self.b.state == ESTABLISHED
+
+    @property
+    def stats(self) -> tuple[TcpStats, TcpStats]:
+        return self.a.stats, self.b.stats
