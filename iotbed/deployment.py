@@ -48,7 +48,7 @@ from iotbed.privacy.costs import HeCosts
 from iotbed.privacy.encrypted_cnn import EncryptedCnn
 from iotbed.privacy.interactive import InteractiveCnn
 from iotbed.scenario import AttackSpec, CameraGroup, EdgeServerGroup, FaultSpec, Scenario
-from iotbed.scenario.schema import GatewayGroup
+from iotbed.scenario.schema import GatewayGroup, SentinetScreenSpec, StripScreenSpec
 from iotbed.sim.devices import BUILTIN_PROFILES, DeviceProfile
 from iotbed.sim.network import Network
 from iotbed.sim.offload import Offload, inline
@@ -441,7 +441,7 @@ def _repairer(
 ) -> CoDefendRepairer | None:
     if group.repair is None:
         return None
-    screening = sum(g.count for g in scenario.nodes.gateways if g.strip is not None)
+    screening = sum(g.count for g in scenario.nodes.gateways if g.screen is not None)
     from iotbed.defenses.codefend import CycleGanConfig
 
     pool = artefacts.clean_pool
@@ -461,25 +461,36 @@ def _repairer(
         group.repair.d_poison,
         group.repair.d_valid,
         group.repair.filter_generated,
+        group.repair.distill,
     )
 
 
 def _screen_inputs(
     group: GatewayGroup, artefacts: Artefacts, streams: RandomStreams
 ) -> tuple[torch.Tensor, torch.Tensor, ScreenSettings, torch.Tensor]:
-    """STRIP's overlays and calibration images for a gateway group, from the defenders' clean pool, and the
-    labels of the first `send_clean` calibration images (the D_valid it sends with a notice)."""
+    """STRIP's overlays (or SentiNet's backgrounds) and calibration images for a gateway group, from the
+    defenders' clean pool, and the labels of the first `send_clean` calibration images (the D_valid it sends
+    with a notice)."""
     from iotbed.defenses.codefend import select_clean_overlays
 
-    spec = group.strip
-    assert spec is not None
     pool = artefacts.clean_pool
-    picked = select_clean_overlays(
-        pool, min(spec.n_blends, len(pool) - 1), streams.torch_generator("strip", group.name)
-    )
+    if group.sentinet is not None:
+        spec: StripScreenSpec | SentinetScreenSpec = group.sentinet
+        n_clean, per_frame = group.sentinet.backgrounds, group.sentinet.n_pastes
+    else:
+        assert group.strip is not None
+        spec, n_clean, per_frame = group.strip, group.strip.n_blends, group.strip.n_blends
+    picked = select_clean_overlays(pool, min(n_clean, len(pool) - 1), streams.torch_generator("strip", group.name))
     rest = torch.ones(len(pool), dtype=torch.bool)
     rest[picked] = False
-    settings = ScreenSettings(spec.frames, spec.n_blends, spec.frr, spec.significance, spec.max_utilisation)
+    settings = ScreenSettings(spec.frames, per_frame, spec.frr, spec.significance, spec.max_utilisation)
+    if group.sentinet is not None:
+        from iotbed.defenses.sentinet import SentinetDetector
+
+        cost = SentinetDetector(artefacts.model, pool.images[picked], n_pastes=per_frame).cost
+        settings = dataclasses.replace(
+            settings, kind="sentinet", flops_per_input=cost.per_input, setup_flops=cost.setup
+        )
     return pool.images[picked], pool.images[rest][: spec.calibration], settings, pool.labels[rest][: spec.send_clean]
 
 
@@ -588,10 +599,10 @@ def build_nodes(
             built.reviewers.append(desk)
             built.runs[name] = desk.run
 
-    relayed = relayed_cameras(wiring.topology, scenario) if any(g.strip for g in scenario.nodes.gateways) else {}
+    relayed = relayed_cameras(wiring.topology, scenario) if any(g.screen for g in scenario.nodes.gateways) else {}
     models_topic = scenario.registry.topic
     for group in scenario.nodes.gateways:
-        if group.strip is None:
+        if group.screen is None:
             continue
         overlays, calibration, settings, valid_labels = _screen_inputs(group, artefacts, streams)
         d_valid = (calibration[: len(valid_labels)], valid_labels) if len(valid_labels) else None

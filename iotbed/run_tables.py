@@ -47,7 +47,7 @@ class ReviewerRow:
 
 @dataclass(frozen=True)
 class ScreenRow:
-    """One STRIP screen by a gateway."""
+    """One screen (STRIP or SentiNet) by a gateway."""
 
     gateway: str
     screen: int  # its place among the gateway's screens, from 0
@@ -58,7 +58,8 @@ class ScreenRow:
     p_value: float
     backdoored: bool
     compute_s: float
-    boundary_bits: float  # a frame is flagged when its entropy is at or below this
+    boundary: float  # a frame is flagged when its score is at or below this
+    kind: str = "strip"  # the screen: strip or sentinet
 
     def as_summary(self) -> dict[str, Any]:
         return {
@@ -70,6 +71,7 @@ class ScreenRow:
             "p_value": self.p_value,
             "backdoored": self.backdoored,
             "compute_s": self.compute_s,
+            "kind": self.kind,
         }
 
 
@@ -80,17 +82,17 @@ class ScreenedFrame:
     gateway: str
     screen: int
     frame_id: int  # the frame's trace row
-    entropy_bits: float
+    score: float  # STRIP's entropy in bits, or SentiNet's negated excess: low = trojaned
 
 
 @dataclass(frozen=True)
 class CalibrationScore:
-    """The STRIP entropy of one of a gateway's clean calibration images under a backdoored version: where
-    the detection report fits its thresholds."""
+    """The screen's score (as `ScreenedFrame.score`) of one of a gateway's clean calibration images under a
+    backdoored version: where the detection report fits its thresholds."""
 
     gateway: str
     version: int
-    entropy_bits: float
+    score: float
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,9 @@ def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
     (else (None, train) and nothing changes). A model memorises its training images, so calibrating STRIP
     on them put the boundary where a clean update's own frames were flagged."""
     sizes = [g.strip.calibration + g.strip.n_blends for g in scenario.nodes.gateways if g.strip is not None]
+    sizes += [
+        g.sentinet.calibration + g.sentinet.backgrounds for g in scenario.nodes.gateways if g.sentinet is not None
+    ]
     sizes += [e.repair.clean_images for e in scenario.nodes.edge_servers if e.repair is not None]
     sizes += [
         e.reject.calibration + (STRIP_SCORE_OVERLAYS if e.reject.score == "strip" else 0)
@@ -438,7 +441,7 @@ def attack_outputs(tables: RunTables, scenario: Scenario) -> tuple[dict[str, Any
     security = security_section(tables, scenario)
     if security is not None:
         sections["security"] = security
-    screening = any(g.strip is not None for g in scenario.nodes.gateways)
+    screening = any(g.screen is not None for g in scenario.nodes.gateways)
     extra = {"strip_screens.csv": screened_frames(tables, scenario)} if screening else {}
     return sections, extra
 

@@ -268,7 +268,7 @@ def _prepare_models(runs: list[RunSpec]) -> None:
                 # what else `prepare` trains, or what changes the training split (the defenders' clean pool)
                 [g.model_dump(mode="json") for g in nodes.clouds],
                 [(e.reject, e.repair) for e in nodes.edge_servers],
-                [g.strip for g in nodes.gateways],
+                [(g.strip, g.sentinet) for g in nodes.gateways],
             ],
             sort_keys=True,
             default=lambda spec: spec.model_dump(mode="json"),

@@ -154,30 +154,43 @@ def _screens(gateways: list[ScreeningGateway]) -> tuple[list[ScreenRow], list[Sc
                     s.backdoored,
                     s.compute_s,
                     s.boundary,
+                    s.kind,
                 )
             )
-            for frame_id, entropy in zip(s.frame_ids.tolist(), s.entropies.tolist()):
-                screened.append(ScreenedFrame(g.name, n, frame_id, entropy))
+            for frame_id, score in zip(s.frame_ids.tolist(), s.scores.tolist()):
+                screened.append(ScreenedFrame(g.name, n, frame_id, score))
     return screens, screened
 
 
 def _calibration(gateways: list[ScreeningGateway], backdoors: dict[int, BackdoorInUpdate]) -> list[CalibrationScore]:
-    """For each backdoored version, the entropies of the clean calibration images under it, at the first
-    gateway that screened it (a group's gateways share images, overlays and settings, and the seed is fixed)."""
-    from iotbed.defenses.strip import StripDetector
-
+    """For each backdoored version and each kind of screen, the scores of the clean calibration images under it,
+    at the first gateway of that kind that screened it (a group's gateways share images and settings, and the
+    seed is fixed)."""
     rows: list[CalibrationScore] = []
     for version in backdoors:
+        done: set[str] = set()
         for g in gateways:
             model = g.model_for(version)
-            if model is None or not any(s.version == version for s in g.stats.screens):
+            kind = g.settings.kind
+            if kind in done or model is None or not any(s.version == version for s in g.stats.screens):
                 continue
-            detector = StripDetector(
-                model, g.overlays, n_blends=g.settings.n_blends, generator=torch.Generator().manual_seed(0)
-            )
-            rows += [CalibrationScore(g.name, version, e) for e in detector.score(g.calibration).tolist()]
-            break
+            done.add(kind)
+            rows += [CalibrationScore(g.name, version, e) for e in _calibration_scores(g, model).tolist()]
     return rows
+
+
+def _calibration_scores(g: ScreeningGateway, model: torch.nn.Module) -> torch.Tensor:
+    """The scores a gateway's screen gives its clean calibration images under `model` (low = trojaned)."""
+    generator = torch.Generator().manual_seed(0)
+    if g.settings.kind == "sentinet":
+        from iotbed.defenses.sentinet import SentinetDetector, detection_scores
+
+        sentinet = SentinetDetector(model, g.overlays, n_pastes=g.settings.n_blends, generator=generator)
+        scores = sentinet.score(g.calibration)
+        return detection_scores(sentinet.calibrate_scores(scores, frr=g.settings.frr), scores)
+    from iotbed.defenses.strip import StripDetector
+
+    return StripDetector(model, g.overlays, n_blends=g.settings.n_blends, generator=generator).score(g.calibration)
 
 
 def _repair_row(edge: str, repair: dict[str, Any]) -> RepairRow:

@@ -24,7 +24,9 @@ from iotbed.emulation.runner import emulate
 from iotbed.errors import UsageError
 
 STORY = SCENARIOS / "codefend_backdoor_update.yaml"
-# The shipped story, earlier and shorter, with a light repair (about 10 s of training instead of 80).
+# The shipped story, earlier and shorter, with a light repair (about 10 s of training instead of 80). Its
+# CycleGAN of 1 + 1 epochs barely stamps the trigger, too little evidence to pull the model away from the
+# BadNet's own answers, so the repair fine-tunes plainly (distill: 0) as the paper does.
 SHORT_STORY = [
     "duration=40s",
     "registry.updates.0.at=4s",
@@ -33,6 +35,7 @@ SHORT_STORY = [
     "nodes.edge_servers.0.repair.decay_epochs=1",
     "nodes.edge_servers.0.repair.unlearn_epochs=4",
     "nodes.edge_servers.0.repair.clean_images=200",
+    "nodes.edge_servers.0.repair.distill=0",
 ]
 SUPERIOT = SCENARIOS / "superiot_cameras.yaml"
 MITM = ["duration=8s", "attacks=[{kind: mitm, link: [gw-0, edge], method: fgsm, eps: 0.3}]"]

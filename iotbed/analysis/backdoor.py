@@ -56,7 +56,8 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
     captured = trace.column("t_capture").to_numpy()
     image_index = trace.column("image_index").to_numpy()
     out: dict[str, Any] = {}
-    detection: dict[str, Any] = {}
+    by_screen: dict[str, dict[str, Any]] = {}
+    kinds = sorted({s.kind for s in tables.screens}, key=lambda kind: kind != "strip")  # STRIP first
     for bd in tables.backdoors:
         version = bd.version
         stamp_labels = [a.label for a in scenario.attacks if a.kind == "trigger" and a.update == bd.update_index]
@@ -117,13 +118,18 @@ def backdoor_sections(tables: RunTables, scenario: Any) -> dict[str, Any]:
                 "sent_to_target": int((off_source & (prediction == bd.target)).sum()),
                 "flip_rate": _share(off_source, prediction == bd.target),
             }
-            # STRIP's figures count only stamped source frames as trojaned; the other stamped frames are
-            # neither benign nor trojaned and are left out.
-            detection[str(version)] = _detection(tables, version, shown & aimed, ignored=shown & ~aimed)
-        else:
-            detection[str(version)] = _detection(tables, version, shown)
+        for kind in kinds:
+            if bd.source_classes:
+                # The screens' figures count only stamped source frames as trojaned; the other stamped frames
+                # are neither benign nor trojaned and are left out.
+                report = _detection(tables, version, kind, shown & aimed, ignored=shown & ~aimed)
+            else:
+                report = _detection(tables, version, kind, shown)
+            by_screen.setdefault(kind, {})[str(version)] = report
     screens = [s.as_summary() for s in tables.screens]
-    return {"backdoor": out, "detection": {"screens": screens, "by_version": detection}}
+    # `by_version` holds STRIP's figures, or those of the one screen the gateways ran.
+    detection = by_screen[kinds[0]] if kinds else {str(bd.version): None for bd in tables.backdoors}
+    return {"backdoor": out, "detection": {"screens": screens, "by_version": detection, "by_screen": by_screen}}
 
 
 def _purity(tables: RunTables, repair: RepairRow, shown: np.ndarray) -> dict[str, Any]:
@@ -146,7 +152,7 @@ def _purity(tables: RunTables, repair: RepairRow, shown: np.ndarray) -> dict[str
         flagged += [
             f.frame_id
             for f in tables.screened
-            if f.gateway == gateway and f.screen == screen.screen and f.entropy_bits <= screen.boundary_bits
+            if f.gateway == gateway and f.screen == screen.screen and f.score <= screen.boundary
         ]
     if len(flagged) != len(repair.kept):  # the notices and the screens disagree: no purity to give
         return {}
@@ -185,22 +191,22 @@ def _stamped(attack: np.ndarray, stamp_labels: list[str] | set[str]) -> np.ndarr
 
 
 def _detection(
-    tables: RunTables, version: int, stamped_rows: np.ndarray, ignored: np.ndarray | None = None
+    tables: RunTables, version: int, kind: str, stamped_rows: np.ndarray, ignored: np.ndarray | None = None
 ) -> dict[str, Any] | None:
-    """FAR at preset FRRs and AUROC of STRIP on the frames the gateways screened for `version` (but the
-    `ignored` trace rows); thresholds from the entropies of the first such gateway's clean calibration
+    """FAR at preset FRRs and AUROC of the `kind` screens on the frames the gateways screened for `version` (but
+    the `ignored` trace rows); thresholds from the scores of the first such gateway's clean calibration
     images under that model."""
-    screens = {(s.gateway, s.screen) for s in tables.screens if s.version == version}
+    screens = {(s.gateway, s.screen) for s in tables.screens if s.version == version and s.kind == kind}
     frames = [f for f in tables.screened if (f.gateway, f.screen) in screens]
     if ignored is not None:
         frames = [f for f in frames if not ignored[f.frame_id]]
     ids = np.array([f.frame_id for f in frames], dtype=np.int64)
-    entropies = np.array([f.entropy_bits for f in frames], dtype=np.float64)
+    entropies = np.array([f.score for f in frames], dtype=np.float64)
     stamped = stamped_rows[ids]  # a frame's id is its trace row (TraceRecorder.new_frame)
     ben, tro = entropies[~stamped], entropies[stamped]
     calibration = None
-    for gateway in dict.fromkeys(s.gateway for s in tables.screens if s.version == version):
-        scores = [c.entropy_bits for c in tables.calibration if c.gateway == gateway and c.version == version]
+    for gateway in dict.fromkeys(s.gateway for s in tables.screens if s.version == version and s.kind == kind):
+        scores = [c.score for c in tables.calibration if c.gateway == gateway and c.version == version]
         if scores:
             calibration = np.array(scores, dtype=np.float64)
             break
@@ -227,8 +233,9 @@ def screened_frames(tables: RunTables, scenario: Any) -> list[dict[str, Any]]:
                 "gateway": f.gateway,
                 "version": s.version,
                 "frame_id": f.frame_id,
-                "entropy_bits": f.entropy_bits,
-                "boundary_bits": s.boundary_bits,
+                "kind": s.kind,
+                "score": f.score,
+                "boundary": s.boundary,
                 "stamped": bool(stamped[f.frame_id]),  # a frame's id is its trace row
                 "screen_backdoored": s.backdoored,
             }

@@ -360,6 +360,8 @@ def _screens(folder: Path) -> pd.DataFrame:
     frame = pd.read_csv(path)
     if frame.empty:
         raise IotbedError(f"{folder}: the gateways screened no frames")
+    if "entropy_bits" in frame.columns:  # written before gateways could run SentiNet: all STRIP
+        frame = frame.rename(columns={"entropy_bits": "score", "boundary_bits": "boundary"}).assign(kind="strip")
     return frame
 
 
@@ -374,24 +376,25 @@ def plot_strip_entropy(folder: Path, out: Path, formats: tuple[str, ...], x: str
     """Histograms of the STRIP entropy of the frames the gateways screened, clean against stamped with the
     trigger, one panel per model version, with the boundary of the version's screens."""
     frame = _screens(folder)
+    frame = frame[frame["kind"] == "strip"]
+    if frame.empty:
+        raise IotbedError(f"{folder}: no gateway screened with STRIP (`iotbed plot roc` draws every screen)")
     versions = sorted(frame["version"].unique())
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(versions), figsize=(4.6 * len(versions), 3.8), squeeze=False, sharey=False)
-        bins = np.linspace(0.0, max(float(frame["entropy_bits"].max()), 1e-3), 40)
+        bins = np.linspace(0.0, max(float(frame["score"].max()), 1e-3), 40)
         for ax, version in zip(axes[0], versions):
             part = frame[frame["version"] == version]
-            ax.hist(
-                part.loc[~part["stamped"], "entropy_bits"], bins=bins, alpha=0.6, label="clean frames", color="tab:blue"
-            )
+            ax.hist(part.loc[~part["stamped"], "score"], bins=bins, alpha=0.6, label="clean frames", color="tab:blue")
             if part["stamped"].any():
                 ax.hist(
-                    part.loc[part["stamped"], "entropy_bits"],
+                    part.loc[part["stamped"], "score"],
                     bins=bins,
                     alpha=0.6,
                     label="stamped with the trigger",
                     color="tab:red",
                 )
-            ax.axvline(float(part["boundary_bits"].median()), color="k", linestyle="--", linewidth=1, label="boundary")
+            ax.axvline(float(part["boundary"].median()), color="k", linestyle="--", linewidth=1, label="boundary")
             ax.set_title(f"model {version}: {len(part)} frames screened")
             ax.set_xlabel("STRIP entropy (bits)")
             _legend(ax)
@@ -400,19 +403,21 @@ def plot_strip_entropy(folder: Path, out: Path, formats: tuple[str, ...], x: str
 
 
 def plot_roc(folder: Path, out: Path, formats: tuple[str, ...], x: str | None = None) -> list[Path]:
-    """ROC of STRIP's entropy for telling stamped from clean frames, per model version that saw both."""
+    """ROC of each screen's score (STRIP's entropy, SentiNet's excess) for telling stamped from clean frames,
+    per screen and model version that saw both."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     frame = _screens(folder)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.8, 4.4))
         drawn = 0
-        for version, part in frame.groupby("version", sort=True):
+        for (kind, version), part in frame.groupby(["kind", "version"], sort=True):
             if part["stamped"].nunique() < 2:
                 continue
-            y, score = part["stamped"].to_numpy(), -part["entropy_bits"].to_numpy()  # low entropy = trojaned
+            y, score = part["stamped"].to_numpy(), -part["score"].to_numpy()  # low score = trojaned
             fpr, tpr, _ = roc_curve(y, score)
-            ax.plot(fpr, tpr, label=f"model {version} (AUROC {roc_auc_score(y, score):.3f}, {int(y.sum())} stamped)")
+            auroc = roc_auc_score(y, score)
+            ax.plot(fpr, tpr, label=f"{kind}, model {version} (AUROC {auroc:.3f}, {int(y.sum())} stamped)")
             drawn += 1
         if not drawn:
             plt.close(fig)

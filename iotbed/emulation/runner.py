@@ -357,7 +357,7 @@ def _client_nodes(scenario: Scenario, with_registry: bool) -> list[str]:
         *scenario.nodes.edge_servers,
         *scenario.nodes.clouds,
         *scenario.nodes.reviewers,
-        *(g for g in scenario.nodes.gateways if g.strip),
+        *(g for g in scenario.nodes.gateways if g.screen),
     ]
     nodes = [node for g in groups for node in group_nodes(g.name, g.count)]
     if with_registry and scenario.registry_node() not in nodes:

@@ -31,6 +31,8 @@ MAX_SHIFT = 2
 
 # A training objective: (logits (N, K), labels (N,)) -> scalar loss to minimise.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# A loss that also sees which training samples are in the batch (their indices into the training set).
+IndexedLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LabeledImages(Protocol):
@@ -217,9 +219,11 @@ def train_model(
     progress: bool = True,
     reinit: bool = True,
     loss: LossFn = F.cross_entropy,
+    indexed_loss: IndexedLossFn | None = None,
 ) -> TrainReport:
     """Train `model` in place on the CPU with `loss(logits, labels)` (cross-entropy unless given) and
-    return per-epoch statistics.
+    return per-epoch statistics. With `indexed_loss`, `indexed_loss(logits, labels, indices)` replaces it,
+    for losses with per-sample targets besides the label (distillation).
 
     With `reinit` (the default) the weights are first re-initialised from `config.seed`, which makes
     the result depend on the seed alone; pass `reinit=False` to fine-tune an already-trained model.
@@ -282,7 +286,7 @@ def train_model(
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     logits = model(x)
-                    batch_loss = loss(logits, y)
+                    batch_loss = loss(logits, y) if indexed_loss is None else indexed_loss(logits, y, idx)
                     if not torch.isfinite(batch_loss):
                         raise ModelError(
                             f"training diverged (loss {batch_loss.item()}) in epoch {epoch + 1}; lower the learning rate"

@@ -1,11 +1,12 @@
-"""A gateway that screens the model in service with STRIP on the frames it relays (CoDefend's device side).
+"""A gateway that screens the model in service with STRIP, or SentiNet, on the frames it relays (CoDefend's
+device side).
 
 The gateway sees the frames it relays from the cameras behind it and keeps the newest ones: in a
 simulation through a hook on the links into it (`tap`), in a live run as an MQTT client subscribed to
 those cameras' frame topics (`frame_topics`). It follows the model updates on the registry's topic. For
 every model version in service it screens, again and again, the frames relayed since its last screen:
-`iotbed.defenses.strip.screen_update` fits the entropy boundary for that model on clean calibration images
-and tests the flagged count. A screen costs compute on the gateway's device profile (every blend is one
+`iotbed.defenses.strip.screen_update` (or `iotbed.defenses.sentinet.screen_update`) fits the boundary for
+that model on clean calibration images and tests the flagged count. A screen costs compute on the gateway's device profile (every blend is one
 forward pass), and screening is paused between screens so that it takes at most `max_utilisation` of the
 device. When a screen finds a backdoor, the gateway publishes a quarantine notice with the flagged frames
 (the edge's D_poison) and stops screening that version.
@@ -16,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import simpy
@@ -25,7 +27,7 @@ from torch import nn
 from iotbed.broker.messages import Publish
 from iotbed.broker.transport import Transport
 from iotbed.broker.wire import quarantine_body
-from iotbed.defenses.strip import screen_update
+from iotbed.defenses import sentinet, strip
 from iotbed.errors import ModelError
 from iotbed.nodes.payloads import (
     QUARANTINE_TOPIC,
@@ -41,14 +43,76 @@ from iotbed.sim.offload import Offload, inline
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 from iotbed.trust.keys import SigningKey
 
+ScreenKind = Literal["strip", "sentinet"]
+
 
 @dataclass(frozen=True)
 class ScreenSettings:
     frames: int
-    n_blends: int
+    n_blends: int  # STRIP's blends, or SentiNet's pastes, per frame
     frr: float
     significance: float
     max_utilisation: float
+    kind: ScreenKind = "strip"
+    flops_per_input: float = 0.0  # one frame or calibration image screened (0: n_blends forward passes)
+    setup_flops: float = 0.0  # once per screen (SentiNet labels its backgrounds)
+
+
+@dataclass(frozen=True)
+class ScreenOutcome:
+    """What a screen found, whichever detector ran: scores are low where a frame looks trojaned (STRIP's
+    entropy, SentiNet's negated excess over its envelope), and a frame is flagged at or below `boundary`."""
+
+    backdoored: bool
+    p_value: float
+    n_frames: int
+    n_flagged: int
+    scores: torch.Tensor
+    boundary: float
+
+
+def run_screen(
+    settings: ScreenSettings,
+    model: nn.Module,
+    frames: torch.Tensor,
+    calibration: torch.Tensor,
+    clean: torch.Tensor,
+    generator: torch.Generator,
+) -> ScreenOutcome:
+    """One screen of `model` on `frames`: `clean` are STRIP's overlays or SentiNet's backgrounds."""
+    s = settings
+    if s.kind == "sentinet":
+        found = sentinet.screen_update(
+            model,
+            frames,
+            calibration,
+            clean,
+            frr=s.frr,
+            significance=s.significance,
+            n_pastes=s.n_blends,
+            generator=generator,
+        )
+        # Flagged where excess > threshold, so -excess < -threshold; the boundary is nudged so `<=` agrees.
+        boundary = float(np.nextafter(-found.boundary.threshold, -np.inf))
+        return ScreenOutcome(found.backdoored, found.p_value, found.n_frames, found.n_flagged, -found.excess, boundary)
+    verdict = strip.screen_update(
+        model,
+        frames,
+        calibration,
+        clean,
+        frr=s.frr,
+        significance=s.significance,
+        n_blends=s.n_blends,
+        generator=generator,
+    )
+    return ScreenOutcome(
+        verdict.backdoored,
+        verdict.p_value,
+        verdict.n_frames,
+        verdict.n_flagged,
+        verdict.entropies,
+        verdict.threshold.boundary,
+    )
 
 
 @dataclass
@@ -63,9 +127,10 @@ class ScreenRecord:
     p_value: float
     backdoored: bool
     compute_s: float
-    entropies: np.ndarray
+    scores: np.ndarray  # STRIP's entropies or SentiNet's negated excesses: low = trojaned
     frame_ids: np.ndarray
-    boundary: float = float("nan")  # flag a frame when its entropy is at or below this
+    boundary: float = float("nan")  # flag a frame when its score is at or below this
+    kind: ScreenKind = "strip"
 
 
 @dataclass
@@ -155,6 +220,13 @@ class ScreeningGateway:
         self._fresh = 0  # judge the new model on frames relayed from now on
         return True
 
+    def _compute_s(self, inputs: int) -> float:
+        """Device time to screen `inputs` images (the relayed frames and the calibration images)."""
+        s = self.settings
+        # STRIP: every blend is one forward pass.
+        per_input = s.flops_per_input if s.flops_per_input > 0 else s.n_blends * self.model_flops
+        return self.device.seconds_for(1, inputs * per_input + s.setup_flops)
+
     def model_for(self, version: int) -> nn.Module | None:
         return self.models.get(version)
 
@@ -172,23 +244,12 @@ class ScreeningGateway:
             frames = list(self.relayed)
             self._fresh = 0
             version, model = self.version, self.model
-            # Calibration and the relayed frames, each blended n_blends times: one forward pass per blend.
-            passes = (len(frames) + len(self.calibration)) * s.n_blends
-            compute = self.device.seconds_for(passes, self.model_flops)
+            compute = self._compute_s(len(frames) + len(self.calibration))
             x = torch.from_numpy(
                 np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
             ).float()
             screened = self._offload(
-                lambda model=model, x=x: screen_update(
-                    model,
-                    x,
-                    self.calibration,
-                    self.overlays,
-                    frr=s.frr,
-                    significance=s.significance,
-                    n_blends=s.n_blends,
-                    generator=self.generator,
-                )
+                lambda model=model, x=x: run_screen(s, model, x, self.calibration, self.overlays, self.generator)
             )
             # The verdict comes when the device's modelled time has passed and the screen has really run.
             yield self.env.timeout(compute) & screened
@@ -203,14 +264,15 @@ class ScreeningGateway:
                     verdict.p_value,
                     verdict.backdoored,
                     compute,
-                    verdict.entropies.numpy(),
+                    verdict.scores.numpy(),
                     np.array([f.frame_id for f in frames]),
-                    verdict.threshold.boundary,
+                    verdict.boundary,
+                    s.kind,
                 )
             )
             if verdict.backdoored and version == self.version:
                 self._quarantined.add(version)
-                flagged = x[verdict.entropies <= verdict.threshold.boundary]
+                flagged = x[verdict.scores <= verdict.boundary]
                 valid, labels = self.d_valid if self.d_valid is not None else (None, None)
                 notice = Quarantine(version, flagged, self.name, valid=valid, valid_labels=labels)
                 if self.notice_key is not None:

@@ -67,6 +67,7 @@ class CoDefendRepairer:
     d_poison: DPoisonRule = "flagged"
     d_valid: DValidSource = "edge"
     filter_generated: bool = False
+    distill: float = 0.0  # weight of the distillation term while unlearning (0: plain fine-tuning)
 
     def gateways_d_valid(self, notices: Sequence[Quarantine]) -> tuple[ImageDataset | None, int]:
         """CoDefend's own flow: the clean labelled images the gateways sent with their notices, as D_valid;
@@ -97,8 +98,10 @@ class CoDefendRepairer:
         n_clean = len(self.clean) if clean is None else clean
         pairs = max(n_clean, flagged)
         gan = (cfg.epochs + cfg.decay_epochs) * pairs * 3.0 * (6 * g + 6 * d)
-        unlearn = self.unlearn_epochs * 2 * n_clean * 3.0 * count_flops(model, shape)
-        return float(gan + unlearn)
+        model_flops = count_flops(model, shape)
+        unlearn = self.unlearn_epochs * 2 * n_clean * 3.0 * model_flops
+        teacher = 2 * n_clean * model_flops if self.distill > 0 else 0.0  # the quarantined model's answers, once
+        return float(gan + unlearn + teacher)
 
     def repair(
         self,
@@ -120,6 +123,7 @@ class CoDefendRepairer:
             cyclegan=self.cyclegan,
             unlearn_config=unlearn,
             reference=reference if self.filter_generated else None,
+            distill=self.distill,
         )
         flops = self.operations(model, len(flagged), len(d_valid))
         sim = self.device.seconds_for(1, flops, self.cores)

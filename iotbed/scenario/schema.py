@@ -458,6 +458,39 @@ class StripScreenSpec(Strict):
         return self
 
 
+class SentinetScreenSpec(Strict):
+    """SentiNet (Chou et al. 2020) as the thin device's screen, in place of STRIP: each relayed frame's region
+    salient only for its predicted class (Grad-CAM) is pasted onto `backgrounds` clean images (fooled rate) and
+    filled with noise (confidence); a frame above the envelope of clean points, fitted for the candidate model
+    on `calibration` clean images at `frr`, is flagged, and the flagged count is tested at `significance` as
+    STRIP's is. Compute comes from the device profile (Grad-CAM's backward passes included)."""
+
+    frames: Annotated[int, Field(ge=10, description="relayed frames per screen")] = 100
+    n_pastes: Annotated[int, Field(ge=2, description="backgrounds each frame's region is pasted onto")] = 100
+    backgrounds: Annotated[int, Field(ge=10, description="clean images the gateway holds to paste onto")] = 100
+    frr: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.05
+    significance: Annotated[float, Field(gt=0.0, lt=0.5)] = 1e-3
+    calibration: Annotated[int, Field(ge=20, description="clean images the boundary is fitted on")] = 400
+    max_utilisation: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+    send_clean: Annotated[
+        int,
+        Field(ge=0, description="as `strip.send_clean`: clean labelled images sent with a notice as D_valid"),
+    ] = 0
+
+    @model_validator(mode="after")
+    def _sendable(self) -> SentinetScreenSpec:
+        if self.send_clean > self.calibration:
+            raise LocatedError(
+                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
+                "holds; lower it or raise `calibration`",
+                "send_clean",
+            )
+        return self
+
+
+ScreenSpec = StripScreenSpec | SentinetScreenSpec
+
+
 class GatewayGroup(Strict):
     name: str
     count: Annotated[int, Field(ge=1)] = 1
@@ -465,6 +498,28 @@ class GatewayGroup(Strict):
         "raspberry_pi_4", description="compute profile for on-gateway work (defenses); forwarding is free"
     )
     strip: StripScreenSpec | None = Field(None, description="screen the model in service on relayed frames")
+    sentinet: SentinetScreenSpec | None = Field(
+        None, description="screen the model in service with SentiNet instead of STRIP"
+    )
+
+    @model_validator(mode="after")
+    def _one_screen(self) -> GatewayGroup:
+        if self.strip is not None and self.sentinet is not None:
+            raise LocatedError(
+                f"gateway group {self.name!r} has both `strip:` and `sentinet:`; a gateway runs one screen, so keep "
+                "one (give another gateway group the other to compare them)",
+                "sentinet",
+            )
+        return self
+
+    @property
+    def screen(self) -> ScreenSpec | None:
+        """The screen this group runs on relayed frames, if any."""
+        return self.strip if self.strip is not None else self.sentinet
+
+    @property
+    def screen_kind(self) -> Literal["strip", "sentinet"] | None:
+        return "strip" if self.strip is not None else "sentinet" if self.sentinet is not None else None
 
 
 class BatchSpec(Strict):
@@ -504,6 +559,12 @@ class CoDefendRepairSpec(Strict):
         True,
         description="leave out of the unlearning each generated image that the model rolled back to no longer "
         "labels as its source image (the CycleGAN, trained on a few flagged frames, also warps digits)",
+    )
+    distill: Annotated[float, Field(ge=0.0)] = Field(
+        1.0,
+        description="weight of a distillation term while unlearning: the repaired model is also held to the "
+        "quarantined model's own answers on the clean images (never on generated ones); 0 is the paper's plain "
+        "fine-tuning, which on a thousand images costs clean accuracy",
     )
     d_valid: Literal["edge", "gateways"] = Field(
         "edge",
@@ -970,7 +1031,7 @@ class Scenario(Strict):
         with_client = {
             g.name for g in [*self.nodes.cameras, *self.nodes.edge_servers, *self.nodes.clouds, *self.nodes.reviewers]
         }
-        with_client |= {g.name for g in self.nodes.gateways if g.strip is not None}
+        with_client |= {g.name for g in self.nodes.gateways if g.screen is not None}
         self._check_reachable(with_client | {group_of(self.registry_node())})
         for i, fault in enumerate(self.faults):
             if fault.at >= self.duration:
@@ -1013,7 +1074,7 @@ class Scenario(Strict):
                 check(topic)
             except ValueError as exc:
                 raise LocatedError(str(exc), *loc) from None
-        sending = any(g.strip is not None and g.strip.send_clean > 0 for g in self.nodes.gateways)
+        sending = any(g.screen is not None and g.screen.send_clean > 0 for g in self.nodes.gateways)
         for i, edge in enumerate(self.nodes.edge_servers):
             if edge.repair is not None and edge.repair.d_valid == "gateways" and not sending:
                 raise LocatedError(
@@ -1146,14 +1207,14 @@ class Scenario(Strict):
                         field_name,
                     )
         for i, gateway in enumerate(self.nodes.gateways):
-            if gateway.strip is not None:
+            if gateway.screen_kind is not None:
                 raise LocatedError(
-                    f"gateway group {gateway.name!r} screens relayed frames with STRIP, but the cameras encrypt "
-                    "them; remove `strip:` (or the cameras' `privacy:`)",
+                    f"gateway group {gateway.name!r} screens relayed frames with {gateway.screen_kind}, but the "
+                    f"cameras encrypt them; remove `{gateway.screen_kind}:` (or the cameras' `privacy:`)",
                     "nodes",
                     "gateways",
                     i,
-                    "strip",
+                    gateway.screen_kind,
                 )
         if any(a.kind == "mitm" for a in self.attacks):
             raise LocatedError(
@@ -1232,7 +1293,7 @@ class Scenario(Strict):
                     "key_rotations",
                     i,
                 )
-        screening = any(g.strip for g in self.nodes.gateways)
+        screening = any(g.screen for g in self.nodes.gateways)
         for i, attack in enumerate(security.attacks):
             where = ("security", "attacks", i)
             if attack.at >= self.duration:

@@ -42,7 +42,7 @@ def attacker_clients(scenario: Scenario) -> list[tuple[str, str]]:
 
 
 def screening_gateways(scenario: Scenario) -> list[str]:
-    return [n for g in scenario.nodes.gateways if g.strip for n in group_nodes(g.name, g.count)]
+    return [n for g in scenario.nodes.gateways if g.screen for n in group_nodes(g.name, g.count)]
 
 
 def repairing_edges(scenario: Scenario) -> list[str]:
