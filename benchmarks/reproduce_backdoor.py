@@ -743,7 +743,7 @@ def _paper_rows_section(paper_rows: dict[str, dict[str, Any]], rows: list[dict[s
             "D_poison (stamped)",
             "CA after",
             "ASR after",
-            "CA drop (points)",
+            "CA drop (points; + is a loss)",
         ),
         _row(*["---"] * 10),
     ]
