@@ -743,7 +743,15 @@ def build_deployment(
 
     b = scenario.broker
     settings = MqttSettings(
-        b.protocol, b.retry_interval, b.max_retries, b.keepalive, b.tcp_ip_overhead, b.max_inflight, b.max_queued
+        b.protocol,
+        b.retry_interval,
+        b.max_retries,
+        b.keepalive,
+        b.tcp_ip_overhead,
+        b.max_inflight,
+        b.max_queued,
+        transport=b.transport,
+        tcp_nodelay=b.tcp_nodelay,
     )
     broker_node = scenario.resolve_node(b.node)
     assert broker_node is not None  # checked by the scenario validator

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from iotbed.analysis.backdoor import backdoor_sections, screened_frames
 from iotbed.analysis.security import security_section
-from iotbed.analysis.summary import summarise
+from iotbed.analysis.summary import simulated_shaping, summarise, tcp_section
 from iotbed.defenses.reject import STRIP_SCORE_OVERLAYS
 from iotbed.deployment import Artefacts, BackdoorInUpdate, Deployment, HeArtefacts, build_deployment
 from iotbed.errors import IotbedError, ModelError, ScenarioError
@@ -38,7 +38,7 @@ from iotbed.run_tables import RunTables
 from iotbed.scenario import Scenario, TrainSpec, resolved_yaml
 from iotbed.sim.rng import RandomStreams
 from iotbed.sim.trace import model_events_table
-from iotbed.tabulate import sim_tables
+from iotbed.tabulate import sim_tables, tcp_rows
 
 # Frames still travelling when cameras stop get this long to arrive before the run ends.
 DRAIN_S = 5.0
@@ -427,6 +427,11 @@ def run(
     )
     sections, extra = attack_outputs(tables, resolved)
     summary.update(sections)
+    summary["shaping"] = simulated_shaping(resolved.broker.transport)
+    connections = tcp_rows(deployment)
+    if connections:
+        summary["tcp"] = tcp_section(connections)
+        extra["tcp.csv"] = connections
     if artefacts.he is not None:
         summary["privacy"] = privacy_summary(tables.trace, artefacts, deployment.nodes.cameras, deployment.nodes.edges)
     if target is not None:

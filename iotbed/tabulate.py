@@ -32,6 +32,7 @@ from iotbed.run_tables import (
     ScreenedFrame,
     ScreenRow,
 )
+from iotbed.sim.tcp import TcpConnection
 from iotbed.sim.trace import TraceRecorder
 
 
@@ -119,6 +120,33 @@ def link_rows(deployment: Deployment) -> list[dict[str, Any]]:
                         "max_queue_packets": d.transmitter.max_occupancy,
                     }
                 )
+    return rows
+
+
+def tcp_rows(deployment: Deployment) -> list[dict[str, Any]]:
+    """One row per end of each client's TCP connection to the simulated broker (tcp.csv): what it sent,
+    what it resent and why (a timeout, duplicate ACKs / RACK / a partial ACK, a tail loss probe), and its last
+    RTT estimate. Empty with `transport: udp`; a client on the broker's node (loopback) has none."""
+    rows = []
+    for client in deployment.broker.clients:
+        connection = client.tcp
+        if not isinstance(connection, TcpConnection):
+            continue
+        for role, end in (("client", connection.a), ("broker", connection.b)):
+            stats = end.stats
+            rows.append(
+                {
+                    "client": client.client_id,
+                    "end": role,
+                    "node": end.node,
+                    "peer": end.peer.node,
+                    **{f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)},
+                    "retransmissions": stats.retransmissions,
+                    "srtt_s": end.srtt,
+                    "min_rtt_s": end.min_rtt if end.min_rtt != float("inf") else None,
+                    "rto_s": end.rto,
+                }
+            )
     return rows
 
 

@@ -1,4 +1,8 @@
-"""MQTT semantics of the simulated broker and clients over a lossy simulated network."""
+"""MQTT semantics of the simulated broker and clients over a lossy simulated network.
+
+Over TCP (the default transport) unless a test is about MQTT's own retransmission after `retry_interval`,
+which only `transport: udp` (a packet per MQTT packet, MQTT-SN style) has; tests/test_mqtt_tcp.py has the
+TCP side of loss."""
 
 from __future__ import annotations
 
@@ -33,7 +37,12 @@ class Net:
 
 
 def build(
-    loss: float = 0.0, seed: int = 0, retry: float = 0.2, max_retries: int | None = None, keepalive: float = 5.0
+    loss: float = 0.0,
+    seed: int = 0,
+    retry: float = 0.2,
+    max_retries: int | None = None,
+    keepalive: float = 5.0,
+    transport: str = "tcp",
 ) -> Net:
     """pub-node --(lossy 10 Mbit/s, 5 ms)-- router --(clean)-- broker-node, plus sub-node on the router."""
     env = simpy.Environment()
@@ -52,7 +61,7 @@ def build(
     link("pub", "router", lossy=True)
     link("router", "broker", lossy=False)
     link("sub", "router", lossy=False)
-    settings = MqttSettings(retry_interval_s=retry, max_retries=max_retries, keepalive_s=keepalive)
+    settings = MqttSettings(retry_interval_s=retry, max_retries=max_retries, keepalive_s=keepalive, transport=transport)
     return Net(env, network, SimBroker(env, network, "broker", settings))
 
 
@@ -71,7 +80,7 @@ def payload_ids(messages: list[Publish]) -> list[int]:
 
 
 def test_qos1_over_a_lossy_link_delivers_every_message_with_retries() -> None:
-    net = build(loss=0.2, seed=1)
+    net = build(loss=0.2, seed=1, transport="udp")
     net.subscriber("sub", "edge", "frames/#", qos=1)
     pub = net.client("pub", "cam")
     publish_stream(net, pub, 300, qos=1)
@@ -84,7 +93,7 @@ def test_qos1_over_a_lossy_link_delivers_every_message_with_retries() -> None:
 
 
 def test_qos0_over_a_lossy_link_loses_messages_and_counts_them() -> None:
-    net = build(loss=0.2, seed=1)
+    net = build(loss=0.2, seed=1, transport="udp")
     net.subscriber("sub", "edge", "frames/#", qos=1)
     pub = net.client("pub", "cam")
     publish_stream(net, pub, 300, qos=0)
@@ -97,15 +106,19 @@ def test_qos0_over_a_lossy_link_loses_messages_and_counts_them() -> None:
     assert pub.outbound.stats.retransmissions == 0
 
 
-def test_qos2_is_exactly_once_despite_loss() -> None:
-    net = build(loss=0.25, seed=3)
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_qos2_is_exactly_once_despite_loss(transport: str) -> None:
+    net = build(loss=0.25, seed=3, transport=transport)
     net.subscriber("sub", "edge", "frames/#", qos=2)
     pub = net.client("pub", "cam")
     publish_stream(net, pub, 200, qos=2)
     net.env.run(until=120)
     ids = payload_ids(net.received["edge"])
     assert sorted(ids) == list(range(200))  # all of them, none twice
-    assert pub.outbound.stats.retransmissions > 0
+    if transport == "udp":
+        assert pub.outbound.stats.retransmissions > 0
+    else:  # TCP repaired the losses; MQTT resent nothing on the live connection
+        assert pub.outbound.stats.retransmissions == 0 and pub.tcp.a.stats.retransmissions > 0
 
 
 def test_delivered_qos_is_the_lower_of_publish_and_subscription() -> None:
@@ -118,7 +131,7 @@ def test_delivered_qos_is_the_lower_of_publish_and_subscription() -> None:
 
 
 def test_max_retries_gives_up_on_an_unreachable_subscriber_path() -> None:
-    net = build(loss=1.0, max_retries=3)
+    net = build(loss=1.0, max_retries=3, transport="udp")
     gave_up: list[Publish] = []
     pub = net.client("pub", "cam", on_give_up=gave_up.append)
     pub.publish("frames/x", b"x", 1)  # sent without a connection: every copy is lost on the link
@@ -228,10 +241,11 @@ def test_shared_subscription_splits_messages_round_robin() -> None:
     assert len(a) == 5 and len(b) == 5
 
 
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_same_seed_same_deliveries(seed: int) -> None:
+def test_same_seed_same_deliveries(seed: int, transport: str) -> None:
     def once() -> list[tuple[float, int]]:
-        net = build(loss=0.1, seed=seed)
+        net = build(loss=0.1, seed=seed, transport=transport)
         times: list[tuple[float, int]] = []
         sub = net.client("sub", "edge")
         sub.connect()

@@ -26,8 +26,10 @@ nodes:
   edge_servers: [{{name: edge, count: 1}}]
 links:
   - {{between: [cam, edge], bandwidth: 1Mbps, latency: 3ms, queue: 100000}}
-broker: {{node: edge, qos: {{"frames/#": 0}}}}
+broker: {{node: edge, qos: {{"frames/#": 0}}, transport: udp}}
 """
+# transport udp: one packet per frame, the M/D/1 queue of the theory. Over TCP (the default) Nagle's algorithm
+# coalesces frames written while one is unacknowledged, ACKs share the link and the window holds frames back.
 
 
 def batch_means_se(samples: np.ndarray, batches: int = 30) -> float:

@@ -86,7 +86,9 @@ def test_local_workers_and_dask_give_the_same_runs(tmp_path: Path) -> None:
     local = run_sweep(sweep, tmp_path / "local", workers=2, progress=False).records
     assert list(local["status"]) == ["ok"] * 4
     assert local.loc[local["param.links.0.loss"] == 0.05, "frames.delivery_ratio"].max() == 1.0  # QoS 1
-    assert (local.loc[local["param.links.0.loss"] == 0.05, "frames.retries"] > 0).all()
+    # Changed for TCP, the default transport (was `frames.retries > 0`): TCP repairs the loss, so it shows as
+    # TCP retransmissions, not MQTT retries.
+    assert (local.loc[local["param.links.0.loss"] == 0.05, "tcp.client_to_broker.retransmissions"] > 0).all()
     summary = pd.read_csv(tmp_path / "local" / "sweep_summary.csv")
     assert list(summary["runs_ok"]) == [2, 2]
     row = summary.iloc[1]

@@ -171,6 +171,67 @@ def _reviewers(rows: list[Any], open_s: float) -> dict[str, Any]:
     }
 
 
+# TcpStats counters the summary adds up per direction (tcp.csv has them all, per connection end).
+TCP_COUNTERS = (
+    "segments_sent",
+    "bytes_sent",
+    "wire_bytes",
+    "retransmissions",
+    "retransmits_rto",
+    "retransmits_fast",
+    "retransmits_tlp",
+    "timeouts",
+    "fast_recoveries",
+    "acks_sent",
+    "dup_acks",
+    "duplicates_received",
+    "messages_delivered",
+)
+TCP_RETRANSMISSIONS = ("retransmissions", "retransmits_rto", "retransmits_fast", "retransmits_tlp", "timeouts")
+DIRECTIONS = {"client": "client_to_broker", "broker": "broker_to_client"}
+
+
+def simulated_shaping(transport: str) -> dict[str, Any]:
+    """The summary's `shaping` for a simulation: which transport carried MQTT, and so what repaired losses."""
+    if transport == "tcp":
+        return {
+            "mode": "simulated",
+            "transport": "tcp",
+            "loss": "TCP resends lost segments (RTO, fast retransmit, RACK, tail loss probe; iotbed.sim.tcp) and "
+            "delivers in order; MQTT resends unacknowledged messages only when a session resumes",
+        }
+    return {
+        "mode": "simulated",
+        "transport": "udp",
+        "loss": "one packet per MQTT packet, as MQTT-SN over UDP: a lost packet is lost, and MQTT resends QoS 1/2 "
+        "messages after retry_interval",
+    }
+
+
+def tcp_section(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's `tcp` section from tcp.csv's rows (one per end of each client's connection): each
+    direction's totals, and the retransmissions by what triggered them per client group."""
+
+    def total(members: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, int]:
+        return {k: int(sum(r[k] for r in members)) for k in keys}
+
+    by_group: dict[str, dict[str, Any]] = {}
+    for group in dict.fromkeys(group_of(r["client"]) for r in rows):
+        members = [r for r in rows if group_of(r["client"]) == group]
+        by_group[group] = {
+            direction: total([r for r in members if r["end"] == end], TCP_RETRANSMISSIONS)
+            for end, direction in DIRECTIONS.items()
+        }
+    return {
+        "connections": len({r["client"] for r in rows}),
+        **{
+            direction: total([r for r in rows if r["end"] == end], TCP_COUNTERS)
+            for end, direction in DIRECTIONS.items()
+        },
+        "by_group": by_group,
+    }
+
+
 def summarise(
     tables: RunTables,
     *,

@@ -21,6 +21,7 @@ import numpy as np
 from iotbed.broker.messages import Publish
 from iotbed.nodes.payloads import Frame
 from iotbed.sim.network import Packet
+from iotbed.sim.tcp import TcpSegment
 
 
 def join_labels(existing: str, label: str) -> str:
@@ -68,7 +69,8 @@ def tamper_frame(frame: Frame, window: AttackWindow) -> Frame:
 
 
 class ManInTheMiddle:
-    """Installed as a link direction's `tamper` hook: changes frames as they arrive over that link."""
+    """Installed as a link direction's `tamper` hook: changes frames as they arrive over that link. Over TCP a
+    message is changed as the segment that carries its last byte crosses (the receiver has all of it then)."""
 
     def __init__(self, window: AttackWindow, now: Callable[[], float]) -> None:
         self.window = window
@@ -76,6 +78,13 @@ class ManInTheMiddle:
 
     def __call__(self, packet: Packet) -> None:
         message = packet.message
+        if type(message) is TcpSegment:
+            for carried in message.messages:
+                self._tamper(carried, carried.record if isinstance(carried, Publish) else None)
+            return
+        self._tamper(message, packet.frame)
+
+    def _tamper(self, message: object, record: object) -> None:
         if not isinstance(message, Publish) or not isinstance(message.payload, Frame):
             return
         frame = message.payload
@@ -84,6 +93,5 @@ class ManInTheMiddle:
             return  # a retransmission of a frame already changed here is not changed twice
         message.payload = tampered = tamper_frame(frame, window)
         window.frames_attacked += 1
-        record = packet.frame
         if record is not None:
-            record.attack = tampered.attack
+            record.attack = tampered.attack  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
 """MQTT control packets as the simulator passes them, and the QoS 1/2 handshakes both ends share.
 
-The sender side (`OutboundFlow`) owns packet ids, the in-flight window and retransmission on timeout
-(PUBLISH with DUP, or PUBREL). At most `max_inflight` QoS 1/2 messages are unacknowledged at once; later ones
+The sender side (`OutboundFlow`) owns packet ids, the in-flight window and retransmission (PUBLISH with DUP, or
+PUBREL): on timeout where the transport may lose messages (`retry`), else only when a session resumes
+(`resend_all`), as over TCP. At most `max_inflight` QoS 1/2 messages are unacknowledged at once; later ones
 wait in order and, beyond `max_queued` waiting, are dropped (Mosquitto's `max_inflight_messages` and
 `max_queued_messages`: a slow subscriber fills its window, then the broker's queue). The receiver side
 (`InboundFlow`) acknowledges and, at QoS 2, keeps the packet ids it has seen until PUBREL so a retransmitted
@@ -117,8 +118,10 @@ class OutboundFlow:
         max_queued: int = 0,
         on_queue_full: Callable[[Publish], None] | None = None,
         on_acked: Callable[[Publish], None] | None = None,
+        retry: bool = True,
     ) -> None:
         self._timers = timers
+        self.retry = retry  # resend on timeout; False: the transport delivers or the connection breaks
         self._on_acked = on_acked  # the handshake completed: the peer holds the message
         self._send = send
         self.max_retries = max_retries
@@ -169,7 +172,8 @@ class OutboundFlow:
         self._arm(message.packet_id, 1)
 
     def _arm(self, packet_id: int, attempt: int) -> None:
-        self._timers.start(self._timeout, (packet_id, attempt))
+        if self.retry:
+            self._timers.start(self._timeout, (packet_id, attempt))
 
     def _timeout(self, key: tuple[int, int]) -> None:
         packet_id, attempt = key

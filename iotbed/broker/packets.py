@@ -14,7 +14,10 @@ import struct
 MQTT311 = "mqtt311"
 MQTT5 = "mqtt5"
 
-# TCP (20 B) + IPv4 (20 B) headers per segment; a 1460-byte MSS fits a 1500-byte Ethernet MTU.
+# TCP (20 B) + IPv4 (20 B) headers per segment; a 1460-byte MSS fits a 1500-byte Ethernet MTU. What the live
+# runtime's in-process shaper and the `transport: udp` simulation charge per message. The simulated TCP
+# connections (`iotbed.sim.tcp.TcpSettings`) count as Linux sends, with the timestamp option: 52 B of headers
+# and a 1448-byte MSS; their per-message figure comes from `tcp_ip_size` with those values.
 TCP_IPV4_HEADER_BYTES = 40
 TCP_MSS_BYTES = 1460
 
@@ -139,6 +142,6 @@ def disconnect_size() -> int:
     return 2
 
 
-def tcp_ip_size(mqtt_bytes: int) -> int:
+def tcp_ip_size(mqtt_bytes: int, header_bytes: int = TCP_IPV4_HEADER_BYTES, mss: int = TCP_MSS_BYTES) -> int:
     """Bytes on the wire for an MQTT packet carried over TCP/IPv4: headers added per MSS-sized segment."""
-    return mqtt_bytes + TCP_IPV4_HEADER_BYTES * max(1, math.ceil(mqtt_bytes / TCP_MSS_BYTES))
+    return mqtt_bytes + header_bytes * max(1, math.ceil(mqtt_bytes / mss))

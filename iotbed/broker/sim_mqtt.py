@@ -1,9 +1,23 @@
 """The simulated MQTT broker and client, reached over the simulated network like any other node.
 
 Semantics follow MQTT 3.1.1 / 5: topic filters with `+` and `#`, shared subscriptions (`$share/g/...`)
-served round robin, QoS 0/1/2 with their handshakes and retransmission after `retry_interval`, retained
-messages, persistent sessions that queue QoS 1/2 messages while the client is away, and will messages
-published when a client disappears without a DISCONNECT. Every packet is charged its encoded size.
+served round robin, QoS 0/1/2 with their handshakes, retained messages, persistent sessions that queue QoS
+1/2 messages while the client is away, and will messages published when a client disappears without a
+DISCONNECT. Every packet is charged its encoded size.
+
+Two transports (`MqttSettings.transport`):
+
+- `tcp` (the default): each client holds a TCP connection to the broker (`iotbed.sim.tcp`), opened with a
+  handshake on every connect. MQTT packets are written to it as bytes (the connection adds TCP/IPv4
+  headers per segment); a lost segment is repaired by TCP and the packets arrive in order, once. Neither
+  side resends on a live connection, as the specification allows and Mosquitto 2 and paho 2 do: what is
+  unacknowledged is resent when a session resumes on a new connection (CONNACK with the session present).
+  A connection that breaks (a broker restart, a crash, a takeover) loses what it held: QoS 1/2 messages
+  stay with their MQTT flows for the next connection, QoS 0 ones are reported undelivered ("tcp_reset").
+  A broker that is down refuses connections (RST); clients try again after `RECONNECT_DELAY_S`. A client
+  on the broker's own node talks to it over loopback, which neither loses nor delays (`_Loopback`).
+- `udp`: one network packet per MQTT packet (MQTT-SN over UDP style): a lost packet is lost, and QoS 1/2
+  messages, CONNECT and SUBSCRIBE are resent after `retry_interval`, at most `max_retries` times.
 
 Queues, as Mosquitto keeps them: every sender (client or broker session) has at most `max_inflight` QoS 1/2
 messages unacknowledged; the broker queues at most `max_queued` more per session (beyond the window, or
@@ -11,7 +25,8 @@ while a persistent client is away) and drops the rest ("broker_queue_full"). A s
 (`SimMqttClient.slow_down`): it reads at most `rate` messages a second and acknowledges each as it reads
 it, so the broker's window and queue fill as they do in front of a real slow reader. QoS 0 messages to a
 connected client are sent at once and wait unread without limit: the simulator has no TCP buffers, whose
-backpressure makes Mosquitto drop QoS 0 messages too. A PUBREL is read at once, not behind unread PUBLISHes.
+backpressure makes Mosquitto drop QoS 0 messages too (the TCP model takes the receive window as never
+limiting). A PUBREL is read at once, not behind unread PUBLISHes.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import simpy
@@ -40,6 +56,7 @@ from iotbed.broker.packets import PacketType
 from iotbed.broker.topics import matches, split_shared, validate_filter
 from iotbed.broker.transport import Handler
 from iotbed.sim.network import Network, Packet
+from iotbed.sim.tcp import CLOSED, ESTABLISHED, TcpConnection, TcpSettings, TcpStats
 from iotbed.sim.timers import FifoTimers
 
 if TYPE_CHECKING:
@@ -47,19 +64,42 @@ if TYPE_CHECKING:
 
 # Retransmission timers fire within this share of retry_interval after their deadline (see FifoTimers).
 RETRY_TICK_FRACTION = 0.05
-# A client whose connection broke tries again after this long (paho's minimum reconnect delay).
+# A client whose connection broke, or was refused, tries again after this long (the live transport's
+# minimum reconnect delay).
 RECONNECT_DELAY_S = 0.1
+# tcp: a client that has no CONNACK this long after opening its connection opens a new one (paho's
+# connect_timeout). TCP itself resends a lost SYN or CONNECT long before.
+CONNECT_TIMEOUT_S = 5.0
+
+TCP = "tcp"
+UDP = "udp"
+TRANSPORTS = (TCP, UDP)
 
 
 @dataclass(frozen=True)
 class MqttSettings:
     protocol: str = packets.MQTT311
-    retry_interval_s: float = 1.0
-    max_retries: int | None = None  # None: retry until acknowledged, as MQTT requires
+    retry_interval_s: float = 1.0  # udp only: over TCP nothing is resent on a live connection
+    max_retries: int | None = None  # udp only; None: retry until acknowledged, as MQTT requires
     keepalive_s: float = 60.0
     tcp_ip_overhead: bool = True
     max_inflight: int = 20  # Mosquitto's max_inflight_messages and paho's default; 0: no limit
     max_queued: int = 1000  # Mosquitto's max_queued_messages; 0: no limit
+    transport: str = TCP  # tcp: a TCP connection per client; udp: a network packet per MQTT packet
+    tcp_nodelay: bool = False  # tcp: Nagle's algorithm off (TCP_NODELAY), as iotbed's live runtime sets it
+    tcp: TcpSettings | None = None  # None: Linux's defaults, headers not counted without tcp_ip_overhead
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {self.transport!r}")
+
+    def tcp_settings(self) -> TcpSettings:
+        if self.tcp is not None:
+            return self.tcp
+        nagle = not self.tcp_nodelay
+        if self.tcp_ip_overhead:
+            return TcpSettings(nagle=nagle)
+        return TcpSettings(header_bytes=0, syn_bytes=0, sack_bytes=0, rst_bytes=0, nagle=nagle)
 
 
 def _mqtt_size(message: Any, protocol: str) -> int:
@@ -87,16 +127,19 @@ def _mqtt_size(message: Any, protocol: str) -> int:
 
 
 class WireSizer:
-    """Bytes on the wire per control packet. Acknowledgements have one size and a camera's frames
-    another, so sizes are remembered per (topic, payload length, QoS) rather than recomputed per packet."""
+    """Bytes per control packet: on the wire with `transport: udp` (TCP/IP headers counted per message when
+    `tcp_ip_overhead`), the MQTT bytes alone over TCP (the connection adds headers per segment).
+    Acknowledgements have one size and a camera's frames another, so sizes are remembered per (topic,
+    payload length, QoS) rather than recomputed per packet."""
 
     def __init__(self, settings: MqttSettings) -> None:
         self.settings = settings
+        self._headers = settings.tcp_ip_overhead and settings.transport == UDP
         self.ack_bytes = self._on_wire(packets.ack_size(settings.protocol))
         self._publish: dict[tuple[str, int, int], int] = {}
 
     def _on_wire(self, mqtt_bytes: int) -> int:
-        return packets.tcp_ip_size(mqtt_bytes) if self.settings.tcp_ip_overhead else mqtt_bytes
+        return packets.tcp_ip_size(mqtt_bytes) if self._headers else mqtt_bytes
 
     def size(self, message: Any) -> int:
         if type(message) is Ack:
@@ -135,6 +178,7 @@ class _Session:
     outbound: OutboundFlow | None = None
     inbound: InboundFlow | None = None
     epoch: int = 0  # bumped on every (re)connect, so stale liveness timers are ignored
+    connection: int = -1  # tcp: the incarnation of the client's connection the session is attached to
 
 
 UndeliveredListener = Callable[[Publish, str], None]
@@ -161,6 +205,9 @@ class SimBroker:
         self.network = network
         self.node = node
         self.settings = settings
+        self.tcp = settings.transport == TCP
+        self.tcp_settings = settings.tcp_settings()
+        self.clients: list[SimMqttClient] = []  # tcp: every client with a connection to this broker
         self.sessions: dict[str, _Session] = {}
         self.retained: dict[str, Publish] = {}
         self.stats = BrokerStats()
@@ -172,11 +219,24 @@ class SimBroker:
 
     # --- packets in -------------------------------------------------------------------------------
     def receive(self, packet: Packet) -> None:
+        """udp: a packet from a client."""
         if self.down:
             self.network.drop(packet, "broker_down", None)
             return
-        message = packet.message
-        client = packet.sender
+        self.receive_message(packet.sender, packet.message)
+
+    def accepting(self) -> bool:
+        """tcp: whether a connection opened now is accepted (the broker is up)."""
+        return not self.down
+
+    def attach(self, client: SimMqttClient) -> None:
+        """tcp: `client` has a connection to this broker (a broker restart resets it)."""
+        self.clients.append(client)
+
+    def receive_message(self, client: Any, message: Any) -> None:
+        """An MQTT packet from `client`, off its connection (tcp) or its packet (udp)."""
+        if self.down:
+            return
         if isinstance(message, Connect):
             self._on_connect(client, message)
             return
@@ -198,7 +258,26 @@ class SimBroker:
 
     def _send(self, session: _Session, message: Any, about: Publish | None) -> None:
         record = about.record if about is not None else None
-        self.network.send(self, session.endpoint, self.sizer.size(message), message, record)
+        if not self.tcp:
+            self.network.send(self, session.endpoint, self.sizer.size(message), message, record)
+            return
+        connection = session.endpoint.tcp
+        if connection.epoch == session.connection and connection.b.state != CLOSED:
+            connection.b.send(message, self.sizer.size(message), record)
+        elif type(message) is Publish and message.qos == 0:
+            self.undelivered(message, "tcp_reset")  # the session's connection is gone; QoS 1/2 wait in flight
+
+    def undelivered(self, message: Publish, reason: str) -> None:
+        for listener in self.undelivered_listeners:
+            listener(message, reason)
+
+    def connection_dropped(self, dropped: tuple[list[Any], list[Any]]) -> None:
+        """tcp: a connection closed with these messages unacknowledged at its ends: QoS 0 PUBLISHes are lost;
+        QoS 1/2 ones and acknowledgements are held by their MQTT flows and go again on the next connection."""
+        for messages in dropped:
+            for message in messages:
+                if type(message) is Publish and message.qos == 0:
+                    self.undelivered(message, "tcp_reset")
 
     def _on_connect(self, client: Any, message: Connect) -> None:
         session = self.sessions.get(message.client_id)
@@ -206,6 +285,8 @@ class SimBroker:
             # The same client again (our CONNACK was lost, or it came back before we noticed it had gone):
             # the session carries on, and whatever it has not acknowledged is sent again.
             session.epoch += 1
+            if self.tcp:
+                session.connection = client.tcp.epoch
             self._send(session, Connack(not session.clean), None)
             session.outbound.resend_all()  # type: ignore[union-attr]
             return
@@ -227,10 +308,13 @@ class SimBroker:
                 max_inflight=self.settings.max_inflight,
                 max_queued=self.settings.max_queued,
                 on_queue_full=self._queue_full,
+                retry=not self.tcp,
             )
             session.inbound = InboundFlow(lambda m, about, s=session: self._send(s, m, about), self._route)
         assert session is not None and session.outbound is not None
         session.endpoint = client
+        if self.tcp:
+            session.connection = client.tcp.epoch
         session.connected = True
         session.clean = message.clean_session
         session.will = message.will
@@ -246,14 +330,25 @@ class SimBroker:
     def crash(self, persistence: bool) -> None:
         """The broker process dies: every connection breaks at once (clients see it), no will is sent.
         With persistence, persistent sessions, their queued and in-flight messages and retained messages
-        survive the restart, as Mosquitto's database keeps them; without it, all state is gone."""
+        survive the restart, as Mosquitto's database keeps them; without it, all state is gone. Over TCP every
+        connection is reset (in-flight segments are dropped as "tcp_closed") and the clients still running
+        reconnect."""
         self.down = True
         self.stats.restarts += 1
+        if self.tcp:
+            for client in self.clients:
+                connection = client.tcp
+                if connection.a.state == CLOSED and connection.b.state == CLOSED:
+                    continue
+                self.connection_dropped(connection.reset())
+                if client.alive:
+                    client.connection_lost()
         for session in list(self.sessions.values()):
             if session.connected:
                 session.connected = False
                 session.outbound.paused = True  # type: ignore[union-attr]
-                session.endpoint.connection_lost()
+                if not self.tcp:
+                    session.endpoint.connection_lost()
             if session.clean or not persistence:
                 self._forget_subscriptions(session)
                 del self.sessions[session.client_id]
@@ -278,6 +373,10 @@ class SimBroker:
     def _drop_connection(self, session: _Session) -> None:
         session.connected = False
         session.outbound.paused = True  # type: ignore[union-attr]
+        if self.tcp:
+            connection = session.endpoint.tcp
+            if connection.epoch == session.connection:  # not a newer connection the client opened meanwhile
+                self.connection_dropped(connection.reset())
         if session.will is not None:
             will, session.will = session.will, None
             self.stats.wills_published += 1
@@ -359,6 +458,12 @@ class SimBroker:
                     self._shared_next[key] = (start + offset + 1) % len(members)
                     delivered |= self._deliver(session, message.copy_for(min(qos, message.qos), retain=False))
                     break
+            else:
+                # Every member is away (after a broker restart, before they are back): the next one's session
+                # queues it if persistent, as Mosquitto queues for offline members; else it is reported lost.
+                session, qos = members[start % len(members)]
+                self._shared_next[key] = (start + 1) % len(members)
+                delivered |= self._deliver(session, message.copy_for(min(qos, message.qos), retain=False))
         if not direct and not groups:
             self.stats.no_subscriber += 1
             for listener in self.undelivered_listeners:
@@ -383,14 +488,12 @@ class SimBroker:
             stats.max_session_queue = max(stats.max_session_queue, len(session.offline_queue))
             return True
         stats.dropped_offline_qos0 += 1
-        for listener in self.undelivered_listeners:
-            listener(message, "subscriber_offline")
+        self.undelivered(message, "subscriber_offline")
         return False
 
     def _queue_full(self, message: Publish) -> None:
         self.stats.dropped_queue_full += 1
-        for listener in self.undelivered_listeners:
-            listener(message, "broker_queue_full")
+        self.undelivered(message, "broker_queue_full")
 
     def _discard(self, session: _Session) -> None:
         """A clean session took over a persistent one: what it held for its client is dropped."""
@@ -402,8 +505,62 @@ class SimBroker:
         outbound.waiting.clear()
         session.offline_queue.clear()
         for message in held:
-            for listener in self.undelivered_listeners:
-                listener(message, "session_discarded")
+            self.undelivered(message, "session_discarded")
+
+
+class _LoopbackEnd:
+    __slots__ = ("connection", "node", "on_message", "peer", "state", "stats")
+
+    def __init__(self, connection: _Loopback, node: str, on_message: Callable[[Any], None]) -> None:
+        self.connection = connection
+        self.node = node
+        self.on_message = on_message
+        self.peer: _LoopbackEnd = self
+        self.state = CLOSED
+        self.stats = TcpStats()
+
+    def send(self, message: Any, size: int, frame: Any = None) -> None:
+        if self.state == CLOSED:
+            raise ConnectionError(f"loopback connection at {self.node} is closed")
+        if self.peer.state == CLOSED:  # the other end is gone (a crash): nothing reads it
+            network = self.connection.network
+            network.drop(Packet(self, self.peer, size, message, frame), "tcp_closed", None)
+            return
+        self.peer.on_message(message)
+
+    def abort(self) -> list[Any]:
+        self.state = CLOSED
+        return []
+
+
+class _Loopback:
+    """A client's connection to a broker on its own node: a loopback socket, which neither loses nor delays,
+    so messages are handed over at once, in order (as `transport: udp` does on one node), with no TCP cost.
+    Refused at once while the broker is down."""
+
+    def __init__(
+        self, network: Network, node: str, on_message_a: Callable[[Any], None], on_message_b: Callable[[Any], None]
+    ) -> None:
+        self.network = network
+        self.epoch = 0
+        self.a = _LoopbackEnd(self, node, on_message_a)
+        self.b = _LoopbackEnd(self, node, on_message_b)
+        self.a.peer, self.b.peer = self.b, self.a
+        self.accepting: Callable[[], bool] | None = None
+        self.on_refused: Callable[[], None] | None = None
+
+    def open(self) -> tuple[list[Any], list[Any]]:
+        dropped = self.reset()
+        if self.accepting is not None and not self.accepting():
+            if self.on_refused is not None:
+                self.on_refused()
+        else:
+            self.a.state = self.b.state = ESTABLISHED
+        return dropped
+
+    def reset(self) -> tuple[list[Any], list[Any]]:
+        self.epoch += 1
+        return self.a.abort(), self.b.abort()
 
 
 class SimMqttClient:
@@ -452,6 +609,7 @@ class SimMqttClient:
             on_give_up=on_give_up,
             max_inflight=self.settings.max_inflight,
             on_acked=on_acked,
+            retry=not broker.tcp,
         )
         self.inbound = InboundFlow(self._send, self._dispatch)
         self._read_interval = 0.0  # while slow: seconds per message read
@@ -459,20 +617,71 @@ class SimMqttClient:
         self._unread: deque[Publish] = deque()  # received, not yet read (the socket's receive buffer)
         self._reading = False
         self._next_read = 0.0
+        # tcp: the connection to the broker (end a here, end b at the broker), closed until `connect` opens it
+        self.tcp: TcpConnection | _Loopback | None = None
+        self._subscribe_sent: dict[tuple[str, int], int] = {}  # tcp: on which connection each SUBSCRIBE went
+        if broker.tcp:
+            receive_b = partial(broker.receive_message, self)
+            if node == broker.node:
+                self.tcp = _Loopback(network, node, self._on_mqtt, receive_b)
+            else:
+                self.tcp = TcpConnection(network, node, broker.node, self._on_mqtt, receive_b, broker.tcp_settings)
+            self.tcp.reset()
+            self.tcp.accepting = broker.accepting
+            self.tcp.on_refused = self._refused
+            self.outbound.paused = True  # QoS 1/2 messages published before the first CONNACK wait for it
+            broker.attach(self)
 
     def _send(self, message: Any, about: Publish | None) -> None:
         if not self.alive:
             return
         record = about.record if about is not None else None
-        self.network.send(self, self.broker, self.broker.sizer.size(message), message, record)
+        connection = self.tcp
+        if connection is None:
+            self.network.send(self, self.broker, self.broker.sizer.size(message), message, record)
+        elif connection.a.state != CLOSED:
+            connection.a.send(message, self.broker.sizer.size(message), record)
+        elif type(message) is Publish and message.qos == 0:
+            self.broker.undelivered(message, "tcp_reset")  # no connection; QoS 1/2 wait for the next one
+
+    def wire_bytes(self, mqtt_bytes: int) -> int:
+        """What an MQTT packet of `mqtt_bytes` costs on its first link, sent alone: with TCP/IPv4 headers per
+        segment where they are counted (`tcp_ip_overhead`), as this transport cuts and counts them."""
+        if not self.settings.tcp_ip_overhead:
+            return mqtt_bytes
+        if self.tcp is None:
+            return packets.tcp_ip_size(mqtt_bytes)
+        s = self.broker.tcp_settings
+        return packets.tcp_ip_size(mqtt_bytes, s.header_bytes, s.mss)
 
     def connect(self) -> simpy.Event:
         if self.connected.triggered:
             self.connected = self.env.event()
         self.alive = True
         self._connect_attempt += 1
-        self._send_connect(self._connect_attempt)
+        if self.tcp is None:
+            self._send_connect(self._connect_attempt)
+            return self.connected
+        # A new connection: its handshake, then CONNECT (TCP resends either if lost). What the old one held
+        # is gone; QoS 1/2 messages go again after the CONNACK.
+        self.session_up = False
+        self.outbound.paused = True
+        self.broker.connection_dropped(self.tcp.open())
+        self._send(Connect(self.client_id, self.clean_session, self.will), None)
+        attempt = self._connect_attempt
+        Timeout(self.env, CONNECT_TIMEOUT_S).callbacks.append(lambda _: self._connect_timed_out(attempt))
         return self.connected
+
+    def _connect_timed_out(self, attempt: int) -> None:
+        if attempt == self._connect_attempt and self.alive and not self.session_up:
+            self.connect()
+
+    def _refused(self) -> None:
+        """tcp: the broker refused the connection (it is down): try again after a short back-off."""
+        attempt = self._connect_attempt
+        Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(
+            lambda _: self.connect() if self.alive and attempt == self._connect_attempt else None
+        )
 
     def _send_connect(self, attempt: int) -> None:
         # CONNECT and SUBSCRIBE can be lost like any packet; resend them until the broker answers.
@@ -483,6 +692,12 @@ class SimMqttClient:
 
     def _send_subscribe(self, entry: tuple[str, int]) -> None:
         if entry not in self._unacked_subscriptions or not self.alive:
+            return
+        connection = self.tcp
+        if connection is not None:  # once per connection: TCP delivers it or the connection breaks
+            if connection.a.state != CLOSED and self._subscribe_sent.get(entry) != connection.epoch:
+                self._subscribe_sent[entry] = connection.epoch
+                self._send(Subscribe([entry]), None)
             return
         self._send(Subscribe([entry]), None)
         self.broker.timers.start(self._send_subscribe, entry)
@@ -521,10 +736,14 @@ class SimMqttClient:
         self.outbound.paused = True
 
     def crash(self) -> None:
-        """Vanish without a DISCONNECT: the broker notices after 1.5 keep-alives and publishes the will."""
+        """Vanish without a DISCONNECT: the broker notices after 1.5 keep-alives and publishes the will. Over
+        TCP this end of the connection is gone: what it had not sent is lost, and whatever reaches it is
+        dropped; the broker's end keeps resending until the broker gives up on the client."""
         self.alive = False
         self.session_up = False
         self.outbound.paused = True
+        if self.tcp is not None:
+            self.broker.connection_dropped((self.tcp.a.abort(), []))
 
     def rejoin(self) -> simpy.Event:
         """After `crash`: the node connects again with the same client id."""
@@ -566,9 +785,14 @@ class SimMqttClient:
         self._reading = False
 
     def receive(self, packet: Packet) -> None:
+        """udp: a packet from the broker."""
         if not self.alive:
             return
-        message = packet.message
+        self._on_mqtt(packet.message)
+
+    def _on_mqtt(self, message: Any) -> None:
+        if not self.alive:
+            return
         if isinstance(message, Publish):
             if self._slow_until >= 0.0 and (self._reading or self.env.now < self._slow_until):
                 if message.buffered:
@@ -595,7 +819,12 @@ class SimMqttClient:
                 # A new connection: what was never acknowledged goes again (paho does the same), and
                 # subscriptions the broker's session lost are made again.
                 self.outbound.resend_all()
-                if not message.session_present:
+                if self.tcp is not None:
+                    if not message.session_present:
+                        self._unacked_subscriptions.update(self._subscriptions.items())
+                    for entry in list(self._subscriptions.items()):  # and those the old connection lost
+                        self._send_subscribe(entry)
+                elif not message.session_present:
                     for entry in self._subscriptions.items():
                         if entry not in self._unacked_subscriptions:
                             self._unacked_subscriptions.add(entry)

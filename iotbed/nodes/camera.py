@@ -36,6 +36,16 @@ class CameraConfig:
     drop: PixelDropCodec | None = None  # None: raw frames
 
 
+def publish_wire_bytes(transport: Transport, mqtt_bytes: int, tcp_ip_overhead: bool) -> int:
+    """A PUBLISH of `mqtt_bytes` on the camera's first link: as its transport counts headers where it says
+    (the simulated one: per segment of its TCP model, or per message with `transport: udp`), else with 40 B
+    of TCP/IPv4 headers per 1460-B segment (the live runtime's figure)."""
+    wire_bytes = getattr(transport, "wire_bytes", None)
+    if wire_bytes is not None:
+        return int(wire_bytes(mqtt_bytes))
+    return tcp_ip_size(mqtt_bytes) if tcp_ip_overhead else mqtt_bytes
+
+
 def frame_payload_bytes(image_shape: tuple[int, int, int], drop: PixelDropCodec | None) -> int:
     """The bytes of one frame's payload: raw, or the pixels a pixel-drop codec keeps plus its mask."""
     return raw_frame_bytes(image_shape) if drop is None else FRAME_HEADER.size + drop.encoded_size(image_shape)
@@ -82,7 +92,7 @@ class Camera:
         self.payload_bytes = frame_payload_bytes(image_shape, config.drop)
         self._wall = wall_clock(env)  # live runs record wall-clock times
         mqtt = publish_size(config.topic, self.payload_bytes, config.qos, config.protocol)
-        self.publish_bytes = tcp_ip_size(mqtt) if config.tcp_ip_overhead else mqtt
+        self.publish_bytes = publish_wire_bytes(transport, mqtt, config.tcp_ip_overhead)
         self.frames_sent = 0
 
     def _draws(self, n_images: int) -> Iterator[tuple[int, float]]:

@@ -21,8 +21,8 @@ import simpy
 from torch import nn
 
 from iotbed.broker.messages import Publish
-from iotbed.broker.packets import publish_size, tcp_ip_size
-from iotbed.nodes.camera import Camera
+from iotbed.broker.packets import publish_size
+from iotbed.nodes.camera import Camera, publish_wire_bytes
 from iotbed.nodes.payloads import (
     EncryptedFrame,
     EncryptedResult,
@@ -94,7 +94,7 @@ class EncryptingCamera(Camera):
         config = self.config
         record.payload_bytes = encrypted.nbytes
         mqtt = publish_size(config.topic, encrypted.nbytes, config.qos, config.protocol)
-        record.publish_bytes = tcp_ip_size(mqtt) if config.tcp_ip_overhead else mqtt
+        record.publish_bytes = publish_wire_bytes(self.transport, mqtt, config.tcp_ip_overhead)
         record.encrypted = True
         self._pending[frame.frame_id] = record
         self.env.process(self._encrypt_and_publish(encrypted, record))

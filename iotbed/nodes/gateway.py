@@ -40,6 +40,7 @@ from iotbed.sim.clock import wall_clock
 from iotbed.sim.devices import DeviceProfile
 from iotbed.sim.network import Packet
 from iotbed.sim.offload import Offload, inline
+from iotbed.sim.tcp import TcpSegment
 from iotbed.sim.trace import ModelEvent, TraceRecorder
 from iotbed.trust.keys import SigningKey
 
@@ -192,9 +193,14 @@ class ScreeningGateway:
         self.notice_key = notice_key  # signs its quarantine notices
 
     def tap(self, packet: Packet) -> None:
-        """A link hook: keep the frames crossing into this gateway."""
+        """A link hook: keep the frames crossing into this gateway (over TCP, each message as the segment with
+        its last byte crosses)."""
         message = packet.message
-        if isinstance(message, Publish):
+        if type(message) is TcpSegment:
+            for carried in message.messages:
+                if isinstance(carried, Publish):
+                    self._on_frame(carried)
+        elif isinstance(message, Publish):
             self._on_frame(message)
 
     def _on_frame(self, message: Publish) -> None:

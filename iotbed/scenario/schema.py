@@ -747,10 +747,41 @@ class BrokerSpec(Strict):
         default_factory=lambda: {"frames/#": 1, "models/#": 1},
         description="QoS per topic filter; the first filter that matches wins, else QoS 0",
     )
-    retry_interval: Duration = 1.0
-    max_retries: Annotated[int | None, Field(ge=0)] = None
+    transport: Literal["tcp", "udp"] = Field(
+        "tcp",
+        description="how simulated links carry MQTT. tcp: a TCP connection per client (Linux's defaults, "
+        "iotbed.sim.tcp): TCP repairs a lost segment and delivers in order, and MQTT resends only when a session "
+        "resumes, as Mosquitto 2 and paho 2 do. udp: one packet per MQTT packet, as MQTT-SN over UDP: a lost "
+        "packet is resent by MQTT after `retry_interval`, up to `max_retries` times (the model before TCP). Live "
+        "runs always use real TCP",
+    )
+    tcp_nodelay: bool = Field(
+        False,
+        description="transport tcp: turn Nagle's algorithm off on every connection (TCP_NODELAY). Off by default, "
+        "as stock paho-mqtt and Mosquitto leave it: a small message waits while an earlier small one is "
+        "unacknowledged. iotbed's live runtime sets TCP_NODELAY on its clients and Mosquitto "
+        "(set_tcp_nodelay true); set this to compare with it",
+    )
+    retry_interval: Duration = Field(
+        1.0,
+        description="transport udp: resend an unacknowledged QoS 1/2 message, CONNECT or SUBSCRIBE after this long "
+        "(MQTT-SN's T_retry, 10 to 15 s recommended there); the live in-process shaper resends a message it lost "
+        "after it too; unused over TCP",
+    )
+    max_retries: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            description="transport udp: give a message up after this many resends (MQTT-SN's N_retry, 3 to 5 "
+            "recommended there); none: resend until acknowledged",
+        ),
+    ] = None
     keepalive: Duration = 60.0
-    tcp_ip_overhead: bool = Field(True, description="count TCP/IPv4 headers (40 B per 1460-B segment)")
+    tcp_ip_overhead: bool = Field(
+        True,
+        description="count TCP/IPv4 headers: over simulated TCP 52 B per segment of at most 1448 B (timestamps on, "
+        "as Linux), ACKs and handshakes included; with transport udp and live, 40 B per 1460-B segment of a message",
+    )
     persistence: bool = Field(True, description="sessions, queued messages and retained messages survive a restart")
     max_inflight: Annotated[
         int,
@@ -769,6 +800,15 @@ class BrokerSpec(Strict):
             "0: no limit",
         ),
     ] = 1000
+
+    @model_validator(mode="after")
+    def _retries_need_udp(self) -> BrokerSpec:
+        if self.max_retries is not None and self.transport != "udp":
+            raise ValueError(
+                "max_retries applies to transport udp only: over TCP nothing is resent on a live connection; "
+                "set `transport: udp` or remove max_retries"
+            )
+        return self
 
 
 class TrainSpec(Strict):

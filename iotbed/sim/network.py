@@ -56,6 +56,7 @@ class Network:
         self.directions: dict[tuple[str, str], LinkDirection] = {}
         self._routes: dict[tuple[str, str], tuple[LinkDirection, ...]] = {}
         self.drop_listeners: list[DropListener] = []
+        self.tcp_timers: Any = None  # the timers of the TCP connections over this network (iotbed.sim.tcp)
 
     def add_node(self, name: str) -> None:
         self.graph.add_node(name)

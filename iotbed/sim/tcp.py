@@ -38,7 +38,9 @@ What follows Linux (6.x, sysctl defaults) and the RFCs it implements:
   out-of-order or duplicate data and when a hole is filled (RFC 5681). An end that answers within 40 ms
   (an MQTT PUBACK) is interactive: no quick ACKs, so its ACK rides on the answer.
 - An optional three-way handshake (`TcpConnection.open`): SYN and SYN-ACK (60 bytes), retried after the
-  RTO with backoff; it gives each end its first RTT sample, as Linux's handshake does.
+  RTO with backoff; it gives each end its first RTT sample, as Linux's handshake does. A listening end
+  whose `TcpConnection.accepting` says no (the server process is down) answers a SYN with a RST (40
+  bytes), as a kernel does for a closed port; the opening end closes and calls `on_refused`.
 
 What it simplifies, and why that is close enough for iotbed. The window grows as Reno's, not as CUBIC's
 cubic of the time since the last loss: iotbed's flows are application-limited (messages of a few KB to
@@ -51,12 +53,15 @@ reordering window stays at min RTT / 4 where Linux widens it after seeing reorde
 causes more spurious retransmissions here. Not modelled: the receive window (taken as never limiting:
 Linux autotunes it up to 6 MB, iotbed's flights are below 100 KB) and the send buffer, delayed-ACK
 timeouts above 40 ms (Linux lets them grow toward min(200 ms, SRTT) on long-RTT paths), HyStart, F-RTO and
-undoing spurious reductions, pacing, TSO, FIN and RST, the per-destination metrics cache, giving up after
+undoing spurious reductions, pacing, TSO, FIN and RST other than refusing a SYN (an application closes
+or resets a connection with `reset` or `abort`, at once), the per-destination metrics cache, giving up after
 tcp_retries2.
 
-Cost: no SimPy process per connection. Each end has at most one pending timer event for all its timers
-(RTO, probe, reordering, delayed ACK); deadlines are kept as numbers and the event, when it fires early
-because a deadline moved later, books the next one (a deadline that moves earlier books a new event).
+Cost: no SimPy process per connection, and no SimPy event per timer. Each end keeps its timers (RTO, probe,
+reordering, delayed ACK) as numbers; the earliest goes into one heap that all ends on a network share
+(`TimerQueue`), which keeps at most one SimPy event pending, for the earliest deadline that is still wanted.
+A deadline that moves (an ACK clears the RTO; the delayed ACK rode on data) leaves its old heap entry behind,
+and stale entries are dropped as they reach the top, without waking anything: most timers never fire.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from heapq import heappop, heappush
 from typing import Any
 
 import simpy
@@ -95,6 +101,7 @@ class TcpSettings:
     header_bytes: int = 52  # IPv4 + TCP + timestamp option, on every segment
     syn_bytes: int = 60  # SYN, SYN-ACK: IPv4 + TCP with MSS, SACK-permitted, timestamps, window scale
     sack_bytes: int = 12  # a SACK option with one block, on ACKs sent while data is out of order
+    rst_bytes: int = 40  # a RST refusing a SYN: IPv4 + TCP, no options
     framing_bytes: int = 0  # link-layer bytes per packet; 0 as the rest of iotbed counts IP bytes
     initial_cwnd: int = 10  # segments (RFC 6928)
     rto_initial_s: float = 1.0
@@ -170,6 +177,7 @@ class TcpSegment:
     sack_ts: float = -1.0  # and the tsval it carried
     dsack: bool = False  # triggered by a duplicate
     syn: int = 0
+    rst: bool = False  # a refusal of a SYN
 
     @property
     def messages(self) -> tuple[Any, ...]:
@@ -179,6 +187,60 @@ class TcpSegment:
 
 def _discard(_: Any) -> None:
     pass
+
+
+class TimerQueue:
+    """The timers of every TCP end on one network: a heap of (deadline, order, end) and at most one pending
+    SimPy event, for the earliest deadline an end still waits for (its `_wake`). Ends whose deadlines fall
+    at the same instant are served in the order they set them."""
+
+    __slots__ = ("env", "_heap", "_wake", "_order")
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self._heap: list[tuple[float, int, TcpEndpoint]] = []
+        self._wake = INF  # when the pending SimPy event fires
+        self._order = 0
+
+    @classmethod
+    def of(cls, network: Network) -> TimerQueue:
+        """The queue of `network`'s TCP ends, made on first use."""
+        queue = network.tcp_timers
+        if queue is None:
+            queue = network.tcp_timers = cls(network.env)
+        return queue  # type: ignore[no-any-return]
+
+    def add(self, at: float, end: TcpEndpoint) -> None:
+        self._order += 1
+        heappush(self._heap, (at, self._order, end))
+        if at < self._wake:
+            self._book(at)
+
+    def _book(self, at: float) -> None:
+        self._wake = at
+        now = self.env._now
+        Timeout(self.env, at - now if at > now else 0.0, at).callbacks.append(self._fire)
+
+    def _fire(self, event: simpy.Event) -> None:
+        if event._value != self._wake:
+            return  # superseded by an earlier one
+        heap = self._heap
+        now = self.env._now
+        self._wake = now  # while serving: what an end sets now is taken from the heap below, not booked
+        due = now + _EPS
+        while heap:
+            at, _, end = heap[0]
+            if end._wake != at:
+                heappop(heap)  # stale: the end has moved its deadline since
+            elif at <= due:
+                heappop(heap)
+                end._wake = INF
+                end._on_timer(now)
+            else:
+                break
+        self._wake = INF
+        if heap:
+            self._book(heap[0][0])
 
 
 class TcpEndpoint:
@@ -195,6 +257,7 @@ class TcpEndpoint:
         "_env",
         "_network",
         "_s",
+        "_timers",
         "_wake",
         "_rto_at",
         "_tlp_at",
@@ -254,7 +317,8 @@ class TcpEndpoint:
         self._env = connection.network.env
         self._network = connection.network
         self._s = connection.settings
-        self._wake = INF  # when the pending timer event fires (INF: none pending)
+        self._timers = connection.timers
+        self._wake = INF  # the deadline this end's live entry in the timer queue has (INF: none)
         self._reset_state(ESTABLISHED)
 
     def _reset_state(self, state: str) -> None:
@@ -396,8 +460,13 @@ class TcpEndpoint:
     def _transmit(self, data: _Data, now: float) -> None:
         s = self._s
         length = data.end - data.seq
-        segment = TcpSegment(self.epoch, data.seq, data, now, self.rcv_nxt, self._ts_recent)
-        self._ack_sent()
+        rcv_nxt = self.rcv_nxt
+        segment = TcpSegment(self.epoch, data.seq, data, now, rcv_nxt, self._ts_recent)
+        if rcv_nxt > self._last_ack_sent:  # every segment acknowledges rcv_nxt (as `_ack_sent`)
+            if self._quick:
+                self._quick -= 1
+            self._last_ack_sent = rcv_nxt
+        self._ack_at = INF
         stats = self.stats
         stats.segments_sent += 1
         stats.bytes_sent += length
@@ -422,17 +491,23 @@ class TcpEndpoint:
 
     def _emit(self, size: int, segment: TcpSegment, frame: FrameAccount | None) -> None:
         self.stats.wire_bytes += size
-        if self.node == self.peer.node:
+        peer = self.peer
+        if self.node == peer.node:
             # Loopback: the network would hand it over inside this call; a zero delay keeps ends apart.
-            packet = Packet(self, self.peer, size, segment, frame)
+            packet = Packet(self, peer, size, segment, frame)
             Timeout(self._env, 0.0, packet).callbacks.append(_loopback)
             return
-        self._network.send(self, self.peer, size, segment, frame)
+        self._network.send(self, peer, size, segment, frame)
 
     def _send_syn(self, kind: int, now: float) -> None:
         s = self._s
         segment = TcpSegment(self.epoch, 0, None, now, 0, self._ts_recent, syn=kind)
         self._emit(s.syn_bytes + s.framing_bytes, segment, None)
+
+    def _send_rst(self, now: float) -> None:
+        s = self._s
+        segment = TcpSegment(self.epoch, 0, None, now, 0, -1.0, rst=True)
+        self._emit(s.rst_bytes + s.framing_bytes, segment, None)
 
     # --- receiving ------------------------------------------------------------------------------------
     def receive(self, packet: Packet) -> None:
@@ -441,6 +516,13 @@ class TcpEndpoint:
             self._network.drop(packet, "tcp_closed", None)  # for a connection that no longer exists
             return
         now = self._env._now
+        if segment.rst:
+            if self.state == SYN_SENT:  # refused: nobody listens at the other end
+                self._reset_state(CLOSED)
+                refused = self.connection.on_refused
+                if refused is not None:
+                    refused()
+            return
         if segment.syn:
             self._on_syn(segment, now)
             self._arm()
@@ -458,13 +540,18 @@ class TcpEndpoint:
         data = segment.data
         if data is not None:
             self._on_data(segment, data, now)
-        if self.epoch == segment.epoch:  # the application may have reset the connection
+        # Send what the ACK let out, unless the application reset the connection (or there is nothing).
+        if self.epoch == segment.epoch and (self._to_resend or self.snd_nxt < self._write_end):
             self._push(now)
         self._arm()
 
     def _on_syn(self, segment: TcpSegment, now: float) -> None:
         if segment.syn == _SYN:
             if self.state == LISTEN:
+                accepting = self.connection.accepting
+                if accepting is not None and not accepting():
+                    self._send_rst(now)
+                    return
                 self.state = SYN_RCVD
             if self.state == SYN_RCVD:  # also a SYN again: our SYN-ACK was lost
                 self._ts_recent = segment.tsval
@@ -531,6 +618,8 @@ class TcpEndpoint:
     def _on_ack(self, segment: TcpSegment, now: float) -> None:
         ack = segment.ack
         rtx = self._rtx
+        if not rtx and ack <= self.snd_una and segment.sack < 0 and self._tlp_high < 0:
+            return  # nothing of ours out, nothing new: the common case of data after an idle spell
         prior_out = len(rtx)
         prior_in_flight = prior_out - self._sacked_out - self._lost_out + self._retrans_out
         delivered = 0
@@ -543,7 +632,8 @@ class TcpEndpoint:
                     self._sacked_out -= 1
                     continue
                 delivered += 1
-                self._unmark(data)
+                if data.lost:
+                    self._unmark(data)
                 # RACK needs the send time of the delivered copy: unambiguous unless it was resent.
                 self._rack_advance(data.sent_at if data.transmissions == 1 else segment.tsecr, data.end, now)
             self.snd_una = ack
@@ -567,9 +657,12 @@ class TcpEndpoint:
             if prior_in_flight >= self.cwnd or (self.cwnd < self.ssthresh and self.cwnd < 2 * prior_out):
                 self._grow(delivered)
         if advanced:
-            self._rto_at = now + self.rto if rtx else INF
             self._tlp_at = INF
-            self._schedule_probe(now)
+            if rtx:
+                self._rto_at = now + self.rto
+                self._schedule_probe(now)
+            else:
+                self._rto_at = INF
 
     def _on_sack(self, seq: int, sent_at: float, now: float) -> int:
         data = self._by_seq.get(seq)
@@ -731,16 +824,13 @@ class TcpEndpoint:
 
     def _arm(self) -> None:
         at = min(self._rto_at, self._tlp_at, self._reo_at, self._ack_at)
-        if at < self._wake:
-            self._wake = at
-            now = self._env._now
-            Timeout(self._env, at - now if at > now else 0.0, at).callbacks.append(self._on_timer)
+        if at != self._wake:
+            self._wake = at  # an entry for an earlier or later deadline is stale from now on
+            if at < INF:
+                self._timers.add(at, self)
 
-    def _on_timer(self, event: simpy.Event) -> None:
-        if event._value != self._wake:
-            return  # superseded by an earlier event, which booked whatever is still due
-        self._wake = INF
-        now = self._env._now
+    def _on_timer(self, now: float) -> None:
+        """The timer queue: this end's earliest deadline is due."""
         due = now + _EPS
         if self._ack_at <= due:
             self._ack_at = INF
@@ -811,7 +901,8 @@ class TcpConnection:
     `a.send(m, size)` delivers `m` to `on_message_b`, and `b.send` to `on_message_a`. The connection starts
     established with no RTT sample (the first RTO is 1 s); `open()` starts it again with a handshake from
     `a`. `reset()` or an end's `abort()` closes it; packets of a closed or earlier incarnation are dropped
-    with reason "tcp_closed".
+    with reason "tcp_closed". Set `accepting` (is anything listening at `b`?) and `on_refused` (called when
+    `b` refused `a`'s SYN) to model a server that is down.
     """
 
     def __init__(
@@ -825,10 +916,13 @@ class TcpConnection:
     ) -> None:
         self.network = network
         self.settings = settings if settings is not None else TcpSettings()
+        self.timers = TimerQueue.of(network)
         self.epoch = 0
         self.a = TcpEndpoint(self, a_node, on_message_a)
         self.b = TcpEndpoint(self, b_node, on_message_b)
         self.a.peer, self.b.peer = self.b, self.a
+        self.accepting: Callable[[], bool] | None = None
+        self.on_refused: Callable[[], None] | None = None
 
     def open(self) -> tuple[list[Any], list[Any]]:
         """A new incarnation: both ends start afresh and `a` sends a SYN; data written to `a` before the

@@ -17,11 +17,14 @@ import pyarrow as pa
 from iotbed.broker.messages import Publish
 from iotbed.sim.links import LinkDirection
 from iotbed.sim.network import Packet
+from iotbed.sim.tcp import TcpSegment
 
 DELIVERED = "delivered"
 DROPPED = "dropped"
 IN_FLIGHT = "in_flight"
-TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full", "broker_down"})
+# Losses after which a QoS 1/2 frame is still held by MQTT and sent again (after `retry_interval` with
+# `transport: udp`, on the next connection after "tcp_closed").
+TRANSIENT_LOSSES = frozenset({"link_loss", "queue_full", "broker_down", "tcp_closed"})
 
 
 class FrameRecord:
@@ -254,10 +257,14 @@ class TraceRecorder:
         return record
 
     # Network and broker listeners: a lost packet about a frame is noted; the status is settled at the end.
+    # A TCP segment lost on a link or in a queue is only counted: TCP sends it again, so it is no reason for
+    # the frame to be lost; one that arrives at a closed connection ("tcp_closed") is.
     def on_packet_dropped(self, packet: Packet, reason: str, link: LinkDirection | None) -> None:
         record = packet.frame
         if isinstance(record, FrameRecord):
             record.losses += 1
+            if reason != "tcp_closed" and type(packet.message) is TcpSegment:
+                return
             record.drop_reason = reason
             record.drop_link = link.name if link is not None else ""
 
