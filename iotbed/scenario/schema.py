@@ -463,6 +463,17 @@ class CameraGroup(Strict):
     privacy: CkksPrivacySpec | None = Field(None, description="send CKKS-encrypted frames (`kind: ckks`)")
 
 
+def _check_sendable(screen: Any) -> Any:
+    """A screen can send with a notice only clean images it holds: at most its calibration images."""
+    if screen.send_clean > screen.calibration:
+        raise LocatedError(
+            f"send_clean ({screen.send_clean}) is more than the {screen.calibration} calibration images the "
+            "gateway holds; lower it or raise `calibration`",
+            "send_clean",
+        )
+    return screen
+
+
 class StripScreenSpec(Strict):
     """The thin device's screen of the model in service (CoDefend's device side): STRIP entropy of the frames
     it relays, boundary at `frr` fitted for the candidate model on clean calibration images, and a
@@ -486,13 +497,7 @@ class StripScreenSpec(Strict):
 
     @model_validator(mode="after")
     def _sendable(self) -> StripScreenSpec:
-        if self.send_clean > self.calibration:
-            raise LocatedError(
-                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
-                "holds; lower it or raise `calibration`",
-                "send_clean",
-            )
-        return self
+        return _check_sendable(self)
 
 
 class SentinetScreenSpec(Strict):
@@ -516,13 +521,7 @@ class SentinetScreenSpec(Strict):
 
     @model_validator(mode="after")
     def _sendable(self) -> SentinetScreenSpec:
-        if self.send_clean > self.calibration:
-            raise LocatedError(
-                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
-                "holds; lower it or raise `calibration`",
-                "send_clean",
-            )
-        return self
+        return _check_sendable(self)
 
 
 ScreenSpec = StripScreenSpec | SentinetScreenSpec
