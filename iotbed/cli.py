@@ -191,6 +191,12 @@ def print_summary(summary: dict[str, Any]) -> None:
                 ("  escalated traffic (kbit/s, headers included)", _fmt(escalated.get("bytes_per_s", 0) * 8e-3, ".1f"))
             )
             rows.append(("  system accuracy with escalation", _fmt(escalated["system_accuracy"], ".4f")))
+    detection = summary.get("edge_detection")
+    if detection:
+        rows.append(("edge detector (Defed): clean frames flagged", _fmt(detection["clean"]["flag_rate"], ".4f")))
+        for label, entry in detection["by_attack"].items():
+            auroc = (entry.get("report") or {}).get("auroc")
+            rows.append((f"  {label}: flagged / AUROC", f"{_fmt(entry['flag_rate'], '.4f')} / {_fmt(auroc, '.4f')}"))
     for desk, entry in summary.get("reviewers", {}).items():
         rows.append(
             (

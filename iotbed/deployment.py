@@ -32,7 +32,7 @@ from iotbed.defenses.reject import STRIP_SCORE_OVERLAYS, FrameScorer, GamblerSco
 from iotbed.errors import ScenarioError
 from iotbed.naming import INITIAL_MODEL_VERSION, group_nodes
 from iotbed.nodes.camera import Camera, CameraConfig, ConditionWindow
-from iotbed.nodes.classifier import EdgeClassifier
+from iotbed.nodes.classifier import EdgeClassifier, Guard
 from iotbed.nodes.cloud import ESCALATIONS_FILTER, CloudConfig, CloudServer, escalations_filter
 from iotbed.nodes.edge_server import EdgeConfig, EdgeServer
 from iotbed.nodes.encrypted import CameraPrivacy, EncryptedService, EncryptingCamera
@@ -102,6 +102,7 @@ class Artefacts:
     cloud_models: dict[str, tuple[nn.Module, float]] = field(default_factory=dict)  # group -> (model, FLOPs)
     he: HeArtefacts | None = None  # where cameras encrypt: the compiled network and its measured costs
     gamblers: dict[str, Gambler] = field(default_factory=dict)  # edge group -> its reject score's network
+    guards: dict[str, Guard] = field(default_factory=dict)  # edge group -> its Defed detector
 
     @property
     def num_classes(self) -> int:
@@ -374,9 +375,10 @@ def edge_classifier(group: EdgeServerGroup, name: str, artefacts: Artefacts, str
         1,
         artefacts.flops_per_image,
         artefacts.images,
-        build_chain(group.defenses),
+        build_chain(group.input_defenses),
         streams.torch_generator("defense", name),
         reject_scorer(group, artefacts, streams.torch_generator("reject-score", name)),
+        artefacts.guards.get(group.name),
     )
 
 
@@ -411,7 +413,7 @@ def reject_threshold(group: EdgeServerGroup, artefacts: Artefacts, streams: Rand
         INITIAL_MODEL_VERSION,
         artefacts.flops_per_image,
         pool.images[:n],
-        build_chain(group.defenses),
+        build_chain(group.input_defenses),
         streams.torch_generator("reject", group.name),
         reject_scorer(group, artefacts, streams.torch_generator("reject-calibration", group.name)),
     )

@@ -117,6 +117,11 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         for group in scenario.nodes.edge_servers
         if group.reject is not None and group.reject.score == "gambler"
     }
+    guards = {
+        group.name: _defed_guard(group.name, group.defed, group.input_defenses, trained.model, train, pool, progress)
+        for group in scenario.nodes.edge_servers
+        if group.defed is not None
+    }
     resolved = scenario.model_copy(update={"model": scenario.model.model_copy(update={"train": filled_train})})
     flops = count_flops(trained.model, (1, *image_shape))
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
@@ -146,6 +151,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         cloud_models,
         he,
         gamblers,
+        guards,
     )
     model_info = {
         "arch": trained.arch,
@@ -158,6 +164,73 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
         "test_images": len(splits.test),
     }
     return resolved, artefacts, model_info
+
+
+def edge_detection(trace: pa.Table, classifiers: dict[str, Any]) -> dict[str, Any]:
+    """What the edges' detectors (Defed) flagged: the share of clean and of each attack's delivered frames, and
+    for each attack FAR at preset FRRs (thresholds from the detection scores of the clean calibration images,
+    never scored) and AUROC against the clean frames. Over the frames the given edges classified."""
+    from iotbed.analysis.detection import FRR_PRESETS, detection_report
+
+    if not classifiers:
+        return {}
+    edge = trace.column("edge").to_numpy(zero_copy_only=False)
+    rows = np.isin(edge, list(classifiers)) & (trace.column("status").to_numpy(zero_copy_only=False) == "delivered")
+    score = trace.column("detect_score").to_numpy()
+    detected = trace.column("detected").to_numpy(zero_copy_only=False)
+    attack = trace.column("attack").to_numpy(zero_copy_only=False)
+    condition = trace.column("condition").to_numpy(zero_copy_only=False)
+    clean = rows & (attack == "") & (condition == "")
+    # Low = trojaned in the detection report's convention: negate (a Defed score above 1 is flagged).
+    calibration = -next(iter(classifiers.values())).guard.calibration_scores()
+
+    def share(mask: np.ndarray) -> float | None:
+        return float(detected[mask].mean()) if mask.any() else None
+
+    by_attack: dict[str, Any] = {}
+    for label in sorted(set(attack[rows].tolist()) - {""}):
+        hit = rows & (attack == label)
+        entry: dict[str, Any] = {"frames": int(hit.sum()), "flag_rate": share(hit)}
+        if clean.any():
+            entry["report"] = detection_report(
+                calibration, -score[clean], -score[hit], FRR_PRESETS, method="quantile"
+            ).as_dict()
+        by_attack[label] = entry
+    return {"clean": {"frames": int(clean.sum()), "flag_rate": share(clean)}, "by_attack": by_attack}
+
+
+def _defed_guard(
+    group: str, spec: Any, input_defenses: list[Any], model: Any, train: Any, pool: Any, progress: bool
+) -> Any:
+    """An edge's Defed: denoisers trained (or from the cache) through the model on the training split, thresholds
+    fitted on held-out clean images that are never scored, as the edge's other defenses leave them."""
+    from iotbed.defenses.defed import DefedConfig, DefedError, prepare_defed
+    from iotbed.defenses.pipeline import build_chain
+    from iotbed.nodes.classifier import Guard
+
+    n = min(spec.calibration, len(pool))
+    images = pool.images[:n]
+    chain = build_chain(input_defenses)
+    if chain.stages:  # Defed sees frames after the edge's other defenses: calibrate on what it will see
+        with torch.no_grad():
+            images = chain(images, torch.Generator().manual_seed(spec.seed))
+    labels = pool.labels[:n] if spec.calibrate_on == "correct" else None
+    try:
+        config = DefedConfig(
+            tuple(spec.noise_levels),
+            spec.edge,
+            spec.k,
+            spec.variant,
+            spec.alpha,
+            spec.epochs,
+            spec.batch_size,
+            spec.lr,
+            spec.seed,
+        )
+        ensemble = prepare_defed(model, train, images, config, calibration_labels=labels, progress=progress)
+    except DefedError as exc:
+        raise ScenarioError(f"edge server group {group!r}, `defed`: {exc}") from None
+    return Guard(ensemble, images, labels)
 
 
 def _gambler(group: str, spec: Any, arch: str, train: Any, progress: bool) -> Any:
@@ -261,6 +334,7 @@ def hold_out_clean_pool(scenario: Scenario, train: Any) -> tuple[Any, Any]:
         g.sentinet.calibration + g.sentinet.backgrounds for g in scenario.nodes.gateways if g.sentinet is not None
     ]
     sizes += [e.repair.clean_images for e in scenario.nodes.edge_servers if e.repair is not None]
+    sizes += [e.defed.calibration for e in scenario.nodes.edge_servers if e.defed is not None]
     sizes += [
         e.reject.calibration + (STRIP_SCORE_OVERLAYS if e.reject.score == "strip" else 0)
         for e in scenario.nodes.edge_servers
@@ -313,7 +387,7 @@ def craft_attacks(
         # What an adaptive attacker crafts through: the edge's defenses, with the camera's drop if it drops.
         dropping = codec is not None and codec.kind == "pixel_drop"
         chain = build_chain(
-            edge.defenses,
+            edge.input_defenses,
             drop_window=codec.window if dropping else None,  # type: ignore[union-attr]
             drop_rate=codec.rate if dropping else None,
         )  # type: ignore[union-attr]
@@ -534,6 +608,7 @@ def setup_summary(
                 if edge.reject is not None
                 else {}
             ),
+            **({"defed": _defed_setup(edge.classifier)} if edge.classifier.guard is not None else {}),
         }
         for edge in edges
     }
@@ -550,7 +625,24 @@ def setup_summary(
         }
         for spec in scenario.attacks
     }
-    return {"codecs": codecs, "defenses": defenses, "attacks": attacks}
+    detection = edge_detection(tables.trace, {e.name: e.classifier for e in edges if e.classifier.guard is not None})
+    return {
+        "codecs": codecs,
+        "defenses": defenses,
+        "attacks": attacks,
+        **({"edge_detection": detection} if detection else {}),
+    }
+
+
+def _defed_setup(classifier: Any) -> dict[str, Any]:
+    """An edge's Defed as it started the run: its denoisers, thresholds and what it adds per frame."""
+    ensemble = classifier.guard.ensemble
+    return {
+        "noise_levels": list(ensemble.noise_levels or ()),
+        "denoiser": type(ensemble.denoisers[0]).__name__,
+        "thresholds": ensemble.thresholds.to_dict() if ensemble.thresholds is not None else None,
+        "flops_per_image": classifier.guard_flops,
+    }
 
 
 def output_dir(scenario: Scenario, out_dir: str | Path | None, force: bool) -> Path:

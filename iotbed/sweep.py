@@ -267,7 +267,7 @@ def _prepare_models(runs: list[RunSpec]) -> None:
                 scenario.registry.model_dump(mode="json"),
                 # what else `prepare` trains, or what changes the training split (the defenders' clean pool)
                 [g.model_dump(mode="json") for g in nodes.clouds],
-                [(e.reject, e.repair) for e in nodes.edge_servers],
+                [(e.reject, e.repair, e.defed) for e in nodes.edge_servers],
                 [(g.strip, g.sentinet) for g in nodes.gateways],
             ],
             sort_keys=True,

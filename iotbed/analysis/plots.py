@@ -258,7 +258,7 @@ def _is_adaptive_param(column: str) -> bool:
 
 
 def _is_codec_param(column: str) -> bool:
-    return ".codec" in column or column.endswith(".defenses")
+    return ".codec" in column
 
 
 def _curve_label(columns: list[str], key: object) -> str:

@@ -793,6 +793,29 @@ class DefedEnsemble(nn.Module):
             noise_levels=[d.noise_level for d in denoisers],
         )
 
+    def behind(
+        self, classifier: nn.Module, calibration: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> DefedEnsemble:
+        """The same denoisers and settings in front of another classifier (a model update), with thresholds
+        refitted for it on `calibration`. The denoisers were trained through the first classifier."""
+        moved = DefedEnsemble(
+            classifier,
+            list(self.denoisers),
+            k=self.k,
+            alpha=self.alpha,
+            noise_levels=self.noise_levels,
+            batch_size=self.batch_size,
+        )
+        moved.fit_thresholds(calibration, labels)
+        return moved
+
+    def detection_score(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N,) the largest score over threshold ratio across the denoisers: above 1 where the frame is flagged.
+        One number per frame, for ROC curves and AUROC."""
+        if self.thresholds is None:
+            raise DefedError("fit the thresholds on clean calibration frames (fit_thresholds) first")
+        return (scores.double() / self.thresholds.values.clamp(min=1e-12)[:, None]).amax(dim=0)
+
     def _check(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             raise DefedError(f"frames must be a floating tensor (N, C, H, W), got {getattr(x, 'shape', type(x))}")

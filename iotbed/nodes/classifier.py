@@ -1,5 +1,5 @@
-"""The classifier an edge server runs: its input defenses, a model version, batched inference, and a cache
-of what cannot change.
+"""The classifier an edge server runs: its input defenses, a model version, batched inference, a detector
+that may overrule the model (Defed), and a cache of what cannot change.
 
 A whole frame with the untouched dataset image gives the same prediction every time for a given model
 version when the defenses are deterministic (or absent), so every dataset image is classified once, in
@@ -10,13 +10,40 @@ frame when a defense is random.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
 
+from iotbed.defenses.defed import DefedEnsemble
 from iotbed.defenses.pipeline import DefenseChain
 from iotbed.defenses.reject import FrameScorer
 from iotbed.nodes.payloads import Frame
+
+
+@dataclass(frozen=True, eq=False)
+class Guard:
+    """A detector in front of the model that flags frames and relabels the flagged ones (Defed), with the clean
+    calibration images its thresholds are refitted on whenever the model changes."""
+
+    ensemble: DefedEnsemble
+    calibration: torch.Tensor
+    calibration_labels: torch.Tensor | None = None
+
+    def behind(self, model: nn.Module) -> Guard:
+        if model is self.ensemble.classifier:
+            return self
+        return Guard(
+            self.ensemble.behind(model, self.calibration, self.calibration_labels),
+            self.calibration,
+            self.calibration_labels,
+        )
+
+    def calibration_scores(self) -> np.ndarray:
+        """The detection scores of the calibration images (those the thresholds were fitted on)."""
+        scores = self.ensemble.calibration_scores(self.calibration, self.calibration_labels)
+        return self.ensemble.detection_score(scores).numpy()
 
 
 class EdgeClassifier:
@@ -29,6 +56,7 @@ class EdgeClassifier:
         defense: DefenseChain | None = None,
         generator: torch.Generator | None = None,
         scorer: FrameScorer | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.images = images  # the dataset the cameras capture from, (N, C, H, W) in [0, 1]
         self.defense = defense if defense is not None and defense.stages else None
@@ -40,18 +68,24 @@ class EdgeClassifier:
         self.defense_flops = self.defense.flops_per_image(shape) if self.defense is not None else 0.0  # type: ignore[arg-type]
         self.scorer = scorer  # the reject option's confidence score (`iotbed.defenses.reject`), if any
         self.score_flops = scorer.extra_flops(flops_per_image) if scorer is not None else 0.0
-        self.flops_per_image = self.model_flops + self.defense_flops + self.score_flops
+        self.guard = guard
+        self.guard_flops = float(guard.ensemble.flops_per_image(shape)) if guard is not None else 0.0
+        self.flops_per_image = self.model_flops + self.defense_flops + self.score_flops + self.guard_flops
         self._cacheable = (self.defense is None or not self.defense.randomized) and not (scorer and scorer.randomized)
         self.last_scores: np.ndarray | None = None  # the scores of the last `predict`'s frames
+        self.last_detection: np.ndarray | None = None  # the guard's detection scores of those frames (> 1: flagged)
         self.swap(model, version)
 
     def swap(self, model: nn.Module, version: int) -> None:
         self.model = model.eval()
         self.version = version
+        if self.guard is not None:
+            self.guard = self.guard.behind(self.model)
         if self._cacheable:
             runs = [self._run(self._defend(chunk)) for chunk in self.images.split(1024)]
-            self._cached = np.concatenate([labels for labels, _ in runs])
-            self._cached_scores = np.concatenate([scores for _, scores in runs]) if self.scorer else None
+            self._cached = np.concatenate([labels for labels, _, _ in runs])
+            self._cached_scores = np.concatenate([scores for _, scores, _ in runs]) if self.scorer else None
+            self._cached_detection = np.concatenate([d for _, _, d in runs]) if self.guard else None
 
     def _defend(self, x: torch.Tensor) -> torch.Tensor:
         return self.defense(x, self.generator) if self.defense is not None else x
@@ -61,6 +95,7 @@ class EdgeClassifier:
         n = len(frames)
         predictions = np.empty(n, dtype=np.int64)
         scores = np.empty(n, dtype=np.float64) if self.scorer else None
+        detection = np.empty(n, dtype=np.float64) if self.guard else None
         pristine = (
             np.fromiter((f.pixels is None and f.drop is None and f.mask is None for f in frames), dtype=bool, count=n)
             if self._cacheable
@@ -71,15 +106,20 @@ class EdgeClassifier:
             predictions[pristine] = self._cached[indices]
             if scores is not None and self._cached_scores is not None:
                 scores[pristine] = self._cached_scores[indices]
+            if detection is not None and self._cached_detection is not None:
+                detection[pristine] = self._cached_detection[indices]
         if not pristine.all():
-            labels, fresh = self._run_frames([f for f, p in zip(frames, pristine.tolist()) if not p])
+            labels, fresh, detected = self._run_frames([f for f, p in zip(frames, pristine.tolist()) if not p])
             predictions[~pristine] = labels
             if scores is not None and fresh is not None:
                 scores[~pristine] = fresh
+            if detection is not None and detected is not None:
+                detection[~pristine] = detected
         self.last_scores = scores
+        self.last_detection = detection
         return predictions
 
-    def _run_frames(self, frames: list[Frame]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run_frames(self, frames: list[Frame]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         x = torch.from_numpy(
             np.stack([f.pixels if f.pixels is not None else self.images[f.image_index].numpy() for f in frames])
         ).float()
@@ -96,8 +136,13 @@ class EdgeClassifier:
                 x = self.defense.forward(x, self.generator, masks=mask_tensor, dropped=dropped)
         return self._run(x)
 
-    def _run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(labels, reject scores, detection scores) of a batch."""
         with torch.inference_mode():
             logits = self.model(images)
             scores = self.scorer(images, logits, self.model) if self.scorer else None
-            return logits.argmax(dim=1).numpy(), scores
+            if self.guard is None:
+                return logits.argmax(dim=1).numpy(), scores, None
+            verdict = self.guard.ensemble.classify(images)
+            detection = self.guard.ensemble.detection_score(verdict.scores).numpy()
+            return verdict.labels.numpy(), scores, detection

@@ -286,6 +286,11 @@ class EdgeServer:
                 record.t_done = done
                 record.prediction = prediction
                 record.model_version = version
+            detection = self.classifier.last_detection
+            if detection is not None:
+                for (_, record), value in zip(taken, detection.tolist()):
+                    record.detect_score = value
+                    record.detected = value > 1.0
             scores = self.classifier.last_scores
             if scores is not None and self.reject is not None:
                 self._reject(taken, scores, self.reject.value)

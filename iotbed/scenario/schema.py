@@ -203,12 +203,49 @@ class PixelDeflectionDefenseSpec(Strict):
     denoise: Literal["bayes_shrink", "none"] = "bayes_shrink"
 
 
+class DefedDefenseSpec(Strict):
+    """Defed (Xiao et al. 2023): one denoiser per noise level, trained through the edge's model on the training
+    split; a frame is flagged when any denoiser's score (cross-entropy of the model on the denoised frame against
+    its bare prediction, plus the reconstruction error) is above mean + k std of clean calibration frames, and a
+    flagged frame is classified by the flagging denoisers' summed softmax. It decides the label, so it comes
+    last among an edge's defenses."""
+
+    kind: Literal["defed"]
+    noise_levels: Annotated[
+        list[Annotated[int, Field(ge=0, le=255)]],
+        Field(min_length=1, max_length=4, description="one denoiser per level, on the 0-255 scale"),
+    ] = [20, 40]
+    edge: Literal["laplacian", "sobel"] = "laplacian"
+    variant: Literal["defed", "basenet"] = Field(
+        "defed", description="basenet: the authors' ablation, the same network without edge operators"
+    )
+    k: Annotated[float, Field(ge=0.0, description="thresholds at mean + k * std of clean calibration scores")] = 2.0
+    alpha: Annotated[float, Field(ge=0.0, description="weight of the cross-entropy term, in training and score")] = 1.0
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    lr: Annotated[float, Field(gt=0.0)] = 1e-3
+    seed: Seed = 0
+    calibration: Annotated[int, Field(ge=20, description="held-out clean images the thresholds are fitted on")] = 500
+    calibrate_on: Literal["all", "correct"] = Field(
+        "all",
+        description="correct: only the calibration images the model classifies right, as the authors' benign set",
+    )
+
+    @field_validator("noise_levels")
+    @classmethod
+    def _distinct(cls, levels: list[int]) -> list[int]:
+        if len(set(levels)) != len(levels):
+            raise ValueError(f"noise levels must differ (got {levels}); a level listed twice is one denoiser")
+        return levels
+
+
 DefenseSpec = Annotated[
     SuperIoTDefenseSpec
     | JpegDefenseSpec
     | FeatureSqueezingDefenseSpec
     | MedianSmoothingDefenseSpec
-    | PixelDeflectionDefenseSpec,
+    | PixelDeflectionDefenseSpec
+    | DefedDefenseSpec,
     Field(discriminator="kind"),
     BeforeValidator(_kind_shorthand),
 ]
@@ -426,6 +463,17 @@ class CameraGroup(Strict):
     privacy: CkksPrivacySpec | None = Field(None, description="send CKKS-encrypted frames (`kind: ckks`)")
 
 
+def _check_sendable(screen: Any) -> Any:
+    """A screen can send with a notice only clean images it holds: at most its calibration images."""
+    if screen.send_clean > screen.calibration:
+        raise LocatedError(
+            f"send_clean ({screen.send_clean}) is more than the {screen.calibration} calibration images the "
+            "gateway holds; lower it or raise `calibration`",
+            "send_clean",
+        )
+    return screen
+
+
 class StripScreenSpec(Strict):
     """The thin device's screen of the model in service (CoDefend's device side): STRIP entropy of the frames
     it relays, boundary at `frr` fitted for the candidate model on clean calibration images, and a
@@ -449,13 +497,7 @@ class StripScreenSpec(Strict):
 
     @model_validator(mode="after")
     def _sendable(self) -> StripScreenSpec:
-        if self.send_clean > self.calibration:
-            raise LocatedError(
-                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
-                "holds; lower it or raise `calibration`",
-                "send_clean",
-            )
-        return self
+        return _check_sendable(self)
 
 
 class SentinetScreenSpec(Strict):
@@ -479,13 +521,7 @@ class SentinetScreenSpec(Strict):
 
     @model_validator(mode="after")
     def _sendable(self) -> SentinetScreenSpec:
-        if self.send_clean > self.calibration:
-            raise LocatedError(
-                f"send_clean ({self.send_clean}) is more than the {self.calibration} calibration images the gateway "
-                "holds; lower it or raise `calibration`",
-                "send_clean",
-            )
-        return self
+        return _check_sendable(self)
 
 
 ScreenSpec = StripScreenSpec | SentinetScreenSpec
@@ -687,6 +723,15 @@ class EdgeServerGroup(Strict):
     )
     repair: CoDefendRepairSpec | None = Field(None, description="repair quarantined model updates (CoDefend)")
     reject: RejectSpec | None = Field(None, description="abstain on frames the model is unsure of")
+
+    @property
+    def input_defenses(self) -> list[DefenseSpec]:
+        """The defenses that change the frame before the model (all but a detector that decides the label)."""
+        return [d for d in self.defenses if d.kind != "defed"]
+
+    @property
+    def defed(self) -> DefedDefenseSpec | None:
+        return next((d for d in self.defenses if isinstance(d, DefedDefenseSpec)), None)
 
 
 class DeviceSpec(Strict):
@@ -1146,6 +1191,17 @@ class Scenario(Strict):
                     "edge_servers",
                     i,
                     "defenses",
+                )
+            defed_at = [j for j, d in enumerate(edge.defenses) if d.kind == "defed"]
+            if defed_at and defed_at != [len(edge.defenses) - 1]:
+                raise LocatedError(
+                    f"edge server group {edge.name!r}: `defed` decides the label, so it must be the last of the "
+                    "defenses, and one at most; move it to the end",
+                    "nodes",
+                    "edge_servers",
+                    i,
+                    "defenses",
+                    defed_at[0],
                 )
         self._check_attacks()
         self._check_backdoor_classes()

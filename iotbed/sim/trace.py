@@ -57,6 +57,8 @@ class FrameRecord:
         "condition",
         "score",
         "rejected",
+        "detect_score",
+        "detected",
         "resolver",
         "final_prediction",
         "t_escalated",
@@ -109,6 +111,8 @@ class FrameRecord:
         self.condition = ""  # the camera condition it was captured under (`fog-3`), if any
         self.score = math.nan  # the edge's confidence score, with the reject option
         self.rejected = False  # the edge abstained on it
+        self.detect_score = math.nan  # the edge's detector (Defed): above 1 where it flagged the frame
+        self.detected = False  # the detector flagged it, and relabelled it
         self.resolver = ""  # the cloud or review desk that resolved it after the edge escalated it
         self.final_prediction = -1  # its verdict
         self.t_escalated = -1.0  # the escalated frame reached its resolver (then queued, classified or reviewed)
@@ -154,6 +158,8 @@ TRACE_SCHEMA = pa.schema(
         ("condition", pa.string()),
         ("score", pa.float64()),
         ("rejected", pa.bool_()),
+        ("detect_score", pa.float64()),
+        ("detected", pa.bool_()),
         ("resolver", pa.string()),
         ("final_prediction", pa.int64()),
         ("t_escalated", pa.float64()),
@@ -189,6 +195,8 @@ EDGE_FIELDS = (
     "duplicates",
     "score",
     "rejected",
+    "detect_score",
+    "detected",
     "resolver",  # clouds and review desks run beside the edge servers, in the same worker
     "final_prediction",
     "t_escalated",
