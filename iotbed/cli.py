@@ -124,7 +124,17 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("frames captured / delivered", f"{frames['captured']} / {frames['delivered']}"),
         ("frames dropped", dropped),
         ("frames in flight at the end", str(frames["in_flight"])),
-        ("retransmissions / duplicates", f"{frames['retries']} / {frames['duplicates']}"),
+        ("MQTT resends / duplicates", f"{frames['retries']} / {frames['duplicates']}"),
+        *(
+            [
+                (
+                    "TCP retransmissions to / from the broker",
+                    f"{tcp['client_to_broker']['retransmissions']} / {tcp['broker_to_client']['retransmissions']}",
+                )
+            ]
+            if (tcp := summary.get("tcp"))
+            else []
+        ),
         ("throughput (frames/s)", _fmt(summary["throughput"]["frames_per_s"], ".2f")),
         ("goodput (Mbit/s)", _fmt(summary["throughput"]["goodput_mbps"], ".3f")),
         ("latency mean / p50 (ms)", f"{_fmt(latency['mean'], '.2f')} / {_fmt(latency['p50'], '.2f')}"),
