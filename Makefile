@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table corruption-table selective-table fuzz clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table corruption-table selective-table defed-table tcp-validation fuzz clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,7 @@ system-deps:
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || missing="$$missing iproute2"; \
+	command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing="$$missing nftables"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt-get) for the tests"; \
 	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
@@ -90,6 +91,19 @@ corruption-table: setup
 # (benchmarks/results/selective_table.md; about 2 min on 2 cores). Options: make selective-table SELECTIVE_ARGS='--images 500'.
 selective-table: setup
 	$(PY) benchmarks/selective_table.py $(SELECTIVE_ARGS)
+
+# Defed's denoiser ensemble (several noise-level pairs, k 2 and 3), its BaseNet ablation, SUPER-IoT and the input
+# transforms under oblivious, adaptive (through the denoisers), detector-aware and black-box (Square, HopSkipJump)
+# attacks on MNIST and GTSRB: accuracy, flag rate, detection AUROC, bytes and edge FLOPs per frame
+# (benchmarks/results/defed_table.md; MNIST alone about 35 min on 2 cores, GTSRB longer; most of it training the denoisers and attacking
+# through them; a rerun re-scores from the caches). Options: make defed-table DEFED_ARGS='--datasets mnist --quick --out /tmp/defed'.
+defed-table: setup
+	$(PY) benchmarks/defed_table.py $(DEFED_ARGS)
+
+# The TCP model against the kernel's TCP at 0.1/1/5% loss, two bandwidths and two message sizes, over network
+# namespaces with nftables loss (root; benchmarks/results/tcp_validation.md; about 12 minutes).
+tcp-validation: setup system-deps
+	$(PY) benchmarks/tcp_validation.py
 
 # Every parser a client or a user can reach (scenario files, frames, pixel drop, model updates and the model
 # loader, quarantine notices) gets 10000 generated or mutated inputs; crashes and hangs land in fuzz/findings/
