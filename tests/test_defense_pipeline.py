@@ -16,6 +16,7 @@ from iotbed.defenses.baselines import FeatureSqueezing, JpegCompression, MedianS
 from iotbed.defenses.pipeline import DEFENSE_KINDS, DEFENSES, DefenseChain, build_chain, build_stage
 from iotbed.defenses.superiot import SuperIoT
 from iotbed.scenario.schema import (
+    LABEL_DECIDING_DEFENSES,
     DefenseSpec,
     FeatureSqueezingDefenseSpec,
     JpegDefenseSpec,
@@ -107,7 +108,9 @@ def test_a_chain_costs_the_sum_of_its_stages() -> None:
 def test_every_scenario_kind_has_its_class_and_unknown_kinds_fail() -> None:
     union = typing.get_args(typing.get_args(DefenseSpec)[0])
     schema_kinds = {typing.get_args(spec.model_fields["kind"].annotation)[0] for spec in union}
-    assert set(DEFENSE_KINDS) == schema_kinds == {cls.kind for cls in DEFENSES}
+    # Defed decides the label: the runner puts it behind the model, it is no stage of the input chain
+    assert LABEL_DECIDING_DEFENSES <= schema_kinds
+    assert set(DEFENSE_KINDS) == schema_kinds - LABEL_DECIDING_DEFENSES == {cls.kind for cls in DEFENSES}
     assert all(DEFENSE_KINDS[cls.kind] is cls for cls in DEFENSES)
     with pytest.raises(ValueError, match="unknown defense kind 'defed'"):
         build_stage(SimpleNamespace(kind="defed"))

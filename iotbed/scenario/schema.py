@@ -239,6 +239,9 @@ class DefedDefenseSpec(Strict):
         return levels
 
 
+# Defenses that decide the frame's label rather than change the frame: not stages of the input chain.
+LABEL_DECIDING_DEFENSES = frozenset({"defed"})
+
 DefenseSpec = Annotated[
     SuperIoTDefenseSpec
     | JpegDefenseSpec
@@ -727,7 +730,7 @@ class EdgeServerGroup(Strict):
     @property
     def input_defenses(self) -> list[DefenseSpec]:
         """The defenses that change the frame before the model (all but a detector that decides the label)."""
-        return [d for d in self.defenses if d.kind != "defed"]
+        return [d for d in self.defenses if d.kind not in LABEL_DECIDING_DEFENSES]
 
     @property
     def defed(self) -> DefedDefenseSpec | None:
