@@ -95,8 +95,9 @@ selective-table: setup
 # Defed's denoiser ensemble (several noise-level pairs, k 2 and 3), its BaseNet ablation, SUPER-IoT and the input
 # transforms under oblivious, adaptive (through the denoisers), detector-aware and black-box (Square, HopSkipJump)
 # attacks on MNIST and GTSRB: accuracy, flag rate, detection AUROC, bytes and edge FLOPs per frame
-# (benchmarks/results/defed_table.md; MNIST alone about 35 min on 2 cores, GTSRB longer; most of it training the denoisers and attacking
-# through them; a rerun re-scores from the caches). Options: make defed-table DEFED_ARGS='--datasets mnist --quick --out /tmp/defed'.
+# (benchmarks/results/defed_table.md; about 48 min on 2 busy shared cores, MNIST 21 and GTSRB 26, 12 of them training
+# the denoisers and most of the rest attacking through them; about 5 min when the denoisers and attacks are cached).
+# Options: make defed-table DEFED_ARGS='--datasets mnist --queries 100' (or '--quick --out /tmp/defed' to try it).
 defed-table: setup
 	$(PY) benchmarks/defed_table.py $(DEFED_ARGS)
 

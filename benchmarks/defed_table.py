@@ -790,6 +790,11 @@ def _bytes_cell(row: dict[str, Any]) -> str:
     return f"{b['bitmap']} / {b['seed']} (bitmap / seed mask)"
 
 
+def _span(shares: list[float]) -> str:
+    lo, hi = f"{100 * min(shares):.0f}", f"{100 * max(shares):.0f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 def _auc(c: dict[str, Any]) -> str:
     return "n/a" if c.get("auroc") is None else f"{c['auroc']:.3f}"
 
@@ -832,6 +837,21 @@ def _findings(r: dict[str, Any]) -> list[str]:
                 f"{c['hsj']['acc']:.1f}% (undefended {none['square']['acc']:.1f}% and {none['hsj']['acc']:.1f}%)."
             )
         out.append(" ".join(parts))
+    shares = [v["saturated_share"] for v in r["denoisers"].values() if v["variant"] == "defed"]
+    if shares:
+        out.append(
+            f"- Gradients: {_span(shares)}% of the Defed denoisers' raw outputs on clean "
+            "frames lie outside [0, 1], where the clamp every use applies passes no gradient"
+            + (
+                ": the denoisers mostly binarise the frame, so the exact gradients the adaptive attacks follow reach "
+                "few pixels, and their numbers here may well overstate Defed's robustness (an upper bound, as always)."
+                if max(shares) > 0.8
+                else ": a large share of the pixels gets no gradient through the denoisers, so the adaptive numbers may "
+                "overstate Defed's robustness (an upper bound, as always)."
+                if max(shares) > 0.3
+                else "."
+            )
+        )
     main = st["budgets"][0]["key"]
     defed, base = rows.get("defed_20_40_k2"), rows.get("basenet_20_40_k2")
     if defed and base:
