@@ -1,11 +1,11 @@
 """The `backdoor` and `detection` sections of a run's summary: what a backdoored model update did while it
-was in service, when the gateways caught it, how long the repair took, and how well STRIP told stamped
+was in service, when the gateways caught it, how long the repair took, and how well the screens (STRIP, SentiNet) told stamped
 frames from clean ones on the frames the gateways really screened.
 
 Times are simulated seconds. "Live" means served by the edge: a stamped frame the backdoor aims at (of a
 class other than the target; of a source class for a source-specific backdoor) classified by the
 backdoored version as the attacker's target is a frame the backdoor won. Everything comes from the run's
-tables; the offline scores and STRIP's calibration entropies were measured by the runtime.
+tables; the offline scores and the screens' calibration scores were measured by the runtime.
 """
 
 from __future__ import annotations
@@ -201,14 +201,14 @@ def _detection(
     if ignored is not None:
         frames = [f for f in frames if not ignored[f.frame_id]]
     ids = np.array([f.frame_id for f in frames], dtype=np.int64)
-    entropies = np.array([f.score for f in frames], dtype=np.float64)
+    scores = np.array([f.score for f in frames], dtype=np.float64)
     stamped = stamped_rows[ids]  # a frame's id is its trace row (TraceRecorder.new_frame)
-    ben, tro = entropies[~stamped], entropies[stamped]
+    ben, tro = scores[~stamped], scores[stamped]
     calibration = None
     for gateway in dict.fromkeys(s.gateway for s in tables.screens if s.version == version and s.kind == kind):
-        scores = [c.score for c in tables.calibration if c.gateway == gateway and c.version == version]
-        if scores:
-            calibration = np.array(scores, dtype=np.float64)
+        found = [c.score for c in tables.calibration if c.gateway == gateway and c.version == version]
+        if found:
+            calibration = np.array(found, dtype=np.float64)
             break
     if calibration is None or ben.size == 0 or tro.size == 0:
         return None

@@ -139,10 +139,12 @@ class EdgeClassifier:
     def _run(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(labels, reject scores, detection scores) of a batch."""
         with torch.inference_mode():
-            logits = self.model(images)
-            scores = self.scorer(images, logits, self.model) if self.scorer else None
             if self.guard is None:
+                logits = self.model(images)
+                scores = self.scorer(images, logits, self.model) if self.scorer else None
                 return logits.argmax(dim=1).numpy(), scores, None
+            # The guard runs the bare model itself; a second pass is only for a reject score that needs logits.
+            scores = self.scorer(images, self.model(images), self.model) if self.scorer else None
             verdict = self.guard.ensemble.classify(images)
             detection = self.guard.ensemble.detection_score(verdict.scores).numpy()
             return verdict.labels.numpy(), scores, detection
