@@ -246,6 +246,33 @@ def test_frr_on_held_out_clean_frames_is_near_its_target(classifier, digits, den
     assert torch.equal(verdict.labels[~verdict.flagged], verdict.bare_labels[~verdict.flagged])
 
 
+def test_the_ensemble_keeps_its_networks_in_eval_mode_through_attacks_and_train_calls(
+    classifier, digits, denoisers, halves
+) -> None:
+    """The denoisers have BatchNorm: in training mode a pass would normalise by the batch and change every score.
+    An attack's eval/restore around the ensemble (built in nn.Module's training mode) and a caller's `train()`
+    must leave every frozen network in eval mode, and the verdicts unchanged."""
+    from iotbed.attacks.evasion import pgd
+
+    calibration, held_out = (digits.test.images[i] for i in halves)
+    ensemble = DefedEnsemble.from_trained(classifier, denoisers, ENSEMBLE)
+    ensemble.fit_thresholds(calibration)
+    before = ensemble.classify(held_out)
+    assert ensemble.training and any(isinstance(m, nn.BatchNorm2d) for m in ensemble.denoisers.modules())
+    x, y = held_out[:16], digits.test.labels[halves[1][:16]]
+    pgd(ensemble.classifier, x, y, eps=0.1, steps=2, generator=torch.Generator().manual_seed(0))
+    wrapper = nn.Sequential(ensemble.denoisers[0], nn.Flatten(), nn.LazyLinear(10))
+    wrapper(x)  # materialise the lazy layer
+    denoiser_modes = [m.training for m in ensemble.denoisers.modules()]
+    pgd(wrapper, x, y, eps=0.1, steps=2, generator=torch.Generator().manual_seed(0))
+    assert wrapper.training and [m.training for m in ensemble.denoisers.modules()] == denoiser_modes
+    ensemble.train()
+    assert not any(m.training for d in ensemble.denoisers for m in d.modules())
+    assert not any(m.training for m in ensemble.classifier.modules())
+    after = ensemble.classify(held_out)
+    assert torch.equal(before.flagged, after.flagged) and torch.equal(before.scores, after.scores)
+
+
 def test_heavily_noised_frames_are_flagged_far_more_often_than_clean_ones(
     classifier, digits, denoisers, halves
 ) -> None:

@@ -51,8 +51,8 @@ from iotbed.attacks.evasion import (
     _check_number,
     _check_steps,
     attack_success,
-    eval_mode,
 )
+from iotbed.models.training import evaluating
 
 __all__ = ["BlackBoxResult", "hop_skip_jump", "square_attack"]
 
@@ -339,7 +339,7 @@ def square_attack(
         raise ValueError("y must be class indices >= 0")
     x, y = x.detach(), y.long()
     step = _square_step_linf if norm == "inf" else _square_step_l2
-    with eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         oracle = _Oracle(model, y, targeted, max_queries, batch_size)
         rows = torch.arange(n, device=x.device)
         best = x.clone()
@@ -518,7 +518,7 @@ def hop_skip_jump(
     d = max(math.prod(x.shape[1:]), 1)
     theta = gamma / (d * math.sqrt(d)) if norm == "2" else gamma / d**2
     dev = x.device
-    with eval_mode(model), torch.no_grad():
+    with evaluating(model), torch.no_grad():
         oracle = _Oracle(model, y, targeted, max_queries, batch_size)
         rows = torch.arange(n, device=dev)
         if n:

@@ -49,10 +49,9 @@ theirs, and nothing here is a translation of any published implementation.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +71,7 @@ from iotbed.attacks.evasion import (
     _step,
 )
 from iotbed.defenses.defed import DefedEnsemble, DefedPass, ensemble_decision
+from iotbed.models.training import evaluating
 
 __all__ = [
     "DefedAttackResult",
@@ -112,21 +112,6 @@ class DefedAttackResult:
 # --- checks and shared pieces ----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _inference_modes(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode for the block, each given back its own mode afterwards.
-
-    Not `evasion.eval_mode`: a `DefedEnsemble` is built in training mode (nn.Module's default) around eval-mode
-    denoisers, so `eval()` then `train(True)` on it would leave the denoisers' BatchNorm in training mode."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _check_ensemble(ensemble: object) -> DefedEnsemble:
     if not isinstance(ensemble, DefedEnsemble):
         raise ValueError(f"the Defed attacks need a DefedEnsemble, got {type(ensemble).__name__}")
@@ -140,7 +125,7 @@ def _check_labels(y: torch.Tensor, ensemble: DefedEnsemble, x: torch.Tensor) -> 
         return
     if bool(y.min() < 0):
         raise ValueError("y must be class indices >= 0")
-    with torch.no_grad(), _inference_modes(ensemble):  # eval: a training-mode BatchNorm would update its statistics
+    with torch.no_grad(), evaluating(ensemble):  # eval: a training-mode BatchNorm would update its statistics
         classes = ensemble.classifier(x[:1].float()).shape[1]
     if int(y.max()) >= classes:
         raise ValueError(f"y holds class {int(y.max())} but the classifier answers {classes} classes")
@@ -390,7 +375,7 @@ def adaptive_pgd(
         return reached
 
     n = x.shape[0]
-    with _inference_modes(ensemble):
+    with evaluating(ensemble):
         x_adv, _, taken, _ = _pgd_rounds(
             ensemble,
             x,
@@ -481,7 +466,7 @@ def detector_aware_pgd(
     upper = torch.full_like(constants, math.inf)
     last_flagged = torch.zeros(n, dtype=torch.bool, device=x.device)
     used = constants.clone()
-    with _inference_modes(ensemble):
+    with evaluating(ensemble):
         for round_ in range(search_steps):
             todo = (~found).nonzero().squeeze(1)
             if todo.numel() == 0:
@@ -553,17 +538,11 @@ class DefedDecision(nn.Module):
         self.queries = 0
         self.flag_count = 0
 
-    def train(self, mode: bool = True) -> DefedDecision:
-        """Sets this wrapper's flag only: the black-box attacks' `eval_mode` gives a model its mode back with
-        `train(was_training)`, which must not reach the denoisers' BatchNorm."""
-        self.training = mode
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ens = self.ensemble
         ens._check(x)
         parts = []
-        with torch.inference_mode(), _inference_modes(ens):
+        with torch.inference_mode(), evaluating(ens):
             for start in range(0, max(x.shape[0], 1), ens.batch_size):
                 p = ens(x[start : start + ens.batch_size].float())
                 flagged, flagged_by, _ = ensemble_decision(

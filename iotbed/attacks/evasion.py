@@ -15,32 +15,20 @@ how adaptive attacks (EOT, see `iotbed.attacks.adaptive`) plug in. Against an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iotbed.models.training import predict
+from iotbed.models.training import evaluating, predict
 
 GradFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Norm = Literal["inf", "2"]
 
 
 # --- shared pieces --------------------------------------------------------------------------------
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode for the block, its own mode back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> None:
@@ -140,7 +128,7 @@ def fgsm(
     """Fast gradient sign method (Goodfellow et al. 2015): one L-inf step of size eps."""
     _check_inputs(model, x, y)
     eps = _check_number(eps, "eps")
-    with eval_mode(model):
+    with evaluating(model):
         grad = _grad_fn(model, grad_fn, targeted)(x, y)
     return (x + eps * grad.sign()).clamp(0.0, 1.0).detach()
 
@@ -187,7 +175,7 @@ def pgd(
         gradient: GradFn = lambda x_, y_: margin_gradient(model, x_, y_, kappa)  # noqa: E731
     else:
         gradient = _grad_fn(model, grad_fn, targeted)
-    with eval_mode(model):
+    with evaluating(model):
         for _ in range(steps):
             x_adv = _project(_step(x_adv, gradient(x_adv, y), alpha, norm), x, eps, norm)
     return x_adv.detach()
@@ -251,7 +239,7 @@ def pgd_l1(
         noise = (e[:, :d] / e.sum(1, keepdim=True) * signs * eps).to(x.dtype).view_as(x)
         x_adv = _project_l1(x + noise.to(x.device), x, eps)
     gradient = _grad_fn(model, grad_fn, targeted)
-    with eval_mode(model):
+    with evaluating(model):
         for _ in range(steps):
             grad = gradient(x_adv, y)
             grad = torch.where(((x_adv <= 0) & (grad < 0)) | ((x_adv >= 1) & (grad > 0)), 0.0, grad).flatten(1)
@@ -311,7 +299,7 @@ def mi_fgsm(
     x_adv = x.clone()
     momentum = torch.zeros_like(x)
     gradient = _grad_fn(model, grad_fn, targeted)
-    with eval_mode(model):
+    with evaluating(model):
         for _ in range(steps):
             grad = gradient(x_adv, y)
             momentum = decay * momentum + grad / grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-12)
@@ -352,7 +340,7 @@ def carlini_wagner_l2(
     const = torch.full_like(lower, initial_const)
     best_l2 = torch.full_like(lower, math.inf)
     best_adv = x.clone()
-    with eval_mode(model):
+    with evaluating(model):
         for _ in range(binary_search_steps):
             w = w0.clone().requires_grad_(True)
             optimizer = torch.optim.Adam([w], lr=lr)
@@ -407,7 +395,7 @@ def deepfool(
     max_iter = _check_steps(max_iter, "max_iter")
     x, y = x.detach(), y.long()
     r_tot = torch.zeros_like(x)
-    with eval_mode(model):
+    with evaluating(model):
         with torch.no_grad():
             logits = model(x)
         k = min(num_classes, logits.shape[1])

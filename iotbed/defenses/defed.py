@@ -781,6 +781,12 @@ class DefedEnsemble(nn.Module):
         self.batch_size = int(batch_size)
         self.thresholds: DefedThresholds | None = None
 
+    def train(self, mode: bool = True) -> DefedEnsemble:
+        """Sets this wrapper's flag only: the ensemble infers with frozen networks (the denoisers are trained by
+        `train_denoiser`), so their BatchNorm must stay in eval mode whatever a caller switches."""
+        self.training = mode
+        return self
+
     @classmethod
     def from_trained(
         cls, classifier: nn.Module, denoisers: Sequence[TrainedDenoiser], config: DefedConfig

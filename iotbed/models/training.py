@@ -318,15 +318,23 @@ def train_model(
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Evaluate in eval mode (BatchNorm running stats, no dropout) and give the caller its mode back.
-    was_training = model.training
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block (BatchNorm's running statistics, no dropout), every submodule given
+    back its own mode afterwards. Not `train(was_training)`: a wrapper built in training mode around frozen
+    eval-mode networks would switch them to training mode on the way out."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
-            yield
+        yield model
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    with evaluating(model), torch.inference_mode():
+        yield
 
 
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
