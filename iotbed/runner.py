@@ -127,7 +127,7 @@ def _prepare(scenario: Scenario, progress: bool) -> tuple[Scenario, Artefacts, d
     # Cameras send 8-bit pixels; the edge classifies exactly those, in simulation as on a real broker.
     captured = (splits.test.images * 255.0).round() / 255.0
     adversarial, bare_correct = craft_attacks(
-        resolved, trained.model, captured, splits.test.labels, progress, backdoors
+        resolved, trained.model, captured, splits.test.labels, progress, backdoors, guards
     )
     conditions = camera_conditions(resolved, captured)
     if conditions:
@@ -362,9 +362,11 @@ def craft_attacks(
     labels: torch.Tensor,
     progress: bool,
     backdoors: dict[int, BackdoorInUpdate] | None = None,
+    guards: dict[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Every attack's adversarial images (on the model the edge starts with), and the bare model's verdicts
-    on the clean images and on each attack's oblivious images."""
+    """Every attack's adversarial images (on the model the edge starts with, behind its Defed where it has
+    one), and the bare model's verdicts on the clean images and on each attack's oblivious images (a black-box
+    attack's, which always queried the deployed decision)."""
     from iotbed.attacks.crafting import bare_predictions, craft
     from iotbed.defenses.pipeline import build_chain
 
@@ -391,6 +393,16 @@ def craft_attacks(
             drop_window=codec.window if dropping else None,  # type: ignore[union-attr]
             drop_rate=codec.rate if dropping else None,
         )  # type: ignore[union-attr]
+        guard = (guards or {}).get(edge.name)
+        defed = guard.ensemble if guard is not None else None
+        where = f"attack {spec.label!r}"
+        if spec.detector_aware and defed is None:
+            raise ScenarioError(f"{where}: detector_aware needs Defed in edge {edge.name!r}'s defenses")
+        if spec.adaptive and defed is not None and chain.stages:
+            raise ScenarioError(
+                f"{where}: adaptive crafting through Defed behind other input defenses is not supported; give edge "
+                f"{edge.name!r} Defed alone, or use a black-box method (square, hopskipjump), which queries them all"
+            )
         oblivious = craft(
             spec,
             model,
@@ -401,12 +413,21 @@ def craft_attacks(
             num_classes=num_classes,
             progress=progress,
             adaptive=False,
+            defed=defed,
         )
         bare_correct[spec.label] = bare_predictions(model, oblivious) == truth
         used = oblivious
         if spec.adaptive:
             used = craft(
-                spec, model, images, labels, chain=chain, seed=spec.seed, num_classes=num_classes, progress=progress
+                spec,
+                model,
+                images,
+                labels,
+                chain=chain,
+                seed=spec.seed,
+                num_classes=num_classes,
+                progress=progress,
+                defed=defed,
             )
         adversarial[spec.label] = used.numpy().astype(np.float32)
     return adversarial, bare_correct

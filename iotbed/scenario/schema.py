@@ -253,29 +253,49 @@ DefenseSpec = Annotated[
     BeforeValidator(_kind_shorthand),
 ]
 
-EVASION_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool")
+EVASION_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool", "square", "hopskipjump")
 GRADIENT_METHODS = ("fgsm", "bim", "mi_fgsm", "pgd")
+BLACK_BOX_METHODS = ("square", "hopskipjump")
 
 
 class AttackSpec(Strict):
     """Adversarial frames in the running system. `compromised_camera`: the named cameras send adversarial
     images. `mitm`: frames crossing `link` (from its first end to its second) have their travelling pixels
     perturbed; for pixel-dropped frames only the kept ones. Adversarial images are crafted on the model the
-    edge starts with: against the bare model (oblivious), or through the edge's defenses with BPDA, plus
-    EOT over their randomness (adaptive)."""
+    edge starts with: against the bare model (oblivious), or through the edge's defenses (adaptive): BPDA,
+    plus EOT over their randomness, for input transforms; exact gradients through Defed's denoisers, scores
+    and vote. The black-box methods (square, hopskipjump) query the edge's deployed decision, defenses
+    included, and never see a gradient."""
 
     kind: Literal["compromised_camera", "mitm", "trigger"]
     name: str | None = Field(None, description="label in the trace; default `<kind>-<method>`")
     cameras: list[str] = Field(default_factory=list, description="camera groups or nodes (compromised_camera)")
     link: tuple[str, str] | None = Field(None, description="[from, to]: node groups or nodes (mitm)")
-    method: Literal["fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool"] = "pgd"
+    method: Literal["fgsm", "bim", "mi_fgsm", "pgd", "cw_l2", "deepfool", "square", "hopskipjump"] = "pgd"
     eps: Annotated[float, Field(ge=0.0, description="budget (L-inf in [0, 1] pixel units, or L2 with norm: 2)")] = 0.1
     steps: Annotated[int, Field(ge=1)] = 10
     alpha: Annotated[
         float | None, Field(gt=0.0, description="step size; default eps/4 (PGD), eps/10 (BIM, MI-FGSM)")
     ] = None
     norm: Literal["inf", "2"] = "inf"
-    adaptive: bool = Field(False, description="craft through the edge's defenses (BPDA, EOT) instead of the bare model")
+    adaptive: bool = Field(
+        False,
+        description="craft through the edge's defenses instead of the bare model: BPDA (and EOT) through input "
+        "transforms, exact gradients through Defed (pgd only)",
+    )
+    detector_aware: bool = Field(
+        False,
+        description="adaptive pgd against an edge with Defed: frames that are wrong AND unflagged (Carlini and "
+        "Wagner's detector-aware loss: the margin plus c times each score's excess over its threshold)",
+    )
+    queries: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="square, hopskipjump: queries of the deployed decision per image. hopskipjump is a "
+            "minimum-norm attack: a frame whose result is farther than eps (in `norm`) is sent clean",
+        ),
+    ] = 1000
     confidence: Annotated[
         float,
         Field(
@@ -307,9 +327,21 @@ class AttackSpec(Strict):
         if self.confidence > 0 and (self.method not in ("pgd", "cw_l2") or self.adaptive):
             raise ValueError("confidence (kappa) is for oblivious pgd and cw_l2 attacks")
         if self.adaptive and self.method not in GRADIENT_METHODS:
-            raise ValueError(f"adaptive attacks use gradients: method must be one of {', '.join(GRADIENT_METHODS)}")
-        if self.norm == "2" and self.method not in ("pgd",):
-            raise ValueError("norm: 2 is for pgd; the other methods are L-inf (or, cw_l2/deepfool, minimal L2)")
+            hint = (
+                " (square and hopskipjump always query the deployed defenses)"
+                if self.method in BLACK_BOX_METHODS
+                else ""
+            )
+            raise ValueError(
+                f"adaptive attacks use gradients: method must be one of {', '.join(GRADIENT_METHODS)}{hint}"
+            )
+        if self.detector_aware and not (self.adaptive and self.method == "pgd"):
+            raise ValueError("detector_aware is a kind of adaptive pgd: set `adaptive: true` and `method: pgd`")
+        if self.norm == "2" and self.method not in ("pgd", "square", "hopskipjump"):
+            raise ValueError(
+                "norm: 2 is for pgd, square and hopskipjump; the other methods are L-inf (or, cw_l2/deepfool, "
+                "minimal L2)"
+            )
         if self.stop is not None and self.stop <= self.start:
             raise ValueError("stop must come after start")
         return self
