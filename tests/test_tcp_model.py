@@ -258,7 +258,19 @@ def test_two_losses_in_one_window_are_repaired_in_the_same_round_trip() -> None:
     a = pair.conn.a.stats
     assert pair.delivered_b() == ["ten"]
     assert (a.retransmits_fast, a.timeouts, a.fast_recoveries) == (2, 0, 1)
-    assert loss.times[10] == pytest.approx(loss.times[11])  # both resent at once (SACK + RACK)
+    # Both holes are known at once (SACK + RACK); PRR lets one segment go per segment delivered, so the second
+    # goes on the next SACK, one segment's transmission later: both in one round trip.
+    assert loss.times[11] - loss.times[10] == pytest.approx(SEG_S)
+
+
+def test_without_prr_both_holes_are_resent_at_once() -> None:
+    pair = build(settings=TcpSettings(prr=False))
+    loss = ScriptedLoss(pair.env, {1, 4})
+    pair.forward.loss = loss
+    pair.send_at(0.0, "ten", 10 * 1448)
+    pair.env.run(until=3.0)
+    assert pair.delivered_b() == ["ten"]
+    assert loss.times[10] == pytest.approx(loss.times[11])
 
 
 def test_messages_behind_a_loss_wait_until_it_is_repaired() -> None:

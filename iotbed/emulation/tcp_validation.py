@@ -47,8 +47,8 @@ frames. `compare` runs both.
 What differs by construction (see also `iotbed.sim.tcp`'s docstring): the kernel's timers tick in jiffies
 (CONFIG_HZ, 250 here: 4 ms), so its RTO, probe, reordering and delayed-ACK timers fire up to a tick late
 where the model's are exact (and its reordering timer 2 ms after its deadline, which the model leaves out);
-its delayed-ACK timeout adapts to the arrival pattern (40 ms at the start, never below); CUBIC's window
-growth, PRR and the adaptive reordering window are simplified in the model; and the two sides draw their
+its delayed-ACK timeout adapts to the arrival pattern (40 ms at the start, never below); the model's CUBIC
+runs on its exact clock without HyStart, and its reordering window does not adapt; and the two sides draw their
 losses independently, so they compare as two samples of one distribution, not message by message. What
 that does to the figures: benchmarks/results/tcp_validation.md.
 

@@ -3,17 +3,21 @@
 A packet is routed once when it is sent (the route is cached per node pair) and then hops link by link;
 each hop is one scheduled SimPy event. Endpoints (an MQTT client or broker) live on nodes and receive
 the packets addressed to them.
+
+The packet is its own SimPy event for each hop (it has the `callbacks` and `_ok` that SimPy's loop reads),
+pushed onto the environment's queue as `Timeout` would push it: a `Timeout` object per hop costs more than
+the rest of the hop. `schedule` does the same for any other callback.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from heapq import heappush
 from typing import Any, Protocol
 
 import networkx as nx
 import simpy
-from simpy.events import Timeout
 
 from iotbed.sim.links import LinkDirection
 
@@ -40,6 +44,26 @@ class Packet:
     frame: FrameAccount | None = None
     route: tuple[LinkDirection, ...] = ()
     hop: int = 0
+    # As a SimPy event on its way over a hop: what to call on arrival (SimPy sets it to None as it does).
+    callbacks: Any = field(default=None, init=False, repr=False, compare=False)
+    _ok: bool = field(default=True, init=False, repr=False, compare=False)
+
+
+class Wake:
+    """A bare SimPy event that calls `callbacks` with itself when due; `_value` is the caller's."""
+
+    __slots__ = ("callbacks", "_ok", "_value")
+
+    def __init__(self, callbacks: Any, value: Any) -> None:
+        self.callbacks = callbacks
+        self._ok = True
+        self._value = value
+
+
+def schedule(env: simpy.Environment, delay: float, callbacks: Any, value: Any) -> None:
+    """Call each of `callbacks` (a tuple or list) with a `Wake` holding `value` after `delay`, exactly as
+    `Timeout(env, delay, value).callbacks` would be (same time, same order among events), more cheaply."""
+    heappush(env._queue, (env._now + delay, 1, next(env._eid), Wake(callbacks, value)))  # type: ignore[attr-defined]
 
 
 DropListener = Callable[[Packet, str, LinkDirection | None], None]
@@ -57,6 +81,7 @@ class Network:
         self._routes: dict[tuple[str, str], tuple[LinkDirection, ...]] = {}
         self.drop_listeners: list[DropListener] = []
         self.tcp_timers: Any = None  # the timers of the TCP connections over this network (iotbed.sim.tcp)
+        self._on_arrival = (self._arrive,)  # a packet's callbacks for every hop (SimPy only iterates them)
 
     def add_node(self, name: str) -> None:
         self.graph.add_node(name)
@@ -85,15 +110,17 @@ class Network:
         if route is None:
             route = self.route(sender.node, receiver.node)
         packet = Packet(sender, receiver, size, message, frame, route)
-        if not packet.route:  # same node: handed over at once, as over a loopback socket
+        if not route:  # same node: handed over at once, as over a loopback socket
             receiver.receive(packet)
             return
-        self._transmit(packet)
+        self.transmit(packet)
 
-    def _transmit(self, packet: Packet) -> None:
+    def transmit(self, packet: Packet) -> None:
+        """Offer `packet` to the link of its current hop (its route is set and not finished)."""
         link = packet.route[packet.hop]
         stats = link.stats
-        now = self.env._now
+        env = self.env
+        now = env._now
         size = packet.size
         stats.packets_sent += 1
         departure = link.transmitter.admit(now, size)
@@ -110,20 +137,23 @@ class Network:
             self.drop(packet, "link_loss", link)
             return
         delay = link.latency_s if link.jitter_s <= 0.0 else link.delay_after_departure()
-        Timeout(self.env, departure + delay - now, packet).callbacks.append(self._arrive)
+        packet.callbacks = self._on_arrival
+        # Timeout(env, departure + delay - now) would fire at now + that: the same sum, the same float.
+        heappush(env._queue, (now + (departure + delay - now), 1, next(env._eid), packet))  # type: ignore[attr-defined]
 
-    def _arrive(self, event: simpy.Event) -> None:
-        packet: Packet = event._value
+    def _arrive(self, packet: Packet) -> None:
         link = packet.route[packet.hop]
         link.stats.packets_delivered += 1
         if link.taps:
             for tap in link.taps:
                 tap(packet)
-        packet.hop += 1
-        if packet.hop == 1 and packet.frame is not None and packet.frame.t_first_hop < 0:
-            packet.frame.t_first_hop = self.env.now
-        if packet.hop < len(packet.route):
-            self._transmit(packet)
+        hop = packet.hop = packet.hop + 1
+        if hop == 1:
+            frame = packet.frame
+            if frame is not None and frame.t_first_hop < 0:
+                frame.t_first_hop = self.env._now
+        if hop < len(packet.route):
+            self.transmit(packet)
         else:
             packet.receiver.receive(packet)
 

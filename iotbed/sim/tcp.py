@@ -26,10 +26,18 @@ What follows Linux (6.x, sysctl defaults) and the RFCs it implements:
   naming the out-of-order segment that triggered it (one block: a lost ACK loses its block, where real
   SACK repeats up to three), so the holes of one window are resent together, in one round trip.
 - Congestion window, in segments: initial window 10 (RFC 6928), slow start counting segments acknowledged,
-  Reno's additive increase (one segment per window), grown on cumulative ACKs only and only while the
-  window limits the sender; on a fast retransmit ssthresh = cwnd = 0.7 cwnd (CUBIC's beta); on an RTO
-  ssthresh = 0.7 cwnd, cwnd = 1 and every unSACKed segment is resent in slow start; after an idle period
-  longer than the RTO the window restarts (tcp_slow_start_after_idle). Nagle's algorithm in Minshall's
+  then CUBIC as Linux's tcp_cubic.c (RFC 9438): the window aims for W_max + 0.4 (t - K)^3 a round trip
+  ahead, or for the Reno-friendly estimate (3 (1 - b) / (1 + b) = 0.53 segment per window acknowledged at
+  b = 0.7) where that is ahead, at least 5% a round trip before the first loss; idle time does not count as
+  epoch time (CA_EVENT_TX_START). It grows on cumulative ACKs only and only while the window limits the
+  sender, with Linux's latch (tcp_cwnd_validate): once a send found the window full, the sender counts as
+  window-limited until that window is acknowledged. On a fast retransmit ssthresh = 0.7 cwnd and PRR (RFC
+  6937, Linux's tcp_cwnd_reduction) brings the window down as ACKs report deliveries, to ssthresh when the
+  recovery ends; a loss that a tail loss probe repaired sets cwnd = ssthresh at once, as Linux's does; on an
+  RTO ssthresh = 0.7 cwnd, cwnd = 1, CUBIC's state (W_max too) is reset and every unSACKed segment is resent
+  in slow start; after an idle period longer than the RTO the window restarts (tcp_slow_start_after_idle).
+  `TcpSettings` turns CUBIC (for Reno's one segment per window), PRR (for an immediate cut) and the latch
+  (for 'the window was full when this ACK came') off one by one. Nagle's algorithm in Minshall's
   form (a small segment waits while an earlier small one is unacknowledged) is on, as paho-mqtt and
   Mosquitto leave it; so a small message written behind a lost small one waits in the sender, no duplicate
   ACK comes, and the loss costs the probe or the RTO, in Linux as here.
@@ -42,13 +50,10 @@ What follows Linux (6.x, sysctl defaults) and the RFCs it implements:
   whose `TcpConnection.accepting` says no (the server process is down) answers a SYN with a RST (40
   bytes), as a kernel does for a closed port; the opening end closes and calls `on_refused`.
 
-What it simplifies, and why that is close enough for iotbed. The window grows as Reno's, not as CUBIC's
-cubic of the time since the last loss: iotbed's flows are application-limited (messages of a few KB to
-tens of KB, 2 to ~30 segments, at rates that leave the link idle between them), so the window seldom
-limits, and where it does CUBIC's TCP-friendly region grows it about as Reno does at the small windows and
-RTTs of IoT links; the decrease, which sets what a loss costs, is CUBIC's. (A long bulk transfer over a
-path of large bandwidth-delay product would come out slower than with CUBIC.) Recovery cuts the window to
-0.7 at once where Linux paces it down with PRR (RFC 6937), over the one RTT the repair takes anyway. The
+What it simplifies, and why that is close enough for iotbed. CUBIC runs on the simulated clock in seconds
+where Linux counts jiffies (its curve is recomputed at most every 1/32 s here, at most once a jiffy
+there), and HyStart is left out: iotbed's flows are application-limited (messages of a few KB to tens of
+KB, at rates that leave the link idle between them), so slow start seldom runs long enough for it. The
 reordering window stays at min RTT / 4 where Linux widens it after seeing reordering, so a link with jitter
 causes more spurious retransmissions here. Not modelled: the receive window (taken as never limiting:
 Linux autotunes it up to 6 MB, iotbed's flights are below 100 KB) and the send buffer, delayed-ACK
@@ -57,7 +62,9 @@ undoing spurious reductions, pacing, TSO, FIN and RST other than refusing a SYN 
 or resets a connection with `reset` or `abort`, at once), the per-destination metrics cache, giving up after
 tcp_retries2.
 
-Cost: no SimPy process per connection, and no SimPy event per timer. Each end keeps its timers (RTO, probe,
+Cost: no SimPy process per connection, and no SimPy event per timer beyond what fires. A packet is its own
+SimPy event on each hop (`Network.transmit`), a message that fits one segment behind nothing unsent goes
+out without queueing (`send`), and each end caches its route. Each end keeps its timers (RTO, probe,
 reordering, delayed ACK) as numbers; the earliest goes into one heap that all ends on a network share
 (`TimerQueue`), which keeps at most one SimPy event pending, for the earliest deadline that is still wanted.
 A deadline that moves (an ACK clears the RTO; the delayed ACK rode on data) leaves its old heap entry behind,
@@ -74,9 +81,8 @@ from heapq import heappop, heappush
 from typing import Any
 
 import simpy
-from simpy.events import Timeout
 
-from iotbed.sim.network import FrameAccount, Network, Packet
+from iotbed.sim.network import FrameAccount, Network, Packet, schedule
 
 INF = math.inf
 _EPS = 1e-9  # a timer event fires at its deadline give or take float rounding
@@ -115,6 +121,9 @@ class TcpSettings:
     tail_loss_probe: bool = True
     nagle: bool = True
     slow_start_after_idle: bool = True
+    cubic: bool = True  # window growth as Linux's CUBIC (its Reno-friendly region included); False: Reno's
+    prr: bool = True  # fast recovery paces the window down (RFC 6937), as Linux; False: cut at once
+    cwnd_latch: bool = True  # 'cwnd-limited' holds for a round trip once the window filled (tcp_cwnd_validate)
 
     def __post_init__(self) -> None:
         if self.mss <= 0 or self.initial_cwnd <= 0 or self.dupthresh <= 0:
@@ -189,18 +198,114 @@ def _discard(_: Any) -> None:
     pass
 
 
+_CUBIC_C = 0.4  # segments per second cubed (RFC 9438; Linux's bic_scale 41/1024 * 10)
+
+
+class _Cubic:
+    """CUBIC's state (Linux's tcp_cubic.c, in seconds instead of jiffies, without HyStart): the window it aims
+    for, W_max + C (t - K)^3, and the Reno-friendly estimate that grows 3 (1 - b) / (1 + b) segments per
+    window acknowledged; the faster of the two sets how many ACKs add one segment (`cnt`)."""
+
+    __slots__ = (
+        "cnt",
+        "last_max_cwnd",
+        "last_cwnd",
+        "last_time",
+        "origin",
+        "k",
+        "delay_min",
+        "epoch_start",
+        "ack_cnt",
+        "tcp_cwnd",
+    )
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """bictcp_reset: on an RTO, all is forgotten, W_max too."""
+        self.cnt = 0
+        self.last_max_cwnd = 0
+        self.last_cwnd = 0
+        self.last_time = 0.0
+        self.origin = 0
+        self.k = 0.0
+        self.delay_min = 0.0
+        self.epoch_start = -1.0  # < 0: no epoch (one starts at the first growth after a reduction)
+        self.ack_cnt = 0
+        self.tcp_cwnd = 0
+
+    def ssthresh(self, cwnd: int, beta: float) -> int:
+        """A loss: the epoch ends, W_max is remembered (lowered further when below the last, fast
+        convergence), and the window goes to beta of itself."""
+        self.epoch_start = -1.0
+        if cwnd < self.last_max_cwnd:
+            self.last_max_cwnd = int(cwnd * (1.0 + beta) / 2.0)
+        else:
+            self.last_max_cwnd = cwnd
+        return max(2, int(cwnd * beta))
+
+    def acked(self, rtt: float, now: float) -> None:
+        """An RTT sample: the smallest is the `t + RTT` CUBIC aims a round trip ahead with (none taken in the
+        first second of an epoch, as Linux)."""
+        if self.epoch_start >= 0.0 and now - self.epoch_start < 1.0:
+            return
+        if self.delay_min == 0.0 or rtt < self.delay_min:
+            self.delay_min = rtt
+
+    def idle(self, idle_s: float, now: float) -> None:
+        """Sending again with nothing in flight (CA_EVENT_TX_START): the idle spell does not count as epoch
+        time, so an application-limited sender does not jump up the curve."""
+        if self.epoch_start >= 0.0 and idle_s > 0.0:
+            self.epoch_start = min(self.epoch_start + idle_s, now)
+
+    def update(self, cwnd: int, acked: int, now: float, beta: float) -> int:
+        """bictcp_update: ACKs per one segment of growth at `cwnd`."""
+        self.ack_cnt += acked
+        if self.last_cwnd == cwnd and now - self.last_time <= 1.0 / 32.0:
+            return self.cnt  # recomputed at most every 1/32 s while the window stays
+        self.last_cwnd = cwnd
+        self.last_time = now
+        if self.epoch_start < 0.0:
+            self.epoch_start = now
+            self.ack_cnt = acked
+            self.tcp_cwnd = cwnd
+            if self.last_max_cwnd <= cwnd:
+                self.k = 0.0
+                self.origin = cwnd
+            else:
+                self.k = ((self.last_max_cwnd - cwnd) / _CUBIC_C) ** (1.0 / 3.0)
+                self.origin = self.last_max_cwnd
+        t = now - self.epoch_start + self.delay_min
+        delta = int(_CUBIC_C * abs(t - self.k) ** 3)
+        target = self.origin - delta if t < self.k else self.origin + delta
+        cnt = cwnd // (target - cwnd) if target > cwnd else 100 * cwnd
+        if self.last_max_cwnd == 0 and cnt > 20:
+            cnt = 20  # no loss seen yet: at least 5% a round trip
+        # Reno-friendly: the window Reno with CUBIC's beta would have, 3 (1 - b) / (1 + b) a round trip.
+        per = (cwnd * int(8.0 * (1.0 + beta) / 3.0 / (1.0 - beta))) >> 3
+        while self.ack_cnt > per:
+            self.ack_cnt -= per
+            self.tcp_cwnd += 1
+        if self.tcp_cwnd > cwnd:
+            cnt = min(cnt, cwnd // (self.tcp_cwnd - cwnd))
+        self.cnt = max(cnt, 2)
+        return self.cnt
+
+
 class TimerQueue:
     """The timers of every TCP end on one network: a heap of (deadline, order, end) and at most one pending
     SimPy event, for the earliest deadline an end still waits for (its `_wake`). Ends whose deadlines fall
     at the same instant are served in the order they set them."""
 
-    __slots__ = ("env", "_heap", "_wake", "_order")
+    __slots__ = ("env", "_heap", "_wake", "_order", "_callbacks")
 
     def __init__(self, env: simpy.Environment) -> None:
         self.env = env
         self._heap: list[tuple[float, int, TcpEndpoint]] = []
         self._wake = INF  # when the pending SimPy event fires
         self._order = 0
+        self._callbacks = (self._fire,)
 
     @classmethod
     def of(cls, network: Network) -> TimerQueue:
@@ -211,15 +316,15 @@ class TimerQueue:
         return queue  # type: ignore[no-any-return]
 
     def add(self, at: float, end: TcpEndpoint) -> None:
-        self._order += 1
-        heappush(self._heap, (at, self._order, end))
+        order = self._order = self._order + 1
+        heappush(self._heap, (at, order, end))
         if at < self._wake:
             self._book(at)
 
     def _book(self, at: float) -> None:
         self._wake = at
         now = self.env._now
-        Timeout(self.env, at - now if at > now else 0.0, at).callbacks.append(self._fire)
+        schedule(self.env, at - now if at > now else 0.0, self._callbacks, at)
 
     def _fire(self, event: simpy.Event) -> None:
         if event._value != self._wake:
@@ -259,6 +364,9 @@ class TcpEndpoint:
         "_s",
         "_timers",
         "_wake",
+        "_route",
+        "_mss",
+        "_hdr",
         "_rto_at",
         "_tlp_at",
         "_reo_at",
@@ -277,6 +385,14 @@ class TcpEndpoint:
         "cwnd",
         "_cwnd_cnt",
         "ssthresh",
+        "_prior_cwnd",
+        "_prr_delivered",
+        "_prr_out",
+        "_lost_marks",
+        "_cwnd_limited",
+        "_max_packets_out",
+        "_cwnd_usage_seq",
+        "_cubic",
         "_ca_state",
         "_recover",
         "_last_send",
@@ -319,6 +435,9 @@ class TcpEndpoint:
         self._s = connection.settings
         self._timers = connection.timers
         self._wake = INF  # the deadline this end's live entry in the timer queue has (INF: none)
+        self._route: tuple[Any, ...] | None = None  # to the peer's node, looked up on the first packet
+        self._mss = self._s.mss
+        self._hdr = self._s.header_bytes + self._s.framing_bytes  # on every segment
         self._reset_state(ESTABLISHED)
 
     def _reset_state(self, state: str) -> None:
@@ -334,6 +453,12 @@ class TcpEndpoint:
         self.cwnd = s.initial_cwnd
         self._cwnd_cnt = 0
         self.ssthresh = _NO_SSTHRESH
+        self._prior_cwnd = self._prr_delivered = self._prr_out = 0  # PRR's (RFC 6937) state in recovery
+        self._lost_marks = 0  # segments marked lost, ever (what one ACK newly marked: the difference)
+        self._cwnd_limited = False  # tcp_cwnd_validate's latch, and the most segments out in this round trip
+        self._max_packets_out = 0
+        self._cwnd_usage_seq = 0
+        self._cubic = _Cubic()
         self._ca_state = _OPEN
         self._recover = 0
         self._last_send = -INF
@@ -367,11 +492,27 @@ class TcpEndpoint:
         if size <= 0:
             raise ValueError("a message has at least one byte")
         now = self._env._now
-        if self._s.slow_start_after_idle and not self._rtx and now - self._last_send > self.rto:
+        if not self._rtx and now - self._last_send > self.rto and self._s.slow_start_after_idle:
             self._restart_window(now)
-        self._write_end += size
-        self._pending.append((self._write_end, message, frame))
-        self._push(now)
+        end = self._write_end = self._write_end + size
+        rtx = self._rtx
+        if (
+            size <= self._mss
+            and not self._pending
+            and self.state == ESTABLISHED
+            and not self._to_resend
+            and len(rtx) - self._sacked_out - self._lost_out + self._retrans_out < self.cwnd
+            and (size == self._mss or not rtx or self._snd_sml <= self.snd_una or not self._s.nagle)
+        ):
+            # The common case: all before it is sent and the window (and Nagle) let it go at once, as one
+            # segment; what `_push` would do, without queueing it first.
+            self._send_segment(now, end, (message,), frame, size)
+            self._schedule_probe(now)
+            if self._s.cwnd_latch:
+                self._cwnd_validate(len(rtx) - self._sacked_out - self._lost_out + self._retrans_out >= self.cwnd)
+        else:
+            self._pending.append((end, message, frame))
+            self._push(now)
         self._arm()
 
     def abort(self) -> list[Any]:
@@ -395,41 +536,74 @@ class TcpEndpoint:
         """Send what the window allows: segments marked lost first, then new data."""
         if self.state != ESTABLISHED:
             return
-        s = self._s
+        mss = self._mss
+        rtx = self._rtx
         sent_new = False
-        while len(self._rtx) - self._sacked_out - self._lost_out + self._retrans_out < self.cwnd:
+        had_new = self.snd_nxt < self._write_end
+        while len(rtx) - self._sacked_out - self._lost_out + self._retrans_out < self.cwnd:
             if self._to_resend:
                 self._resend(self._next_lost(), now)
                 continue
-            seq = self.snd_nxt
-            if seq >= self._write_end:
+            left = self._write_end - self.snd_nxt
+            if left <= 0:
                 break
-            length = min(s.mss, self._write_end - seq)
-            if length < s.mss and s.nagle and self._rtx and self._snd_sml > self.snd_una:
+            if left >= mss:
+                left = mss
+            elif rtx and self._snd_sml > self.snd_una and self._s.nagle:
                 break  # a small segment waits while an earlier small one is unacknowledged
-            self._send_new(now, length)
+            self._send_new(now, left)
             sent_new = True
         if sent_new:
             self._schedule_probe(now)
+        if had_new and self._s.cwnd_latch:
+            limited = len(rtx) - self._sacked_out - self._lost_out + self._retrans_out >= self.cwnd
+            if sent_new or limited:
+                self._cwnd_validate(limited)
+
+    def _cwnd_validate(self, limited: bool) -> None:
+        """Linux's tcp_cwnd_validate: once the window limited a send, the sender counts as window-limited
+        until that window is acknowledged, so every ACK of a burst that filled it grows it; else the most
+        segments out in the round trip (which slow start may double)."""
+        if (
+            self.snd_una >= self._cwnd_usage_seq
+            or limited
+            or (not self._cwnd_limited and len(self._rtx) > self._max_packets_out)
+        ):
+            self._cwnd_limited = limited
+            self._max_packets_out = len(self._rtx)
+            self._cwnd_usage_seq = self.snd_nxt
 
     def _send_new(self, now: float, length: int) -> None:
-        seq = self.snd_nxt
-        end = seq + length
+        end = self.snd_nxt + length
         pending = self._pending
-        frame = pending[0][2]  # the message that owns the first byte
-        ends = _NO_ENDS
-        if pending[0][0] <= end:
-            done = []
-            while pending and pending[0][0] <= end:
-                done.append(pending.popleft()[1])
-            ends = tuple(done)
+        first = pending[0]
+        if first[0] > end:
+            ends = _NO_ENDS
+        else:
+            pending.popleft()
+            if pending and pending[0][0] <= end:
+                done = [first[1]]
+                while pending and pending[0][0] <= end:
+                    done.append(pending.popleft()[1])
+                ends = tuple(done)
+            else:
+                ends = (first[1],)
+        self._send_segment(now, end, ends, first[2], length)  # charged to the message owning the first byte
+
+    def _send_segment(
+        self, now: float, end: int, ends: tuple[Any, ...], frame: FrameAccount | None, length: int
+    ) -> None:
+        seq = self.snd_nxt
         data = _Data(seq, end, ends, frame, now)
-        if not self._rtx or self._tlp_at < INF:
+        rtx = self._rtx
+        if len(rtx) - self._sacked_out - self._lost_out + self._retrans_out == 0 and self._s.cubic:
+            self._cubic.idle(now - self._last_send, now)
+        if not rtx or self._tlp_at < INF:
             self._rto_at = now + self.rto  # from idle, or a probe was pending (Linux rearms then)
-        self._rtx.append(data)
+        rtx.append(data)
         self._by_seq[seq] = data
         self.snd_nxt = end
-        if length < self._s.mss:
+        if length < self._mss:
             self._snd_sml = end
         self._last_send = now
         if self._receiving and now - self._lrcvtime < self._s.delayed_ack_s:
@@ -458,7 +632,6 @@ class TcpEndpoint:
         raise AssertionError("a segment is counted lost but none is marked")
 
     def _transmit(self, data: _Data, now: float) -> None:
-        s = self._s
         length = data.end - data.seq
         rcv_nxt = self.rcv_nxt
         segment = TcpSegment(self.epoch, data.seq, data, now, rcv_nxt, self._ts_recent)
@@ -467,37 +640,38 @@ class TcpEndpoint:
                 self._quick -= 1
             self._last_ack_sent = rcv_nxt
         self._ack_at = INF
+        if self._ca_state == _RECOVERY:
+            self._prr_out += 1
         stats = self.stats
         stats.segments_sent += 1
         stats.bytes_sent += length
-        self._emit(s.header_bytes + length + s.framing_bytes, segment, data.frame)
+        self._emit(self._hdr + length, segment, data.frame)
 
     def _send_ack(self, now: float, sack: int = -1, sack_ts: float = -1.0, dsack: bool = False) -> None:
-        s = self._s
-        size = s.header_bytes + s.framing_bytes
+        size = self._hdr
         if sack >= 0 or dsack or self._ooo:
-            size += s.sack_bytes
-        segment = TcpSegment(self.epoch, self.snd_nxt, None, now, self.rcv_nxt, self._ts_recent, sack, sack_ts, dsack)
-        self._ack_sent()
+            size += self._s.sack_bytes
+        rcv_nxt = self.rcv_nxt
+        segment = TcpSegment(self.epoch, self.snd_nxt, None, now, rcv_nxt, self._ts_recent, sack, sack_ts, dsack)
+        if rcv_nxt > self._last_ack_sent:  # every segment acknowledges rcv_nxt: no delayed ACK is due
+            if self._quick:
+                self._quick -= 1
+            self._last_ack_sent = rcv_nxt
+        self._ack_at = INF
         self.stats.acks_sent += 1
         self._emit(size, segment, self._ack_frame)
-
-    def _ack_sent(self) -> None:
-        """Every segment acknowledges rcv_nxt: a pending delayed ACK is no longer needed."""
-        if self.rcv_nxt > self._last_ack_sent and self._quick:
-            self._quick -= 1
-        self._last_ack_sent = self.rcv_nxt
-        self._ack_at = INF
 
     def _emit(self, size: int, segment: TcpSegment, frame: FrameAccount | None) -> None:
         self.stats.wire_bytes += size
         peer = self.peer
-        if self.node == peer.node:
-            # Loopback: the network would hand it over inside this call; a zero delay keeps ends apart.
-            packet = Packet(self, peer, size, segment, frame)
-            Timeout(self._env, 0.0, packet).callbacks.append(_loopback)
-            return
-        self._network.send(self, peer, size, segment, frame)
+        route = self._route
+        if route is None:
+            if self.node == peer.node:
+                # Loopback: the network would hand it over inside this call; a zero delay keeps ends apart.
+                schedule(self._env, 0.0, _LOOPBACK, Packet(self, peer, size, segment, frame))
+                return
+            route = self._route = self._network.route(self.node, peer.node)
+        self._network.transmit(Packet(self, peer, size, segment, frame, route))
 
     def _send_syn(self, kind: int, now: float) -> None:
         s = self._s
@@ -527,16 +701,19 @@ class TcpEndpoint:
             self._on_syn(segment, now)
             self._arm()
             return
-        if self.state == SYN_SENT or self.state == LISTEN:
-            return
-        if self.state == SYN_RCVD:
-            self.state = ESTABLISHED
+        state = self.state
+        if state != ESTABLISHED:
+            if state == SYN_SENT or state == LISTEN:
+                return
+            if state == SYN_RCVD:
+                self.state = ESTABLISHED
         if self._syn_rtt and segment.tsecr >= 0.0:
             self._syn_rtt = False
             self._rtt_sample(now - segment.tsecr)
         if segment.seq <= self._last_ack_sent and segment.tsval >= self._ts_recent:
             self._ts_recent = segment.tsval  # RFC 7323: echo the segment that the next ACK covers first
-        self._on_ack(segment, now)
+        if self._rtx or segment.ack > self.snd_una or segment.sack >= 0 or self._tlp_high >= 0:
+            self._on_ack(segment, now)  # else nothing of ours is out and nothing is new: data after idle
         data = segment.data
         if data is not None:
             self._on_data(segment, data, now)
@@ -571,16 +748,19 @@ class TcpEndpoint:
     def _on_data(self, segment: TcpSegment, data: _Data, now: float) -> None:
         s = self._s
         self._ack_frame = data.frame
-        if data.end <= self.rcv_nxt or data.seq in self._ooo:
+        start = self.rcv_nxt
+        seq, end = data.seq, data.end
+        ooo = self._ooo
+        if end <= start or seq in ooo:
             # A duplicate: our ACK may have been lost. Say so at once (D-SACK), and ACK quickly for a while.
             self.stats.duplicates_received += 1
             self._quick = max(self._quick, s.quickacks)
             self._pingpong = False
-            self._send_ack(now, data.seq if data.seq > self.rcv_nxt else -1, segment.tsval, dsack=True)
+            self._send_ack(now, seq if seq > start else -1, segment.tsval, dsack=True)
             return
-        if data.seq > self.rcv_nxt:  # a hole before it: hold it, and tell the sender at once
-            self._ooo[data.seq] = data
-            self._send_ack(now, data.seq, segment.tsval)
+        if seq > start:  # a hole before it: hold it, and tell the sender at once
+            ooo[seq] = data
+            self._send_ack(now, seq, segment.tsval)
             return
         # In order. Linux's quick-ACK bookkeeping (tcp_event_data_recv).
         if not self._receiving:
@@ -589,28 +769,36 @@ class TcpEndpoint:
         elif now - self._lrcvtime > self.rto:
             self._quick = max(self._quick, s.quickacks)
         self._lrcvtime = now
-        if data.end - data.seq > self._rcv_mss:
-            self._rcv_mss = min(data.end - data.seq, s.mss)
-        had_hole = bool(self._ooo)
-        start = self.rcv_nxt
-        self.rcv_nxt = data.end
-        ready = list(data.ends)
-        ooo = self._ooo
-        while ooo:
-            held = ooo.pop(self.rcv_nxt, None)
-            if held is None:
-                break
-            self.rcv_nxt = held.end
-            ready.extend(held.ends)
-        self.stats.bytes_delivered += self.rcv_nxt - start
-        # ACK now or later; decided before the application answers, so a delayed ACK rides on its answer.
-        if had_hole or (self._quick and not self._pingpong) or self.rcv_nxt - self._last_ack_sent > self._rcv_mss:
-            self._send_ack(now)
-        elif self._ack_at == INF:
-            self._ack_at = now + s.delayed_ack_s
-        epoch = self.epoch
-        for message in ready:
+        if end - seq > self._rcv_mss:
+            self._rcv_mss = min(end - seq, s.mss)
+        ready: Any = data.ends
+        if ooo:
+            ready = list(ready)
+            while ooo:
+                held = ooo.pop(end, None)
+                if held is None:
+                    break
+                end = held.end
+                ready.extend(held.ends)
+            self.rcv_nxt = end
+            self.stats.bytes_delivered += end - start
+            self._send_ack(now)  # a hole filled: at once
+        else:
+            self.rcv_nxt = end
+            self.stats.bytes_delivered += end - start
+            # ACK now or later; decided before the application answers, so a delayed ACK rides on its answer.
+            if (self._quick and not self._pingpong) or end - self._last_ack_sent > self._rcv_mss:
+                self._send_ack(now)
+            elif self._ack_at == INF:
+                self._ack_at = now + s.delayed_ack_s
+        if len(ready) == 1:
             self.stats.messages_delivered += 1
+            self.on_message(ready[0])
+            return
+        epoch = self.epoch
+        stats = self.stats
+        for message in ready:
+            stats.messages_delivered += 1
             self.on_message(message)
             if self.epoch != epoch:
                 return
@@ -618,28 +806,36 @@ class TcpEndpoint:
     def _on_ack(self, segment: TcpSegment, now: float) -> None:
         ack = segment.ack
         rtx = self._rtx
-        if not rtx and ack <= self.snd_una and segment.sack < 0 and self._tlp_high < 0:
-            return  # nothing of ours out, nothing new: the common case of data after an idle spell
         prior_out = len(rtx)
         prior_in_flight = prior_out - self._sacked_out - self._lost_out + self._retrans_out
         delivered = 0
         advanced = ack > self.snd_una
         if advanced:
+            by_seq = self._by_seq
             while rtx and rtx[0].end <= ack:
                 data = rtx.popleft()
-                del self._by_seq[data.seq]
+                del by_seq[data.seq]
                 if data.sacked:
                     self._sacked_out -= 1
                     continue
                 delivered += 1
                 if data.lost:
                     self._unmark(data)
-                # RACK needs the send time of the delivered copy: unambiguous unless it was resent.
-                self._rack_advance(data.sent_at if data.transmissions == 1 else segment.tsecr, data.end, now)
+                # RACK needs the send time of the delivered copy: unambiguous unless it was resent (as
+                # `_rack_advance`, inline: this runs for every segment acknowledged).
+                sent_at = data.sent_at if data.transmissions == 1 else segment.tsecr
+                if sent_at >= 0.0 and (
+                    sent_at > self._rack_ts or (sent_at == self._rack_ts and data.end > self._rack_end)
+                ):
+                    self._rack_ts, self._rack_end, self._rack_rtt = sent_at, data.end, now - sent_at
             self.snd_una = ack
             if segment.tsecr >= 0.0:
                 self._rtt_sample(now - segment.tsecr)
+                if self._s.cubic:
+                    self._cubic.acked(now - segment.tsecr, now)
             if self._ca_state != _OPEN and ack >= self._recover:
+                if self._ca_state == _RECOVERY and self._s.prr:
+                    self.cwnd = self.ssthresh  # the reduction ends at ssthresh (tcp_end_cwnd_reduction)
                 self._ca_state = _OPEN
             elif self._ca_state == _RECOVERY and rtx and not rtx[0].sacked and not rtx[0].lost:
                 self._mark_lost(rtx[0])  # NewReno: a partial ACK shows the next hole
@@ -649,13 +845,21 @@ class TcpEndpoint:
             delivered += self._on_sack(segment.sack, segment.sack_ts, now)
         if self._tlp_high >= 0 and ack >= self._tlp_high:
             self._on_probe_acked(segment, ack, advanced)
+        lost_marks = self._lost_marks
         if rtx and (self._sacked_out or self._ca_state != _OPEN):
             self._detect_losses(now)
-        if advanced and delivered and self._ca_state != _RECOVERY:
+        if self._ca_state == _RECOVERY:
+            if self._s.prr:
+                self._prr(delivered, self._lost_marks - lost_marks, advanced)
+        elif advanced and delivered:
             # Grow on cumulative progress only (SACKs alone do not, as in Linux), and only a window that
             # limits (tcp_is_cwnd_limited): idle senders do not earn a large one.
-            if prior_in_flight >= self.cwnd or (self.cwnd < self.ssthresh and self.cwnd < 2 * prior_out):
-                self._grow(delivered)
+            if self._s.cwnd_latch:
+                limited = self._cwnd_limited or (self.cwnd < self.ssthresh and self.cwnd < 2 * self._max_packets_out)
+            else:
+                limited = prior_in_flight >= self.cwnd or (self.cwnd < self.ssthresh and self.cwnd < 2 * prior_out)
+            if limited:
+                self._grow(delivered, now)
         if advanced:
             self._tlp_at = INF
             if rtx:
@@ -692,10 +896,12 @@ class TcpEndpoint:
             data.lost = True
             self._lost_out += 1
             self._to_resend += 1
+            self._lost_marks += 1
         elif data.retrans:  # the retransmission was lost too
             data.retrans = False
             self._retrans_out -= 1
             self._to_resend += 1
+            self._lost_marks += 1
 
     def _detect_losses(self, now: float) -> None:
         s = self._s
@@ -734,13 +940,48 @@ class TcpEndpoint:
         self._reo_at = now + wait if wait < INF else INF
 
     def _enter_recovery(self, now: float) -> None:
+        s = self._s
         self._ca_state = _RECOVERY
         self._recover = self.snd_nxt
-        self.ssthresh = self.cwnd = max(2, int(self.cwnd * self._s.beta))
+        ssthresh = self._reduced()
         self._cwnd_cnt = 0
         self._tlp_at = INF
         self.stats.fast_recoveries += 1
-        self._resend(self._next_lost(), now)  # the fast retransmit goes now, whatever the window (as PRR)
+        if s.prr:
+            # The window comes down as ACKs report deliveries (`_prr`); the first lets the fast retransmit go.
+            self.ssthresh = ssthresh
+            self._prior_cwnd = self.cwnd
+            self._prr_delivered = self._prr_out = 0
+            return
+        self.ssthresh = self.cwnd = ssthresh
+        self._resend(self._next_lost(), now)  # the fast retransmit goes now, whatever the window
+
+    def _reduced(self) -> int:
+        """ssthresh after a loss: beta of the window (CUBIC's, which also remembers the window as W_max)."""
+        s = self._s
+        if s.cubic:
+            return self._cubic.ssthresh(self.cwnd, s.beta)
+        return max(2, int(self.cwnd * s.beta))
+
+    def _prr(self, newly: int, newly_lost: int, advanced: bool) -> None:
+        """Proportional rate reduction (RFC 6937, Linux's tcp_cwnd_reduction) for an ACK in recovery that
+        reported `newly` segments delivered: while more than ssthresh is in flight, send ssthresh / prior
+        window of what was delivered; below it, as much as was delivered (one more on cumulative progress
+        with no new loss), up to ssthresh. At least one segment (the fast retransmit) on entering."""
+        if newly <= 0:
+            return
+        self._prr_delivered += newly
+        in_flight = len(self._rtx) - self._sacked_out - self._lost_out + self._retrans_out
+        delta = self.ssthresh - in_flight
+        if delta < 0:
+            sndcnt = (self.ssthresh * self._prr_delivered + self._prior_cwnd - 1) // self._prior_cwnd - self._prr_out
+        else:
+            sndcnt = max(self._prr_delivered - self._prr_out, newly)
+            if advanced and not newly_lost:
+                sndcnt += 1
+            sndcnt = min(delta, sndcnt)
+        sndcnt = max(sndcnt, 0 if self._prr_out else 1)
+        self.cwnd = in_flight + sndcnt
 
     def _on_probe_acked(self, segment: TcpSegment, ack: int, advanced: bool) -> None:
         """Linux's TLP loss detection: a probe that repaired a loss reduces the window as a fast recovery."""
@@ -748,22 +989,34 @@ class TcpEndpoint:
             self._tlp_high = -1  # new data, or the original arrived as well: no loss
         elif ack > self._tlp_high:
             self._tlp_high = -1
-            self.ssthresh = self.cwnd = max(2, int(self.cwnd * self._s.beta))
+            self.ssthresh = self.cwnd = self._reduced()
             self._cwnd_cnt = 0
         elif not advanced and segment.data is None and segment.sack < 0:
             self._tlp_high = -1  # a pure duplicate ACK: both copies arrived
 
-    def _grow(self, acked: int) -> None:
+    def _grow(self, acked: int, now: float) -> None:
         if self.cwnd < self.ssthresh:  # slow start
             grown = min(self.cwnd + acked, self.ssthresh)
             acked -= grown - self.cwnd
             self.cwnd = grown
             if acked <= 0:
                 return
-        self._cwnd_cnt += acked  # congestion avoidance: one segment per window acknowledged
-        if self._cwnd_cnt >= self.cwnd:
-            step = self._cwnd_cnt // self.cwnd
-            self._cwnd_cnt -= step * self.cwnd
+        s = self._s
+        if not s.cubic:
+            self._cwnd_cnt += acked  # Reno: one segment per window acknowledged
+            if self._cwnd_cnt >= self.cwnd:
+                step = self._cwnd_cnt // self.cwnd
+                self._cwnd_cnt -= step * self.cwnd
+                self.cwnd += step
+            return
+        per = self._cubic.update(self.cwnd, acked, now, s.beta)  # one segment per `per` acknowledged
+        if self._cwnd_cnt >= per:  # credit earned at a larger `per`: one segment, gently (tcp_cong_avoid_ai)
+            self._cwnd_cnt = 0
+            self.cwnd += 1
+        self._cwnd_cnt += acked
+        if self._cwnd_cnt >= per:
+            step = self._cwnd_cnt // per
+            self._cwnd_cnt -= step * per
             self.cwnd += step
 
     def _restart_window(self, now: float) -> None:
@@ -781,7 +1034,8 @@ class TcpEndpoint:
     def _rtt_sample(self, rtt: float) -> None:
         """Linux's tcp_rtt_estimator and tcp_set_rto (see the module docstring)."""
         s = self._s
-        rtt = max(rtt, 1e-6)
+        if rtt < 1e-6:
+            rtt = 1e-6
         if rtt < self.min_rtt:
             self.min_rtt = rtt
         if self.srtt == 0.0:
@@ -790,25 +1044,28 @@ class TcpEndpoint:
             self._rttvar = self._mdev_max = max(self._mdev, s.rto_min_s)
             self._rtt_seq = self.snd_nxt
         else:
-            err = rtt - self.srtt
-            self.srtt += err / 8.0
+            srtt = self.srtt
+            err = rtt - srtt
+            self.srtt = srtt + err / 8.0
+            mdev = self._mdev
             if err < 0.0:
-                change = -err - self._mdev / 4.0
+                change = -err - mdev / 4.0
                 if change > 0.0:
                     change /= 8.0  # a falling RTT barely raises the deviation (Linux's Eifel-like rule)
             else:
-                change = err - self._mdev / 4.0
-            self._mdev += change
-            if self._mdev > self._mdev_max:
-                self._mdev_max = self._mdev
-                if self._mdev_max > self._rttvar:
-                    self._rttvar = self._mdev_max
+                change = err - mdev / 4.0
+            mdev = self._mdev = mdev + change
+            if mdev > self._mdev_max:
+                self._mdev_max = mdev
+                if mdev > self._rttvar:
+                    self._rttvar = mdev
             if self.snd_una > self._rtt_seq:  # once per RTT the variance term decays toward its recent max
                 if self._mdev_max < self._rttvar:
                     self._rttvar -= (self._rttvar - self._mdev_max) / 4.0
                 self._rtt_seq = self.snd_nxt
                 self._mdev_max = s.rto_min_s
-        self.rto = min(self.srtt + self._rttvar, s.rto_max_s)
+        rto = self.srtt + self._rttvar
+        self.rto = rto if rto < s.rto_max_s else s.rto_max_s
         self.backoff = 0
 
     # --- timers ---------------------------------------------------------------------------------------
@@ -823,7 +1080,13 @@ class TcpEndpoint:
         self._tlp_at = min(now + pto, self._rto_at)
 
     def _arm(self) -> None:
-        at = min(self._rto_at, self._tlp_at, self._reo_at, self._ack_at)
+        at = self._rto_at
+        if self._tlp_at < at:
+            at = self._tlp_at
+        if self._reo_at < at:
+            at = self._reo_at
+        if self._ack_at < at:
+            at = self._ack_at
         if at != self._wake:
             self._wake = at  # an entry for an earlier or later deadline is stale from now on
             if at < INF:
@@ -840,7 +1103,10 @@ class TcpEndpoint:
         if self._reo_at <= due:
             self._reo_at = INF
             if self._rtx:
+                state = self._ca_state
                 self._detect_losses(now)
+                if state != _RECOVERY and self._ca_state == _RECOVERY and self._s.prr:
+                    self._prr(1, 0, False)  # as Linux's tcp_rack_reo_timeout: one delivery's worth
                 self._push(now)
         if self._tlp_at <= due:
             self._tlp_at = INF
@@ -857,6 +1123,8 @@ class TcpEndpoint:
             if self.snd_nxt < self._write_end:  # new data goes as the probe, whatever the window says
                 self._send_new(now, min(self._s.mss, self._write_end - self.snd_nxt))
                 self._tlp_retrans = False
+                if self._s.cwnd_latch:
+                    self._cwnd_validate(self.in_flight >= self.cwnd)
             else:
                 self._tlp_retrans = True
                 self.stats.retransmits_tlp += 1
@@ -873,7 +1141,9 @@ class TcpEndpoint:
         elif self._rtx:
             self.stats.timeouts += 1
             if self._ca_state == _OPEN or self.snd_una >= self._recover:
-                self.ssthresh = max(2, int(self.cwnd * s.beta))
+                self.ssthresh = self._reduced()
+            if s.cubic:
+                self._cubic.reset()  # entering Loss forgets CUBIC's state, W_max too (bictcp_state)
             self.cwnd = 1
             self._cwnd_cnt = 0
             for data in self._rtx:
@@ -893,6 +1163,9 @@ class TcpEndpoint:
 def _loopback(event: simpy.Event) -> None:
     packet: Packet = event._value
     packet.receiver.receive(packet)
+
+
+_LOOPBACK = (_loopback,)
 
 
 class TcpConnection:
