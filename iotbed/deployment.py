@@ -25,6 +25,7 @@ from torch import nn
 from iotbed.attacks.network import AttackWindow, ManInTheMiddle
 from iotbed.broker.messages import Publish
 from iotbed.broker.sim_mqtt import MqttSettings, SimBroker, SimMqttClient
+from iotbed.broker.topics import matches, split_shared
 from iotbed.broker.transport import Transport
 from iotbed.codecs.pixel_drop import PixelDropCodec
 from iotbed.defenses.pipeline import build_chain
@@ -342,7 +343,30 @@ def build_camera(
     )
 
 
-def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
+def durable_filters(scenario: Scenario, group: EdgeServerGroup, index: int) -> tuple[str, ...] | None:
+    """The non-shared filters server `index` of `group` subscribes to with `durable_subscription`: the
+    group's filter itself for one server, else the topics of every `count`-th camera it matches."""
+    if not group.durable_subscription:
+        return None
+    _, inner = split_shared(group.subscribe)
+    if group.count == 1:
+        return (inner,)
+    topics = [
+        camera.topic.replace("{name}", name)
+        for camera in scenario.nodes.cameras
+        for name in group_nodes(camera.name, camera.count)
+    ]
+    matched = tuple(t for t in topics if matches(inner, t))
+    if not matched:
+        where = f"nodes.edge_servers.{scenario.nodes.edge_servers.index(group)}"
+        raise ScenarioError(
+            f"{where}.durable_subscription: no camera's topic matches `subscribe: {group.subscribe}`, so its "
+            f"servers would receive no frame; make `subscribe` match the cameras' topics (e.g. frames/#)"
+        )
+    return matched[index :: group.count]
+
+
+def edge_config(scenario: Scenario, group: EdgeServerGroup, index: int = 0) -> EdgeConfig:
     topic = scenario.registry.topic
     escalating = group.reject is not None and group.reject.action == "escalate"
     return EdgeConfig(
@@ -357,6 +381,7 @@ def edge_config(scenario: Scenario, group: EdgeServerGroup) -> EdgeConfig:
         scenario.qos_for_filter(ESCALATIONS_FILTER) if escalating else None,
         (group.reject.to or "") if group.reject is not None else "",
         scenario.qos_for(results_topic("_")),
+        durable_filters(scenario, group, index),
     )
 
 
@@ -550,8 +575,8 @@ def build_nodes(
             edge = EdgeServer(
                 env,
                 name,
-                client(name, name, not group.persistent_session),
-                edge_config(scenario, group),
+                client(name, name, not (group.persistent_session or group.durable_subscription)),
+                edge_config(scenario, group, i),
                 edge_classifier(group, name, artefacts, streams),
                 profiles[group.device],
                 recorder,

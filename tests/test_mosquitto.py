@@ -6,6 +6,8 @@ import base64
 import hashlib
 import os
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,7 @@ def test_generated_config(tmp_path: Path, mosquitto_binary: str) -> None:
         f"acl_file {run / 'acl'}",
         f"password_file {run / 'passwords'}",
         f"cafile {run / 'tls' / 'ca.crt'}",
+        "set_tcp_nodelay false",  # Nagle on, as Mosquitto leaves it, unless the scenario turns it off
     ):
         assert line in text.splitlines(), line
     assert (tmp_path / "b" / "passwords").read_text().startswith("cam-0:$7$")
@@ -143,6 +146,85 @@ def test_start_restart_stop_and_context_manager_cleanup(tmp_path: Path, mosquitt
     assert not port_accepts("127.0.0.1", port)
     assert read_state(broker.run_dir) is None  # the state file goes with the broker
     assert broker.starts == 3
+
+
+def test_restart_keeps_persistent_sessions_but_not_their_shared_subscriptions(broker_factory) -> None:  # type: ignore[no-untyped-def]
+    """What `SimBroker.crash` models, pinned on this Mosquitto: after a SIGTERM restart with persistence, a
+    persistent session is present with its non-shared subscription and the messages queued for it, shared
+    subscription or not, but its shared subscription is gone; a clean session is gone. Raw paho clients,
+    which never subscribe again by themselves (MqttTransport does)."""
+    from paho.mqtt import client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    broker = broker_factory("keeps", persistence=True)
+    got: dict[str, list[str]] = {}
+    present: dict[str, bool] = {}
+    filters = {"plain": ("a/#", False), "shared": ("$share/g/b/#", False), "clean": ("c/#", True)}
+
+    def client(client_id: str, clean: bool) -> paho.Client:
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311, clean_session=clean)
+        c.on_message = lambda cl, u, m: got.setdefault(client_id, []).append(m.payload.decode())
+        c.on_connect = lambda cl, u, flags, rc, props: present.__setitem__(client_id, flags.session_present)
+        c.connect(broker.host, broker.port)
+        c.loop_start()
+        return c
+
+    def settle(condition) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + WAIT_S
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert condition()
+
+    subs = {cid: client(cid, clean) for cid, (_, clean) in filters.items()}
+    settle(lambda: len(present) == 3)
+    for cid, (topic_filter, _) in filters.items():
+        subs[cid].subscribe(topic_filter, 1)
+    pub = client("pub", True)
+    settle(lambda: "pub" in present)
+    time.sleep(0.2)  # the SUBACKs
+    for c in subs.values():
+        c.disconnect()
+        c.loop_stop()
+    for topic in ("a/1", "b/1", "c/1"):
+        pub.publish(topic, "queued", 1).wait_for_publish(WAIT_S)
+    pub.disconnect()
+    pub.loop_stop()
+    broker.restart()  # SIGTERM: the database is written
+    present.clear()
+    subs = {cid: client(cid, clean) for cid, (_, clean) in filters.items()}  # no SUBSCRIBE this time
+    pub = client("pub", True)
+    settle(lambda: len(present) == 4)
+    for topic in ("a/2", "b/2", "c/2"):
+        pub.publish(topic, "after", 1).wait_for_publish(WAIT_S)
+    settle(lambda: len(got.get("plain", [])) == 2)
+    time.sleep(0.3)  # anything else would have arrived by now
+    for c in [*subs.values(), pub]:
+        c.disconnect()
+        c.loop_stop()
+    assert present == {"plain": True, "shared": True, "clean": False, "pub": False}
+    assert got == {"plain": ["queued", "after"], "shared": ["queued"]}
+
+
+@pytest.mark.parametrize("nodelay", [False, True])
+def test_nagle_is_off_only_where_the_scenario_turns_it_off(nodelay: bool, broker_factory) -> None:  # type: ignore[no-untyped-def]
+    """`broker.tcp_nodelay` drives the live runtime: the launched Mosquitto's set_tcp_nodelay, and TCP_NODELAY
+    on the client's socket, the first one and the one it opens after a broker restart."""
+    broker = broker_factory("nagle", persistence=True, tcp_nodelay=nodelay)
+    assert f"set_tcp_nodelay {str(nodelay).lower()}" in broker.config_path.read_text().splitlines()
+    env = simpy.rt.RealtimeEnvironment(strict=False)
+    transport = MqttTransport(env, "cam", broker.host, broker.port, tcp_nodelay=nodelay, reconnect_max_s=0.5)
+
+    def socket_nodelay() -> bool:
+        return bool(transport._client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    try:
+        env.run(until=transport.connect())
+        assert socket_nodelay() is nodelay
+        broker.restart()
+        env.run(until=wait_for(env, lambda: transport.stats.reconnects == 1, WAIT_S))
+        assert socket_nodelay() is nodelay
+    finally:
+        transport.close()
 
 
 def test_start_failure_reports_the_log_and_leaves_nothing_running(tmp_path: Path, mosquitto_binary: str) -> None:

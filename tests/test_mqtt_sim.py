@@ -196,8 +196,9 @@ def test_clean_session_loses_what_was_published_while_away() -> None:
     assert net.received["edge"] == []
 
 
-def test_will_message_is_published_when_a_client_vanishes() -> None:
-    net = build(keepalive=2.0)
+def test_will_message_is_published_when_a_client_vanishes_over_udp() -> None:
+    """Over udp there is no connection to close: the broker learns of the crash from 1.5 keep-alives of silence."""
+    net = build(keepalive=2.0, transport="udp")
     net.subscriber("sub", "monitor", "status/#", qos=1)
     will = Publish("status/cam", b"offline", 1)
     cam = net.client("pub", "cam", will=will)
@@ -215,6 +216,41 @@ def test_will_message_is_published_when_a_client_vanishes() -> None:
     assert net.broker.stats.wills_published == 1
 
 
+def test_crashed_clients_connection_is_seen_closed_at_once() -> None:
+    """A killed process's kernel closes its TCP connection, and Mosquitto drops the client at once (as
+    `MqttTransport.crash` shows live): the will goes out within the path's delay, not after 1.5 keep-alives,
+    and a persistent session starts queueing at once instead of sending into a dead connection."""
+    net = build(keepalive=60.0)
+    net.subscriber("sub", "monitor", "status/#", qos=1)
+    edge = net.subscriber("sub", "edge", "frames/#", qos=1, clean_session=False)
+    pub = net.client("pub", "cam", will=Publish("status/cam", b"offline", 1))
+    crashed_at: list[float] = []
+
+    def scenario() -> object:
+        yield pub.connect()
+        yield net.env.timeout(1.0)
+        pub.crash()
+        edge.crash()
+        crashed_at.append(net.env.now)
+        assert not net.broker.sessions["edge"].connected  # seen at the crash, not a keep-alive later
+        assert "cam" not in net.broker.sessions  # a clean session ends with its connection
+        yield net.env.timeout(0.1)
+        late = net.client("pub", "cam-1")
+        yield late.connect()
+        for i in range(3):
+            late.publish("frames/cam-1", i.to_bytes(4, "big"), 1)
+        yield net.env.timeout(0.5)
+        edge.rejoin()
+
+    net.env.process(scenario())
+    net.env.run(until=1.1)
+    assert [m.payload for m in net.received["monitor"]] == [b"offline"]  # within 100 ms of the crash at 1 s
+    net.env.run(until=5)
+    assert net.broker.stats.wills_published == 1
+    assert net.broker.stats.queued_offline == 3  # queued for the away session
+    assert payload_ids(net.received["edge"]) == [0, 1, 2]  # delivered after the rejoin
+
+
 def test_clean_disconnect_discards_the_will() -> None:
     net = build(keepalive=1.0)
     net.subscriber("sub", "monitor", "status/#", qos=1)
@@ -227,6 +263,59 @@ def test_clean_disconnect_discards_the_will() -> None:
     net.env.process(scenario())
     net.env.run(until=10)
     assert net.received["monitor"] == []
+
+
+@pytest.mark.parametrize("persistence", [True, False])
+def test_broker_restart_keeps_what_mosquitto_keeps(persistence: bool) -> None:
+    """Mosquitto 2.0.11, restarted with SIGTERM and persistence on, keeps a persistent session's queued
+    messages and its non-shared subscriptions, but not its shared ones: two away persistent subscribers, one
+    shared and one not, get what was queued before the restart; after it only the non-shared one is still
+    subscribed, and what is published to the shared group finds no subscriber. Without persistence nothing
+    is kept."""
+    net = build()
+    undelivered: list[tuple[int, str]] = []
+    net.broker.undelivered_listeners.append(lambda m, reason: undelivered.append((payload_ids([m])[0], reason)))
+    shared = net.subscriber("sub", "shared", "$share/g/frames/#", qos=1, clean_session=False)
+    plain = net.subscriber("sub", "plain", "frames/#", qos=1, clean_session=False)
+    pub = net.client("pub", "cam")
+
+    def scenario() -> object:
+        yield pub.connect()
+        yield net.env.timeout(0.5)
+        shared.crash()
+        plain.crash()
+        for i in range(2):  # queued for both away sessions
+            pub.publish("frames/cam", i.to_bytes(4, "big"), 1)
+        yield net.env.timeout(0.1)
+        net.broker.crash(persistence)
+        yield net.env.timeout(0.1)
+        net.broker.start()
+        yield net.env.timeout(0.4)  # the publisher is back (it reconnects every 0.1 s)
+        for i in range(2, 5):
+            pub.publish("frames/cam", i.to_bytes(4, "big"), 1)
+        yield net.env.timeout(0.5)
+        shared.rejoin()
+        plain.rejoin()
+
+    net.env.process(scenario())
+    net.env.run(until=5)
+    if persistence:
+        assert net.broker.sessions["shared"].subscriptions == {"$share/g/frames/#": 1}  # subscribed again
+        # The group had no member between the restart and the rejoin: 2, 3, 4 reached only `plain`.
+        assert payload_ids(net.received["shared"]) == [0, 1]
+        assert payload_ids(net.received["plain"]) == [0, 1, 2, 3, 4]
+        assert undelivered == []
+    else:
+        assert net.received["shared"] == net.received["plain"] == []
+        assert sorted(undelivered) == [
+            (0, "broker_restart"),
+            (0, "broker_restart"),
+            (1, "broker_restart"),
+            (1, "broker_restart"),
+            (2, "no_subscriber"),
+            (3, "no_subscriber"),
+            (4, "no_subscriber"),
+        ]
 
 
 def test_shared_subscription_splits_messages_round_robin() -> None:

@@ -1,7 +1,7 @@
 """`iotbed emulate --netns`: node groups and the broker in network namespaces joined by veth pairs, shaped per
-node by tc. The tc plans are checked anywhere; runs in the kernel need root and iproute2 (they are skipped,
-with the reason, elsewhere), and each one checks that nothing is left behind: no namespace, no veth, no
-broker."""
+node by tc, with link loss by nftables where the kernel has no netem. The tc and nft plans are checked
+anywhere; runs in the kernel need root and iproute2 (they are skipped, with the reason, elsewhere), and each
+one checks that nothing is left behind: no namespace, no veth, no broker."""
 
 from __future__ import annotations
 
@@ -77,6 +77,31 @@ def test_tc_plan_gives_each_node_its_path_and_shared_links_one_parent() -> None:
     assert "pfifo limit 150" in "\n".join(big)
 
 
+def test_loss_rules_drop_each_lossy_nodes_tcp_packets_on_arrival() -> None:
+    nodes = {
+        "cam-0": ("10.101.0.2", _shape(loss=BernoulliLoss(0.05, None))),  # type: ignore[arg-type]
+        "cam-1": ("10.101.0.3", _shape()),  # no loss: no rule
+        "cam-2": ("10.101.0.4", _shape(loss=BernoulliLoss(0.0000012, None))),  # type: ignore[arg-type]
+    }
+    lines, chains = netns.loss_rules(nodes, "up", "g1")
+    text = "\n".join(lines)
+    assert "type filter hook prerouting priority -300" in text  # on arrival, before conntrack
+    assert "add rule inet iotbed_loss up_10_101_0_2 numgen random mod 1000000 < 50000 counter drop" in text
+    assert "up_10_101_0_4 numgen random mod 1000000 < 1 counter drop" in text
+    assert (
+        'arrive iifname "g1" meta l4proto tcp ip saddr vmap { 10.101.0.2 : jump up_10_101_0_2, '
+        "10.101.0.4 : jump up_10_101_0_4 }" in text
+    )
+    assert chains == {"up_10_101_0_2": ("cam-0", "up"), "up_10_101_0_4": ("cam-2", "up")}
+    down, _ = netns.loss_rules(nodes, "down", "up0")
+    assert 'iifname "up0" meta l4proto tcp ip daddr vmap { 10.101.0.2 : jump down_10_101_0_2' in "\n".join(down)
+    assert netns.loss_rules({"cam-1": nodes["cam-1"]}, "up", "g1") == ([], {})
+    burst_loss = GilbertElliottLoss(0.05, 0.5, 0.0, 0.8, None)  # type: ignore[arg-type]
+    bursty = {"cam-3": ("10.101.0.5", _shape(loss=burst_loss))}
+    with pytest.raises(netns.NetnsError, match="gilbert_elliott"):
+        netns.loss_rules(bursty, "up", "g1")
+
+
 def _ours(prefix: str) -> list[str]:
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in listing.splitlines() if line.startswith(prefix)]
@@ -131,6 +156,7 @@ def test_kernel_shaped_run_agrees_with_the_simulation_and_leaves_nothing_behind(
     up = kernel[kernel.direction == "up"].set_index("node")
     assert set(up.index) == {"cam-0", "cam-1"}
     assert (up.bytes >= 40 * 1118).all() and (up.packets >= 40).all() and (up.drops == 0).all()
+    assert (kernel.loss_drops == 0).all() and summary["shaping"]["loss_drops"] == {"up": 0, "down": 0}
     # 45 ms to send, 10 ms on the way, up to 20 ms waiting for the edge's batch: as simulated. Changed for TCP,
     # the default transport (was 74.9): its segments carry 52 B of headers (Linux's, timestamps on), not 40 B,
     # 0.48 ms more at 200 kbit/s (`transport: udp` still gives 74.9).
@@ -238,6 +264,64 @@ def test_netem_leaves_parse_in_tc_even_where_the_kernel_lacks_netem() -> None:
             subprocess.run(["tc", "-n", name, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
     finally:
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+LOSSY = NARROW.replace("queue: 50}", "queue: 50, loss: 0.1}").replace("name: narrow", "name: narrow_lossy")
+
+
+def _nft_tables() -> str:
+    return subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("nft") is None, reason="kernel loss without netem needs nftables (nft)")
+def test_kernel_loss_is_repaired_by_tcp_and_mqtt_resends_nothing(  # type: ignore[no-untyped-def]
+    mosquitto_binary, tmp_path: Path
+) -> None:
+    """10% loss each way on the cameras' link: without netem nftables drops real packets in the kernel, the
+    kernel's TCP resends them, and MQTT delivers every QoS 1 frame without a resend. The rules live in the
+    run's namespaces and go with them."""
+    scenario = parse_scenario(LOSSY)
+    brokers_before = _run_brokers()
+    live = emulate(scenario, "local", netns=True, out_dir=tmp_path / "live", progress=False)
+    summary = live.summary
+    shaping = summary["shaping"]
+    if shaping["netem"]:
+        pytest.skip("this kernel has netem, which applies the loss instead of nftables")
+    assert "nftables" in shaping["loss"] and "in process" in shaping["delay"]
+    frames = summary["frames"]
+    assert frames["delivered"] == frames["captured"] == 2 * 5 * 8  # every QoS 1 frame
+    assert frames["retries"] == 0 and frames["duplicates"] == 0  # MQTT resent nothing
+    # the kernel dropped packets both ways, on the cameras' paths only (the edge's path to the broker is clean)
+    kernel = pd.read_csv(tmp_path / "live" / "kernel_links.csv")
+    by = kernel.groupby("direction").loss_drops.sum()
+    assert by["up"] > 0 and by["down"] > 0
+    assert set(kernel[kernel.loss_drops > 0].node) <= {"cam-0", "cam-1"}
+    assert shaping["loss_drops"] == {"up": int(by["up"]), "down": int(by["down"])}
+    # at the path's rate: of the packets that left the cameras' classes, 10% within 4 standard deviations
+    cams = kernel[kernel.node.isin(["cam-0", "cam-1"])]
+    n, dropped = int(cams.packets.sum()), int(cams.loss_drops.sum())
+    assert abs(dropped - 0.1 * n) < 4 * math.sqrt(n * 0.1 * 0.9), (dropped, n)
+    # ... and the kernel's TCP resent the data segments among them (pure ACKs are never resent)
+    tcp = shaping["kernel_tcp"]
+    assert tcp["nodes"]["RetransSegs"] + tcp["broker"]["RetransSegs"] > 0
+    assert tcp["nodes"]["RetransSegs"] + tcp["broker"]["RetransSegs"] <= by["up"] + by["down"] + 20  # probes too
+    # the in-process shaper lost nothing (it only timed what cameras publish)
+    links = pd.read_csv(tmp_path / "live" / "links.csv")
+    assert (links.dropped_loss == 0).all() and (links.dropped_queue_full == 0).all()
+    assert _ours(f"iotbed-{os.getpid()}-") == []  # the namespaces, and with them their nftables tables
+    assert "iotbed_loss" not in _nft_tables()  # none was ever put in the host's own namespace
+    assert _run_brokers() == brokers_before
+
+
+@needs_root
+def test_bursty_loss_without_netem_is_refused_before_anything_is_built() -> None:
+    if netns.netem_available():
+        pytest.skip("this kernel has netem, which applies Gilbert-Elliott loss")
+    bursty = NARROW.replace("queue: 50}", "queue: 50, loss: {model: gilbert_elliott, p: 0.05, r: 0.5}}")
+    with pytest.raises(netns.NetnsError, match=r"gilbert_elliott loss on the paths of cam-0, cam-1 .*model: bernoulli"):
+        emulate(parse_scenario(bursty), "local", netns=True, write=False, progress=False)
+    assert _ours(f"iotbed-{os.getpid()}-") == []
 
 
 def test_without_root_netns_is_refused_with_what_to_do_instead(monkeypatch: pytest.MonkeyPatch) -> None:

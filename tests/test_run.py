@@ -184,14 +184,14 @@ def test_cli_run_writes_results_and_prints_the_summary(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("transport", ["tcp", "udp"])
 def test_broker_restarted_twice_at_qos1_loses_no_frame(transport: str) -> None:
-    # The edge keeps its session, as in the live test (tests/test_emulate.py): with a clean session, a camera
-    # that is back before the edge has resubscribed publishes to no subscriber, live and simulated alike (with
-    # udp the edge happened to be back first; over TCP the cameras can be).
+    # The edge's subscription is durable, as in the live test (tests/test_emulate.py): with a shared one, which
+    # Mosquitto does not restore, a camera back before the edge has subscribed again publishes to no
+    # subscriber, live and simulated alike (tests/test_broker_restart.py).
     scenario = load_scenario(
         QUICKSTART,
         [
             "duration=30s",
-            "nodes.edge_servers.0.persistent_session=true",
+            "nodes.edge_servers.0.durable_subscription=true",
             f"broker.transport={transport}",
             "faults=[{kind: broker_restart, at: 10s, down: 2s}, {kind: broker_restart, at: 20s, down: 1s}]",
         ],
@@ -224,7 +224,11 @@ def test_broker_restart_at_qos0_counts_the_lost_frames(transport: str) -> None:
     )
     lost = sum(frames["dropped"].get(reason, 0) for reason in reasons)
     assert lost == frames["captured"] - frames["delivered"]
-    assert 80 <= lost <= 130  # 50 frames/s for 2 s plus the reconnect back-off
+    # 50 frames/s until the cameras are back. Over TCP they are at the attempt 3.1 s after the restart (paho's
+    # back-off: 0.1, 0.3, 0.7, 1.5, 3.1 s; the broker is back at 2 s); over udp CONNECT is resent every
+    # retry_interval (0.5 s), so they are back at 2.1 s.
+    low, high = (150, 165) if transport == "tcp" else (100, 115)
+    assert low <= lost <= high
 
 
 def test_edge_server_that_crashes_gets_its_frames_from_its_persistent_session() -> None:

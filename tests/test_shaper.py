@@ -1,5 +1,6 @@
-"""The in-process link shaper: token-bucket rate, delay distribution, loss, determinism; and, against a real
-broker, that the shaping happens in real time before the paho publish."""
+"""The in-process link shaper: token-bucket rate, delay distribution, loss, determinism, loss through the TCP
+model (transport tcp); and, against a real broker, that the shaping happens in real time before the paho
+publish."""
 
 from __future__ import annotations
 
@@ -11,10 +12,20 @@ import pytest
 import simpy
 from mosquitto_fixtures import WAIT_S
 
-from iotbed.broker.packets import MQTT5, publish_size
+from iotbed.broker.packets import MQTT5, publish_size, tcp_ip_size
 from iotbed.broker.realtime import wait_for
-from iotbed.emulation.shaper import GilbertElliottLoss, LinkShaper, TokenBucket, make_loss
-from iotbed.sim.links import BernoulliLoss
+from iotbed.emulation.paths import NodePaths, PathShape
+from iotbed.emulation.shaper import (
+    GilbertElliottLoss,
+    LinkShaper,
+    TcpPath,
+    TokenBucket,
+    make_loss,
+    mqtt_bytes,
+    path_shaper,
+)
+from iotbed.sim.links import BernoulliLoss, NoLoss
+from iotbed.sim.tcp import TcpSettings
 
 
 def _run(shaper: LinkShaper, arrivals: list[tuple[float, int, int]]) -> list[float]:
@@ -162,6 +173,121 @@ def test_gilbert_elliott_loss_is_bursty_with_the_stationary_rate() -> None:
     assert lost.mean() == pytest.approx(model.mean_loss, abs=0.01)  # 0.114; bursts inflate the variance
     after_loss = lost[1:][lost[:-1]].mean()  # P(loss | previous lost) far above the mean: bursts
     assert after_loss > 2 * lost.mean()
+
+
+# --- loss through the TCP model (transport tcp) ---------------------------------------------------------
+class Record:
+    """The fields of a trace FrameRecord the shaper charges."""
+
+    def __init__(self) -> None:
+        self.wire_bytes = self.retries = self.losses = 0
+        self.drop_reason = self.drop_link = ""
+
+
+class LoseNth:
+    """Loses the packets at the given positions (1-based) of the link's sequence of loss draws."""
+
+    def __init__(self, *positions: int) -> None:
+        self.positions = set(positions)
+        self.draws = 0
+
+    def lost(self) -> bool:
+        self.draws += 1
+        return self.draws in self.positions
+
+
+def _tcp_run(loss: object, n: int = 12, seed: int = 1) -> tuple[list[float], list[Record], LinkShaper]:
+    """`n` one-segment messages (1,000 B on the wire), one every 20 ms from t=1 s, over 100 kB/s and 10 ms each
+    way, Nagle off (on, each small message would wait for the previous one's ACK); their arrival times, their
+    records and the shaper."""
+    env = simpy.Environment()
+    back = TcpPath(delay_s=0.01, settings=TcpSettings(nagle=False))
+    shaper = LinkShaper(env, _gen(seed), name="cam-0", rate_bytes_s=100_000, delay_s=0.01, loss=loss, tcp=back)
+    records = [Record() for _ in range(n)]
+    arrived = [math.nan] * n
+
+    def feed():
+        yield env.timeout(1.0)
+        for i in range(n):
+            shaper.submit(1000, 1, lambda i=i: arrived.__setitem__(i, env.now), records[i])
+            yield env.timeout(0.02)
+
+    env.process(feed())
+    env.run(until=30)
+    return arrived, records, shaper
+
+
+def test_tcp_model_delays_a_lost_message_and_holds_the_ones_behind_it() -> None:
+    clean, clean_records, clean_shaper = _tcp_run(NoLoss())
+    segment = (mqtt_bytes(1000) + 52) / 100_000  # the model's segment: MQTT bytes plus Linux's 52 B of headers
+    assert clean == pytest.approx([1.0 + 0.02 * i + segment + 0.01 for i in range(12)], abs=1e-9)
+    assert clean_shaper.stats.sent == 12 and clean_shaper.stats.tcp_retransmissions == 0
+    # Draws 1 and 2 on the link towards the broker are the handshake's SYN and ACK; 5 is message 2's segment.
+    lossy, records, shaper = _tcp_run(LoseNth(5))
+    assert [r.losses for r in records] == [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert lossy[:2] == clean[:2]
+    repaired = lossy[2] - clean[2]
+    assert repaired > 0.02  # at least one round trip: TCP found the hole and resent it
+    # the ones that got through while it was missing waited for it, and came out with it
+    held = [i for i in range(3, 12) if lossy[i] == pytest.approx(lossy[2], abs=1e-9)]
+    assert held == list(range(3, 3 + len(held))) and len(held) >= 2
+    assert all(lossy[i] > clean[i] + 0.01 for i in held)
+    # the resent segment took the link for one transmission; after that, as if nothing happened
+    assert all(clean[i] <= lossy[i] <= clean[i] + segment + 1e-9 for i in range(3 + len(held), 12))
+    assert lossy[-1] == clean[-1]
+    assert lossy == sorted(lossy)  # in order
+    # no message lost or resent by MQTT: TCP resent one segment
+    assert shaper.stats.sent == 12 and shaper.stats.retransmissions == 0 and shaper.stats.dropped_loss == 0
+    assert shaper.stats.losses == 1 and shaper.stats.tcp_retransmissions >= 1
+    assert all(r.retries == 0 and r.drop_reason == "" for r in records)
+    # the resent segment is charged to its frame, as in simulation
+    assert records[2].wire_bytes > clean_records[2].wire_bytes
+
+
+def test_tcp_model_repairs_every_loss_the_same_way_for_the_same_seed() -> None:
+    def run(seed: int) -> tuple[list[float], int]:
+        env = simpy.Environment()
+        rng = _gen(seed)
+        back = TcpPath(delay_s=0.02, jitter_s=0.002, loss=BernoulliLoss(0.1, _gen(seed + 1)), rng=_gen(seed + 2))
+        shaper = LinkShaper(
+            env,
+            rng,
+            rate_bytes_s=50_000,
+            delay_s=0.02,
+            jitter_s=0.002,
+            loss=BernoulliLoss(0.1, _gen(seed + 3)),
+            tcp=back,
+        )
+        sent = _run(shaper, [(1.0 + i * 0.05, 1000 + 600 * (i % 4), 1) for i in range(300)])
+        return sent, shaper.stats.tcp_retransmissions
+
+    (a, ra), (b, rb), (c, _) = run(11), run(11), run(12)
+    assert not any(math.isnan(t) for t in a)  # every message delivered
+    assert a == sorted(a) and ra > 0  # in order, with losses repaired
+    assert a == b and ra == rb
+    assert a != c
+
+
+def test_the_model_gets_the_mqtt_bytes_and_each_transport_its_own_shaper() -> None:
+    assert all(mqtt_bytes(tcp_ip_size(m)) == m for m in range(1, 20_000, 7))
+    shape = PathShape(25_000.0, 0.01, 0.001, BernoulliLoss(0.05, None), 40)  # type: ignore[arg-type]
+    paths = NodePaths(shape, PathShape(25_000.0, 0.01, 0.0, BernoulliLoss(0.02, None), 40))  # type: ignore[arg-type]
+    env = simpy.Environment()
+
+    def make(transport: str, kernel_loss: bool = False) -> LinkShaper:
+        return path_shaper(env, "cam-0", paths, _gen(), _gen(2), transport=transport, kernel_loss=kernel_loss)
+
+    tcp, udp, kernel = make("tcp"), make("udp"), make("tcp", kernel_loss=True)
+    assert tcp.transport == "tcp" and isinstance(tcp.loss, BernoulliLoss) and tcp.loss.rate == 0.05
+    assert tcp.tcp is not None and tcp.tcp.settings.nagle  # as paho and Mosquitto leave it ...
+    nodelay = path_shaper(env, "cam-1", paths, _gen(), _gen(2), transport="tcp", tcp_nodelay=True)
+    assert nodelay.tcp is not None and not nodelay.tcp.settings.nagle  # ... unless the scenario says otherwise
+    assert udp.transport == "udp" and isinstance(udp.loss, BernoulliLoss) and udp.queue_limit == 40
+    # --netns without netem: the kernel loses real packets, so the shaper only times them
+    assert kernel.transport == "udp" and isinstance(kernel.loss, NoLoss) and kernel.queue_limit is None
+    assert kernel.bucket is not None and kernel.delay_s == 0.01 and kernel.jitter_s == 0.001
+    with pytest.raises(ValueError, match="udp model only"):
+        LinkShaper(env, _gen(), max_retries=3, tcp=TcpPath())
 
 
 # --- in a live run ---------------------------------------------------------------------------------------

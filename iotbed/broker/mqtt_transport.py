@@ -14,10 +14,18 @@ paho (`publish`, `subscribe`) are thread-safe in paho.
 Sessions and faults. MQTT 5 (default) or 3.1.1; clean sessions, or persistent ones (`clean_session=False`:
 clean_start off and a session expiry for MQTT 5, clean_session off for 3.1.1). paho reconnects on its own
 with exponential backoff between `reconnect_min_s` and `reconnect_max_s`; on every CONNACK the transport
-subscribes again whatever the broker's session does not already hold. QoS 1/2 messages published while the
-connection is down wait in paho and go out after the reconnect; a QoS 0 message published while it is down
-is dropped and counted (`dropped_not_connected`). Messages lost inside a dying connection cannot be seen by
-the sender: count them end to end (frame ids in the trace).
+subscribes again to all its filters (Mosquitto 2.0 restores a persistent session's subscriptions after a
+restart, but not its shared ones). QoS 1/2 messages published while the connection is down wait in paho and
+go out after the reconnect; a QoS 0 message published while it is down is dropped and counted
+(`dropped_not_connected`). Messages lost inside a dying connection cannot be seen by the sender: count them
+end to end (frame ids in the trace).
+
+Nagle's algorithm stays on, as paho leaves it, unless `tcp_nodelay` (the scenario's `broker.tcp_nodelay`):
+then every socket the client opens gets TCP_NODELAY before its CONNECT. `handshake_delays_s` (up, down)
+emulates a path on loopback for connecting, as the simulated TCP crosses it: every attempt waits `up`
+before its socket opens (the SYN), a refused one `down` before the back-off (the RST), an accepted one
+`down + up` before CONNECT (the SYN-ACK, then the CONNECT) and again at the CONNACK before sending anything
+(the CONNACK, then SUBSCRIBE and held PUBLISHes), so the broker sees each as late as over the path.
 
 Refusals are counted, with their reason, in `stats` and `stats.refusal_log`: a refused CONNACK (bad
 credentials, not authorised; paho would retry forever, so by default the transport stops retrying), an
@@ -136,11 +144,16 @@ class TransportStats:
 
 def no_delay(client: Any) -> None:
     """Turn off Nagle's algorithm on a connected paho client's socket (paho leaves it on): small frames are
-    sent at once instead of waiting for the ACK of the previous segment, which the peer delays."""
+    sent at once instead of waiting for the ACK of the previous segment, which the peer delays. A new
+    connection needs it again."""
     sock = client.socket()
     if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _socket_no_delay(sock)
+
+
+def _socket_no_delay(sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttTransport:
@@ -174,6 +187,8 @@ class MqttTransport:
         connect_timeout_s: float | None = None,
         tcp_ip_overhead: bool = False,
         bind_address: str = "",
+        tcp_nodelay: bool = False,
+        handshake_delays_s: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         if protocol not in (packets.MQTT5, packets.MQTT311):
             raise ValueError(f"protocol must be {packets.MQTT5!r} or {packets.MQTT311!r}, not {protocol!r}")
@@ -196,6 +211,10 @@ class MqttTransport:
         self.connect_timeout_s = connect_timeout_s
         self.tcp_ip_overhead = tcp_ip_overhead
         self.bind_address = bind_address  # the local address to connect from ("": any)
+        self.tcp_nodelay = tcp_nodelay  # Nagle off on every connection; False: on, as paho leaves it
+        # An emulated path's one-way delays (up, down) that every connection's handshake crosses: the SYN up
+        # before the broker accepts or refuses it, the answer back, then the CONNECT up.
+        self.handshake_delays_s = handshake_delays_s
         self._wall = wall_clock(env)
         self.stats = TransportStats()
         self.connected: simpy.Event = env.event()
@@ -245,6 +264,18 @@ class MqttTransport:
         client.on_message = self._paho_message
         client.on_publish = self._paho_publish
         client.on_subscribe = self._paho_subscribe
+        up, down = handshake_delays_s
+        if up > 0:  # paho's thread waits, so only this client's (re)connection is held back
+            client.on_pre_connect = lambda client, userdata: time.sleep(up)
+
+        def socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:  # before CONNECT is written
+            if tcp_nodelay:
+                _socket_no_delay(sock)
+            if up + down > 0:
+                time.sleep(down + up)
+
+        if tcp_nodelay or up + down > 0:
+            client.on_socket_open = socket_open
         self._client = client
 
     # --- the Transport surface (SimPy thread) ----------------------------------------------------------
@@ -449,6 +480,9 @@ class MqttTransport:
             self.bridge.post(self._on_refused, reason.value, str(reason))
             return
         present = bool(flags.session_present)
+        # An emulated path: the CONNACK crosses it down, then what the client sends first (SUBSCRIBE, the
+        # PUBLISHes it held, which paho sends when this returns) crosses it up.
+        time.sleep(sum(self.handshake_delays_s))
         with self._sub_lock:
             self._link_up_paho = True
             if not present:
@@ -475,8 +509,9 @@ class MqttTransport:
             self._sub_mids[mid] = filters
 
     def _paho_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._answered.set()
         exc = sys.exc_info()[1]  # paho calls this inside its `except OSError` block
+        time.sleep(self.handshake_delays_s[1])  # the refusal (RST) crosses the path back before the back-off
+        self._answered.set()
         if isinstance(exc, ssl.SSLError | ssl.CertificateError):
             client.disconnect()  # a certificate does not get better by retrying
         self.bridge.post(self._on_connect_failed, exc)
@@ -520,7 +555,6 @@ class MqttTransport:
         stats.refusal_log.append(Refusal(self._stamp(), kind, code, reason, topic))
 
     def _on_connected(self, session_present: bool) -> None:
-        no_delay(self._client)
         stats = self.stats
         stats.connects += 1
         if stats.connects > 1:

@@ -14,7 +14,8 @@ Two transports (`MqttSettings.transport`):
   unacknowledged is resent when a session resumes on a new connection (CONNACK with the session present).
   A connection that breaks (a broker restart, a crash, a takeover) loses what it held: QoS 1/2 messages
   stay with their MQTT flows for the next connection, QoS 0 ones are reported undelivered ("tcp_reset").
-  A broker that is down refuses connections (RST); clients try again after `RECONNECT_DELAY_S`. A client
+  A broker that is down refuses connections (RST); clients try again with paho's back-off (from
+  `RECONNECT_DELAY_S`, doubling). A client
   on the broker's own node talks to it over loopback, which neither loses nor delays (`_Loopback`).
 - `udp`: one network packet per MQTT packet (MQTT-SN over UDP style): a lost packet is lost, and QoS 1/2
   messages, CONNECT and SUBSCRIBE are resent after `retry_interval`, at most `max_retries` times.
@@ -64,9 +65,10 @@ if TYPE_CHECKING:
 
 # Retransmission timers fire within this share of retry_interval after their deadline (see FifoTimers).
 RETRY_TICK_FRACTION = 0.05
-# A client whose connection broke, or was refused, tries again after this long (the live transport's
-# minimum reconnect delay).
+# A client whose connection broke, or was refused, tries again after this long, doubled on every attempt
+# that fails up to the maximum and reset by a CONNACK: paho's back-off, with the live transport's settings.
 RECONNECT_DELAY_S = 0.1
+RECONNECT_MAX_DELAY_S = 5.0
 # tcp: a client that has no CONNACK this long after opening its connection opens a new one (paho's
 # connect_timeout). TCP itself resends a lost SYN or CONNECT long before.
 CONNECT_TIMEOUT_S = 5.0
@@ -328,11 +330,13 @@ class SimBroker:
         self._watch_liveness(session, session.epoch)
 
     def crash(self, persistence: bool) -> None:
-        """The broker process dies: every connection breaks at once (clients see it), no will is sent.
-        With persistence, persistent sessions, their queued and in-flight messages and retained messages
-        survive the restart, as Mosquitto's database keeps them; without it, all state is gone. Over TCP every
-        connection is reset (in-flight segments are dropped as "tcp_closed") and the clients still running
-        reconnect."""
+        """The broker process stops (SIGTERM, as `iotbed emulate` restarts Mosquitto): every connection breaks at
+        once (clients see it), no will is sent. With persistence, what Mosquitto 2.0's database keeps survives:
+        persistent sessions, their non-shared subscriptions, their queued and in-flight messages (in-flight ones
+        go again with DUP), and retained messages; shared subscriptions ($share/...) do not, so until a member
+        subscribes again its group has no subscriber. Clean sessions, and without persistence all state, are
+        gone, with what they held ("broker_restart"). Over TCP every connection is reset (in-flight segments
+        are dropped as "tcp_closed") and the clients still running reconnect."""
         self.down = True
         self.stats.restarts += 1
         if self.tcp:
@@ -352,6 +356,12 @@ class SimBroker:
             if session.clean or not persistence:
                 self._forget_subscriptions(session)
                 del self.sessions[session.client_id]
+                self._discard(session, "broker_restart")
+            else:
+                for topic_filter in [f for f in session.subscriptions if split_shared(f)[0] is not None]:
+                    del session.subscriptions[topic_filter]
+        self._invalidate()
+        self._shared_next.clear()  # a new process starts its round robin afresh
         if not persistence:
             self.retained.clear()
 
@@ -370,6 +380,13 @@ class SimBroker:
 
         Timeout(self.env, 1.5 * self.settings.keepalive_s).callbacks.append(check)
 
+    def connection_closed(self, client: SimMqttClient) -> None:
+        """tcp: `client`'s process died and its kernel closed the connection (FIN): the broker sees the
+        disconnect at once, without waiting out the keep-alive, and publishes the will."""
+        session = self.sessions.get(client.client_id)
+        if not self.down and session is not None and session.connected and session.endpoint is client:
+            self._drop_connection(session)
+
     def _drop_connection(self, session: _Session) -> None:
         session.connected = False
         session.outbound.paused = True  # type: ignore[union-attr]
@@ -384,6 +401,7 @@ class SimBroker:
         if session.clean:
             self._forget_subscriptions(session)
             del self.sessions[session.client_id]
+            self._discard(session, "session_ended")
 
     def _on_subscribe(self, session: _Session, message: Subscribe) -> None:
         granted = []
@@ -495,8 +513,9 @@ class SimBroker:
         self.stats.dropped_queue_full += 1
         self.undelivered(message, "broker_queue_full")
 
-    def _discard(self, session: _Session) -> None:
-        """A clean session took over a persistent one: what it held for its client is dropped."""
+    def _discard(self, session: _Session, reason: str = "session_discarded") -> None:
+        """The session is gone (a clean session took over, a clean session ended, the broker restarted): what
+        it held for its client is dropped, and reported with `reason`."""
         outbound = session.outbound
         assert outbound is not None
         held = [entry.message for entry in outbound.inflight.values()]
@@ -505,7 +524,7 @@ class SimBroker:
         outbound.waiting.clear()
         session.offline_queue.clear()
         for message in held:
-            self.undelivered(message, "session_discarded")
+            self.undelivered(message, reason)
 
 
 class _LoopbackEnd:
@@ -599,6 +618,7 @@ class SimMqttClient:
         self._handlers_for: dict[str, list[Handler]] = {}
         self._unacked_subscriptions: set[tuple[str, int]] = set()
         self._connect_attempt = 0
+        self._reconnect_delay: float | None = None  # the back-off's last wait; None: since the last CONNACK
         self.received_duplicates = 0
         # paho's window (max_inflight_messages) and queue (unbounded: QoS 1/2 messages wait for a free slot)
         self.outbound = OutboundFlow(
@@ -676,10 +696,17 @@ class SimMqttClient:
         if attempt == self._connect_attempt and self.alive and not self.session_up:
             self.connect()
 
+    def _backoff(self) -> float:
+        """How long to wait before the next attempt to connect: paho's back-off."""
+        delay = self._reconnect_delay
+        delay = RECONNECT_DELAY_S if delay is None else min(2 * delay, RECONNECT_MAX_DELAY_S)
+        self._reconnect_delay = delay
+        return delay
+
     def _refused(self) -> None:
-        """tcp: the broker refused the connection (it is down): try again after a short back-off."""
+        """tcp: the broker refused the connection (it is down): try again after the back-off."""
         attempt = self._connect_attempt
-        Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(
+        Timeout(self.env, self._backoff()).callbacks.append(
             lambda _: self.connect() if self.alive and attempt == self._connect_attempt else None
         )
 
@@ -735,26 +762,30 @@ class SimMqttClient:
         self.session_up = False
         self.outbound.paused = True
 
-    def crash(self) -> None:
-        """Vanish without a DISCONNECT: the broker notices after 1.5 keep-alives and publishes the will. Over
-        TCP this end of the connection is gone: what it had not sent is lost, and whatever reaches it is
-        dropped; the broker's end keeps resending until the broker gives up on the client."""
+    def crash(self, power_off: bool = False) -> None:
+        """The process dies without a DISCONNECT. Over TCP its kernel closes the connection: what it had not
+        sent is lost, and the broker sees the connection closed at once and publishes the will, as Mosquitto
+        does when a client is killed. With `power_off` (the host is gone, no kernel answers), and over udp
+        where there is no connection to close, the broker notices after 1.5 keep-alives of silence; until then
+        what its end sends is dropped."""
         self.alive = False
         self.session_up = False
         self.outbound.paused = True
         if self.tcp is not None:
             self.broker.connection_dropped((self.tcp.a.abort(), []))
+            if not power_off:
+                self.broker.connection_closed(self)
 
     def rejoin(self) -> simpy.Event:
         """After `crash`: the node connects again with the same client id."""
         return self.connect()
 
     def connection_lost(self) -> None:
-        """The broker went away: try again after a short back-off, until it answers (as paho does)."""
+        """The broker went away: try again after the back-off, until it answers (as paho does)."""
         self.session_up = False
         self.outbound.paused = True
         self.reconnects += 1
-        Timeout(self.env, RECONNECT_DELAY_S).callbacks.append(lambda _: self.connect() if self.alive else None)
+        Timeout(self.env, self._backoff()).callbacks.append(lambda _: self.connect() if self.alive else None)
 
     def slow_down(self, rate: float, duration_s: float) -> None:
         """For `duration_s` from now, read (deliver and acknowledge) at most `rate` messages a second, as the
@@ -814,21 +845,17 @@ class SimMqttClient:
         elif isinstance(message, Connack):
             first = not self.session_up
             self.session_up = True
+            self._reconnect_delay = None
             self.outbound.paused = False
             if first:
-                # A new connection: what was never acknowledged goes again (paho does the same), and
-                # subscriptions the broker's session lost are made again.
+                # A new connection: what was never acknowledged goes again (paho does the same), and every
+                # subscription is made again, also when the session is present, as the live transport does:
+                # after a restart Mosquitto's session has lost its shared subscriptions.
                 self.outbound.resend_all()
-                if self.tcp is not None:
-                    if not message.session_present:
-                        self._unacked_subscriptions.update(self._subscriptions.items())
-                    for entry in list(self._subscriptions.items()):  # and those the old connection lost
+                for entry in list(self._subscriptions.items()):
+                    if self.tcp is not None or entry not in self._unacked_subscriptions:
+                        self._unacked_subscriptions.add(entry)
                         self._send_subscribe(entry)
-                elif not message.session_present:
-                    for entry in self._subscriptions.items():
-                        if entry not in self._unacked_subscriptions:
-                            self._unacked_subscriptions.add(entry)
-                            self._send_subscribe(entry)
             if not self.connected.triggered:
                 self.connected.succeed(message.session_present)
 

@@ -126,7 +126,8 @@ def build_live(
     tls: bool = False,
 ) -> LiveDeployment:
     """Every node of `scenario` on its own transport; `endpoint(node)` says where a node's clients connect.
-    `shape_in_process`: cameras shape what they publish here (off when the kernel's netem shapes every packet).
+    `shape_in_process`: cameras shape what they publish here, and every client's connection handshake waits
+    out its path's delays (off when the kernel's netem shapes every packet).
     `logins`: user -> password, one user per node (and `registry`), as `iotbed broker start --auth` makes them;
     a client logs in as its own client id where that is a user, else as its node (a rogue publisher on a
     camera has only the camera's credentials)."""
@@ -160,6 +161,7 @@ def build_live(
             shaper = shapers[client_id] = _shaper(env, client_id, paths[client_id], scenario, streams)
         user, secret = login(client_id, node)
         where = endpoint(node)
+        path = paths.get(node) if shape_in_process else None  # else the kernel delays the handshake itself
         made = MqttTransport(
             env,
             client_id,
@@ -178,6 +180,10 @@ def build_live(
             tcp_ip_overhead=b.tcp_ip_overhead,
             bind_address=where.bind_address,
             max_inflight=b.max_inflight,
+            tcp_nodelay=b.tcp_nodelay,
+            # A (re)connection crosses the node's path, as in simulation: after a broker restart a camera
+            # far from the broker is back later than an edge server beside it.
+            handshake_delays_s=(path.up.delay_s, path.down.delay_s) if path is not None else (0.0, 0.0),
         )
         transports[client_id] = made
         return made

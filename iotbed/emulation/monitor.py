@@ -73,6 +73,8 @@ class BrokerMonitor:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if not reason.is_failure:
+            # Not a node of the scenario, so not under its tcp_nodelay: the monitor carries no frames, and its
+            # own few packets (SUBSCRIBE, PINGREQ) going at once cannot delay anyone else's.
             no_delay(client)
             client.subscribe([(topic, 0) for topic in COUNTERS])  # a broker restart: subscribe again
 

@@ -1,4 +1,4 @@
-"""Kernel-shaped links for live runs (`iotbed emulate --netns`): network namespaces, veth pairs and `tc`.
+"""Kernel-shaped links for live runs (`iotbed emulate --netns`): network namespaces, veth pairs, `tc`, nftables.
 
 The layout, for a run with process id P:
 
@@ -12,18 +12,37 @@ packets cross a real veth pair. Each node's path to the broker (`iotbed.emulatio
 class on the group's side of the pair (what the node sends) and one on the broker's side (what it
 receives), selected by the node's address: its rate is the path's bottleneck bandwidth, and nodes of one
 group whose bottleneck is one shared link or medium share a parent class of that bandwidth (nodes of two
-groups behind one link each get its full rate: every group has a veth of its own). Under each class a `netem`
-qdisc gives every packet its transmission time at that bandwidth (`rate`, as a simulated link does) and adds
-the path's delay, jitter (normal) and loss (random, or `gemodel` for Gilbert-Elliott), with the path's queue
-as its limit. A kernel without `netem` gets a `pfifo` of that size: HTB then only caps the rate of real
-packets (a token bucket lets a lone packet through at once), and iotbed shapes what nodes publish in process
-as well (`LinkShaper`: transmission time, delay, jitter, loss), and says so in the summary. Loss in the
-kernel hits TCP segments, which TCP retransmits: MQTT never sees it, unlike in simulation or with the
-in-process shaper, where a lost message is resent by MQTT after `retry_interval`.
+groups behind one link each get its full rate: every group has a veth of its own).
+
+With `netem` in the kernel, a `netem` qdisc under each class gives every packet its transmission time at that
+bandwidth (`rate`, as a simulated link does) and adds the path's delay, jitter (normal) and loss (random, or
+`gemodel` for Gilbert-Elliott), with the path's queue as its limit.
+
+Without `netem` (a kernel built without sch_netem), each class gets a `pfifo` of that size, and:
+- rate: HTB only caps the rate of real packets (a token bucket lets a lone packet through at once), so each
+  camera also gives its messages their transmission time in process (`LinkShaper`);
+- delay and jitter: in process only, on what cameras publish, before the kernel sees it. What other nodes
+  send, MQTT's acknowledgements and the broker-to-subscriber leg get none;
+- loss: in the kernel, by nftables (`loss_rules`): a table `inet iotbed_loss` whose prerouting chain sends
+  each lossy node's TCP packets, through one verdict map keyed by its address, to a chain of its own with
+  `numgen random mod 1000000 < k counter drop` (k: the path's Bernoulli rate in millionths). What a node sends
+  is dropped on arrival at the broker's side of its veth (in the broker's namespace, matched by source);
+  what it receives, on arrival at its own side (in its group's namespace, matched by destination): both
+  directions, after the packet took its transmission time, as the simulator loses a packet. (Not in the
+  sender's own output path: a drop there comes back to its TCP as a local error and goes again at once.)
+  The kernel's TCP resends what is dropped, so MQTT sees no loss and resends nothing, as over simulated
+  TCP; but it times its repairs by the RTT it sees, which lacks the path's delay (that is added in process).
+  The in-process shaper then loses nothing and drops nothing from its queue. nftables' `numgen` draws each
+  packet on its own, so Gilbert-Elliott (burst) loss cannot be done: a run with it is refused, before
+  anything is prepared, with what to use instead (`refuse_bursty_loss`).
+The summary's `shaping` names the mechanism of each of rate, delay, jitter and loss (`describe`), with what
+nftables dropped each way and the kernel's TCP retransmission counters of the run's namespaces; per node,
+`kernel_links.csv` has the qdisc's counters and `loss_drops`.
 
 The addresses exist only inside the run's namespaces (the root namespace gets one /30 in link-local space),
 so nothing on the host's own networks is shadowed. `NetnsLab` is a context manager: leaving it deletes the
-namespaces, which deletes their veths and qdiscs, also on Ctrl-C. A run killed outright leaves them behind;
+namespaces, which deletes their veths, qdiscs and nftables tables (nftables state belongs to its namespace;
+none is put in the host's), also on Ctrl-C. A run killed outright leaves them behind;
 the next `--netns` run removes namespaces whose owning process is gone.
 """
 
@@ -50,6 +69,17 @@ BROKER_PORT = 1883
 PREFIX = "iotbed-"
 SEGMENT_BYTES = 1448  # TCP payload of one 1500-byte packet with timestamps: what a qdisc counts as one
 UNSHAPED = "10gbit"  # the ceiling of a class whose path has delay or loss but no bandwidth limit
+LOSS_TABLE = "iotbed_loss"  # the nftables table (family inet) of a namespace's loss rules
+LOSS_SCALE = 1_000_000  # nftables draws `numgen random mod` this: loss rates in steps of 1e-6
+# What the kernel counts of its TCP's repairs, per namespace (/proc/net/snmp's Tcp, /proc/net/netstat's TcpExt).
+TCP_COUNTERS = (
+    "RetransSegs",
+    "TCPFastRetrans",
+    "TCPSlowStartRetrans",
+    "TCPLossProbes",
+    "TCPTimeouts",
+    "TCPSynRetrans",
+)
 
 
 class NetnsError(IotbedError):
@@ -108,6 +138,101 @@ def enter(namespace: str) -> None:
             raise NetnsError(f"cannot enter network namespace {namespace}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def _netem_in(namespace: str) -> bool:
+    probe = subprocess.run(
+        ["tc", "-n", namespace, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode == 0:
+        subprocess.run(["tc", "-n", namespace, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+        return True
+    return False
+
+
+def netem_available() -> bool:
+    """Whether this kernel has netem, tried in a throwaway namespace (root only)."""
+    name = f"{PREFIX}{os.getpid()}-probe"
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+    _run(["ip", "netns", "add", name], "creating a namespace to probe for netem")
+    try:
+        return _netem_in(name)
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def bursty_loss_nodes(paths: dict[str, NodePaths]) -> list[str]:
+    """The nodes whose path has Gilbert-Elliott loss, which only netem can apply: nftables' numgen drops each
+    packet on its own, with no state to carry a burst from one packet to the next."""
+    return sorted(
+        n
+        for n, p in paths.items()
+        if isinstance(p.up.loss, GilbertElliottLoss) or isinstance(p.down.loss, GilbertElliottLoss)
+    )
+
+
+def refuse_bursty_loss(nodes: list[str], paths: dict[str, NodePaths]) -> None:
+    """A clear error for Gilbert-Elliott loss under --netns on a kernel without netem."""
+    if not nodes:
+        return
+    loss = next(
+        p.up.loss if isinstance(p.up.loss, GilbertElliottLoss) else p.down.loss for n, p in paths.items() if n in nodes
+    )
+    assert isinstance(loss, GilbertElliottLoss)
+    shown = ", ".join(nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+    raise NetnsError(
+        f"gilbert_elliott loss on the paths of {shown} needs the kernel's netem, which this kernel lacks "
+        f"(`modprobe sch_netem`): without it --netns drops packets with nftables' numgen, which draws each "
+        f"packet on its own and cannot make bursts. Use `model: bernoulli` (this one's mean rate is "
+        f"{loss.mean_loss:.4g}), or run without --netns: the in-process shaper models Gilbert-Elliott loss"
+    )
+
+
+def nft_available() -> bool:
+    return shutil.which("nft") is not None or os.access("/usr/sbin/nft", os.X_OK)
+
+
+def loss_rules(
+    nodes: dict[str, tuple[str, PathShape]], direction: str, device: str
+) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """`nft -f` lines that drop each lossy node's TCP packets at random, at its path's Bernoulli rate, as they
+    arrive through `device` (`direction`: `up`, what the node sends, matched by source address, arriving at the
+    broker's side; `down`, what it receives, by destination, arriving at the node's side); and which chain
+    counts whose drops (chain -> (node, direction)). One chain per node, reached through one verdict map, so a
+    packet costs one lookup however many nodes there are. The drop happens on arrival, after the packet took
+    its transmission time: a drop in the sender's own output path would come back to its TCP as a local
+    error (EPERM) and go again at once, not as a loss in the network (measured: `iotbed.emulation.tcp_validation`)."""
+    field_ = {"up": "saddr", "down": "daddr"}[direction]
+    lines = [
+        f"add table inet {LOSS_TABLE}",
+        # before conntrack (-200): a dropped packet leaves no trace in the connection's state
+        f"add chain inet {LOSS_TABLE} arrive {{ type filter hook prerouting priority -300 ; policy accept ; }}",
+    ]
+    chains: dict[str, tuple[str, str]] = {}
+    verdicts = []
+    for node, (address, shape) in nodes.items():
+        loss = shape.loss
+        if isinstance(loss, GilbertElliottLoss):
+            raise NetnsError(f"{node}: gilbert_elliott loss cannot be applied by nftables (see refuse_bursty_loss)")
+        if not isinstance(loss, BernoulliLoss):
+            continue
+        threshold = round(loss.rate * LOSS_SCALE)
+        if threshold <= 0:  # below half a millionth: too rare to matter, and numgen's steps are millionths
+            continue
+        chain = f"{direction}_{address.replace('.', '_')}"
+        lines.append(f"add chain inet {LOSS_TABLE} {chain}")
+        lines.append(f"add rule inet {LOSS_TABLE} {chain} numgen random mod {LOSS_SCALE} < {threshold} counter drop")
+        chains[chain] = (node, direction)
+        verdicts.append(f"{address} : jump {chain}")
+    if not verdicts:
+        return [], {}
+    lines.append(
+        f'add rule inet {LOSS_TABLE} arrive iifname "{device}" meta l4proto tcp '
+        f"ip {field_} vmap {{ {', '.join(verdicts)} }}"
+    )
+    return lines, chains
 
 
 def _bits(rate_bytes_s: float) -> str:
@@ -221,6 +346,7 @@ class NetnsLab:
         self.root_device = f"ibr{self.run_id}"[:15]
         self.broker_address = ""  # the broker's address as the root namespace reaches it
         self.classes: dict[tuple[str, str], dict[str, str]] = {}  # (group, up|down) -> class id -> node
+        self.loss_chains: dict[str, dict[str, tuple[str, str]]] = {}  # namespace -> chain -> (node, up|down)
         self._made: list[str] = []
         self._root_link = False
 
@@ -248,6 +374,16 @@ class NetnsLab:
             raise NetnsError(f"--netns gives each node group a /16; {len(self.paths)} groups is more than 150")
         self._add_namespace(self.broker_ns)
         self.netem = self._probe_netem() if self._netem_forced is None else self._netem_forced
+        every = {n: p for nodes in self.paths.values() for n, p in nodes.items()}
+        if not self.netem:
+            refuse_bursty_loss(bursty_loss_nodes(every), every)
+            lossy = any(isinstance(loss, BernoulliLoss) for p in every.values() for loss in (p.up.loss, p.down.loss))
+            if lossy and not nft_available():
+                raise NetnsError(
+                    "--netns applies link loss with nftables where the kernel has no netem: "
+                    "`apt-get install -y nftables`"
+                )
+        broker_rules: list[str] = []
         self._link_root()
         for k, (group, nodes) in enumerate(sorted(self.paths.items()), start=1):
             if len(nodes) > 65_000:
@@ -306,18 +442,25 @@ class NetnsLab:
                 )
                 self._tc(namespace, lines, group)
                 self.classes[(group, direction)] = owners
+                if not self.netem:
+                    device = hub if direction == "up" else up  # where the packet arrives
+                    rules, chains = loss_rules(
+                        {n: (net.addresses[n], getattr(p, direction)) for n, p in nodes.items()}, direction, device
+                    )
+                    if direction == "up":
+                        broker_rules += rules
+                    elif rules:
+                        self._nft(net.namespace, rules, f"the loss rules of group {group}")
+                    if chains:
+                        self.loss_chains.setdefault(self.broker_ns if direction == "up" else net.namespace, {}).update(
+                            chains
+                        )
             self.groups[group] = net
+        if broker_rules:
+            self._nft(self.broker_ns, broker_rules, "the loss rules of what nodes send")
 
     def _probe_netem(self) -> bool:
-        probe = subprocess.run(
-            ["tc", "-n", self.broker_ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-            capture_output=True,
-            text=True,
-        )
-        if probe.returncode == 0:
-            subprocess.run(["tc", "-n", self.broker_ns, "qdisc", "del", "dev", "lo", "root"], capture_output=True)
-            return True
-        return False
+        return _netem_in(self.broker_ns)
 
     def _link_root(self) -> None:
         """One veth from the root namespace to the broker's, in 169.254.213.0/24, so this process can check the
@@ -346,6 +489,10 @@ class NetnsLab:
     def _tc(self, namespace: str, lines: list[str], group: str) -> None:
         _run(["tc", "-n", namespace, "-batch", "-"], f"shaping the links of group {group}", "\n".join(lines) + "\n")
 
+    def _nft(self, namespace: str, lines: list[str], what: str) -> None:
+        # nftables state belongs to the namespace: deleting the namespace deletes these tables with it
+        _run(["ip", "netns", "exec", namespace, "nft", "-f", "-"], f"adding {what}", "\n".join(lines) + "\n")
+
     # --- using it ----------------------------------------------------------------------------------------
     def namespace_of(self, node: str) -> GroupNet:
         for net in self.groups.values():
@@ -353,9 +500,44 @@ class NetnsLab:
                 return net
         raise KeyError(node)
 
+    def loss_drops(self) -> dict[tuple[str, str], int]:
+        """Packets nftables dropped, per (node, up|down), from the rules' counters. Call it before leaving."""
+        drops: dict[tuple[str, str], int] = {}
+        for namespace, chains in self.loss_chains.items():
+            listing = subprocess.run(
+                ["ip", "netns", "exec", namespace, "nft", "-j", "list", "table", "inet", LOSS_TABLE],
+                capture_output=True,
+                text=True,
+            )
+            for chain, packets in _chain_counters(listing.stdout).items():
+                if chain in chains:
+                    drops[chains[chain]] = packets
+        return drops
+
+    def tcp_counters(self) -> dict[str, dict[str, int]]:
+        """The kernel's TCP retransmission counters of the run, summed over the nodes' namespaces (`nodes`: what
+        the nodes resent) and the broker's (`broker`: what Mosquitto resent). Each namespace is the run's own,
+        so they count this run alone. Call it before leaving the lab."""
+        out = {}
+        for side, namespaces in (("nodes", [g.namespace for g in self.groups.values()]), ("broker", [self.broker_ns])):
+            total = dict.fromkeys(TCP_COUNTERS, 0)
+            for namespace in namespaces:
+                text = subprocess.run(
+                    ["ip", "netns", "exec", namespace, "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                for key, value in _proc_counters(text).items():
+                    if key in total:
+                        total[key] += value
+            out[side] = total
+        return out
+
     def class_stats(self) -> list[dict[str, Any]]:
-        """Per shaped node and direction: bytes and packets that left its class's leaf qdisc, and what the leaf
-        dropped (queue full, or netem's loss), from `tc -s -j qdisc show`. Call it before leaving the lab."""
+        """Per shaped node and direction: bytes and packets that left its class's leaf qdisc, what the leaf
+        dropped (queue full, or netem's loss), from `tc -s -j qdisc show`, and what nftables' loss rules dropped
+        on arrival (`loss_drops`). Call it before leaving the lab."""
+        dropped = self.loss_drops()
         rows = []
         for net in self.groups.values():
             for namespace, device, direction in (
@@ -374,6 +556,7 @@ class NetnsLab:
                                 "bytes": int(leaf.get("bytes", 0)),
                                 "packets": int(leaf.get("packets", 0)),
                                 "drops": int(leaf.get("drops", 0)),
+                                "loss_drops": dropped.get((node, direction), 0),
                             }
                         )
         return rows
@@ -387,16 +570,50 @@ class NetnsLab:
             subprocess.run(["ip", "link", "delete", self.root_device], capture_output=True)
             self._root_link = False
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "mode": "kernel (network namespaces, veth, tc)",
-            "netem": self.netem,
-            "bandwidth": "htb per node (nodes of one group behind one shared link or medium share its rate)",
-            "transmission_delay_jitter_loss": "netem per node, both directions"
-            if self.netem
-            else "in process, on what cameras publish (this kernel has no netem; htb only caps the rate)",
-            "groups": {g.group: {"namespace": g.namespace, "nodes": len(g.addresses)} for g in self.groups.values()},
-        }
+    def describe(self, counters: bool = False) -> dict[str, Any]:
+        """The summary's `shaping`: which mechanism applies rate, delay, jitter and loss; with `counters`, what
+        the kernel dropped and what its TCP resent (call it before leaving the lab)."""
+        rate = "htb per node, both directions (nodes of one group behind one shared link or medium share its rate)"
+        if self.netem:
+            timing = "netem per node, both directions"
+            out = {
+                "mode": "kernel (network namespaces, veth, tc)",
+                "netem": True,
+                "rate": rate + "; netem gives each packet its transmission time",
+                "delay": timing,
+                "jitter": timing + " (normal)",
+                "loss": "netem per node, both directions (random, or gemodel for Gilbert-Elliott); the kernel's TCP "
+                "resends what it drops, MQTT resends nothing",
+            }
+        else:
+            in_process = (
+                "in process, on what cameras publish, before the kernel sees it (this kernel has no netem); "
+                "what other nodes send, MQTT's acknowledgements and the broker-to-subscriber leg get none"
+            )
+            out = {
+                "mode": "kernel (network namespaces, veth, tc, nftables)",
+                "netem": False,
+                "rate": rate + "; htb only caps the rate (a lone packet leaves at once), so each camera's messages "
+                "also take their transmission time in process",
+                "delay": in_process,
+                "jitter": in_process + " (normal, truncated at zero)",
+                "loss": f"kernel, nftables per node, both directions: `numgen random mod {LOSS_SCALE} < k drop` on "
+                "the TCP packets a node sends (on arrival at the broker's side of its veth) and receives (on arrival "
+                "at its own side); the kernel's TCP resends what is dropped, MQTT resends nothing; Bernoulli only "
+                "(Gilbert-Elliott needs netem)",
+                "loss_repair_timing": "the kernel's TCP times its repairs by the RTT it sees, which lacks the path's "
+                "delay (applied in process, before the kernel)",
+            }
+        out["transport"] = "tcp (the kernel's, whatever the scenario's broker.transport says)"
+        out["groups"] = {g.group: {"namespace": g.namespace, "nodes": len(g.addresses)} for g in self.groups.values()}
+        if counters:
+            drops = self.loss_drops()
+            out["loss_drops"] = {
+                "up": sum(v for (_, d), v in drops.items() if d == "up"),
+                "down": sum(v for (_, d), v in drops.items() if d == "down"),
+            }
+            out["kernel_tcp"] = self.tcp_counters()
+        return out
 
 
 def _tc_json(args: list[str]) -> list[dict[str, Any]]:
@@ -408,6 +625,40 @@ def _tc_json(args: list[str]) -> list[dict[str, Any]]:
     except ValueError:  # an iproute2 without JSON for this object
         return []
     return parsed if isinstance(parsed, list) else []
+
+
+def _chain_counters(listing: str) -> dict[str, int]:
+    """chain -> packets its rule counted, from `nft -j list table`."""
+    import json
+
+    try:
+        items = json.loads(listing)["nftables"] if listing.strip() else []
+    except (ValueError, KeyError):
+        return {}
+    counted: dict[str, int] = {}
+    for item in items:
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if not rule:
+            continue
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and "counter" in expr:
+                counted[rule["chain"]] = counted.get(rule["chain"], 0) + int(expr["counter"]["packets"])
+    return counted
+
+
+def _proc_counters(text: str) -> dict[str, int]:
+    """name -> value from /proc/net/snmp and /proc/net/netstat: a `Prefix: names` line, then `Prefix: values`."""
+    out: dict[str, int] = {}
+    lines = text.splitlines()
+    for names, values in zip(lines, lines[1:]):
+        prefix, _, keys = names.partition(":")
+        head, _, numbers = values.partition(":")
+        if head != prefix or not keys.split() or keys.split()[0].lstrip("-").isdigit():
+            continue
+        for key, value in zip(keys.split(), numbers.split()):
+            if value.lstrip("-").isdigit():
+                out[key] = int(value)
+    return out
 
 
 def _node_order(node: str) -> tuple[str, int]:

@@ -6,11 +6,15 @@ pixels on the wire.
 
 Links. Gateways and routers run no client: each node talks to the broker directly over the path the
 simulator would route it on, collapsed into one shaped hop (`iotbed.emulation.paths`). By default each
-camera shapes what it publishes in process (`LinkShaper`: bottleneck bandwidth by token bucket, summed delay,
-jitter, the path's loss model) and the broker-to-subscriber leg and MQTT's acknowledgements cross loopback
-unshaped. With `netns=True` (root) the kernel shapes real packets both ways instead: every node group in
-its own network namespace, the broker in another, joined by veth pairs with HTB and netem per node
-(`iotbed.emulation.netns`).
+camera shapes what it publishes in process (`shaper.path_shaper`: transmission time at the bottleneck
+bandwidth, summed delay, jitter, and the path's loss as the scenario's `broker.transport` has it: through
+the TCP model, which repairs a loss and holds the messages behind it, for `tcp`; as a lost or MQTT-resent
+message for `udp`); the broker-to-subscriber leg and MQTT's acknowledgements cross loopback unshaped. With
+`netns=True` (root) the kernel shapes real packets both ways instead: every node group in its own network
+namespace, the broker in another, joined by veth pairs with HTB and netem per node, or, on a kernel without
+netem, HTB, nftables loss that the real TCP repairs, and the in-process timing of what cameras publish
+(`iotbed.emulation.netns`). The summary's `shaping` says which mechanism applies for rate, delay, jitter and
+loss.
 
 Scale. One process runs every client up to `workers.PROCESS_CAPACITY_FPS`; `workers="auto"` spreads a
 larger run over worker processes, or `workers=N` asks for N (`iotbed.emulation.workers`). Each process
@@ -55,7 +59,8 @@ from iotbed.emulation.live import (
 )
 from iotbed.emulation.mitm import FrameTamper, MqttTamperProxy
 from iotbed.emulation.monitor import BrokerMonitor
-from iotbed.emulation.paths import node_paths, nodes_behind
+from iotbed.emulation.paths import NodePaths, node_paths, nodes_behind
+from iotbed.emulation.shaper import path_shaper
 from iotbed.emulation.workers import (
     Shard,
     ShardResult,
@@ -81,6 +86,7 @@ from iotbed.runner import (
     write_outputs,
 )
 from iotbed.scenario import Scenario
+from iotbed.sim.rng import RandomStreams
 from iotbed.tabulate import run_tables_from
 
 # A process that stays within this of the wall clock at its 99th percentile kept up: its frames left when
@@ -116,6 +122,10 @@ def _check(scenario: Scenario, broker_url: str, broker_control: MosquittoBroker 
         raise UsageError("--netns runs its own broker inside the emulated network: use `--broker local`")
     if netns:
         kernel.check_available()  # before data and models are prepared, which can take minutes
+        paths = node_paths(scenario, _client_nodes(scenario, with_registry=False))
+        bursty = kernel.bursty_loss_nodes(paths)
+        if bursty and not kernel.netem_available():
+            kernel.refuse_bursty_loss(bursty, paths)
     if not local:
         parse_broker_url(broker_url)
     for fault in scenario.faults:
@@ -191,7 +201,7 @@ def emulate(
             endpoint = lambda node: Endpoint(address.host, address.port)  # noqa: E731
         attackers = _start_mitm(stack, resolved, nodes, address)
         endpoint = _through_proxies(endpoint, attackers)
-        # The kernel's netem does everything; without it, what cameras publish is shaped here as well.
+        # The kernel's netem does everything; without it, what cameras publish is timed here as well.
         live = build_live(
             resolved,
             artefacts,
@@ -204,6 +214,7 @@ def emulate(
             tls_ca=tls_ca,
             tls=address.tls,
         )
+        _path_shapers(live, paths, resolved, kernel_loss=lab is not None)
         for attacker in attackers:
             window = live.windows[attacker.index]
             attacker.tamper = FrameTamper(window, live.env.wall_now)
@@ -225,13 +236,7 @@ def emulate(
             monitor.stop()
         kernel_rows = lab.class_stats() if lab is not None else []
         shaping_report = (
-            lab.describe()
-            if lab is not None
-            else {
-                "mode": "in process",
-                "bandwidth": "per camera, on what it publishes",
-                "transmission_delay_jitter_loss": "in process, on what cameras publish",
-            }
+            lab.describe(counters=True) if lab is not None else in_process_shaping(resolved.broker.transport)
         )
 
     # Split over workers, each sent its nodes' tables; this process adds its own (the mitm proxies' counts).
@@ -276,6 +281,59 @@ def emulate(
     if target is not None:
         write_outputs(target, resolved, tables, summary, [], extra)
     return RunResult(resolved, summary, tables.trace, target)
+
+
+def _path_shapers(live: LiveDeployment, paths: dict[str, NodePaths], scenario: Scenario, kernel_loss: bool) -> None:
+    """Give each shaped camera the shaper of its path for the scenario's transport (`shaper.path_shaper`):
+    over TCP its loss goes through the TCP model; `kernel_loss` (--netns without netem): the kernel drops real
+    packets, so the shaper only times messages."""
+    streams = RandomStreams(scenario.seed)
+    b = scenario.broker
+    for name in list(live.shapers):
+        shaper = path_shaper(
+            live.env,
+            name,
+            paths[name],
+            streams.generator("shaper", name),
+            streams.generator("shaper", name, "back"),
+            transport=b.transport,
+            retry_interval_s=b.retry_interval,
+            max_retries=b.max_retries,
+            tcp_ip_overhead=b.tcp_ip_overhead,
+            tcp_nodelay=b.tcp_nodelay,
+            kernel_loss=kernel_loss,
+        )
+        live.shapers[name] = shaper
+        live.transports[name].shaper = shaper
+
+
+def in_process_shaping(transport: str) -> dict[str, Any]:
+    """The summary's `shaping` for a run without --netns: what the in-process shaper does, and what it leaves
+    unshaped."""
+    if transport == "tcp":
+        loss = (
+            "in process, through the TCP model (iotbed.sim.tcp) of each camera's connection: a lost segment, or a "
+            "lost ACK on the path back, is repaired as Linux's TCP does (RACK, tail loss probe, fast retransmit, "
+            "RTO) and the messages behind it wait (in-order delivery); MQTT resends nothing"
+        )
+        rate = "in process, per camera: each TCP segment of what it publishes serialised at the path's bottleneck"
+    else:
+        loss = (
+            "in process, per message: a lost QoS 0 message is gone, a lost QoS 1/2 one is resent by MQTT after "
+            "retry_interval (transport udp, as in simulation)"
+        )
+        rate = "in process, per camera: each message it publishes serialised at the path's bottleneck"
+    return {
+        "mode": "in process",
+        "transport": transport,
+        "rate": rate,
+        "delay": "in process, on what cameras publish (the path's summed propagation delay)",
+        "jitter": "in process, on what cameras publish (normal, truncated at zero)",
+        "loss": loss,
+        "not_shaped": "MQTT's acknowledgements (PUBACK, PUBREC, ...), the broker-to-subscriber leg (what edge "
+        "servers receive) and what edge servers, gateways and the registry send cross loopback unshaped"
+        + ("; the TCP model's own ACKs cross the path back (its delay, jitter and loss)" if transport == "tcp" else ""),
+    }
 
 
 @dataclass
@@ -405,7 +463,12 @@ def _execute(
 def _local_broker(stack: contextlib.ExitStack, scenario: Scenario, lab: kernel.NetnsLab | None) -> MosquittoBroker:
     b = scenario.broker
     run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iotbed-broker-")))
-    limits = {"max_queued_messages": b.max_queued, "max_inflight_messages": b.max_inflight, "persistence": True}
+    limits = {
+        "max_queued_messages": b.max_queued,
+        "max_inflight_messages": b.max_inflight,
+        "persistence": b.persistence,
+        "tcp_nodelay": b.tcp_nodelay,
+    }
     if lab is None:
         return MosquittoBroker(run_dir, BrokerConfig(**limits))
     return MosquittoBroker(

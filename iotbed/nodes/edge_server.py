@@ -65,6 +65,8 @@ class EdgeConfig:
     escalate_qos: int | None = None  # the reject option escalates rejected frames at this QoS (None: abstains)
     escalate_to: str = ""  # the clouds or reviewers group it escalates to
     results_qos: int = 1  # encrypted results back to their cameras
+    # A durable subscription: the non-shared filters to subscribe to instead of `frames_filter`.
+    durable_filters: tuple[str, ...] | None = None
 
 
 class EdgeServer:
@@ -116,7 +118,9 @@ class EdgeServer:
 
     def run(self) -> Generator[simpy.Event, object, None]:
         yield self.transport.connect()
-        self.transport.subscribe(self.config.frames_filter, self._on_frame, self.config.frames_qos)
+        durable = self.config.durable_filters
+        for frames_filter in durable if durable is not None else (self.config.frames_filter,):
+            self.transport.subscribe(frames_filter, self._on_frame, self.config.frames_qos)
         self.channel.subscribe(self.transport, self.config.models_topic, self.config.models_qos, self._adopt)
         self.transport.subscribe(QUARANTINE_TOPIC, self._on_quarantine, 1)
         if self.encrypted is not None:

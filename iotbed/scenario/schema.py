@@ -753,6 +753,14 @@ class EdgeServerGroup(Strict):
     batch: BatchSpec = BatchSpec()
     subscribe: str = Field("$share/edge/frames/#", description="topic filter for frames; shared by default")
     persistent_session: bool = Field(False, description="keep the MQTT session (and queued frames) across disconnects")
+    durable_subscription: bool = Field(
+        False,
+        description="lose no frame across broker restarts: each server keeps a persistent session with non-shared "
+        "subscriptions, which Mosquitto restores after a restart (it drops shared ones, and a camera back before "
+        "the edge publishes to no subscriber): one server subscribes to `subscribe` without `$share/...`, "
+        "several each to their share of the cameras' topics it matches (camera k to server k mod count): frames "
+        "are split by camera, not round robin",
+    )
     defenses: list[DefenseSpec] = Field(
         default_factory=list, description="input defenses, applied in order before the model"
     )
@@ -837,10 +845,10 @@ class BrokerSpec(Strict):
     )
     tcp_nodelay: bool = Field(
         False,
-        description="transport tcp: turn Nagle's algorithm off on every connection (TCP_NODELAY). Off by default, "
-        "as stock paho-mqtt and Mosquitto leave it: a small message waits while an earlier small one is "
-        "unacknowledged. iotbed's live runtime sets TCP_NODELAY on its clients and Mosquitto "
-        "(set_tcp_nodelay true); set this to compare with it",
+        description="turn Nagle's algorithm off on every connection (TCP_NODELAY): simulated over transport tcp, "
+        "and live on iotbed's clients and the Mosquitto `--broker local` starts (set_tcp_nodelay). Off by "
+        "default, as stock paho-mqtt and Mosquitto leave it: a small message waits while an earlier small one "
+        "is unacknowledged",
     )
     retry_interval: Duration = Field(
         1.0,
