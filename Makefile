@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table corruption-table selective-table defed-table defed-leak tcp-validation fuzz clean
+.PHONY: setup system-deps demo test lint format bench bench-ml reproduce-backdoor superiot-table he-table corruption-table selective-table defed-table defed-leak defed-masking tcp-validation fuzz clean
 
 setup: $(STAMP)
 
@@ -105,6 +105,11 @@ defed-table: setup
 # with defed-table's ensemble: benchmarks/results/defed_leak.md (a few minutes; reuses defed-table's denoisers).
 defed-leak: setup
 	$(PY) benchmarks/defed_leak.py $(LEAK_ARGS)
+
+# Checks for masked gradients behind Defed's MNIST figures (budget sweep, Square, a binarising reference):
+# benchmarks/results/defed_masking.md (about 15 minutes; reuses defed-table's denoisers).
+defed-masking: setup
+	$(PY) benchmarks/defed_masking.py $(MASKING_ARGS)
 
 # The TCP model against the kernel's TCP at 0.1/1/5% loss, two bandwidths and two message sizes, over network
 # namespaces with nftables loss (root; benchmarks/results/tcp_validation.md; about 12 minutes).

@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,10 +50,9 @@ def flag_rate(scores: torch.Tensor, values: torch.Tensor) -> float:
     return float((scores > values[:, None]).any(dim=0).double().mean())
 
 
-def measure(args: argparse.Namespace) -> dict:
+def mnist_ensemble(prog: Progress) -> tuple[Any, torch.nn.Module, DefedEnsemble, list[Any]]:
+    """MNIST's splits, LeNet-5 and Defed L = (20, 40) as `make defed-table` trains them (shared caches)."""
     s = SETUPS["mnist"]
-    torch.manual_seed(args.seed)
-    prog = Progress(len(LEVELS) + 3, "defed_leak")
     splits = load_splits("mnist", DATASETS / "mnist", seed=0)
     model = get_or_train(s.arch, splits.train, default_train_config(s.arch, "mnist"), progress=False).model.eval()
     prog.step("classifier")
@@ -64,8 +64,13 @@ def measure(args: argparse.Namespace) -> dict:
         single = DefedConfig(noise_levels=(level,), epochs=s.epochs, batch_size=s.batch_size, seed=0)
         trained.append(get_or_train_denoiser(model, train_sub, level, single, progress=sys.stderr.isatty()))
         prog.step(f"denoiser L={level} ({'trained' if trained[-1].trained_now else 'cache'})")
-    ensemble = DefedEnsemble.from_trained(model, trained, cfg)
+    return splits, model, DefedEnsemble.from_trained(model, trained, cfg), trained
 
+
+def measure(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    prog = Progress(len(LEVELS) + 3, "defed_leak")
+    splits, model, ensemble, trained = mnist_ensemble(prog)
     x = (splits.test.images * 255).round() / 255
     y = splits.test.labels
     with torch.inference_mode():
@@ -119,7 +124,7 @@ def measure(args: argparse.Namespace) -> dict:
         )
     return {
         "dataset": "mnist",
-        "model": s.arch,
+        "model": SETUPS["mnist"].arch,
         "noise_levels": list(LEVELS),
         "benign_frames": n,
         "half": n // 2,
