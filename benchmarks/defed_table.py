@@ -844,7 +844,9 @@ def _findings(r: dict[str, Any]) -> list[str]:
             "frames lie outside [0, 1], where the clamp every use applies passes no gradient"
             + (
                 ": the denoisers mostly binarise the frame, so the exact gradients the adaptive attacks follow reach "
-                "few pixels, and their numbers here may well overstate Defed's robustness (an upper bound, as always)."
+                "few pixels, and their numbers here may well overstate Defed's robustness (an upper bound, as always). "
+                "`make defed-masking` (MNIST) checks this with more steps, larger budgets, Square and a binarising "
+                "reference: defed_masking.md."
                 if max(shares) > 0.8
                 else ": a large share of the pixels gets no gradient through the denoisers, so the adaptive numbers may "
                 "overstate Defed's robustness (an upper bound, as always)."
