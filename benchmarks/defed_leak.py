@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,18 +189,19 @@ def markdown(r: dict, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--splits", type=int, default=200, help="random scored/held-out splits")
-    ap.add_argument("--attacked", type=int, default=500, help="test frames attacked with oblivious PGD")
-    ap.add_argument("--seed", type=int, default=0, help="drives every random choice of the run")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
-    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
-    args = ap.parse_args(argv)
+def run_and_write(
+    name: str,
+    args: argparse.Namespace,
+    measure: Callable[[argparse.Namespace], dict],
+    markdown: Callable[[dict, dict], str],
+    **meta_extra: Any,
+) -> None:
+    """Measure and write `<name>.json` and `<name>.md` under `args.out`; with `args.render`, only rewrite the
+    .md from the saved .json."""
+    json_path, md_path = args.out / f"{name}.json", args.out / f"{name}.md"
     if args.render:
-        saved = json.loads((args.out / "defed_leak.json").read_text())
-        (args.out / "defed_leak.md").write_text(markdown(saved, saved.pop("meta")))
+        saved = json.loads(json_path.read_text())
+        md_path.write_text(markdown(saved, saved.pop("meta")))
         return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -209,11 +211,23 @@ def main(argv: list[str] | None = None) -> None:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "wall_s": time.perf_counter() - start,
         "argv": sys.argv[1:],
+        **meta_extra,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defed_leak.json").write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
-    (args.out / "defed_leak.md").write_text(markdown(result, meta))
+    json_path.write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
+    md_path.write_text(markdown(result, meta))
     print(markdown(result, meta))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--splits", type=int, default=200, help="random scored/held-out splits")
+    ap.add_argument("--attacked", type=int, default=500, help="test frames attacked with oblivious PGD")
+    ap.add_argument("--seed", type=int, default=0, help="drives every random choice of the run")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
+    run_and_write("defed_leak", ap.parse_args(argv), measure, markdown)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,10 @@ Run: `make defed-masking` (writes benchmarks/results/defed_masking.md and .json)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
-import time
 from pathlib import Path
 
 import torch
-from defed_leak import mnist_ensemble
+from defed_leak import mnist_ensemble, run_and_write
 from superiot_table import Progress
 
 from iotbed.attacks.blackbox import square_attack
@@ -183,26 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queries", type=int, default=1000, help="Square queries per frame")
     ap.add_argument("--seed", type=int, default=0, help="drives every random choice of the run")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the saved .json")
     args = ap.parse_args(argv)
-    if args.render:
-        saved = json.loads((args.out / "defed_masking.json").read_text())
-        (args.out / "defed_masking.md").write_text(markdown(saved, saved.pop("meta")))
-        return
-    torch.set_num_threads(1)
-    start = time.perf_counter()
-    result = measure(args)
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, 1 torch thread, torch {torch.__version__}",
-        "wall_s": time.perf_counter() - start,
-        "argv_steps": args.steps,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "defed_masking.json").write_text(json.dumps({"meta": meta, **result}, indent=1) + "\n")
-    (args.out / "defed_masking.md").write_text(markdown(result, meta))
-    print(markdown(result, meta))
+    run_and_write("defed_masking", args, measure, markdown, argv_steps=args.steps)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

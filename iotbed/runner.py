@@ -403,32 +403,10 @@ def craft_attacks(
                 f"{where}: adaptive crafting through Defed behind other input defenses is not supported; give edge "
                 f"{edge.name!r} Defed alone, or use a black-box method (square, hopskipjump), which queries them all"
             )
-        oblivious = craft(
-            spec,
-            model,
-            images,
-            labels,
-            chain=chain,
-            seed=spec.seed,
-            num_classes=num_classes,
-            progress=progress,
-            adaptive=False,
-            defed=defed,
-        )
+        settings = {"chain": chain, "seed": spec.seed, "num_classes": num_classes, "progress": progress, "defed": defed}
+        oblivious = craft(spec, model, images, labels, adaptive=False, **settings)
         bare_correct[spec.label] = bare_predictions(model, oblivious) == truth
-        used = oblivious
-        if spec.adaptive:
-            used = craft(
-                spec,
-                model,
-                images,
-                labels,
-                chain=chain,
-                seed=spec.seed,
-                num_classes=num_classes,
-                progress=progress,
-                defed=defed,
-            )
+        used = craft(spec, model, images, labels, **settings) if spec.adaptive else oblivious
         adversarial[spec.label] = used.numpy().astype(np.float32)
     return adversarial, bare_correct
 
